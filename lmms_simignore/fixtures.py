@@ -201,7 +201,7 @@ def scienceqa_like_records(num_docs: int = 12, seed: int = 0, image_size: int = 
                 "question": f"What colour is the {shape_name}?",
                 "choices": choices,
                 "answer": choices.index(colour),
-                "hint": "" if index % 3 else f"Context: the {shape_name} is on a white page.",
+                "hint": "" if index % 3 else f"The {shape_name} is on a white page.",
                 "task": "closed choice",
                 "grade": f"grade{rng.randint(1, 12)}",
                 "subject": rng.choice(SUBJECTS),

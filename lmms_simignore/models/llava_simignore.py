@@ -1,0 +1,409 @@
+"""`llava_simignore`: lmms-eval model classes hosting any llava-hf checkpoint with visual-token reduction.
+
+This module parses arguments, builds prompts the way lmms-eval's built-in `llava_hf` does, batches
+requests and decodes answers. All token selection and generation happens in `lmms_simignore.engine`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from loguru import logger
+from tqdm import tqdm
+
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+
+from lmms_simignore import engine
+from lmms_simignore.settings import ReductionSettings
+
+IMAGE_PLACEHOLDER = "<image>"
+DEFAULT_PRETRAINED = "llava-hf/llava-1.5-7b-hf"
+
+# Vicuna v1 conversation, used when neither `chat_template=` nor the checkpoint provides a template
+# (the same conversation format as LLaVA-1.5 and lmms-eval's llava_hf fallback).
+VICUNA_TEMPLATE = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions. "
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {{ message['content'] }} "
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+DTYPES = {"auto": "auto", "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+KNOWN_GEN_KWARGS = {"until", "max_new_tokens", "temperature", "top_p", "num_beams", "do_sample"}
+
+
+@dataclass
+class PromptRequest:
+    """One request turned into model input: the templated prompt, its images and the text Simignore compares with."""
+
+    prompt: str
+    images: list
+    comparison_text: list[str]
+    doc_id: int
+    task: str
+
+
+@dataclass
+class TokenAccounting:
+    """Image tokens each sample had and how many the LLM could see, in request order."""
+
+    records: list[dict] = field(default_factory=list)
+
+    def add(self, **record) -> None:
+        self.records.append(record)
+
+    def summary(self) -> str:
+        with_images = [r for r in self.records if r["image_tokens"]]
+        if not with_images:
+            return f"{len(self.records)} samples, none with an image"
+        total = sum(r["image_tokens"] for r in with_images)
+        visible = sum(r["visible_image_tokens"] for r in with_images)
+        return (
+            f"{len(with_images)}/{len(self.records)} samples with images: {visible}/{total} image tokens visible "
+            f"({100 * visible / total:.1f}%), mean {visible / len(with_images):.1f} per sample at every LLM layer"
+        )
+
+
+def _world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torch.distributed or the launcher's environment."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return rank, world, int(os.environ.get("LOCAL_RANK", rank))
+
+
+class LlavaSimignore(lmms):
+    """lmms-eval "simple" model (prompt = `<image>\\n` + task text in the chat template, like `llava_hf`).
+
+    model_args: pretrained, revision, device, device_map, dtype, batch_size, attn_implementation,
+    use_cache, chat_template, seed, and the reduction settings (`ReductionSettings`): reduction, keep,
+    ignore, similarity, text, apply.
+    """
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str = DEFAULT_PRETRAINED,
+        revision: str = "main",
+        device: str | None = None,
+        device_map: str | None = None,
+        dtype: str = "auto",
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,
+        attn_implementation: str | None = None,
+        use_cache: bool = True,
+        chat_template: str | None = None,
+        seed: int = 0,
+        reduction: str = "none",
+        keep: int | float | None = None,
+        ignore: int | None = None,
+        similarity: str = "cosine",
+        text: str = "options",
+        apply: str = "drop",
+        **unknown,
+    ) -> None:
+        super().__init__()
+        if unknown:
+            raise ValueError(
+                f"llava_simignore got unknown model_args {sorted(unknown)}; allowed: pretrained, revision, device, "
+                "device_map, dtype, batch_size, attn_implementation, use_cache, chat_template, seed, reduction, "
+                "keep, ignore, similarity, text, apply"
+            )
+        self.settings = ReductionSettings(
+            reduction=reduction, keep=keep, ignore=ignore, similarity=similarity, text=text, apply=apply
+        )
+        if str(dtype) not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+        if str(batch_size) == "auto" or int(batch_size) < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size_per_gpu = int(batch_size)
+        self.use_cache = bool(use_cache)
+        self.chat_template = chat_template
+        self.seed = int(seed)
+
+        from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+        config = AutoConfig.from_pretrained(pretrained, revision=revision)
+        if config.model_type != "llava":
+            raise ValueError(
+                f"llava_simignore hosts LlavaForConditionalGeneration checkpoints (model_type 'llava'); "
+                f"pretrained={pretrained!r} has model_type {config.model_type!r}"
+            )
+        self.image_tokens_per_image = engine.image_tokens_per_image(config)
+        self.kept_per_image = self.settings.kept_per_image(self.image_tokens_per_image)
+
+        self._rank, self._world_size, local_rank = _world()
+        if device is None:
+            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        elif device == "cuda" and self._world_size > 1:
+            device = f"cuda:{local_rank}"
+        self._device = torch.device(device)
+        self._model = LlavaForConditionalGeneration.from_pretrained(
+            pretrained,
+            revision=revision,
+            dtype=DTYPES[str(dtype)],
+            attn_implementation=attn_implementation,
+            device_map=device_map or None,
+            use_safetensors=True,
+        ).eval()
+        if not device_map:
+            self._model.to(self._device)
+        else:
+            self._device = self._model.get_input_embeddings().weight.device
+        self.processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
+        self.processor.tokenizer.padding_side = "left"
+        self.pretrained = pretrained
+        self.accounting = TokenAccounting()
+        self._warned: set[str] = set()
+        logger.info(
+            f"llava_simignore: {pretrained} on {self._device}, {self.image_tokens_per_image} image tokens per image, "
+            f"{self.settings}, keeping {self.kept_per_image} per image"
+        )
+
+    # -- lmms-eval plumbing ------------------------------------------------------------------------
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message)
+
+    # -- prompts -------------------------------------------------------------------------------------
+    def _template(self) -> str:
+        return self.chat_template or self.tokenizer.chat_template or VICUNA_TEMPLATE
+
+    def _comparison_text(self, doc: dict, user_text: str, task: str) -> list[str]:
+        """The text Simignore compares image tokens with: the doc's answer options, or the user prompt."""
+        if self.settings.text == "options":
+            for key in ("choices", "options"):
+                options = doc.get(key) if isinstance(doc, dict) else None
+                if isinstance(options, (list, tuple)) and options and all(isinstance(o, str) for o in options):
+                    return [str(option) for option in options]
+            if self.settings.reduces:
+                self._warn_once(
+                    f"no-options:{task}",
+                    f"task {task}: docs have no 'choices'/'options' list; Simignore compares with the prompt text instead",
+                )
+        return [user_text]
+
+    def _prompt_request(self, args: tuple) -> PromptRequest:
+        """Simple request (context, gen_kwargs, doc_to_visual, doc_id, task, split) -> prompt."""
+        context, _, doc_to_visual, doc_id, task, split = args
+        doc = self.task_dict[task][split][doc_id]
+        images = _check_images(doc_to_visual(doc), task, doc_id)
+        text = context
+        if images and IMAGE_PLACEHOLDER not in context:
+            text = f"{' '.join([IMAGE_PLACEHOLDER] * len(images))}\n{context}"
+        prompt = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], chat_template=self._template(), tokenize=False, add_generation_prompt=True
+        )
+        user_text = context.replace(IMAGE_PLACEHOLDER, "").strip()
+        return PromptRequest(prompt, images, self._comparison_text(doc, user_text, task), doc_id, task)
+
+    def _request_gen_kwargs(self, args: tuple) -> dict:
+        return args[1]
+
+    # -- generation ----------------------------------------------------------------------------------
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Answer every request; batches group equal generation settings and similar prompt lengths."""
+        arguments = [request.args for request in requests]
+        prepared = [self._prompt_request(args) for args in arguments]
+        groups: dict[str, list[int]] = {}
+        for index, args in enumerate(arguments):
+            groups.setdefault(json.dumps(self._request_gen_kwargs(args), sort_keys=True, default=str), []).append(index)
+        answers: list[str | None] = [None] * len(requests)
+        progress = tqdm(total=len(requests), disable=self.rank != 0, desc="llava_simignore")
+        for indices in groups.values():
+            gen_kwargs = dict(self._request_gen_kwargs(arguments[indices[0]]))
+            indices = sorted(indices, key=lambda i: -len(prepared[i].prompt))
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start : start + self.batch_size]
+                for index, answer in zip(batch, self._generate_batch([prepared[i] for i in batch], gen_kwargs)):
+                    answers[index] = answer
+                    self.cache_hook.add_partial("generate_until", (arguments[index][0], gen_kwargs), answer)
+                progress.update(len(batch))
+        progress.close()
+        logger.info(f"llava_simignore token accounting: {self.accounting.summary()}")
+        return answers
+
+    def _decoding_options(self, gen_kwargs: dict) -> tuple[engine.DecodingOptions, list[str]]:
+        ignored = sorted(set(gen_kwargs) - KNOWN_GEN_KWARGS)
+        if ignored:
+            self._warn_once(f"gen:{ignored}", f"llava_simignore ignores generation kwargs {ignored}")
+        if int(gen_kwargs.get("num_beams") or 1) != 1:
+            raise ValueError(f"llava_simignore decodes greedily or by sampling; num_beams={gen_kwargs['num_beams']} is not supported")
+        until = gen_kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        temperature = float(gen_kwargs.get("temperature") or 0)
+        options = engine.DecodingOptions(
+            max_new_tokens=int(gen_kwargs.get("max_new_tokens") or 1024),
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else 1.0,
+            top_p=gen_kwargs.get("top_p"),
+            seed=self.seed,
+        )
+        return options, [stop for stop in until if stop]
+
+    def _encode_batch(self, batch: list[PromptRequest], texts: list[str] | None = None):
+        images = [image for request in batch for image in request.images]
+        inputs = self.processor(
+            images=images or None,
+            text=texts or [request.prompt for request in batch],
+            return_tensors="pt",
+            padding=True,
+        )
+        return inputs.to(self._device)
+
+    def _reduced_prompt(self, batch: list[PromptRequest], inputs) -> engine.ReducedPrompt:
+        prompt = engine.build_prompt_embeddings(
+            self._model, inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values")
+        )
+        text_embeds = text_mask = None
+        if self.settings.reduces and prompt.image_rows.numel():
+            token_ids = [
+                [token for text in request.comparison_text for token in self.tokenizer(text, add_special_tokens=False).input_ids]
+                for request in batch
+            ]
+            text_embeds, text_mask = engine.embed_texts(self._model, token_ids)
+            text_embeds, text_mask = text_embeds[prompt.image_rows], text_mask[prompt.image_rows]
+        kept = engine.choose_kept_image_tokens(self.settings, prompt.image_features, text_embeds, text_mask)
+        return engine.reduce_prompt(prompt, kept, self.settings.apply)
+
+    def _generate_batch(self, batch: list[PromptRequest], gen_kwargs: dict) -> list[str]:
+        options, until = self._decoding_options(gen_kwargs)
+        inputs = self._encode_batch(batch)
+        reduced = self._reduced_prompt(batch, inputs)
+        for row, request in enumerate(batch):
+            self.accounting.add(
+                doc_id=request.doc_id,
+                task=request.task,
+                prompt_tokens=int(inputs["attention_mask"][row].sum()),
+                image_tokens=int(reduced.image_tokens[row]),
+                visible_image_tokens=int(reduced.visible_image_tokens[row]),
+            )
+        stopped = None
+        if until:
+            longest = max(len(stop) for stop in until)
+
+            def stopped(generated: torch.Tensor) -> torch.Tensor:
+                tails = self.tokenizer.batch_decode(generated[:, -(longest + 2) :], skip_special_tokens=True)
+                return torch.tensor([any(stop in tail for stop in until) for tail in tails], device=generated.device)
+
+        tokens = engine.generate(
+            self._model,
+            reduced,
+            options,
+            eos_token_ids=[self.eot_token_id],
+            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id,
+            use_cache=self.use_cache,
+            stopped=stopped,
+        )
+        answers = []
+        for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True):
+            for stop in until:
+                text = text.split(stop)[0]
+            answers.append(text)
+        return answers
+
+    # -- log-likelihood ------------------------------------------------------------------------------
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """Sum of log-probabilities of each continuation after its (reduced) prompt, and whether it is greedy."""
+        results = []
+        for context, doc_to_target, doc_to_visual, doc_id, task, split in tqdm(
+            [request.args for request in requests], disable=self.rank != 0, desc="llava_simignore loglikelihood"
+        ):
+            doc = self.task_dict[task][split][doc_id]
+            continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
+            request = self._prompt_request((context, {}, doc_to_visual, doc_id, task, split))
+            prompt_ids = self._encode_batch([request])["input_ids"]
+            inputs = self._encode_batch([request], texts=[request.prompt + continuation])
+            num_continuation = inputs["input_ids"].shape[1] - prompt_ids.shape[1]
+            if num_continuation < 1:
+                raise ValueError(f"task {task} doc {doc_id}: the continuation {continuation!r} adds no token")
+            reduced = self._reduced_prompt([request], inputs)
+            with torch.inference_mode():
+                hidden = self._model.model.language_model(
+                    inputs_embeds=reduced.inputs_embeds,
+                    attention_mask=reduced.attention_mask,
+                    position_ids=reduced.position_ids,
+                    use_cache=False,
+                ).last_hidden_state  # (1, L', D)
+                logits = self._model.lm_head(hidden[:, -num_continuation - 1 : -1]).float()  # (1, C, V)
+            target = inputs["input_ids"][:, -num_continuation:]  # (1, C)
+            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, target[..., None]).squeeze(-1)
+            results.append((float(logprobs.sum()), bool((logits.argmax(-1) == target).all())))
+        return results
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("llava_simignore does not implement multi-round generation yet")
+
+
+class LlavaSimignoreChat(LlavaSimignore):
+    """lmms-eval "chat" model: the task's messages go through the processor's chat template (like `llava_hf_chat`)."""
+
+    is_simple = False
+
+    def _request_gen_kwargs(self, args: tuple) -> dict:
+        return args[2]
+
+    def _prompt_request(self, args: tuple) -> PromptRequest:
+        """Chat request (context, doc_to_messages, gen_kwargs, doc_id, task, split) -> prompt."""
+        from lmms_eval.protocol import ChatMessages
+
+        context, doc_to_messages, _, doc_id, task, split = args
+        if not callable(doc_to_messages):  # loglikelihood requests keep the simple layout
+            return super()._prompt_request(args)
+        doc = self.task_dict[task][split][doc_id]
+        messages = ChatMessages(messages=doc_to_messages(doc))
+        images, videos, audios = messages.extract_media()
+        if videos or audios:
+            raise ValueError(f"task {task} doc {doc_id}: llava_simignore takes images only, got video/audio inputs")
+        images = _check_images(images, task, doc_id)
+        hf_messages = messages.model_dump()["messages"]
+        prompt = self.processor.apply_chat_template(
+            hf_messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+        )
+        user_text = " ".join(
+            part["text"] for message in hf_messages if message["role"] == "user"
+            for part in message["content"] if part.get("type") == "text"
+        )
+        return PromptRequest(prompt, images, self._comparison_text(doc, user_text, task), doc_id, task)
+
+
+def _check_images(visuals, task: str, doc_id: int) -> list:
+    """The doc's visuals as a flat list of RGB PIL images; anything else is an error naming the doc."""
+    from PIL import Image
+
+    flat = []
+    for visual in visuals or []:
+        flat.extend(visual if isinstance(visual, (list, tuple)) else [visual])
+    for visual in flat:
+        if not isinstance(visual, Image.Image):
+            raise ValueError(f"task {task} doc {doc_id}: llava_simignore takes PIL images, got {type(visual).__name__}")
+    return [visual.convert("RGB") for visual in flat]
