@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from lmms_simignore.reduction.simignore import SIMILARITIES
@@ -16,7 +17,7 @@ class ReductionSettings:
     """What to reduce and how. Budgets are per image.
 
     reduction:  "none" | "simignore"
-    keep:       image tokens kept per image: an int count, or a float fraction in [0, 1]
+    keep:       image tokens kept per image: an int count, or a float fraction in [0, 1] (rounded half up)
     ignore:     image tokens ignored per image (int); exactly one of keep / ignore for a reduction
     similarity: "cosine" (default) | "euclidean" | "manhattan" (distances keep the *closest* tokens)
     text:       "options" (answer-option text, as the published code) | "prompt" (the user's prompt text)
@@ -69,7 +70,7 @@ class ReductionSettings:
                 raise ValueError(f"ignore={self.ignore} exceeds the model's {image_tokens} image tokens per image")
             return image_tokens - int(self.ignore)
         if isinstance(self.keep, float):
-            return round(self.keep * image_tokens)
+            return math.floor(self.keep * image_tokens + 0.5)  # round half up
         if self.keep > image_tokens:
             raise ValueError(f"keep={self.keep} exceeds the model's {image_tokens} image tokens per image")
         return int(self.keep)

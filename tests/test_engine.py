@@ -1,0 +1,242 @@
+"""The engine on a tiny random LLaVA: equivalences that make reduction trustworthy."""
+
+import pytest
+import torch
+from PIL import Image
+
+from lmms_simignore import engine
+from lmms_simignore.settings import ReductionSettings
+
+GREEDY_8 = engine.DecodingOptions(max_new_tokens=8)
+
+
+def chat(processor, text, system=None):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return prompt if system is None else prompt.replace(prompt.split(" USER:")[0], system)
+
+
+def images(*colours):
+    return [Image.new("RGB", (40 + 4 * i, 36), colour) for i, colour in enumerate(colours)]
+
+
+def encode(processor, prompts, pictures):
+    return processor(images=pictures, text=prompts, return_tensors="pt", padding=True)
+
+
+def simignore_prompt(model, processor, inputs, settings, texts):
+    """Embed, score against `texts` (one string per row), reduce: what the model class does."""
+    prompt = engine.build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
+    ids = [processor.tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+    text_embeds, text_mask = engine.embed_texts(model, ids)
+    kept = engine.choose_kept_image_tokens(
+        settings, prompt.image_features, text_embeds[prompt.image_rows], text_mask[prompt.image_rows]
+    )
+    return prompt, kept
+
+
+def last_logits(model, reduced):
+    with torch.inference_mode():
+        hidden = model.model.language_model(
+            inputs_embeds=reduced.inputs_embeds,
+            attention_mask=reduced.attention_mask,
+            position_ids=reduced.position_ids,
+        ).last_hidden_state
+        return model.lm_head(hidden[:, -1])
+
+
+def run(model, processor, reduced, use_cache=True, options=GREEDY_8):
+    tokenizer = processor.tokenizer
+    return engine.generate(model, reduced, options, [tokenizer.eos_token_id], tokenizer.pad_token_id, use_cache=use_cache)
+
+
+SIMIGNORE_HALF = ReductionSettings(reduction="simignore", keep=12)
+
+
+@pytest.fixture(scope="module")
+def two_prompts(processor):
+    prompts = [chat(processor, "What colour is it?\nA. red\nB. blue"), chat(processor, "Which one?\nA. green\nB. blue\nC. yellow")]
+    return encode(processor, prompts, images((200, 20, 20), (20, 20, 200))), ["red blue", "green blue yellow"]
+
+
+def test_image_span_is_found_from_the_ids_whatever_comes_before_it(tiny_model, processor):
+    picture = images((200, 20, 20))
+    kept_sets = []
+    for system in ["", "Be brief.", "A much longer system prompt that pushes the image far to the right of where it was."]:
+        inputs = encode(processor, [chat(processor, "What colour?\nA. red\nB. blue", system=system)], picture)
+        prompt, kept = simignore_prompt(tiny_model, processor, inputs, SIMIGNORE_HALF, ["red blue"])
+        expected = (inputs["input_ids"][0] == tiny_model.config.image_token_id).nonzero().flatten()
+        assert prompt.image_positions[0].tolist() == expected.tolist()
+        kept_sets.append(kept.tolist())
+    assert expected[0] > 20  # the last prompt really moved the image
+    assert kept_sets[0] == kept_sets[1] == kept_sets[2]
+
+
+def test_keep_all_reproduces_the_transformers_forward(tiny_model, processor, two_prompts):
+    inputs, _ = two_prompts
+    prompt = engine.build_prompt_embeddings(tiny_model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
+    kept = engine.choose_kept_image_tokens(ReductionSettings(), prompt.image_features, None, None)
+    with torch.inference_mode():
+        reference = tiny_model(**inputs, position_ids=engine.default_position_ids(inputs["attention_mask"])).logits[:, -1]
+    for apply in ("mask", "drop"):
+        torch.testing.assert_close(last_logits(tiny_model, engine.reduce_prompt(prompt, kept, apply)), reference)
+
+
+def test_keep_all_generates_what_transformers_generate_does(tiny_model, processor, two_prompts):
+    inputs, _ = two_prompts
+    tokenizer = processor.tokenizer
+    reference = tiny_model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    prompt = engine.build_prompt_embeddings(tiny_model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
+    kept = engine.choose_kept_image_tokens(ReductionSettings(), prompt.image_features, None, None)
+    ours = run(tiny_model, processor, engine.reduce_prompt(prompt, kept, "drop"))
+    assert ours.tolist() == reference[:, inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_mask_and_drop_compute_the_same_logits_and_answers(tiny_model, processor, two_prompts):
+    inputs, texts = two_prompts
+    prompt, kept = simignore_prompt(tiny_model, processor, inputs, SIMIGNORE_HALF, texts)
+    masked, dropped = engine.reduce_prompt(prompt, kept, "mask"), engine.reduce_prompt(prompt, kept, "drop")
+    assert dropped.inputs_embeds.shape[1] == masked.inputs_embeds.shape[1] - (25 - 12)
+    torch.testing.assert_close(last_logits(tiny_model, masked), last_logits(tiny_model, dropped), rtol=1e-4, atol=1e-5)
+    assert run(tiny_model, processor, masked).tolist() == run(tiny_model, processor, dropped).tolist()
+
+
+def test_reduction_changes_the_output(tiny_model, processor, two_prompts):
+    """Control for the equivalences above: hiding image tokens does change what the model computes."""
+    inputs, texts = two_prompts
+    prompt, kept = simignore_prompt(tiny_model, processor, inputs, SIMIGNORE_HALF, texts)
+    everything = engine.choose_kept_image_tokens(ReductionSettings(), prompt.image_features, None, None)
+    full = last_logits(tiny_model, engine.reduce_prompt(prompt, everything, "drop"))
+    reduced = last_logits(tiny_model, engine.reduce_prompt(prompt, kept, "drop"))
+    assert (full - reduced).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("apply", ["mask", "drop"])
+def test_cached_decoding_equals_full_recomputation(tiny_model, processor, two_prompts, apply):
+    inputs, texts = two_prompts
+    prompt, kept = simignore_prompt(tiny_model, processor, inputs, SIMIGNORE_HALF, texts)
+    reduced = engine.reduce_prompt(prompt, kept, apply)
+    assert run(tiny_model, processor, reduced, use_cache=True).tolist() == run(tiny_model, processor, reduced, use_cache=False).tolist()
+
+
+def test_ignored_tokens_stay_invisible_for_the_whole_generation(tiny_model, processor, two_prompts):
+    """With the KV cache, 8 decoding steps: scrambling the ignored tokens' embeddings changes nothing."""
+    inputs, texts = two_prompts
+    prompt, kept = simignore_prompt(tiny_model, processor, inputs, SIMIGNORE_HALF, texts)
+    masked = engine.reduce_prompt(prompt, kept, "mask")
+    ignored = (masked.attention_mask == 0) & (prompt.attention_mask == 1)
+    assert int(ignored.sum()) == 2 * (25 - 12)
+    scrambled_embeds = masked.inputs_embeds.clone()
+    scrambled_embeds[ignored] = 50 * torch.randn(int(ignored.sum()), scrambled_embeds.shape[-1])
+    scrambled = engine.ReducedPrompt(scrambled_embeds, masked.attention_mask, masked.position_ids, masked.image_tokens, masked.visible_image_tokens)
+    assert run(tiny_model, processor, scrambled).tolist() == run(tiny_model, processor, masked).tolist()
+    torch.testing.assert_close(last_logits(tiny_model, scrambled), last_logits(tiny_model, masked))
+
+    visible_image = (masked.attention_mask == 1) & (inputs["input_ids"] == tiny_model.config.image_token_id)
+    touched_embeds = masked.inputs_embeds.clone()
+    touched_embeds[visible_image] = 50 * torch.randn(int(visible_image.sum()), touched_embeds.shape[-1])
+    touched = engine.ReducedPrompt(touched_embeds, masked.attention_mask, masked.position_ids, masked.image_tokens, masked.visible_image_tokens)
+    assert (last_logits(tiny_model, touched) - last_logits(tiny_model, masked)).abs().max() > 1e-3
+
+
+def test_keep_zero_leaves_no_image_token_visible(tiny_model, processor, two_prompts):
+    inputs, texts = two_prompts
+    settings = ReductionSettings(reduction="simignore", keep=0)
+    prompt, kept = simignore_prompt(tiny_model, processor, inputs, settings, texts)
+    dropped = engine.reduce_prompt(prompt, kept, "drop")
+    assert dropped.visible_image_tokens.tolist() == [0, 0]
+    assert dropped.image_tokens.tolist() == [25, 25]
+    assert dropped.inputs_embeds.shape[1] == inputs["input_ids"].shape[1] - 25
+    # no image at all gives the same answer: the image features cannot reach the LLM
+    other = engine.build_prompt_embeddings(
+        tiny_model, inputs["input_ids"], inputs["attention_mask"], torch.randn_like(inputs["pixel_values"])
+    )
+    assert run(tiny_model, processor, engine.reduce_prompt(other, kept, "mask")).tolist() == run(tiny_model, processor, dropped).tolist()
+
+
+def test_a_batch_answers_like_its_rows_one_by_one(tiny_model, processor):
+    prompts = [
+        chat(processor, "What colour?\nA. red\nB. blue"),
+        chat(processor, "Context: a long context line that makes this prompt longer.\nWhich one?\nA. green\nB. blue\nC. yellow"),
+        chat(processor, "Pick:\nA. purple\nB. orange"),
+    ]
+    pictures = images((200, 20, 20), (20, 200, 20), (120, 20, 160))
+    texts = ["red blue", "green blue yellow", "purple orange"]
+    batch_inputs = encode(processor, prompts, pictures)
+    prompt, kept = simignore_prompt(tiny_model, processor, batch_inputs, SIMIGNORE_HALF, texts)
+    batched = run(tiny_model, processor, engine.reduce_prompt(prompt, kept, "drop"))
+    for row in range(3):
+        single_inputs = encode(processor, [prompts[row]], [pictures[row]])
+        single_prompt, single_kept = simignore_prompt(tiny_model, processor, single_inputs, SIMIGNORE_HALF, [texts[row]])
+        assert single_kept.tolist() == [kept[row].tolist()]
+        single = run(tiny_model, processor, engine.reduce_prompt(single_prompt, single_kept, "drop"))
+        assert single[0].tolist() == batched[row, : single.shape[1]].tolist()
+
+
+def test_rows_without_an_image_pass_through_unreduced(tiny_model, processor):
+    text_only = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "No picture here.\nA. yes\nB. no"}]}], add_generation_prompt=True
+    )
+    inputs = encode(processor, [chat(processor, "What colour?\nA. red\nB. blue"), text_only], images((200, 20, 20)))
+    prompt, kept = simignore_prompt(tiny_model, processor, inputs, SIMIGNORE_HALF, ["red blue", "yes no"])
+    dropped = engine.reduce_prompt(prompt, kept, "drop")
+    assert dropped.image_tokens.tolist() == [25, 0]
+    assert dropped.visible_image_tokens.tolist() == [12, 0]
+    assert int(dropped.attention_mask[1].sum()) == int(inputs["attention_mask"][1].sum())
+
+
+def test_image_token_count_must_match_the_pixel_values(tiny_model, processor, two_prompts):
+    inputs, _ = two_prompts
+    with pytest.raises(ValueError, match="hold 2 image"):
+        engine.build_prompt_embeddings(tiny_model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"][:1])
+
+
+@pytest.mark.parametrize("apply", ["mask", "drop"])
+def test_eager_and_sdpa_attention_agree(testbed, processor, two_prompts, apply):
+    from transformers import LlavaForConditionalGeneration
+
+    inputs, texts = two_prompts
+    answers, logits = [], []
+    for implementation in ("eager", "sdpa"):
+        model = LlavaForConditionalGeneration.from_pretrained(testbed["model"], attn_implementation=implementation).eval()
+        prompt, kept = simignore_prompt(model, processor, inputs, SIMIGNORE_HALF, texts)
+        reduced = engine.reduce_prompt(prompt, kept, apply)
+        answers.append(run(model, processor, reduced).tolist())
+        logits.append(last_logits(model, reduced))
+    assert answers[0] == answers[1]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+
+
+def test_flash_attention_2_matches_sdpa_where_installed(testbed, processor, two_prompts):
+    pytest.importorskip("flash_attn", reason="flash-attn is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("flash_attention_2 needs a CUDA GPU")
+    from transformers import LlavaForConditionalGeneration
+
+    inputs, texts = two_prompts
+    inputs = inputs.to("cuda")
+    answers = []
+    for implementation in ("sdpa", "flash_attention_2"):
+        model = LlavaForConditionalGeneration.from_pretrained(
+            testbed["model"], attn_implementation=implementation, dtype=torch.bfloat16
+        ).to("cuda").eval()
+        prompt, kept = simignore_prompt(model, processor, inputs, SIMIGNORE_HALF, texts)
+        answers.append(run(model, processor, engine.reduce_prompt(prompt, kept, "drop")).tolist())
+    assert answers[0] == answers[1]
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_model, processor, two_prompts):
+    inputs, texts = two_prompts
+    prompt, kept = simignore_prompt(tiny_model, processor, inputs, SIMIGNORE_HALF, texts)
+    reduced = engine.reduce_prompt(prompt, kept, "drop")
+    sample = engine.DecodingOptions(max_new_tokens=6, do_sample=True, temperature=1.5, top_p=0.9, seed=3)
+    assert run(tiny_model, processor, reduced, options=sample).tolist() == run(tiny_model, processor, reduced, options=sample).tolist()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"max_new_tokens": 0}, "max_new_tokens"), ({"do_sample": True, "temperature": 0.0}, "temperature"), ({"top_p": 1.5}, "top_p")],
+)
+def test_bad_decoding_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        engine.DecodingOptions(**kwargs)
