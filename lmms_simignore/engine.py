@@ -136,6 +136,8 @@ def choose_kept_image_tokens(
     """
     tokens_per_image = image_features.shape[1]
     keep = settings.kept_per_image(tokens_per_image)
+    if image_features.shape[0] == 0:  # no image in the batch: nothing to choose
+        return torch.zeros(0, keep, dtype=torch.long, device=image_features.device)
     if settings.reduction == "none" or keep == tokens_per_image:
         return torch.arange(tokens_per_image, device=image_features.device).expand(image_features.shape[0], -1)
     if settings.reduction == "simignore":

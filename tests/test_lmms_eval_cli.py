@@ -1,0 +1,94 @@
+"""End to end through the real `lmms-eval` CLI (subprocesses), on the offline testbed."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from lmms_simignore.runs import EvalRun, read_samples, run_lmms_eval
+
+TASK = "scienceqa_img_local"
+
+
+def evaluate(testbed, output_dir, model_args, model="llava_simignore", extra_args=(), launcher=(), batch_size=1):
+    run = EvalRun(
+        name=output_dir.name,
+        model=model,
+        model_args=f"pretrained={testbed['model']},{model_args}".rstrip(","),
+        tasks=TASK,
+        include_path=testbed["tasks"],
+        output_dir=output_dir,
+        batch_size=batch_size,
+        extra_args=tuple(extra_args),
+        launcher=tuple(launcher),
+    )
+    results = run_lmms_eval(run, timeout=600)
+    return results, read_samples(output_dir, TASK)
+
+
+def cut(text, stops=("\n\n",)):
+    for stop in stops:
+        text = text.split(stop)[0]
+    return text
+
+
+@pytest.mark.parametrize("path_flags", [(), ("--force_simple",)], ids=["chat", "simple"])
+def test_reduction_none_answers_exactly_like_the_builtin_llava_hf(testbed, tmp_path, path_flags):
+    """Same prompts, same greedy answers on the 11 docs with an image (the built-in crashes on the text-only
+    doc 11). The built-in ignores the task's stop string "\\n\\n"; we honour it, so its answers are cut there."""
+    flags = (*path_flags, "--limit", "11")
+    ours, our_samples = evaluate(testbed, tmp_path / "ours", "reduction=none", extra_args=flags)
+    theirs, their_samples = evaluate(testbed, tmp_path / "builtin", "device=cpu,device_map=cpu", model="llava_hf", extra_args=flags)
+    expected_class = "LlavaSimignore" if path_flags else "LlavaSimignoreChat"
+    assert ours["config"]["model_backend"].startswith(f"lmms_simignore.models.llava_simignore.{expected_class} ")
+    assert [s["doc_id"] for s in our_samples] == list(range(11))
+    assert [s["input"] for s in our_samples] == [s["input"] for s in their_samples]
+    assert [s["filtered_resps"] for s in our_samples] == [cut(s["filtered_resps"]) for s in their_samples]
+
+
+def test_two_processes_evaluate_every_doc_once_with_the_one_process_score(testbed, tmp_path):
+    model_args = "reduction=simignore,keep=10,apply=drop"
+    single, single_samples = evaluate(testbed, tmp_path / "one", model_args, batch_size=2)
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517")
+    double, double_samples = evaluate(testbed, tmp_path / "two", model_args, launcher=launcher, batch_size=2)
+    assert [s["doc_id"] for s in double_samples] == list(range(12))
+    assert [s["filtered_resps"] for s in double_samples] == [s["filtered_resps"] for s in single_samples]
+    assert double["results"][TASK]["exact_match,none"] == single["results"][TASK]["exact_match,none"]
+    log = (tmp_path / "two" / "lmms_eval.log").read_text()
+    assert "Running on rank 1 (local rank 1)" in log
+    shards = re.findall(r"token accounting: (\d+)/(\d+) samples", log)
+    assert sorted(int(total) for _, total in shards) == [6, 6]  # each process answered half of the docs
+
+
+def test_a_failed_run_raises_instead_of_reporting_nothing(testbed, tmp_path):
+    with pytest.raises(RuntimeError, match="results file missing"):
+        evaluate(testbed, tmp_path / "bad", "reduction=simignore,keep=999")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_finished_run_is_not_run_again(testbed, tmp_path):
+    results, _ = evaluate(testbed, tmp_path / "done", "reduction=simignore,ignore=5")
+    (tmp_path / "done" / "marker").write_text("still here")
+    again, _ = evaluate(testbed, tmp_path / "done", "reduction=simignore,ignore=5")
+    assert again == results and (tmp_path / "done" / "marker").exists()
+
+
+def test_offline_demo_prints_a_results_table(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "lmms_simignore", "demo", "--workdir", str(tmp_path), "--num-docs", "6"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines = completed.stdout.splitlines()
+    table = [line for line in lines if line.startswith("| ")]
+    assert table[0].startswith("| run | image tokens visible / image | exact_match |")
+    assert [row.split("|")[1].strip() for row in table[1:]] == [
+        "none", "simignore drop keep 50%", "simignore mask keep 50%", "simignore drop keep 20%"
+    ]
+    assert table[1].split("|")[2].strip() == "25/25" and table[4].split("|")[2].strip() == "5/25"
+    assert "mask vs drop at keep 50%: 6/6 identical answers" in completed.stdout
+    results = sorted(tmp_path.joinpath("runs").rglob("*_results.json"))
+    assert len(results) == 4
+    assert all(json.loads(path.read_text())["n-samples"][TASK]["effective"] == 6 for path in results)

@@ -1,0 +1,175 @@
+"""The `llava_simignore` lmms-eval classes, driven directly with lmms-eval Instances."""
+
+import json
+
+import pytest
+import torch
+from lmms_eval.api.instance import Instance
+
+from lmms_simignore.fixtures import scienceqa_like_records
+from lmms_simignore.models.llava_simignore import LlavaSimignore, LlavaSimignoreChat
+from lmms_simignore.tasks import scienceqa_utils
+
+TASK, SPLIT = "sqa_fixture", "test"
+PROMPT_KWARGS = {"pre_prompt": "", "post_prompt": "\nAnswer with the option's letter from the given choices directly."}
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return scienceqa_like_records(num_docs=6, seed=1)  # the last doc has no image
+
+
+def make_model(testbed, docs, model_class=LlavaSimignore, **model_args):
+    model = model_class(pretrained=str(testbed["model"]), **model_args)
+    model.task_dict = {TASK: {SPLIT: docs}}
+    return model
+
+
+def simple_requests(docs, **gen_kwargs):
+    gen_kwargs = {"max_new_tokens": 6, "until": ["\n\n"], **gen_kwargs}
+    return [
+        Instance(
+            "generate_until",
+            (scienceqa_utils.doc_to_text(doc, PROMPT_KWARGS), dict(gen_kwargs), scienceqa_utils.doc_to_visual, doc_id, TASK, SPLIT),
+            idx=0,
+            metadata={"task": TASK, "doc_id": doc_id, "repeats": 1},
+        )
+        for doc_id, doc in enumerate(docs)
+    ]
+
+
+def chat_requests(docs):
+    def doc_to_messages(doc):
+        content = [{"type": "image", "url": image} for image in scienceqa_utils.doc_to_visual(doc)]
+        return [{"role": "user", "content": content + [{"type": "text", "text": scienceqa_utils.doc_to_text(doc, PROMPT_KWARGS)}]}]
+
+    return [
+        Instance(
+            "generate_until",
+            ("", doc_to_messages, {"max_new_tokens": 6, "until": ["\n\n"]}, doc_id, TASK, SPLIT),
+            idx=0,
+            metadata={"task": TASK, "doc_id": doc_id, "repeats": 1},
+        )
+        for doc_id in range(len(docs))
+    ]
+
+
+def test_answers_do_not_depend_on_the_batch_size(testbed, docs):
+    args = dict(reduction="simignore", keep=8, apply="drop")
+    one = make_model(testbed, docs, **args, batch_size=1).generate_until(simple_requests(docs))
+    four = make_model(testbed, docs, **args, batch_size=4).generate_until(simple_requests(docs))
+    assert one == four
+    assert all(isinstance(answer, str) for answer in one)
+
+
+def test_mask_and_drop_give_the_same_answers(testbed, docs):
+    masked = make_model(testbed, docs, reduction="simignore", ignore=17, apply="mask", batch_size=3)
+    dropped = make_model(testbed, docs, reduction="simignore", ignore=17, apply="drop", batch_size=3)
+    assert masked.generate_until(simple_requests(docs)) == dropped.generate_until(simple_requests(docs))
+
+
+def test_keep_all_equals_no_reduction(testbed, docs):
+    none = make_model(testbed, docs).generate_until(simple_requests(docs))
+    keep_all = make_model(testbed, docs, reduction="simignore", keep=1.0).generate_until(simple_requests(docs))
+    keep_25 = make_model(testbed, docs, reduction="simignore", keep=25).generate_until(simple_requests(docs))
+    assert none == keep_all == keep_25
+
+
+def test_token_accounting_per_sample(testbed, docs):
+    model = make_model(testbed, docs, reduction="simignore", keep=0.2, batch_size=2)
+    model.generate_until(simple_requests(docs))
+    records = sorted(model.accounting.records, key=lambda record: record["doc_id"])
+    assert [r["image_tokens"] for r in records] == [25] * 5 + [0]
+    assert [r["visible_image_tokens"] for r in records] == [5] * 5 + [0]  # text-only doc passes through
+    assert "25/125 image tokens visible (20.0%)" in model.accounting.summary()
+
+
+def test_chat_class_answers_like_the_simple_class_on_the_same_prompt(testbed, docs):
+    """The fixture template renders `<image>\\n{text}` for both paths, so both classes see one prompt."""
+    simple = make_model(testbed, docs, reduction="simignore", keep=10, batch_size=2)
+    chat = make_model(testbed, docs, model_class=LlavaSimignoreChat, reduction="simignore", keep=10, batch_size=2)
+    assert chat.generate_until(chat_requests(docs)) == simple.generate_until(simple_requests(docs))
+    assert chat.is_simple is False and simple.is_simple is True
+
+
+def test_options_are_the_default_comparison_text(testbed, docs):
+    model = make_model(testbed, docs, reduction="simignore", keep=10)
+    request = model._prompt_request(simple_requests(docs)[0].args)
+    assert request.comparison_text == docs[0]["choices"]
+    prompt_model = make_model(testbed, docs, reduction="simignore", keep=10, text="prompt")
+    assert prompt_model._prompt_request(simple_requests(docs)[0].args).comparison_text[0].startswith(
+        scienceqa_utils.doc_to_text(docs[0], PROMPT_KWARGS)[:20].strip()
+    )
+
+
+def test_docs_without_options_fall_back_to_the_prompt(testbed, docs):
+    without_options = [{key: value for key, value in doc.items() if key != "choices"} | {"choices_hidden": doc["choices"]} for doc in docs]
+    model = make_model(testbed, without_options, reduction="simignore", keep=10)
+    args = list(simple_requests(docs)[0].args)
+    request = model._prompt_request(tuple(args))
+    assert request.comparison_text == [args[0].strip()]
+
+
+def test_stop_strings_cut_the_answer(testbed, docs):
+    model = make_model(testbed, docs)
+    free = model.generate_until(simple_requests(docs, until=[]))
+    stop = next(answer[2:4] for answer in free if len(answer) >= 4)
+    cut = model.generate_until(simple_requests(docs, until=[stop]))
+    for full, short in zip(free, cut):
+        assert short == full.split(stop)[0]
+    assert any(short != full for full, short in zip(free, cut))
+
+
+def test_generation_errors_propagate(testbed, docs):
+    model = make_model(testbed, docs)
+    with pytest.raises(ValueError, match="num_beams=2 is not supported"):
+        model.generate_until(simple_requests(docs, num_beams=2))
+
+
+def test_loglikelihood_with_keep_all_matches_a_plain_forward(testbed, docs, tiny_model, processor):
+    model = make_model(testbed, docs)
+    doc = docs[0]
+    context = scienceqa_utils.doc_to_text(doc, PROMPT_KWARGS)
+    request = Instance("loglikelihood", (context, " B", scienceqa_utils.doc_to_visual, 0, TASK, SPLIT), idx=0, metadata={"task": TASK, "doc_id": 0, "repeats": 1})
+    (logprob, greedy), = model.loglikelihood([request])
+
+    prompt = model._prompt_request((context, {}, scienceqa_utils.doc_to_visual, 0, TASK, SPLIT)).prompt
+    image = scienceqa_utils.doc_to_visual(doc)
+    short = processor(images=image, text=[prompt], return_tensors="pt")
+    full = processor(images=image, text=[prompt + " B"], return_tensors="pt")
+    n = full["input_ids"].shape[1] - short["input_ids"].shape[1]
+    with torch.inference_mode():
+        logits = tiny_model(**full).logits[0, -n - 1 : -1].float()
+    target = full["input_ids"][0, -n:]
+    expected = torch.log_softmax(logits, -1).gather(-1, target[:, None]).sum()
+    assert logprob == pytest.approx(float(expected), rel=1e-4)
+    assert greedy == bool((logits.argmax(-1) == target).all())
+
+
+@pytest.mark.parametrize(
+    "model_args, message",
+    [
+        ({"reduction": "simignore"}, "exactly one of keep"),
+        ({"reduction": "simignore", "keep": 26}, "25 image tokens per image"),
+        ({"reduction": "simignore", "ignore": 40}, "25 image tokens per image"),
+        ({"reduction": "simignore", "keep": 5, "similarity": "jaccard"}, "similarity must be one of"),
+        ({"reduction": "simignore", "keep": 5, "apply": "zero"}, "apply must be one of"),
+        ({"dtype": "float8"}, "dtype must be one of"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"keep_ratio": 0.5}, r"unknown model_args \['keep_ratio'\]"),
+    ],
+)
+def test_bad_model_args_fail_before_loading_weights(testbed, tmp_path, model_args, message):
+    """The folder has only the config: an error about weights would mean we started loading them."""
+    (tmp_path / "config.json").write_text((testbed["model"] / "config.json").read_text())
+    with pytest.raises(ValueError, match=message):
+        LlavaSimignore(pretrained=str(tmp_path), **model_args)
+
+
+def test_non_llava_checkpoints_are_refused(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=32).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="model_type 'llama'"):
+        LlavaSimignore(pretrained=str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llama"
