@@ -61,3 +61,16 @@ def test_make_task_refuses_a_missing_parquet(tmp_path):
         capture_output=True, text=True,
     )
     assert completed.returncode != 0 and "--parquet" in completed.stderr and "no such file" in completed.stderr
+
+
+def test_lmms_eval_loads_the_local_task_offline(testbed):
+    from lmms_eval.tasks import TaskManager, get_task_dict
+
+    manager = TaskManager("INFO", include_path=[str(tasks_dir()), str(testbed["tasks"])], include_defaults=False)
+    assert manager.all_tasks == ["scienceqa_img_local"]  # the shared template is not a task
+    task = get_task_dict(["scienceqa_img_local"], manager)["scienceqa_img_local"]
+    docs = list(task.test_docs())
+    assert len(docs) == 12 and docs[-1]["image"] is None
+    assert docs[0]["image"].size == (48, 48)
+    assert task.doc_to_text(docs[0]).endswith("Answer with the option's letter from the given choices directly.")
+    assert task.doc_to_target(docs[0]) == "ABCD"[docs[0]["answer"]]

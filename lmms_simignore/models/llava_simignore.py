@@ -231,9 +231,11 @@ class LlavaSimignore(lmms):
 
     # -- generation ----------------------------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        """Answer every request; batches group equal generation settings and similar prompt lengths."""
+        """Answer every request; batches group equal generation settings and similar prompt lengths.
+
+        Prompts and images are prepared batch by batch, so memory does not grow with the task size.
+        """
         arguments = [request.args for request in requests]
-        prepared = [self._prompt_request(args) for args in arguments]
         groups: dict[str, list[int]] = {}
         for index, args in enumerate(arguments):
             groups.setdefault(json.dumps(self._request_gen_kwargs(args), sort_keys=True, default=str), []).append(index)
@@ -241,10 +243,11 @@ class LlavaSimignore(lmms):
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc="llava_simignore")
         for indices in groups.values():
             gen_kwargs = dict(self._request_gen_kwargs(arguments[indices[0]]))
-            indices = sorted(indices, key=lambda i: -len(prepared[i].prompt))
+            indices = sorted(indices, key=lambda i: (-len(str(arguments[i][0])), i))
             for start in range(0, len(indices), self.batch_size):
                 batch = indices[start : start + self.batch_size]
-                for index, answer in zip(batch, self._generate_batch([prepared[i] for i in batch], gen_kwargs)):
+                prepared = [self._prompt_request(arguments[i]) for i in batch]
+                for index, answer in zip(batch, self._generate_batch(prepared, gen_kwargs)):
                     answers[index] = answer
                     self.cache_hook.add_partial("generate_until", (arguments[index][0], gen_kwargs), answer)
                 progress.update(len(batch))
