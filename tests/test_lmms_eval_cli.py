@@ -48,11 +48,22 @@ def test_reduction_none_answers_exactly_like_the_builtin_llava_hf(testbed, tmp_p
     assert [s["filtered_resps"] for s in our_samples] == [cut(s["filtered_resps"]) for s in their_samples]
 
 
-def test_two_processes_evaluate_every_doc_once_with_the_one_process_score(testbed, tmp_path):
-    model_args = "reduction=simignore,keep=10,apply=drop"
-    single, single_samples = evaluate(testbed, tmp_path / "one", model_args, batch_size=2)
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517")
-    double, double_samples = evaluate(testbed, tmp_path / "two", model_args, launcher=launcher, batch_size=2)
+LAUNCHERS = {
+    "torchrun": ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"),
+    "accelerate": ("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29518"),
+}
+
+
+@pytest.fixture(scope="module")
+def one_process_run(testbed, tmp_path_factory):
+    return evaluate(testbed, tmp_path_factory.mktemp("one") / "run", "reduction=simignore,keep=10,apply=drop", batch_size=2)
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_evaluate_every_doc_once_with_the_one_process_score(testbed, tmp_path, one_process_run, launcher):
+    single, single_samples = one_process_run
+    launch = (sys.executable, *LAUNCHERS[launcher])
+    double, double_samples = evaluate(testbed, tmp_path / "two", "reduction=simignore,keep=10,apply=drop", launcher=launch, batch_size=2)
     assert [s["doc_id"] for s in double_samples] == list(range(12))
     assert [s["filtered_resps"] for s in double_samples] == [s["filtered_resps"] for s in single_samples]
     assert double["results"][TASK]["exact_match,none"] == single["results"][TASK]["exact_match,none"]
