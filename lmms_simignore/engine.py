@@ -61,10 +61,14 @@ class ReducedPrompt:
 
 
 def image_tokens_per_image(config) -> int:
-    """Image tokens one image becomes in a llava-hf config (576 for LLaVA-1.5)."""
+    """Image tokens one image becomes in a llava-hf config (576 for LLaVA-1.5: 24x24 CLIP patches).
+
+    CLIP towers prepend a CLS token, which the "default" feature strategy drops; SigLIP-style towers have none.
+    """
     vision = config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
-    return patches if config.vision_feature_select_strategy == "default" else patches + 1
+    has_cls = vision.model_type == "clip_vision_model"
+    return patches + int(has_cls and config.vision_feature_select_strategy == "full")
 
 
 def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -82,28 +86,24 @@ def build_prompt_embeddings(model, input_ids, attention_mask, pixel_values=None)
     config = model.config
     inputs_embeds = model.get_input_embeddings()(input_ids)  # (B, L, D)
     is_image = input_ids == config.image_token_id  # (B, L)
-    tokens_per_image = image_tokens_per_image(config)
-    per_row = is_image.sum(dim=1)
-    if (per_row % tokens_per_image).any():
+    if pixel_values is not None and pixel_values.shape[0]:
+        features = model.model.get_image_features(pixel_values=pixel_values.to(inputs_embeds.dtype), return_dict=True)
+        image_features = torch.stack(list(features.pooler_output)).to(inputs_embeds.dtype)  # (I, N, D)
+    else:
+        image_features = inputs_embeds.new_zeros(0, image_tokens_per_image(config), inputs_embeds.shape[-1])
+    num_images, tokens_per_image = image_features.shape[:2]
+    per_row = is_image.sum(dim=1)  # (B,)
+    if int(per_row.sum()) != num_images * tokens_per_image or (per_row % tokens_per_image).any():
         raise ValueError(
-            f"each row must hold a multiple of {tokens_per_image} image tokens (one block per image), "
-            f"got {per_row.tolist()}"
+            f"input_ids hold {per_row.tolist()} image tokens per row but pixel_values give {num_images} image(s) "
+            f"of {tokens_per_image} tokens; each image needs one block of {tokens_per_image} image tokens"
         )
-    num_images = int(per_row.sum()) // tokens_per_image
-    supplied = 0 if pixel_values is None else pixel_values.shape[0]
-    if supplied != num_images:
-        raise ValueError(f"input_ids hold {num_images} image(s) but pixel_values has {supplied}")
-
     coordinates = is_image.nonzero()  # (I*N, 2), row-major
     image_positions = coordinates[:, 1].reshape(num_images, tokens_per_image)  # (I, N)
     image_rows = coordinates[::tokens_per_image, 0]  # (I,)
     if num_images:
-        features = model.model.get_image_features(pixel_values=pixel_values.to(inputs_embeds.dtype), return_dict=True)
-        image_features = torch.stack(list(features.pooler_output)).to(inputs_embeds.dtype)  # (I, N, D)
         inputs_embeds = inputs_embeds.clone()
         inputs_embeds[image_rows[:, None], image_positions] = image_features
-    else:
-        image_features = inputs_embeds.new_zeros(0, tokens_per_image, inputs_embeds.shape[-1])
     return PromptEmbeddings(
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,

@@ -187,7 +187,7 @@ def test_rows_without_an_image_pass_through_unreduced(tiny_model, processor):
 
 def test_image_token_count_must_match_the_pixel_values(tiny_model, processor, two_prompts):
     inputs, _ = two_prompts
-    with pytest.raises(ValueError, match="hold 2 image"):
+    with pytest.raises(ValueError, match="pixel_values give 1 image"):
         engine.build_prompt_embeddings(tiny_model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"][:1])
 
 
@@ -240,3 +240,18 @@ def test_sampling_is_reproducible_with_a_seed(tiny_model, processor, two_prompts
 def test_bad_decoding_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         engine.DecodingOptions(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "vision, strategy, expected",
+    [
+        ({"model_type": "clip_vision_model", "image_size": 336, "patch_size": 14}, "default", 576),  # LLaVA-1.5
+        ({"model_type": "clip_vision_model", "image_size": 336, "patch_size": 14}, "full", 577),  # CLS kept
+        ({"model_type": "siglip_vision_model", "image_size": 384, "patch_size": 14}, "full", 729),  # Mipha-3B tower
+    ],
+)
+def test_image_tokens_per_image_from_the_config(vision, strategy, expected):
+    from transformers import LlavaConfig
+
+    config = LlavaConfig(vision_config=vision, vision_feature_select_strategy=strategy)
+    assert engine.image_tokens_per_image(config) == expected
