@@ -12,12 +12,13 @@ A prompt travels like this:
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from lmms_simignore.reduction import select_top_k, similarity_scores
+from lmms_simignore.reduction import fastv_scores, pairwise_similarity, random_scores, select_by_order, select_top_k, walk_scores
 from lmms_simignore.settings import ReductionSettings
 
 
@@ -51,6 +52,9 @@ class ReducedPrompt:
 
     inputs_embeds: (B, L', D); attention_mask: (B, L'); position_ids: (B, L') original positions.
     image_tokens / visible_image_tokens: (B,) image tokens in the prompt / still visible after reduction.
+    image_rows: (I,) batch row of each image; image_columns: (I, M) column of each image's tokens that are
+    still in the sequence (M = N when masking, K when dropping); image_visible: (I, M) which of them are
+    visible (an in-LLM stage chooses among these).
     """
 
     inputs_embeds: torch.Tensor
@@ -58,6 +62,9 @@ class ReducedPrompt:
     position_ids: torch.Tensor
     image_tokens: torch.Tensor
     visible_image_tokens: torch.Tensor
+    image_rows: torch.Tensor
+    image_columns: torch.Tensor
+    image_visible: torch.Tensor
 
 
 def image_tokens_per_image(config) -> int:
@@ -128,22 +135,54 @@ def embed_texts(model, token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.
 
 
 def choose_kept_image_tokens(
-    settings: ReductionSettings, image_features: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor
+    settings: ReductionSettings,
+    image_features: torch.Tensor,
+    text_embeds: torch.Tensor | None = None,
+    text_mask: torch.Tensor | None = None,
+    image_seeds: list[int] | None = None,
 ) -> torch.Tensor:
-    """Indices (I, K) into each image's N tokens that stay visible; K from the settings' budget.
+    """Indices (I, K) into each image's N tokens that the pre-LLM stage keeps; K from the settings' budget.
 
-    image_features: (I, N, D); text_embeds: (I, T, D) and text_mask: (I, T), the text of each image's row.
+    image_features: (I, N, D); text_embeds: (I, T, D) and text_mask: (I, T), the text of each image's row
+    (simignore only); image_seeds: one seed per image (random choices only).
     """
-    tokens_per_image = image_features.shape[1]
+    num_images, tokens_per_image = image_features.shape[:2]
     keep = settings.kept_per_image(tokens_per_image)
-    if image_features.shape[0] == 0:  # no image in the batch: nothing to choose
-        return torch.zeros(0, keep, dtype=torch.long, device=image_features.device)
-    if settings.reduction == "none" or keep == tokens_per_image:
-        return torch.arange(tokens_per_image, device=image_features.device).expand(image_features.shape[0], -1)
-    if settings.reduction == "simignore":
-        scores = similarity_scores(image_features, text_embeds, text_mask, settings.similarity)  # (I, N)
-        return select_top_k(scores, keep)
-    raise ValueError(f"unknown reduction {settings.reduction!r}")
+    device = image_features.device
+    if num_images == 0:  # no image in the batch: nothing to choose
+        return torch.zeros(0, keep, dtype=torch.long, device=device)
+    if settings.pre_llm is None or keep == tokens_per_image:
+        return torch.arange(tokens_per_image, device=device).expand(num_images, -1)
+    random_choice = settings.pre_llm == "random" or settings.order == "random"
+    if random_choice:
+        if image_seeds is None or len(image_seeds) != num_images:
+            raise ValueError(f"random choices need one seed per image ({num_images}), got {image_seeds!r}")
+        scores = random_scores(image_seeds, tokens_per_image, device)  # (I, N)
+    else:
+        if text_embeds is None or text_mask is None:
+            raise ValueError("simignore needs the text embeddings of each image's row")
+        pairwise = pairwise_similarity(image_features, text_embeds, text_mask, settings.similarity)  # (I, N, T)
+        if settings.uses_walk:
+            scores = walk_scores(pairwise, settings.simignore_start, settings.simignore_step)
+        else:
+            scores = pairwise.amax(dim=-1)  # (I, N)
+    return select_by_order(scores, keep, "random" if random_choice else settings.order)
+
+
+def _pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pack the True columns of each row: (B, L) bool -> source columns (B, L') and mask (B, L').
+
+    L' is the longest row's count; shorter rows get left padding (source column 0, mask 0).
+    """
+    counts = keep.sum(dim=1)  # (B,)
+    new_length = int(counts.max()) if keep.shape[0] else 0
+    target = keep.long().cumsum(dim=1) - 1 + (new_length - counts)[:, None]  # (B, L) column in the output
+    rows, columns = keep.nonzero(as_tuple=True)
+    source = torch.zeros(keep.shape[0], new_length, dtype=torch.long, device=keep.device)
+    source[rows, target[rows, columns]] = columns
+    mask = torch.zeros(keep.shape[0], new_length, dtype=torch.long, device=keep.device)
+    mask[rows, target[rows, columns]] = 1
+    return source, mask
 
 
 def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str) -> ReducedPrompt:
@@ -152,16 +191,21 @@ def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str) -> R
     Both modes keep the original position ids of every remaining token, so they compute the same
     function; "drop" also shrinks the sequence to (B, L') with L' = the longest remaining row.
     """
-    batch_size, length = prompt.attention_mask.shape
+    if apply not in ("mask", "drop"):
+        raise ValueError(f"apply must be 'mask' or 'drop', got {apply!r}")
+    batch_size = prompt.attention_mask.shape[0]
+    device = prompt.attention_mask.device
     visible = prompt.attention_mask.bool().clone()  # (B, L)
     num_images, tokens_per_image = prompt.image_positions.shape
+    image_index = torch.arange(num_images, device=device)[:, None]  # (I, 1)
+    kept_flags = torch.zeros(num_images, tokens_per_image, dtype=torch.bool, device=device)  # (I, N)
+    kept_flags[image_index, kept] = True
     if num_images:
-        hidden = torch.ones(num_images, tokens_per_image, dtype=torch.bool, device=visible.device)  # (I, N)
-        hidden[torch.arange(num_images, device=visible.device)[:, None], kept] = False
         rows = prompt.image_rows[:, None].expand(-1, tokens_per_image)  # (I, N)
-        visible[rows[hidden], prompt.image_positions[hidden]] = False
-    image_tokens = torch.bincount(prompt.image_rows, minlength=batch_size) * tokens_per_image  # (B,)
-    visible_image_tokens = torch.bincount(prompt.image_rows, minlength=batch_size) * kept.shape[1]  # (B,)
+        visible[rows[~kept_flags], prompt.image_positions[~kept_flags]] = False
+    images_per_row = torch.bincount(prompt.image_rows, minlength=batch_size)  # (B,)
+    image_tokens = images_per_row * tokens_per_image  # (B,)
+    visible_image_tokens = images_per_row * kept.shape[1]  # (B,)
 
     if apply == "mask":
         return ReducedPrompt(
@@ -170,22 +214,25 @@ def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str) -> R
             position_ids=prompt.position_ids,
             image_tokens=image_tokens,
             visible_image_tokens=visible_image_tokens,
+            image_rows=prompt.image_rows,
+            image_columns=prompt.image_positions,
+            image_visible=kept_flags,
         )
-    if apply != "drop":
-        raise ValueError(f"apply must be 'mask' or 'drop', got {apply!r}")
-
-    counts = visible.sum(dim=1)  # (B,)
-    new_length = int(counts.max()) if batch_size else 0
-    rank = visible.long().cumsum(dim=1) - 1  # (B, L) index among the row's visible tokens
-    target = rank + (new_length - counts)[:, None]  # (B, L) column in the left-padded output
-    rows, columns = visible.nonzero(as_tuple=True)
-    inputs_embeds = prompt.inputs_embeds.new_zeros(batch_size, new_length, prompt.inputs_embeds.shape[-1])
-    inputs_embeds[rows, target[rows, columns]] = prompt.inputs_embeds[rows, columns]
-    attention_mask = prompt.attention_mask.new_zeros(batch_size, new_length)
-    attention_mask[rows, target[rows, columns]] = 1
-    position_ids = prompt.position_ids.new_zeros(batch_size, new_length)
-    position_ids[rows, target[rows, columns]] = prompt.position_ids[rows, columns]
-    return ReducedPrompt(inputs_embeds, attention_mask, position_ids, image_tokens, visible_image_tokens)
+    source, mask = _pack(visible)  # (B, L'), (B, L')
+    rows = torch.arange(batch_size, device=device)[:, None]  # (B, 1)
+    new_column = torch.full_like(prompt.attention_mask, -1, dtype=torch.long)  # (B, L) column after packing
+    new_column[rows.expand_as(source)[mask.bool()], source[mask.bool()]] = mask.nonzero(as_tuple=True)[1]
+    image_columns = new_column[prompt.image_rows[:, None], prompt.image_positions.gather(1, kept)]  # (I, K)
+    return ReducedPrompt(
+        inputs_embeds=prompt.inputs_embeds[rows, source] * mask[..., None].to(prompt.inputs_embeds.dtype),
+        attention_mask=mask.to(prompt.attention_mask.dtype),
+        position_ids=prompt.position_ids[rows, source] * mask,
+        image_tokens=image_tokens,
+        visible_image_tokens=visible_image_tokens,
+        image_rows=prompt.image_rows,
+        image_columns=image_columns,
+        image_visible=torch.ones_like(image_columns, dtype=torch.bool),
+    )
 
 
 @dataclass(frozen=True)
@@ -220,6 +267,169 @@ def _next_tokens(logits: torch.Tensor, options: DecodingOptions, generator: torc
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def last_token_attention(layer, hidden_states: torch.Tensor, position_embeddings, key_visible: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of each row's last position in `layer`'s self-attention, averaged nowhere yet.
+
+    Recomputed from the layer's own norm, query/key projections and rotary embedding, so the result does
+    not depend on the attention backend (eager, sdpa, flash) the model runs with.
+    hidden_states: (B, L, D) the layer's input; position_embeddings: (cos, sin), each (B, L, d);
+    key_visible: (B, L) bool, the columns the last position may attend to.
+    Returns: (B, H, L) float32.
+    """
+    attention = layer.self_attn
+    batch, length, _ = hidden_states.shape
+    head_dim = attention.head_dim
+    apply_rotary = importlib.import_module(type(attention).__module__).apply_rotary_pos_emb
+    normed = layer.input_layernorm(hidden_states)  # (B, L, D)
+    query = attention.q_proj(normed[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)  # (B, H, 1, d)
+    key = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)  # (B, Hkv, L, d)
+    cos, sin = position_embeddings
+    query = apply_rotary(query, query, cos[:, -1:], sin[:, -1:])[0]
+    key = apply_rotary(key, key, cos, sin)[0]
+    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # (B, H, L, d), grouped-query heads
+    scores = (query @ key.transpose(-1, -2)).squeeze(2).float() * attention.scaling  # (B, H, L)
+    scores = scores.masked_fill(~key_visible[:, None, :], float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+def check_in_llm_support(model) -> None:
+    """FastV recomputes one attention row from the decoder layer's parts: they must be the Llama-style ones."""
+    layer = model.model.language_model.layers[0]
+    attention = getattr(layer, "self_attn", None)
+    needed = {"input_layernorm": layer, "self_attn.q_proj": attention, "self_attn.k_proj": attention}
+    missing = [name for name, owner in needed.items() if owner is None or not hasattr(owner, name.split(".")[-1])]
+    if attention is not None and not hasattr(importlib.import_module(type(attention).__module__), "apply_rotary_pos_emb"):
+        missing.append("apply_rotary_pos_emb")
+    if missing:
+        raise ValueError(
+            f"fastv needs Llama-style decoder layers (input_layernorm, q_proj, k_proj, rotary embedding); "
+            f"{type(layer).__name__} lacks {', '.join(missing)}"
+        )
+
+
+class LanguageModelRun:
+    """Runs the decoder layers of a llava model's language model: the one place a reduction acts inside the LLM.
+
+    Layers [0, K) see the reduced prompt. With FastV at layer K, the prompt pass ranks image tokens by layer
+    K-1's attention row of the last prompt token and layers [K, n) see only the columns it keeps (original
+    position ids kept). The kept set is chosen once, from the prompt, and then fixed: every generated token
+    passes through layers < K with all prompt tokens and through layers >= K with the kept ones, with a KV
+    cache (one entry per token and layer, each layer its own length) or by recomputing the whole sequence.
+    """
+
+    def __init__(self, model, prompt: ReducedPrompt, fastv_layer: int | None = None, fastv_keep: int = 0, use_cache: bool = True):
+        from transformers import DynamicCache
+
+        self.language_model = model.model.language_model
+        self.lm_head = model.lm_head
+        self.embedding = model.get_input_embeddings()
+        self.prompt = prompt
+        num_layers = len(self.language_model.layers)
+        if fastv_layer is not None:
+            if not 1 <= fastv_layer < num_layers:
+                raise ValueError(f"fastv_layer={fastv_layer} must be in [1, {num_layers - 1}] for {num_layers} decoder layers")
+            check_in_llm_support(model)
+            available = int(prompt.image_visible.sum(dim=1).min()) if prompt.image_visible.numel() else fastv_keep
+            if fastv_keep > available:
+                raise ValueError(f"fastv_keep={fastv_keep} exceeds the {available} image tokens per image still visible")
+        self.split = num_layers if fastv_layer is None else fastv_layer
+        self.fastv_keep = fastv_keep
+        self.cache = DynamicCache(config=self.language_model.config) if use_cache else None
+        self.embeds = prompt.inputs_embeds  # (B, L, D), prompt + tokens fed so far (kept only without a cache)
+        self.positions = prompt.position_ids  # (B, L + t)
+        self.mask_low = prompt.attention_mask  # (B, L + t) what layers < K attend to
+        self.kept_columns: torch.Tensor | None = None  # (B, L2) prompt columns layers >= K see
+        self.mask_high: torch.Tensor | None = None  # (B, L2 + t)
+        self.prompt_length = prompt.inputs_embeds.shape[1]
+        images_per_row = torch.bincount(prompt.image_rows, minlength=prompt.attention_mask.shape[0])  # (B,)
+        high = images_per_row * fastv_keep if fastv_layer is not None else prompt.visible_image_tokens
+        self.visible_image_tokens_per_layer = torch.stack(  # (B, n_layers)
+            [prompt.visible_image_tokens] * self.split + [high] * (num_layers - self.split), dim=1
+        )
+
+    @torch.inference_mode()
+    def prefill(self) -> torch.Tensor:
+        """Encode the prompt; (B, V) logits of the next token."""
+        hidden = self._forward(self.embeds, self.positions, prompt_pass=True)
+        return self.lm_head(hidden[:, -1])
+
+    @torch.inference_mode()
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append `tokens` (B, t) after everything so far; (B, t, V) logits after each of them."""
+        count = tokens.shape[1]
+        new_embeds = self.embedding(tokens)  # (B, t, D)
+        offsets = torch.arange(1, count + 1, device=tokens.device)
+        new_positions = self.positions[:, -1:] + offsets  # (B, t)
+        ones = self.mask_low.new_ones(tokens.shape[0], count)
+        self.positions = torch.cat([self.positions, new_positions], dim=1)
+        self.mask_low = torch.cat([self.mask_low, ones], dim=1)
+        if self.mask_high is not None:
+            self.mask_high = torch.cat([self.mask_high, ones], dim=1)
+        if self.cache is not None:
+            hidden = self._forward(new_embeds, new_positions, prompt_pass=False)
+        else:
+            self.embeds = torch.cat([self.embeds, new_embeds], dim=1)
+            hidden = self._forward(self.embeds, self.positions, prompt_pass=False)[:, -count:]
+        return self.lm_head(hidden)
+
+    def _forward(self, hidden: torch.Tensor, positions: torch.Tensor, prompt_pass: bool) -> torch.Tensor:
+        """Run all decoder layers on `hidden` (B, q, D) at `positions` (B, q); returns the final-norm states."""
+        from transformers.masking_utils import create_causal_mask
+
+        model = self.language_model
+        layers = model.layers
+        cache_kwargs = {"past_key_values": self.cache, "use_cache": self.cache is not None}
+        position_embeddings = model.rotary_emb(hidden, position_ids=positions)
+        mask = create_causal_mask(
+            config=model.config, inputs_embeds=hidden, attention_mask=self.mask_low,
+            past_key_values=self.cache, position_ids=positions, layer_idx=0,
+        )
+        for index in range(self.split):
+            if prompt_pass and index == self.split - 1 and self.split < len(layers):
+                self._choose_kept_columns(layers[index], hidden, position_embeddings)
+            hidden = layers[index](
+                hidden, attention_mask=mask, position_ids=positions, position_embeddings=position_embeddings, **cache_kwargs
+            )
+        if self.split < len(layers):
+            if prompt_pass or self.cache is None:  # the whole sequence is here: keep the chosen columns
+                generated = torch.arange(self.prompt_length, hidden.shape[1], device=hidden.device)
+                columns = torch.cat([self.kept_columns, generated.expand(hidden.shape[0], -1)], dim=1)  # (B, L2 + t)
+                rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+                hidden, positions = hidden[rows, columns], positions[rows, columns]
+            position_embeddings = model.rotary_emb(hidden, position_ids=positions)
+            mask = create_causal_mask(
+                config=model.config, inputs_embeds=hidden, attention_mask=self.mask_high,
+                past_key_values=self.cache, position_ids=positions, layer_idx=self.split,
+            )
+            for index in range(self.split, len(layers)):
+                hidden = layers[index](
+                    hidden, attention_mask=mask, position_ids=positions, position_embeddings=position_embeddings, **cache_kwargs
+                )
+        return model.norm(hidden)
+
+    def _choose_kept_columns(self, layer, hidden: torch.Tensor, position_embeddings) -> None:
+        """FastV: keep the image tokens the last prompt token attends to most in `layer` (= layer K-1)."""
+        prompt = self.prompt
+        visible = prompt.attention_mask.bool()  # (B, L)
+        attention = last_token_attention(layer, hidden, position_embeddings, visible)  # (B, H, L)
+        scores = fastv_scores(attention, prompt.image_columns, prompt.image_rows, prompt.image_visible)  # (I, M)
+        chosen = select_top_k(scores, self.fastv_keep)  # (I, K2) indices into M
+        keep = visible.clone()
+        keep[prompt.image_rows[:, None].expand_as(prompt.image_columns), prompt.image_columns] = False
+        keep[prompt.image_rows[:, None].expand_as(chosen), prompt.image_columns.gather(1, chosen)] = True
+        self.kept_columns, self.mask_high = _pack(keep)
+        self.mask_high = self.mask_high.to(prompt.attention_mask.dtype)
+
+
+@dataclass
+class Generation:
+    """tokens: (B, T) new token ids (`pad_token_id` after a row ended);
+    visible_image_tokens_per_layer: (B, n_layers) image tokens each decoder layer could see."""
+
+    tokens: torch.Tensor
+    visible_image_tokens_per_layer: torch.Tensor
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -229,50 +439,45 @@ def generate(
     pad_token_id: int,
     use_cache: bool = True,
     stopped: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Generate after a reduced prompt. Returns (B, T) new token ids, `pad_token_id` after a row ends.
+    fastv_layer: int | None = None,
+    fastv_keep: int = 0,
+) -> Generation:
+    """Generate after a reduced prompt, optionally with FastV pruning at `fastv_layer`.
 
     With `use_cache` the prompt is encoded once and each step feeds one token at position
     (last position + 1); without it the whole sequence is recomputed every step (same result, slower).
     `stopped(generated (B, t)) -> (B,) bool` marks rows that hit a stop string.
     """
-    from transformers import DynamicCache
-
-    language_model = model.model.language_model
-    embedding = model.get_input_embeddings()
+    run = LanguageModelRun(model, prompt, fastv_layer=fastv_layer, fastv_keep=fastv_keep, use_cache=use_cache)
     device = prompt.inputs_embeds.device
     batch_size = prompt.inputs_embeds.shape[0]
-    generator = None
-    if options.do_sample:
-        generator = torch.Generator(device=device).manual_seed(options.seed)
+    generator = torch.Generator(device=device).manual_seed(options.seed) if options.do_sample else None
     eos = torch.as_tensor(eos_token_ids, device=device)
-    cache = DynamicCache(config=model.config.text_config) if use_cache else None
-
-    step_embeds, attention_mask, position_ids = prompt.inputs_embeds, prompt.attention_mask, prompt.position_ids
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    logits = run.prefill()  # (B, V)
     generated = []
     for _ in range(options.max_new_tokens):
-        hidden = language_model(
-            inputs_embeds=step_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=use_cache,
-        ).last_hidden_state  # (B, t, D)
-        logits = model.lm_head(hidden[:, -1])  # (B, V)
         tokens = _next_tokens(logits, options, generator).masked_fill(finished, pad_token_id)  # (B,)
         generated.append(tokens)
         finished |= torch.isin(tokens, eos)
         if stopped is not None:
             finished |= stopped(torch.stack(generated, dim=1))
-        if finished.all():
+        if finished.all() or len(generated) == options.max_new_tokens:
             break
-        new_embeds = embedding(tokens[:, None])  # (B, 1, D)
-        new_positions = position_ids[:, -1:] + 1  # (B, 1)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, 1)], dim=1)
-        if use_cache:
-            step_embeds, position_ids = new_embeds, new_positions
-        else:
-            step_embeds = torch.cat([step_embeds, new_embeds], dim=1)
-            position_ids = torch.cat([position_ids, new_positions], dim=1)
-    return torch.stack(generated, dim=1)
+        logits = run.feed(tokens[:, None])[:, -1]
+    return Generation(torch.stack(generated, dim=1), run.visible_image_tokens_per_layer)
+
+
+@torch.inference_mode()
+def continuation_logprobs(
+    model, prompt: ReducedPrompt, continuation: torch.Tensor, fastv_layer: int | None = None, fastv_keep: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of `continuation` (B, C) token by token after a reduced prompt (teacher forcing).
+
+    Returns (B, C) float32 log-probabilities and (B, C) bool: whether each token was the greedy choice.
+    """
+    run = LanguageModelRun(model, prompt, fastv_layer=fastv_layer, fastv_keep=fastv_keep, use_cache=True)
+    first = run.prefill()[:, None]  # (B, 1, V)
+    logits = first if continuation.shape[1] == 1 else torch.cat([first, run.feed(continuation[:, :-1])], dim=1)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, C, V)
+    return logprobs.gather(-1, continuation[..., None]).squeeze(-1), logits.argmax(-1) == continuation

@@ -1,84 +1,231 @@
-"""The reduction settings of one run: one frozen dataclass, validated on creation."""
+"""The reduction settings of one run: one frozen dataclass, validated on creation.
+
+A reduction is a pipeline of at most two stages, spelled with `+` in `reduction=`:
+  a *pre-LLM* stage (`simignore` or `random`) chooses image tokens before the first decoder layer,
+  then an *in-LLM* stage (`fastv`) prunes them inside the language model at layer `fastv_layer`.
+So `reduction=simignore+fastv` is the published Simignore recipe; `reduction=fastv` is FastV alone.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+from lmms_simignore.reduction.selection import ORDERS
 from lmms_simignore.reduction.simignore import SIMILARITIES
 
-REDUCTIONS = ("none", "simignore")
-TEXT_SOURCES = ("options", "prompt")
+PRE_LLM_STAGES = ("simignore", "random")
+IN_LLM_STAGES = ("fastv",)
+PIPELINES = ("none", "simignore", "random", "fastv", "simignore+fastv", "random+fastv")
+TEXT_SOURCES = ("options", "options_lettered", "prompt")
 APPLY_MODES = ("mask", "drop")
+DEFAULT_FASTV_RATIO = 0.5
 
 
 @dataclass(frozen=True)
 class ReductionSettings:
     """What to reduce and how. Budgets are per image.
 
-    reduction:  "none" | "simignore"
-    keep:       image tokens kept per image: an int count, or a float fraction in [0, 1] (rounded half up)
-    ignore:     image tokens ignored per image (int); exactly one of keep / ignore for a reduction
-    similarity: "cosine" (default) | "euclidean" | "manhattan" (distances keep the *closest* tokens)
-    text:       "options" (answer-option text, as the published code) | "prompt" (the user's prompt text)
-    apply:      "drop" (remove tokens, keep original position ids; real speed-up) |
-                "mask" (attention mask 0 on ignored tokens, as the paper)
+    reduction:       "none" | "simignore" | "random" | "fastv" | "simignore+fastv" | "random+fastv"
+    keep:            image tokens the pre-LLM stage keeps per image (FastV's budget when it is the only
+                     stage): an int count, or a float fraction in [0, 1] (rounded half up)
+    ignore:          image tokens ignored per image (int); exactly one of keep / ignore for a pre-LLM stage
+    apply:           how the pre-LLM stage hides tokens: "drop" (remove them, keep the original position
+                     ids; real speed-up) | "mask" (attention mask 0, as the paper)
+    similarity:      simignore: "cosine" | "euclidean" | "manhattan" (distances keep the *closest* tokens)
+    text:            simignore compares with: "options" (answer options joined by spaces, as the published
+                     7B run) | "options_lettered" ("Options: (A) x (B) y", as the published 13B run) |
+                     "prompt" (the user's prompt text, as the paper's prose)
+    text_bos:        simignore: also compare with the BOS embedding (the published 7B run did)
+    order:           which part of the similarity ranking simignore ignores: "unimportant" (the least
+                     similar, default) | "important" (the most similar) | "middle" (the middle band) | "random"
+    simignore_start, simignore_step: the published walk over the sorted (image, text) similarity pairs
+                     (7B: start 1 skips the single best pair; 13B: step 2 takes every other pair);
+                     0 and 1 mean "rank each image token by its best similarity"
+    seed:            seed of `random` choices (each sample's choice depends only on seed, task, doc and image)
+    fastv_layer:     K: FastV ranks image tokens by the last prompt token's attention in layer K-1 and
+                     drops the rest for layers >= K
+    fastv_keep:      image tokens FastV keeps per image (int, or fraction of the model's image tokens)
+    fastv_ratio:     R: FastV drops this fraction of the model's image tokens (keeps round((1 - R) * N));
+                     default 0.5 when no FastV budget is given
     """
 
     reduction: str = "none"
     keep: int | float | None = None
     ignore: int | None = None
+    apply: str = "drop"
     similarity: str = "cosine"
     text: str = "options"
-    apply: str = "drop"
+    text_bos: bool = False
+    order: str = "unimportant"
+    simignore_start: int = 0
+    simignore_step: int = 1
+    seed: int = 0
+    fastv_layer: int = 2
+    fastv_keep: int | float | None = None
+    fastv_ratio: float | None = None
 
     def __post_init__(self) -> None:
-        _check_choice("reduction", self.reduction, REDUCTIONS)
+        _check_choice("reduction", self.reduction, PIPELINES)
+        _check_choice("apply", self.apply, APPLY_MODES)
         _check_choice("similarity", self.similarity, SIMILARITIES)
         _check_choice("text", self.text, TEXT_SOURCES)
-        _check_choice("apply", self.apply, APPLY_MODES)
-        if self.reduction == "none":
-            if self.keep is not None or self.ignore is not None:
-                raise ValueError("keep/ignore have no effect with reduction=none; drop them or choose a reduction")
-            return
-        if (self.keep is None) == (self.ignore is None):
+        _check_choice("order", self.order, ORDERS)
+        for name in ("simignore_start", "seed", "fastv_layer", "simignore_step"):
+            value = getattr(self, name)
+            if _is_bool(value) or not isinstance(value, int) or value < (1 if name in ("fastv_layer", "simignore_step") else 0):
+                low = 1 if name in ("fastv_layer", "simignore_step") else 0
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.text_bos, bool):
+            raise ValueError(f"text_bos must be true or false, got {self.text_bos!r}")
+
+        if self.pre_llm is None:
+            if self.keep is not None and self.ignore is not None:
+                raise ValueError(f"give one of keep and ignore, not both (keep={self.keep}, ignore={self.ignore})")
+        elif (self.keep is None) == (self.ignore is None):
             raise ValueError(
-                f"reduction={self.reduction} needs exactly one of keep=N (or a fraction keep=0.25) and ignore=N, "
-                f"got keep={self.keep}, ignore={self.ignore}"
+                f"reduction={self.reduction} needs exactly one of keep=N (or a fraction keep=0.25) and ignore=N "
+                f"for its {self.pre_llm} stage, got keep={self.keep}, ignore={self.ignore}"
             )
-        if self.ignore is not None and (_is_bool(self.ignore) or not _is_whole(self.ignore) or self.ignore < 0):
-            raise ValueError(f"ignore must be a non-negative integer number of image tokens, got {self.ignore!r}")
-        if self.keep is not None:
-            if _is_bool(self.keep) or not isinstance(self.keep, (int, float)) or self.keep < 0:
-                raise ValueError(f"keep must be a non-negative integer count or a fraction in [0, 1], got {self.keep!r}")
-            if isinstance(self.keep, float) and self.keep > 1:
+        if not self.reduces and (self.keep is not None or self.ignore is not None):
+            raise ValueError("keep/ignore have no effect with reduction=none; drop them or choose a reduction")
+        _check_count_or_fraction("keep", self.keep)
+        _check_count("ignore", self.ignore)
+
+        fastv_budgets = {
+            name: value
+            for name, value in (("fastv_keep", self.fastv_keep), ("fastv_ratio", self.fastv_ratio))
+            if value is not None
+        }
+        if not self.fastv and fastv_budgets:
+            raise ValueError(f"{', '.join(fastv_budgets)} only apply to reduction=fastv or <stage>+fastv, not {self.reduction}")
+        if self.fastv and self.pre_llm is None and (self.keep is not None or self.ignore is not None) and fastv_budgets:
+            raise ValueError(
+                f"reduction=fastv got two budgets (keep/ignore and {', '.join(fastv_budgets)}); give one"
+            )
+        if len(fastv_budgets) > 1:
+            raise ValueError(f"give one of fastv_keep and fastv_ratio, not both ({fastv_budgets})")
+        _check_count_or_fraction("fastv_keep", self.fastv_keep)
+        if self.fastv_ratio is not None and (
+            _is_bool(self.fastv_ratio) or not isinstance(self.fastv_ratio, (int, float)) or not 0 <= self.fastv_ratio <= 1
+        ):
+            raise ValueError(f"fastv_ratio must be a fraction in [0, 1] of image tokens to drop, got {self.fastv_ratio!r}")
+
+        if self.apply == "mask" and self.pre_llm is None and self.reduces:
+            raise ValueError(f"apply=mask applies to a pre-LLM stage (simignore, random); reduction={self.reduction} has none")
+        defaults = ReductionSettings.__dataclass_fields__
+        simignore_only = ("similarity", "text", "text_bos", "order", "simignore_start", "simignore_step")
+        if self.pre_llm != "simignore":
+            changed = [name for name in simignore_only if getattr(self, name) != defaults[name].default]
+            if changed:
                 raise ValueError(
-                    f"keep={self.keep} is a float above 1: use an integer for a token count (keep=452) "
-                    f"or a fraction in [0, 1] (keep=0.25)"
+                    f"{', '.join(f'{name}={getattr(self, name)}' for name in changed)} only affect simignore; "
+                    f"reduction={self.reduction} has no simignore stage"
                 )
+
+    # -- the pipeline --------------------------------------------------------------------------------
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return () if self.reduction == "none" else tuple(self.reduction.split("+"))
 
     @property
     def reduces(self) -> bool:
-        return self.reduction != "none"
+        return bool(self.stages)
 
+    @property
+    def pre_llm(self) -> str | None:
+        """The stage that acts before the language model ("simignore" / "random"), if any."""
+        return next((stage for stage in self.stages if stage in PRE_LLM_STAGES), None)
+
+    @property
+    def fastv(self) -> bool:
+        return "fastv" in self.stages
+
+    @property
+    def uses_walk(self) -> bool:
+        """Whether simignore ranks by the published walk over sorted pairs instead of each token's best similarity."""
+        return (self.simignore_start, self.simignore_step) != (0, 1)
+
+    # -- budgets -------------------------------------------------------------------------------------
     def kept_per_image(self, image_tokens: int) -> int:
-        """Image tokens kept per image for a model with `image_tokens` tokens per image."""
-        if not self.reduces:
+        """Image tokens per image the LLM sees before any in-LLM stage (all of them without a pre-LLM stage)."""
+        if self.pre_llm is None:
             return image_tokens
-        if self.ignore is not None:
-            if self.ignore > image_tokens:
-                raise ValueError(f"ignore={self.ignore} exceeds the model's {image_tokens} image tokens per image")
-            return image_tokens - int(self.ignore)
-        if isinstance(self.keep, float):
-            return math.floor(self.keep * image_tokens + 0.5)  # round half up
-        if self.keep > image_tokens:
-            raise ValueError(f"keep={self.keep} exceeds the model's {image_tokens} image tokens per image")
-        return int(self.keep)
+        return _resolve_budget("keep", self.keep, "ignore", self.ignore, image_tokens)
+
+    def fastv_kept_per_image(self, image_tokens: int) -> int:
+        """Image tokens per image FastV keeps for layers >= fastv_layer."""
+        if not self.fastv:
+            raise ValueError(f"reduction={self.reduction} has no fastv stage")
+        if self.fastv_keep is not None:
+            kept = _resolve_budget("fastv_keep", self.fastv_keep, "", None, image_tokens)
+        elif self.pre_llm is None and (self.keep is not None or self.ignore is not None):
+            kept = _resolve_budget("keep", self.keep, "ignore", self.ignore, image_tokens)
+        else:
+            ratio = DEFAULT_FASTV_RATIO if self.fastv_ratio is None else float(self.fastv_ratio)
+            kept = _round_half_up((1 - ratio) * image_tokens)
+        available = self.kept_per_image(image_tokens)
+        if kept > available:
+            raise ValueError(
+                f"fastv keeps {kept} image tokens per image but only {available} of the model's {image_tokens} "
+                f"are left by {self.pre_llm} (keep={self.keep}, ignore={self.ignore}); lower fastv_keep or raise keep"
+            )
+        return kept
+
+    def visible_per_layer(self, image_tokens: int, num_layers: int) -> list[int]:
+        """Image tokens per image visible to each decoder layer (the budget that "N tokens" means, layer by layer)."""
+        before = self.kept_per_image(image_tokens)
+        if not self.fastv:
+            return [before] * num_layers
+        self.check_layers(num_layers)
+        after = self.fastv_kept_per_image(image_tokens)
+        return [before] * self.fastv_layer + [after] * (num_layers - self.fastv_layer)
+
+    def check_layers(self, num_layers: int) -> None:
+        """FastV's layer must leave at least one layer before and after it."""
+        if self.fastv and not 1 <= self.fastv_layer < num_layers:
+            raise ValueError(
+                f"fastv_layer={self.fastv_layer} is outside the language model's layers: it has {num_layers} "
+                f"decoder layers, so fastv_layer must be in [1, {num_layers - 1}]"
+            )
+
+
+def _round_half_up(value: float) -> int:
+    return math.floor(value + 0.5)
+
+
+def _resolve_budget(keep_name: str, keep, ignore_name: str, ignore, image_tokens: int) -> int:
+    if ignore is not None:
+        if ignore > image_tokens:
+            raise ValueError(f"{ignore_name}={ignore} exceeds the model's {image_tokens} image tokens per image")
+        return image_tokens - int(ignore)
+    if isinstance(keep, float):
+        return _round_half_up(keep * image_tokens)
+    if keep > image_tokens:
+        raise ValueError(f"{keep_name}={keep} exceeds the model's {image_tokens} image tokens per image")
+    return int(keep)
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _check_count(name: str, value) -> None:
+    if value is not None and (_is_bool(value) or not _is_whole(value) or value < 0):
+        raise ValueError(f"{name} must be a non-negative integer number of image tokens, got {value!r}")
+
+
+def _check_count_or_fraction(name: str, value) -> None:
+    if value is None:
+        return
+    if _is_bool(value) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer count or a fraction in [0, 1], got {value!r}")
+    if isinstance(value, float) and value > 1:
+        raise ValueError(
+            f"{name}={value} is a float above 1: use an integer for a token count ({name}=452) "
+            f"or a fraction in [0, 1] ({name}=0.25)"
+        )
 
 
 def _is_bool(value: object) -> bool:

@@ -1,5 +1,7 @@
 """The engine on a tiny random LLaVA: equivalences that make reduction trustworthy."""
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
@@ -45,9 +47,12 @@ def last_logits(model, reduced):
         return model.lm_head(hidden[:, -1])
 
 
-def run(model, processor, reduced, use_cache=True, options=GREEDY_8):
+def run(model, processor, reduced, use_cache=True, options=GREEDY_8, **fastv):
     tokenizer = processor.tokenizer
-    return engine.generate(model, reduced, options, [tokenizer.eos_token_id], tokenizer.pad_token_id, use_cache=use_cache)
+    generation = engine.generate(
+        model, reduced, options, [tokenizer.eos_token_id], tokenizer.pad_token_id, use_cache=use_cache, **fastv
+    )
+    return generation.tokens
 
 
 SIMIGNORE_HALF = ReductionSettings(reduction="simignore", keep=12)
@@ -128,14 +133,14 @@ def test_ignored_tokens_stay_invisible_for_the_whole_generation(tiny_model, proc
     assert int(ignored.sum()) == 2 * (25 - 12)
     scrambled_embeds = masked.inputs_embeds.clone()
     scrambled_embeds[ignored] = 50 * torch.randn(int(ignored.sum()), scrambled_embeds.shape[-1])
-    scrambled = engine.ReducedPrompt(scrambled_embeds, masked.attention_mask, masked.position_ids, masked.image_tokens, masked.visible_image_tokens)
+    scrambled = dataclasses.replace(masked, inputs_embeds=scrambled_embeds)
     assert run(tiny_model, processor, scrambled).tolist() == run(tiny_model, processor, masked).tolist()
     torch.testing.assert_close(last_logits(tiny_model, scrambled), last_logits(tiny_model, masked))
 
     visible_image = (masked.attention_mask == 1) & (inputs["input_ids"] == tiny_model.config.image_token_id)
     touched_embeds = masked.inputs_embeds.clone()
     touched_embeds[visible_image] = 50 * torch.randn(int(visible_image.sum()), touched_embeds.shape[-1])
-    touched = engine.ReducedPrompt(touched_embeds, masked.attention_mask, masked.position_ids, masked.image_tokens, masked.visible_image_tokens)
+    touched = dataclasses.replace(masked, inputs_embeds=touched_embeds)
     assert (last_logits(tiny_model, touched) - last_logits(tiny_model, masked)).abs().max() > 1e-3
 
 

@@ -80,8 +80,20 @@ def test_token_accounting_per_sample(testbed, docs):
     model.generate_until(simple_requests(docs))
     records = sorted(model.accounting.records, key=lambda record: record["doc_id"])
     assert [r["image_tokens"] for r in records] == [25] * 5 + [0]
-    assert [r["visible_image_tokens"] for r in records] == [5] * 5 + [0]  # text-only doc passes through
-    assert "25/125 image tokens visible (20.0%)" in model.accounting.summary()
+    assert [r["visible_per_layer"] for r in records] == [[5, 5, 5]] * 5 + [[0, 0, 0]]  # text-only doc passes through
+    assert [r["mean_visible"] for r in records] == [5.0] * 5 + [0.0]
+    assert "visible per layer: layers 0-2: 5; average over layers 5.0 (20.0%)" in model.accounting.summary()
+
+
+def test_token_log_writes_one_line_per_sample(testbed, docs, tmp_path):
+    log = tmp_path / "tokens.jsonl"
+    model = make_model(testbed, docs, reduction="fastv", fastv_layer=1, keep=7, token_log=str(log))
+    model.generate_until(simple_requests(docs))
+    records = sorted((json.loads(line) for line in log.read_text().splitlines()), key=lambda r: r["doc_id"])
+    assert [r["doc_id"] for r in records] == list(range(6))
+    assert records[0]["visible_per_layer"] == [25, 7, 7]
+    assert records[0]["mean_visible"] == pytest.approx(13.0)
+    assert records[-1]["visible_per_layer"] == [0, 0, 0]
 
 
 def test_chat_class_answers_like_the_simple_class_on_the_same_prompt(testbed, docs):
@@ -95,9 +107,14 @@ def test_chat_class_answers_like_the_simple_class_on_the_same_prompt(testbed, do
 def test_options_are_the_default_comparison_text(testbed, docs):
     model = make_model(testbed, docs, reduction="simignore", keep=10)
     request = model._prompt_request(simple_requests(docs)[0].args)
-    assert request.comparison_text == docs[0]["choices"]
+    assert request.comparison_text == " ".join(docs[0]["choices"])
+    lettered = make_model(testbed, docs, reduction="simignore", keep=10, text="options_lettered")
+    choices = docs[0]["choices"]
+    assert lettered._prompt_request(simple_requests(docs)[0].args).comparison_text == (
+        f"Options: (A) {choices[0]} (B) {choices[1]}" + "".join(f" ({'ABCD'[i]}) {c}" for i, c in enumerate(choices) if i > 1)
+    )
     prompt_model = make_model(testbed, docs, reduction="simignore", keep=10, text="prompt")
-    assert prompt_model._prompt_request(simple_requests(docs)[0].args).comparison_text[0].startswith(
+    assert prompt_model._prompt_request(simple_requests(docs)[0].args).comparison_text.startswith(
         scienceqa_utils.doc_to_text(docs[0], PROMPT_KWARGS)[:20].strip()
     )
 
@@ -107,7 +124,7 @@ def test_docs_without_options_fall_back_to_the_prompt(testbed, docs):
     model = make_model(testbed, without_options, reduction="simignore", keep=10)
     args = list(simple_requests(docs)[0].args)
     request = model._prompt_request(tuple(args))
-    assert request.comparison_text == [args[0].strip()]
+    assert request.comparison_text == args[0].strip()
 
 
 def test_stop_strings_cut_the_answer(testbed, docs):

@@ -18,6 +18,8 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
 from lmms_simignore import engine
+from lmms_simignore.presets import resolve_model_args
+from lmms_simignore.reduction import sample_seed
 from lmms_simignore.settings import ReductionSettings
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -36,6 +38,13 @@ VICUNA_TEMPLATE = (
 )
 DTYPES = {"auto": "auto", "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 KNOWN_GEN_KWARGS = {"until", "max_new_tokens", "temperature", "top_p", "num_beams", "do_sample"}
+QUANTIZATIONS = ("none", "nf4")
+MODEL_ARGS = (
+    "pretrained", "revision", "device", "device_map", "dtype", "quantization", "batch_size", "attn_implementation",
+    "use_cache", "chat_template", "max_new_tokens", "seed", "token_log", "reduction", "keep", "ignore", "apply",
+    "similarity", "text", "text_bos", "order", "simignore_start", "simignore_step", "fastv_layer", "fastv_keep",
+    "fastv_ratio",
+)
 
 
 @dataclass
@@ -44,14 +53,14 @@ class PromptRequest:
 
     prompt: str
     images: list
-    comparison_text: list[str]
+    comparison_text: str
     doc_id: int
     task: str
 
 
 @dataclass
 class TokenAccounting:
-    """Image tokens each sample had and how many the LLM could see, in request order."""
+    """Per sample: image tokens in the prompt and how many each decoder layer could see, in request order."""
 
     records: list[dict] = field(default_factory=list)
 
@@ -62,12 +71,31 @@ class TokenAccounting:
         with_images = [r for r in self.records if r["image_tokens"]]
         if not with_images:
             return f"{len(self.records)} samples, none with an image"
-        total = sum(r["image_tokens"] for r in with_images)
-        visible = sum(r["visible_image_tokens"] for r in with_images)
+        total = sum(r["image_tokens"] for r in with_images) / len(with_images)
+        per_layer = [sum(column) / len(with_images) for column in zip(*(r["visible_per_layer"] for r in with_images))]
+        average = sum(per_layer) / len(per_layer)
         return (
-            f"{len(with_images)}/{len(self.records)} samples with images: {visible}/{total} image tokens visible "
-            f"({100 * visible / total:.1f}%), mean {visible / len(with_images):.1f} per sample at every LLM layer"
+            f"{len(with_images)}/{len(self.records)} samples with images, {total:.1f} image tokens per sample; "
+            f"visible per layer: {_layer_runs(per_layer)}; average over layers {average:.1f} ({100 * average / total:.1f}%)"
         )
+
+    def write(self, path: str) -> None:
+        """Write one JSON line per sample (doc_id, task, prompt tokens, image tokens, visible per layer and mean)."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as handle:
+            for record in self.records:
+                handle.write(json.dumps(record) + "\n")
+
+
+def _layer_runs(values: list[float]) -> str:
+    """[452, 452, 144, 144, 144] -> 'layers 0-1: 452, layers 2-4: 144'."""
+    runs, start = [], 0
+    for index in range(1, len(values) + 1):
+        if index == len(values) or values[index] != values[start]:
+            span = f"layer {start}" if index - 1 == start else f"layers {start}-{index - 1}"
+            runs.append(f"{span}: {values[start]:g}")
+            start = index
+    return ", ".join(runs)
 
 
 def _world() -> tuple[int, int, int]:
@@ -82,52 +110,71 @@ def _world() -> tuple[int, int, int]:
 class LlavaSimignore(lmms):
     """lmms-eval "simple" model (prompt = `<image>\\n` + task text in the chat template, like `llava_hf`).
 
-    model_args: pretrained, revision, device, device_map, dtype, batch_size, attn_implementation,
-    use_cache, chat_template, seed, and the reduction settings (`ReductionSettings`): reduction, keep,
-    ignore, similarity, text, apply.
+    model_args: pretrained, revision, device, device_map, dtype, quantization, batch_size,
+    attn_implementation, use_cache, chat_template, max_new_tokens, seed, token_log, preset, and the
+    reduction settings (`ReductionSettings`): reduction, keep, ignore, apply, similarity, text, text_bos,
+    order, simignore_start, simignore_step, fastv_layer, fastv_keep, fastv_ratio.
     """
 
     is_simple = True
 
-    def __init__(
+    def __init__(self, preset: str | None = None, **model_args) -> None:
+        super().__init__()
+        self._setup(**resolve_model_args(preset, model_args))
+        self.preset = preset
+
+    def _setup(
         self,
         pretrained: str = DEFAULT_PRETRAINED,
         revision: str = "main",
         device: str | None = None,
         device_map: str | None = None,
         dtype: str = "auto",
+        quantization: str = "none",
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
         attn_implementation: str | None = None,
         use_cache: bool = True,
         chat_template: str | None = None,
+        max_new_tokens: int | None = None,
         seed: int = 0,
+        token_log: str | None = None,
         reduction: str = "none",
         keep: int | float | None = None,
         ignore: int | None = None,
+        apply: str = "drop",
         similarity: str = "cosine",
         text: str = "options",
-        apply: str = "drop",
+        text_bos: bool = False,
+        order: str = "unimportant",
+        simignore_start: int = 0,
+        simignore_step: int = 1,
+        fastv_layer: int = 2,
+        fastv_keep: int | float | None = None,
+        fastv_ratio: float | None = None,
         **unknown,
     ) -> None:
-        super().__init__()
         if unknown:
-            raise ValueError(
-                f"llava_simignore got unknown model_args {sorted(unknown)}; allowed: pretrained, revision, device, "
-                "device_map, dtype, batch_size, attn_implementation, use_cache, chat_template, seed, reduction, "
-                "keep, ignore, similarity, text, apply"
-            )
+            raise ValueError(f"llava_simignore got unknown model_args {sorted(unknown)}; allowed: preset, {', '.join(MODEL_ARGS)}")
         self.settings = ReductionSettings(
-            reduction=reduction, keep=keep, ignore=ignore, similarity=similarity, text=text, apply=apply
+            reduction=reduction, keep=keep, ignore=ignore, apply=apply, similarity=similarity, text=text,
+            text_bos=text_bos, order=order, simignore_start=simignore_start, simignore_step=simignore_step,
+            seed=seed, fastv_layer=fastv_layer, fastv_keep=fastv_keep, fastv_ratio=fastv_ratio,
         )
         if str(dtype) not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {quantization!r}")
         if str(batch_size) == "auto" or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+            raise ValueError(f"max_new_tokens must be a positive integer (it overrides the task's), got {max_new_tokens!r}")
         self.batch_size_per_gpu = int(batch_size)
         self.use_cache = bool(use_cache)
         self.chat_template = chat_template
+        self.max_new_tokens = max_new_tokens
         self.seed = int(seed)
+        self.token_log = token_log
 
         from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
@@ -138,7 +185,10 @@ class LlavaSimignore(lmms):
                 f"pretrained={pretrained!r} has model_type {config.model_type!r}"
             )
         self.image_tokens_per_image = engine.image_tokens_per_image(config)
+        self.num_layers = config.text_config.num_hidden_layers
+        self.visible_per_layer = self.settings.visible_per_layer(self.image_tokens_per_image, self.num_layers)
         self.kept_per_image = self.settings.kept_per_image(self.image_tokens_per_image)
+        self.fastv_keep = self.settings.fastv_kept_per_image(self.image_tokens_per_image) if self.settings.fastv else 0
 
         self._rank, self._world_size, local_rank = _world()
         if device is None:
@@ -146,6 +196,10 @@ class LlavaSimignore(lmms):
         elif device == "cuda" and self._world_size > 1:
             device = f"cuda:{local_rank}"
         self._device = torch.device(device)
+        load_kwargs = {}
+        if quantization == "nf4":
+            load_kwargs["quantization_config"] = _nf4_config(self._device)
+            device_map = device_map or {"": str(self._device)}
         self._model = LlavaForConditionalGeneration.from_pretrained(
             pretrained,
             revision=revision,
@@ -153,11 +207,14 @@ class LlavaSimignore(lmms):
             attn_implementation=attn_implementation,
             device_map=device_map or None,
             use_safetensors=True,
+            **load_kwargs,
         ).eval()
         if not device_map:
             self._model.to(self._device)
         else:
             self._device = self._model.get_input_embeddings().weight.device
+        if self.settings.fastv:
+            engine.check_in_llm_support(self._model)
         self.processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
         self.processor.tokenizer.padding_side = "left"
         self.pretrained = pretrained
@@ -165,7 +222,7 @@ class LlavaSimignore(lmms):
         self._warned: set[str] = set()
         logger.info(
             f"llava_simignore: {pretrained} on {self._device}, {self.image_tokens_per_image} image tokens per image, "
-            f"{self.settings}, keeping {self.kept_per_image} per image"
+            f"{self.settings}; image tokens visible per layer: {_layer_runs(self.visible_per_layer)}"
         )
 
     # -- lmms-eval plumbing ------------------------------------------------------------------------
@@ -198,19 +255,21 @@ class LlavaSimignore(lmms):
     def _template(self) -> str:
         return self.chat_template or self.tokenizer.chat_template or VICUNA_TEMPLATE
 
-    def _comparison_text(self, doc: dict, user_text: str, task: str) -> list[str]:
+    def _comparison_text(self, doc: dict, user_text: str, task: str) -> str:
         """The text Simignore compares image tokens with: the doc's answer options, or the user prompt."""
-        if self.settings.text == "options":
+        if self.settings.text in ("options", "options_lettered"):
             for key in ("choices", "options"):
                 options = doc.get(key) if isinstance(doc, dict) else None
                 if isinstance(options, (list, tuple)) and options and all(isinstance(o, str) for o in options):
-                    return [str(option) for option in options]
-            if self.settings.reduces:
+                    if self.settings.text == "options":
+                        return " ".join(options)
+                    return "Options: " + " ".join(f"({chr(ord('A') + i)}) {option}" for i, option in enumerate(options))
+            if self.settings.pre_llm == "simignore":
                 self._warn_once(
                     f"no-options:{task}",
                     f"task {task}: docs have no 'choices'/'options' list; Simignore compares with the prompt text instead",
                 )
-        return [user_text]
+        return user_text
 
     def _prompt_request(self, args: tuple) -> PromptRequest:
         """Simple request (context, gen_kwargs, doc_to_visual, doc_id, task, split) -> prompt."""
@@ -252,8 +311,14 @@ class LlavaSimignore(lmms):
                     self.cache_hook.add_partial("generate_until", (arguments[index][0], gen_kwargs), answer)
                 progress.update(len(batch))
         progress.close()
-        logger.info(f"llava_simignore token accounting: {self.accounting.summary()}")
+        self._report_accounting()
         return answers
+
+    def _report_accounting(self) -> None:
+        logger.info(f"llava_simignore token accounting: {self.accounting.summary()}")
+        if self.token_log:
+            path = self.token_log if self.world_size == 1 else f"{self.token_log}.rank{self.rank}"
+            self.accounting.write(path)
 
     def _decoding_options(self, gen_kwargs: dict) -> tuple[engine.DecodingOptions, list[str]]:
         ignored = sorted(set(gen_kwargs) - KNOWN_GEN_KWARGS)
@@ -265,7 +330,7 @@ class LlavaSimignore(lmms):
         until = [until] if isinstance(until, str) else list(until)
         temperature = float(gen_kwargs.get("temperature") or 0)
         options = engine.DecodingOptions(
-            max_new_tokens=int(gen_kwargs.get("max_new_tokens") or 1024),
+            max_new_tokens=self.max_new_tokens or int(gen_kwargs.get("max_new_tokens") or 1024),
             do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else 1.0,
             top_p=gen_kwargs.get("top_p"),
@@ -288,28 +353,38 @@ class LlavaSimignore(lmms):
             self._model, inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values")
         )
         text_embeds = text_mask = None
-        if self.settings.reduces and prompt.image_rows.numel():
-            token_ids = [
-                [token for text in request.comparison_text for token in self.tokenizer(text, add_special_tokens=False).input_ids]
-                for request in batch
-            ]
+        if self.settings.pre_llm == "simignore" and prompt.image_rows.numel():
+            bos = [self.tokenizer.bos_token_id] if self.settings.text_bos and self.tokenizer.bos_token_id is not None else []
+            token_ids = [bos + self.tokenizer(r.comparison_text, add_special_tokens=False).input_ids for r in batch]
             text_embeds, text_mask = engine.embed_texts(self._model, token_ids)
             text_embeds, text_mask = text_embeds[prompt.image_rows], text_mask[prompt.image_rows]
-        kept = engine.choose_kept_image_tokens(self.settings, prompt.image_features, text_embeds, text_mask)
+        seeds = [
+            sample_seed(self.seed, request.task, request.doc_id, index)
+            for request in batch
+            for index in range(len(request.images))
+        ]
+        kept = engine.choose_kept_image_tokens(self.settings, prompt.image_features, text_embeds, text_mask, seeds)
         return engine.reduce_prompt(prompt, kept, self.settings.apply)
+
+    def _fastv_args(self) -> dict:
+        return {"fastv_layer": self.settings.fastv_layer if self.settings.fastv else None, "fastv_keep": self.fastv_keep}
+
+    def _account(self, batch: list[PromptRequest], inputs, visible_per_layer: torch.Tensor, image_tokens: torch.Tensor) -> None:
+        for row, request in enumerate(batch):
+            layers = [int(v) for v in visible_per_layer[row]]
+            self.accounting.add(
+                doc_id=request.doc_id,
+                task=request.task,
+                prompt_tokens=int(inputs["attention_mask"][row].sum()),
+                image_tokens=int(image_tokens[row]),
+                visible_per_layer=layers,
+                mean_visible=sum(layers) / len(layers),
+            )
 
     def _generate_batch(self, batch: list[PromptRequest], gen_kwargs: dict) -> list[str]:
         options, until = self._decoding_options(gen_kwargs)
         inputs = self._encode_batch(batch)
         reduced = self._reduced_prompt(batch, inputs)
-        for row, request in enumerate(batch):
-            self.accounting.add(
-                doc_id=request.doc_id,
-                task=request.task,
-                prompt_tokens=int(inputs["attention_mask"][row].sum()),
-                image_tokens=int(reduced.image_tokens[row]),
-                visible_image_tokens=int(reduced.visible_image_tokens[row]),
-            )
         stopped = None
         if until:
             longest = max(len(stop) for stop in until)
@@ -318,7 +393,7 @@ class LlavaSimignore(lmms):
                 tails = self.tokenizer.batch_decode(generated[:, -(longest + 2) :], skip_special_tokens=True)
                 return torch.tensor([any(stop in tail for stop in until) for tail in tails], device=generated.device)
 
-        tokens = engine.generate(
+        generation = engine.generate(
             self._model,
             reduced,
             options,
@@ -326,9 +401,11 @@ class LlavaSimignore(lmms):
             pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id,
             use_cache=self.use_cache,
             stopped=stopped,
+            **self._fastv_args(),
         )
+        self._account(batch, inputs, generation.visible_image_tokens_per_layer, reduced.image_tokens)
         answers = []
-        for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True):
+        for text in self.tokenizer.batch_decode(generation.tokens, skip_special_tokens=True):
             for stop in until:
                 text = text.split(stop)[0]
             answers.append(text)
@@ -344,23 +421,19 @@ class LlavaSimignore(lmms):
             doc = self.task_dict[task][split][doc_id]
             continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
             request = self._prompt_request((context, {}, doc_to_visual, doc_id, task, split))
-            prompt_ids = self._encode_batch([request])["input_ids"]
+            prompt_length = self._encode_batch([request])["input_ids"].shape[1]
             inputs = self._encode_batch([request], texts=[request.prompt + continuation])
-            num_continuation = inputs["input_ids"].shape[1] - prompt_ids.shape[1]
+            num_continuation = inputs["input_ids"].shape[1] - prompt_length
             if num_continuation < 1:
                 raise ValueError(f"task {task} doc {doc_id}: the continuation {continuation!r} adds no token")
-            reduced = self._reduced_prompt([request], inputs)
-            with torch.inference_mode():
-                hidden = self._model.model.language_model(
-                    inputs_embeds=reduced.inputs_embeds,
-                    attention_mask=reduced.attention_mask,
-                    position_ids=reduced.position_ids,
-                    use_cache=False,
-                ).last_hidden_state  # (1, L', D)
-                logits = self._model.lm_head(hidden[:, -num_continuation - 1 : -1]).float()  # (1, C, V)
-            target = inputs["input_ids"][:, -num_continuation:]  # (1, C)
-            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, target[..., None]).squeeze(-1)
-            results.append((float(logprobs.sum()), bool((logits.argmax(-1) == target).all())))
+            prompt_inputs = {"input_ids": inputs["input_ids"][:, :prompt_length], "attention_mask": inputs["attention_mask"][:, :prompt_length]}
+            if "pixel_values" in inputs:
+                prompt_inputs["pixel_values"] = inputs["pixel_values"]
+            reduced = self._reduced_prompt([request], prompt_inputs)
+            logprobs, greedy = engine.continuation_logprobs(
+                self._model, reduced, inputs["input_ids"][:, prompt_length:], **self._fastv_args()
+            )
+            results.append((float(logprobs.sum()), bool(greedy.all())))
         return results
 
     def generate_until_multi_round(self, requests):
@@ -410,3 +483,25 @@ def _check_images(visuals, task: str, doc_id: int) -> list:
         if not isinstance(visual, Image.Image):
             raise ValueError(f"task {task} doc {doc_id}: llava_simignore takes PIL images, got {type(visual).__name__}")
     return [visual.convert("RGB") for visual in flat]
+
+
+def _nf4_config(device: torch.device):
+    """4-bit nf4 weights for the language model and projector (the vision tower stays in half precision)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise ValueError(
+            f"quantization=nf4 loads 4-bit weights with bitsandbytes, which needs a CUDA GPU; the device is {device}. "
+            "Use quantization=none (with a preset, add it to override the preset's 4-bit loading)"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise ValueError("quantization=nf4 needs bitsandbytes: pip install bitsandbytes") from error
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float16,
+        bnb_4bit_use_double_quant=True,
+        llm_int8_skip_modules=["vision_tower", "lm_head"],
+    )

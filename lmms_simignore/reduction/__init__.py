@@ -1,6 +1,19 @@
 """Token-selection algorithms: small pure functions over batched tensors, one module per method."""
 
-from lmms_simignore.reduction.selection import select_top_k
-from lmms_simignore.reduction.simignore import SIMILARITIES, similarity_scores
+from lmms_simignore.reduction.fastv import fastv_scores
+from lmms_simignore.reduction.random_tokens import random_scores, sample_seed
+from lmms_simignore.reduction.selection import ORDERS, select_by_order, select_top_k
+from lmms_simignore.reduction.simignore import SIMILARITIES, pairwise_similarity, similarity_scores, walk_scores
 
-__all__ = ["SIMILARITIES", "select_top_k", "similarity_scores"]
+__all__ = [
+    "ORDERS",
+    "SIMILARITIES",
+    "fastv_scores",
+    "pairwise_similarity",
+    "random_scores",
+    "sample_seed",
+    "select_by_order",
+    "select_top_k",
+    "similarity_scores",
+    "walk_scores",
+]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+# Which part of a score ranking is *ignored* (the rest is kept).
+ORDERS = ("unimportant", "middle", "important", "random")
+
 
 def select_top_k(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices of the `keep` highest-scoring tokens of each row, in ascending (sequence) order.
@@ -16,5 +19,30 @@ def select_top_k(scores: torch.Tensor, keep: int) -> torch.Tensor:
         raise ValueError(f"scores must be (B, N), got shape {tuple(scores.shape)}")
     if not 0 <= keep <= scores.shape[1]:
         raise ValueError(f"keep must be in [0, {scores.shape[1]}] (tokens per row), got {keep}")
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # (B, N)
-    return torch.sort(order[:, :keep], dim=1).values  # (B, keep)
+    ranking = torch.sort(scores, dim=1, descending=True, stable=True).indices  # (B, N)
+    return torch.sort(ranking[:, :keep], dim=1).values  # (B, keep)
+
+
+def select_by_order(scores: torch.Tensor, keep: int, order: str = "unimportant") -> torch.Tensor:
+    """Keep `keep` tokens per row, ignoring the part of the score ranking that `order` names.
+
+    scores: (B, N), higher = more important.
+    order:  "unimportant": ignore the lowest scores (keep the top `keep`);
+            "important":   ignore the highest scores (keep the bottom `keep`);
+            "middle":      ignore the middle band (keep the top ceil(keep/2) and the bottom floor(keep/2));
+            "random":      `scores` are already random draws: keep their top `keep`.
+    Returns: (B, keep) int64, ascending.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
+    if order in ("unimportant", "random"):
+        return select_top_k(scores, keep)
+    if not 0 <= keep <= scores.shape[1]:
+        raise ValueError(f"keep must be in [0, {scores.shape[1]}] (tokens per row), got {keep}")
+    ranking = torch.sort(scores, dim=1, descending=True, stable=True).indices  # (B, N), best first
+    if order == "important":
+        chosen = ranking[:, ranking.shape[1] - keep :]
+    else:
+        top = (keep + 1) // 2
+        chosen = torch.cat([ranking[:, :top], ranking[:, ranking.shape[1] - (keep - top) :]], dim=1)
+    return torch.sort(chosen, dim=1).values  # (B, keep)
