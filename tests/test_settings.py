@@ -20,6 +20,20 @@ from lmms_simignore.settings import ReductionSettings
         ({"reduction": "simignore", "keep": 1.5}, "float above 1"),
         ({"reduction": "simignore", "keep": True}, "keep must be a non-negative"),
         ({"reduction": "none", "keep": 4}, "no effect with reduction=none"),
+        ({"reduction": "fastv+simignore", "keep": 4}, "reduction must be one of"),  # stages run in pipeline order
+        ({"reduction": "simignore+random", "keep": 4}, "reduction must be one of"),
+        ({"reduction": "random", "keep": 4, "order": "important"}, "order=important only affect simignore"),
+        ({"reduction": "random", "keep": 4, "text": "prompt"}, "text=prompt only affect simignore"),
+        ({"reduction": "simignore", "keep": 4, "order": "sideways"}, "order must be one of"),
+        ({"reduction": "simignore", "keep": 4, "simignore_step": 0}, "simignore_step must be an integer >= 1"),
+        ({"reduction": "simignore", "keep": 4, "fastv_keep": 3}, "only apply to reduction=fastv"),
+        ({"reduction": "fastv", "apply": "mask"}, "apply=mask applies to a pre-LLM stage"),
+        ({"reduction": "fastv", "keep": 100, "fastv_ratio": 0.5}, "two budgets"),
+        ({"reduction": "fastv", "keep": 100, "ignore": 10}, "one of keep and ignore"),
+        ({"reduction": "simignore+fastv", "keep": 400, "fastv_keep": 100, "fastv_ratio": 0.5}, "one of fastv_keep and fastv_ratio"),
+        ({"reduction": "fastv", "fastv_ratio": 1.5}, "fastv_ratio must be a fraction"),
+        ({"reduction": "fastv", "fastv_layer": 0}, "fastv_layer must be an integer >= 1"),
+        ({"reduction": "simignore+fastv", "fastv_keep": 100}, "needs exactly one of keep"),
     ],
 )
 def test_bad_settings_name_the_argument(kwargs, message):
@@ -58,3 +72,40 @@ def test_settings_are_frozen():
     settings = ReductionSettings()
     with pytest.raises(AttributeError):
         settings.reduction = "simignore"
+
+
+@pytest.mark.parametrize(
+    "kwargs, per_layer",
+    [
+        ({}, [576] * 4),
+        ({"reduction": "simignore", "ignore": 124}, [452] * 4),
+        ({"reduction": "fastv"}, [576, 576, 288, 288]),  # K=2, R=50% by default
+        ({"reduction": "fastv", "fastv_layer": 1, "keep": 144}, [576, 144, 144, 144]),
+        ({"reduction": "fastv", "fastv_layer": 3, "ignore": 476}, [576, 576, 576, 100]),
+        ({"reduction": "fastv", "fastv_ratio": 0.75}, [576, 576, 144, 144]),
+        ({"reduction": "simignore+fastv", "ignore": 124, "fastv_layer": 1, "fastv_keep": 144}, [452, 144, 144, 144]),
+        ({"reduction": "random+fastv", "keep": 0.5, "fastv_keep": 0.25}, [288, 288, 144, 144]),
+    ],
+)
+def test_image_tokens_visible_at_every_layer(kwargs, per_layer):
+    assert ReductionSettings(**kwargs).visible_per_layer(576, 4) == per_layer
+
+
+def test_the_pipeline_is_spelled_with_plus():
+    settings = ReductionSettings(reduction="simignore+fastv", keep=452, fastv_keep=144)
+    assert settings.stages == ("simignore", "fastv")
+    assert settings.pre_llm == "simignore" and settings.fastv
+    assert ReductionSettings(reduction="fastv").pre_llm is None
+
+
+def test_fastv_cannot_keep_more_than_the_earlier_stage_left():
+    settings = ReductionSettings(reduction="simignore+fastv", keep=100, fastv_keep=144)
+    with pytest.raises(ValueError, match="fastv keeps 144 image tokens per image but only 100"):
+        settings.visible_per_layer(576, 32)
+
+
+@pytest.mark.parametrize("layer", [32, 40])
+def test_fastv_layer_must_leave_layers_on_both_sides(layer):
+    settings = ReductionSettings(reduction="fastv", fastv_layer=layer)
+    with pytest.raises(ValueError, match=r"fastv_layer must be in \[1, 31\]"):
+        settings.visible_per_layer(576, 32)
