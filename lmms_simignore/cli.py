@@ -1,4 +1,4 @@
-"""`python -m lmms_simignore <command>`: the offline demo, fixtures, and task helpers."""
+"""`python -m lmms_simignore <command>`: the offline demo, sweeps over configs, fixtures, and task helpers."""
 
 from __future__ import annotations
 
@@ -67,7 +67,10 @@ def _parse_pairs(text: str) -> dict:
 def _fixtures(args: argparse.Namespace) -> int:
     from lmms_simignore.fixtures import build_offline_testbed
 
-    paths = build_offline_testbed(args.directory, num_docs=args.num_docs, seed=args.seed)
+    from lmms_simignore.fixtures import PAPER_SHAPED, TinyLlavaShape
+
+    shape = PAPER_SHAPED if args.paper_shaped else TinyLlavaShape()
+    paths = build_offline_testbed(args.directory, num_docs=args.num_docs, seed=args.seed, shape=shape)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -79,6 +82,23 @@ def _make_task(args: argparse.Namespace) -> int:
     if not Path(args.parquet).is_file():
         raise SystemExit(f"--parquet {args.parquet}: no such file")
     print(write_local_task(args.out, args.parquet, task_name=args.name))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from lmms_simignore.sweep import load_config, run_sweep
+
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            raise SystemExit(f"--set {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        overrides[key] = value
+    config = load_config(args.config, overrides=overrides, tasks=args.tasks)
+    include_path = Path(args.include_path).resolve() if args.include_path else None
+    extra = ("--limit", str(args.limit)) if args.limit is not None else ()
+    output = args.output or str(Path("outputs") / config.name)
+    run_sweep(config, output, include_path=include_path, extra_args=extra, dry_run=args.dry_run)
     return 0
 
 
@@ -103,7 +123,20 @@ def main(argv: list[str] | None = None) -> int:
     fixtures.add_argument("directory")
     fixtures.add_argument("--num-docs", type=int, default=12)
     fixtures.add_argument("--seed", type=int, default=0)
+    fixtures.add_argument(
+        "--paper-shaped", action="store_true", help="576 image tokens and 6 decoder layers, so the paper's budgets run as is"
+    )
     fixtures.set_defaults(handler=_fixtures)
+
+    sweep = commands.add_parser("sweep", help="run every row of a config through lmms-eval and print one table")
+    sweep.add_argument("config", help="sweep YAML (see configs/)")
+    sweep.add_argument("--output", help="folder for the rows' outputs, table.md and summary.json (default: outputs/<config name>)")
+    sweep.add_argument("--tasks", help="replace the config's tasks (e.g. a local copy)")
+    sweep.add_argument("--include-path", help="lmms-eval --include_path for task YAMLs outside lmms-eval")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model_arg for every row, over the config's (repeatable)")
+    sweep.add_argument("--limit", type=int, help="lmms-eval --limit: only the first N docs per task")
+    sweep.add_argument("--dry-run", action="store_true", help="print the lmms-eval commands, run nothing")
+    sweep.set_defaults(handler=_sweep)
 
     make_task = commands.add_parser("make-task", help="write a ScienceQA-IMG task YAML that reads a local parquet file")
     make_task.add_argument("--parquet", required=True, help="ScienceQA-IMG test split as parquet (image, question, choices, answer, hint, ...)")

@@ -57,6 +57,11 @@ class TinyLlavaShape:
         return (self.image_size // self.patch_size) ** 2
 
 
+# LLaVA-1.5's token geometry at toy width: 48 px images in 2 px patches give 576 image tokens, and 6 decoder
+# layers leave room for FastV at layer 5, so the paper's budgets (ignore 124, keep 144 at layer 5) run as is.
+PAPER_SHAPED = TinyLlavaShape(image_size=48, patch_size=2, vision_hidden=16, text_hidden=32, text_layers=6)
+
+
 def _corpus() -> list[str]:
     """Text the tiny tokenizer is trained on: the prompt vocabulary of the fixtures and ScienceQA."""
     lines = [SYSTEM_PROMPT, "USER: ASSISTANT:", "Answer with the option's letter from the given choices directly."]
@@ -129,7 +134,7 @@ def build_tiny_llava(output_dir: str | Path, seed: int = 0, shape: TinyLlavaShap
         num_hidden_layers=shape.text_layers,
         num_attention_heads=shape.heads,
         num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=512,
+        max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -253,10 +258,12 @@ def write_local_task(task_dir: str | Path, parquet_path: str | Path, task_name: 
     return yaml_path
 
 
-def build_offline_testbed(root: str | Path, num_docs: int = 12, seed: int = 0) -> dict[str, Path]:
+def build_offline_testbed(
+    root: str | Path, num_docs: int = 12, seed: int = 0, shape: TinyLlavaShape = TinyLlavaShape()
+) -> dict[str, Path]:
     """Model, data and task YAML for an offline run under `root`; returns their paths."""
     root = Path(root)
-    model_dir = build_tiny_llava(root / "tiny-llava", seed=seed)
+    model_dir = build_tiny_llava(root / "tiny-llava", seed=seed, shape=shape)
     parquet = write_scienceqa_like_parquet(root / "data" / "scienceqa_img_local.parquet", num_docs=num_docs, seed=seed)
     task_yaml = write_local_task(root / "tasks", parquet)
     return {"model": model_dir, "data": parquet, "tasks": task_yaml.parent}

@@ -30,12 +30,15 @@ class EvalRun:
     launcher: tuple[str, ...] = ()
 
     def command(self) -> list[str]:
-        """The exact command line (a launcher such as torchrun goes in front of `-m lmms_eval`)."""
+        """The exact command line (a launcher such as torchrun goes in front of `-m lmms_eval`).
+
+        `{run_dir}` in model_args becomes this run's output folder (e.g. for `token_log={run_dir}/tokens.jsonl`).
+        """
         base = list(self.launcher) if self.launcher else [sys.executable]
         command = base + [
             "-m", "lmms_eval",
             "--model", self.model,
-            "--model_args", self.model_args,
+            "--model_args", self.model_args.replace("{run_dir}", str(self.output_dir)),
             "--tasks", self.tasks,
             "--batch_size", str(self.batch_size),
             "--output_path", str(self.output_dir / "lmms_eval"),

@@ -1,0 +1,181 @@
+"""Run a declarative config (rows of model_args) through the real lmms-eval CLI and tabulate the rows.
+
+A config is YAML:
+
+    name: attribution
+    model: llava_simignore          # lmms-eval --model
+    tasks: scienceqa_img            # lmms-eval --tasks (comma-separated for several)
+    batch_size: 1
+    model_args:                     # shared by every row
+      pretrained: llava-hf/llava-1.5-7b-hf
+    rows:                           # one lmms-eval run each
+      - name: baseline
+        model_args: {reduction: none}
+      - name: simignore_mask
+        model_args: {reduction: simignore, ignore: 124, apply: mask}
+
+Each row writes into its own folder under the output directory, atomically (see `runs.run_lmms_eval`):
+a finished row is skipped when the sweep is run again, a half-written one is redone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from lmms_simignore.runs import EvalRun, read_samples, run_lmms_eval
+
+ROW_DIR = "{run_dir}"  # replaced by the row's (scratch) output folder when the command is built
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    name: str
+    model_args: dict
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    name: str
+    model: str
+    tasks: str
+    batch_size: int
+    model_args: dict
+    rows: tuple[SweepRow, ...]
+    overrides: dict  # applied on top of every row (command-line --set)
+
+
+def load_config(path: str | Path, overrides: dict | None = None, tasks: str | None = None) -> SweepConfig:
+    """Read a sweep YAML; `overrides` replace model_args in every row (e.g. a local `pretrained`), `tasks` the tasks."""
+    path = Path(path)
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or not data["rows"]:
+        raise ValueError(f"{path}: a sweep config needs a non-empty `rows:` list")
+    unknown = set(data) - {"name", "description", "model", "tasks", "batch_size", "model_args", "rows"}
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: name, description, model, tasks, batch_size, model_args, rows")
+    rows, seen = [], set()
+    for index, row in enumerate(data["rows"]):
+        if not isinstance(row, dict) or "name" not in row:
+            raise ValueError(f"{path}: row {index} needs a `name:`")
+        if row["name"] in seen:
+            raise ValueError(f"{path}: row name {row['name']!r} appears twice")
+        seen.add(row["name"])
+        rows.append(SweepRow(str(row["name"]), dict(row.get("model_args") or {})))
+    if not (tasks or data.get("tasks")):
+        raise ValueError(f"{path}: give `tasks:` in the config or --tasks")
+    return SweepConfig(
+        name=str(data.get("name", path.stem)),
+        model=str(data.get("model", "llava_simignore")),
+        tasks=str(tasks or data["tasks"]),
+        batch_size=int(data.get("batch_size", 1)),
+        model_args=dict(data.get("model_args") or {}),
+        rows=tuple(rows),
+        overrides=dict(overrides or {}),
+    )
+
+
+def format_model_args(model_args: dict) -> str:
+    """{'reduction': 'simignore', 'keep': 0.5} -> 'reduction=simignore,keep=0.5' (lmms-eval's --model_args)."""
+    parts = []
+    for key, value in model_args.items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        if "," in text or "=" in text:
+            raise ValueError(f"model_args {key}={text!r}: lmms-eval's --model_args cannot hold ',' or '=' in a value")
+        parts.append(f"{key}={text}")
+    return ",".join(parts)
+
+
+def row_runs(config: SweepConfig, output_dir: Path, include_path: Path | None = None, extra_args: tuple[str, ...] = ()) -> list[EvalRun]:
+    """One lmms-eval run per row; every row logs its per-sample token accounting into its folder."""
+    runs = []
+    for row in config.rows:
+        model_args = {**config.model_args, **row.model_args, **config.overrides, "token_log": f"{ROW_DIR}/tokens.jsonl"}
+        runs.append(
+            EvalRun(
+                name=row.name,
+                model=config.model,
+                model_args=format_model_args(model_args),
+                tasks=config.tasks,
+                output_dir=output_dir / row.name,
+                include_path=include_path,
+                batch_size=config.batch_size,
+                extra_args=extra_args,
+            )
+        )
+    return runs
+
+
+def main_metric(task_results: dict) -> tuple[str, float]:
+    """The first numeric metric lmms-eval reports for a task (e.g. 'exact_match,none')."""
+    for key, value in task_results.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in key and key != "alias":
+            return key, float(value)
+    raise ValueError(f"no metric in task results {sorted(task_results)}")
+
+
+def summarize_row(run: EvalRun, results: dict) -> dict:
+    """Accuracy per task, image tokens per layer and their mean, and the answers (for agreement counts)."""
+    tokens = [json.loads(line) for path in sorted(run.output_dir.glob("tokens.jsonl*")) for line in path.read_text().splitlines() if line]
+    with_images = [t for t in tokens if t["image_tokens"]]
+    per_layer = [sum(column) / len(with_images) for column in zip(*(t["visible_per_layer"] for t in with_images))] if with_images else []
+    tasks = run.tasks.split(",")
+    return {
+        "name": run.name,
+        "model_args": run.model_args,
+        "metrics": {task: main_metric(results["results"][task]) for task in tasks},
+        "image_tokens": sum(t["image_tokens"] for t in with_images) / len(with_images) if with_images else 0,
+        "visible_per_layer": per_layer,
+        "mean_visible": sum(per_layer) / len(per_layer) if per_layer else 0.0,
+        "answers": {task: [sample["filtered_resps"] for sample in read_samples(run.output_dir, task)] for task in tasks},
+    }
+
+
+def markdown_table(summaries: list[dict]) -> str:
+    """One line per row: metric per task, image tokens per layer, mean over layers, answers equal to the first row."""
+    from lmms_simignore.models.llava_simignore import _layer_runs
+
+    tasks = list(summaries[0]["metrics"])
+    header = ["row"] + [f"{task} {summaries[0]['metrics'][task][0].split(',')[0]}" for task in tasks]
+    header += ["image tokens per layer", "mean visible", "answers = first row"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    reference = summaries[0]["answers"]
+    for summary in summaries:
+        same = sum(a == b for task in tasks for a, b in zip(summary["answers"][task], reference[task]))
+        total = sum(len(reference[task]) for task in tasks)
+        cells = [summary["name"]] + [f"{summary['metrics'][task][1]:.4f}" for task in tasks]
+        per_layer = _layer_runs([round(v, 1) for v in summary["visible_per_layer"]]) if summary["visible_per_layer"] else "-"
+        cells += [per_layer, f"{summary['mean_visible']:.1f} / {summary['image_tokens']:.0f}", f"{same}/{total}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_sweep(
+    config: SweepConfig,
+    output_dir: str | Path,
+    include_path: Path | None = None,
+    extra_args: tuple[str, ...] = (),
+    dry_run: bool = False,
+    echo=print,
+) -> list[dict]:
+    """Run every row (skipping finished ones), write table.md and summary.json, return the row summaries."""
+    output_dir = Path(output_dir).resolve()
+    runs = row_runs(config, output_dir, include_path, extra_args)
+    if dry_run:
+        for run in runs:
+            echo(" ".join(run.command()))
+        return []
+    summaries = []
+    for index, run in enumerate(runs, start=1):
+        state = "done, reading" if (run.output_dir / "command.json").exists() else "running"
+        echo(f"[{index}/{len(runs)}] {run.name}: {state} ({run.model_args})")
+        results = run_lmms_eval(run)
+        summaries.append(summarize_row(run, results))
+    table = markdown_table(summaries)
+    (output_dir / "table.md").write_text(f"# {config.name}\n\n{table}\n")
+    (output_dir / "summary.json").write_text(json.dumps(summaries, indent=2))
+    echo(f"\n{table}\n\nrows, logs and per-sample outputs: {output_dir}")
+    return summaries
