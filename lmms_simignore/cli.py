@@ -6,62 +6,44 @@ import argparse
 import sys
 from pathlib import Path
 
-DEMO_RUNS = (
-    ("none", "reduction=none"),
-    ("simignore drop keep 50%", "reduction=simignore,keep=0.5,apply=drop"),
-    ("simignore mask keep 50%", "reduction=simignore,keep=0.5,apply=mask"),
-    ("simignore drop keep 20%", "reduction=simignore,keep=0.2,apply=drop"),
+# The offline demo's rows: every method at a budget the tiny testbed (25 image tokens, 3 layers) allows.
+DEMO_ROWS = (
+    ("none", {"reduction": "none"}),
+    ("simignore_drop_50", {"reduction": "simignore", "keep": 0.5, "apply": "drop"}),
+    ("simignore_mask_50", {"reduction": "simignore", "keep": 0.5, "apply": "mask"}),
+    ("simignore_drop_20", {"reduction": "simignore", "keep": 0.2, "apply": "drop"}),
+    ("random_50", {"reduction": "random", "keep": 0.5}),
+    ("fastv_k1_50", {"reduction": "fastv", "fastv_layer": 1, "fastv_ratio": 0.5}),
+    ("simignore_fastv", {"reduction": "simignore+fastv", "keep": 0.8, "apply": "mask", "fastv_layer": 1, "fastv_keep": 0.2}),
 )
 
 
 def _demo(args: argparse.Namespace) -> int:
     from lmms_simignore.fixtures import build_offline_testbed
-    from lmms_simignore.runs import EvalRun, read_samples, run_lmms_eval
+    from lmms_simignore.sweep import SweepConfig, SweepRow, run_sweep
 
     workdir = Path(args.workdir).resolve()
     testbed = workdir / "testbed"
     if not (testbed / "tiny-llava" / "model.safetensors").exists() or not (testbed / "tasks").exists():
         print(f"building the offline testbed (tiny random LLaVA + ScienceQA-IMG-shaped data) in {testbed}")
         build_offline_testbed(testbed, num_docs=args.num_docs)
-    task = "scienceqa_img_local"
-    rows = []
-    for index, (name, reduction_args) in enumerate(DEMO_RUNS, start=1):
-        print(f"[{index}/{len(DEMO_RUNS)}] lmms-eval --model llava_simignore ({name}) ...", flush=True)
-        run = EvalRun(
-            name=name,
-            model_args=f"pretrained={testbed / 'tiny-llava'},{reduction_args}",
-            tasks=task,
-            include_path=testbed / "tasks",
-            output_dir=workdir / "runs" / name.replace(" ", "_").replace("%", "pct"),
-            batch_size=args.batch_size,
-        )
-        results = run_lmms_eval(run)
-        samples = read_samples(run.output_dir, task)
-        rows.append((name, results["results"][task]["exact_match,none"], [s["filtered_resps"] for s in samples]))
-
-    from lmms_simignore.settings import ReductionSettings
-
-    baseline_answers = rows[0][2]
-    tokens_per_image = 25  # the tiny testbed: 30 px images in 6 px patches
-    print(f"\nOffline demo: {task}, {len(baseline_answers)} docs ({len(baseline_answers) - 1} with an image)")
-    print("The embedded model has random weights: it does not write answer letters, so exact_match is 0;")
-    print("the table shows the pipeline end to end (a trained testbed model replaces it later).\n")
-    print("| run | image tokens visible / image | exact_match | answers equal to none |")
-    print("|---|---:|---:|---:|")
-    for (name, accuracy, answers), (_, reduction_args) in zip(rows, DEMO_RUNS):
-        settings = ReductionSettings(**_parse_pairs(reduction_args))
-        same = sum(a == b for a, b in zip(answers, baseline_answers))
-        visible = settings.kept_per_image(tokens_per_image)
-        print(f"| {name} | {visible}/{tokens_per_image} | {accuracy:.3f} | {same}/{len(answers)} |")
-    mask_vs_drop = sum(a == b for a, b in zip(rows[1][2], rows[2][2]))
-    print(f"\nmask vs drop at keep 50%: {mask_vs_drop}/{len(baseline_answers)} identical answers (they must all agree)")
-    print(f"\nlmms-eval outputs (results JSON, per-sample JSONL, logs): {workdir / 'runs'}")
+    config = SweepConfig(
+        name="offline demo",
+        model="llava_simignore",
+        tasks="scienceqa_img_local",
+        batch_size=args.batch_size,
+        model_args={"pretrained": str(testbed / "tiny-llava")},
+        rows=tuple(SweepRow(name, model_args) for name, model_args in DEMO_ROWS),
+        overrides={},
+    )
+    print(f"Offline demo: {config.tasks}, {args.num_docs} docs (the last one without an image), {len(DEMO_ROWS)} lmms-eval runs")
+    summaries = run_sweep(config, workdir / "runs", include_path=testbed / "tasks", echo=lambda line: print(line, flush=True))
+    answers = {summary["name"]: summary["answers"] for summary in summaries}
+    same = sum(a == b for a, b in zip(answers["simignore_mask_50"][config.tasks], answers["simignore_drop_50"][config.tasks]))
+    print("\nThe embedded model has random weights: it does not write answer letters, so exact_match is 0;")
+    print("the table shows every method end to end (a trained testbed model replaces it later).")
+    print(f"mask vs drop at keep 50%: {same}/{args.num_docs} identical answers (they must all agree)")
     return 0
-
-
-def _parse_pairs(text: str) -> dict:
-    pairs = dict(item.split("=", 1) for item in text.split(","))
-    return {key: float(value) if key == "keep" else value for key, value in pairs.items()}
 
 
 def _fixtures(args: argparse.Namespace) -> int:
@@ -113,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmms_simignore", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="offline: build the tiny testbed, run lmms-eval for none vs simignore, print a table")
+    demo = commands.add_parser("demo", help="offline: build the tiny testbed, run lmms-eval for every reduction method, print a table")
     demo.add_argument("--workdir", default="outputs/demo", help="where the testbed and lmms-eval outputs go (default: %(default)s)")
     demo.add_argument("--num-docs", type=int, default=24, help="docs in the local ScienceQA-IMG-shaped split (default: %(default)s)")
     demo.add_argument("--batch-size", type=int, default=4, help="lmms-eval --batch_size (default: %(default)s)")

@@ -94,12 +94,14 @@ def test_offline_demo_prints_a_results_table(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     lines = completed.stdout.splitlines()
     table = [line for line in lines if line.startswith("| ")]
-    assert table[0].startswith("| run | image tokens visible / image | exact_match |")
-    assert [row.split("|")[1].strip() for row in table[1:]] == [
-        "none", "simignore drop keep 50%", "simignore mask keep 50%", "simignore drop keep 20%"
-    ]
-    assert table[1].split("|")[2].strip() == "25/25" and table[4].split("|")[2].strip() == "5/25"
+    assert table[0] == "| row | scienceqa_img_local exact_match | image tokens per layer | mean visible | answers = first row |"
+    rows = {row.split("|")[1].strip(): [cell.strip() for cell in row.split("|")[2:-1]] for row in table[1:]}
+    assert list(rows) == ["none", "simignore_drop_50", "simignore_mask_50", "simignore_drop_20", "random_50", "fastv_k1_50", "simignore_fastv"]
+    assert rows["none"][1:] == ["layers 0-2: 25", "25.0 / 25", "6/6"]
+    assert rows["simignore_drop_20"][1:3] == ["layers 0-2: 5", "5.0 / 25"]
+    assert rows["fastv_k1_50"][1:3] == ["layer 0: 25, layers 1-2: 13", "17.0 / 25"]
+    assert rows["simignore_fastv"][1:3] == ["layer 0: 20, layers 1-2: 5", "10.0 / 25"]
     assert "mask vs drop at keep 50%: 6/6 identical answers" in completed.stdout
     results = sorted(tmp_path.joinpath("runs").rglob("*_results.json"))
-    assert len(results) == 4
+    assert len(results) == 7
     assert all(json.loads(path.read_text())["n-samples"][TASK]["effective"] == 6 for path in results)

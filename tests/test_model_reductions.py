@@ -131,3 +131,31 @@ def test_bad_combinations_fail_before_loading_weights(testbed, tmp_path, model_a
     (tmp_path / "config.json").write_text((testbed["model"] / "config.json").read_text())
     with pytest.raises(ValueError, match=message):
         LlavaSimignore(pretrained=str(tmp_path), **model_args)
+
+
+def test_published_7b_text_and_walk_choose_what_the_pure_functions_say(testbed, docs):
+    """text_bos prepends BOS to the option text; simignore_start=1 walks the sorted pairs from the second."""
+    from lmms_simignore import engine
+    from lmms_simignore.reduction import pairwise_similarity, select_top_k, walk_scores
+
+    model = make_model(testbed, docs, reduction="simignore", keep=10, text_bos=True, simignore_start=1)
+    request = model._prompt_request(simple_requests(docs)[0].args)
+    inputs = model._encode_batch([request])
+    prompt = engine.build_prompt_embeddings(model.model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
+    ids = [model.tokenizer.bos_token_id] + model.tokenizer(" ".join(docs[0]["choices"]), add_special_tokens=False).input_ids
+    text, mask = engine.embed_texts(model.model, [ids])
+    expected = select_top_k(walk_scores(pairwise_similarity(prompt.image_features, text, mask), 1, 1), 10)
+    expected_positions = prompt.position_ids[0, prompt.image_positions[0, expected[0]]].tolist()
+    assert kept_positions(model, docs) == expected_positions
+    plain = make_model(testbed, docs, reduction="simignore", keep=10)
+    assert kept_positions(plain, docs) != expected_positions  # control: the quirks change the choice here
+
+
+def test_paper_13b_preset_runs_with_lettered_options_and_step_two(testbed, docs):
+    model = make_model(
+        testbed, docs, preset="simignore_paper_13b", quantization="none", dtype="float32", keep=20, fastv_keep=5, fastv_layer=2
+    )
+    assert (model.settings.text, model.settings.simignore_step, model.settings.text_bos) == ("options_lettered", 2, False)
+    assert model._prompt_request(simple_requests(docs)[0].args).comparison_text.startswith("Options: (A) ")
+    assert len(model.generate_until(simple_requests(docs))) == len(docs)
+    assert model.accounting.records[0]["visible_per_layer"] in ([20, 20, 5], [0, 0, 0])
