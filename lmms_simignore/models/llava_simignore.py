@@ -19,6 +19,7 @@ from lmms_eval.api.model import lmms
 
 from lmms_simignore import engine
 from lmms_simignore.presets import resolve_model_args
+from lmms_simignore.quantization import nf4_quantization_config
 from lmms_simignore.reduction import sample_seed
 from lmms_simignore.settings import ReductionSettings
 
@@ -198,7 +199,7 @@ class LlavaSimignore(lmms):
         self._device = torch.device(device)
         load_kwargs = {}
         if quantization == "nf4":
-            load_kwargs["quantization_config"] = _nf4_config(self._device)
+            load_kwargs["quantization_config"] = nf4_quantization_config(self._device)
             device_map = device_map or {"": str(self._device)}
         self._model = LlavaForConditionalGeneration.from_pretrained(
             pretrained,
@@ -484,24 +485,3 @@ def _check_images(visuals, task: str, doc_id: int) -> list:
             raise ValueError(f"task {task} doc {doc_id}: llava_simignore takes PIL images, got {type(visual).__name__}")
     return [visual.convert("RGB") for visual in flat]
 
-
-def _nf4_config(device: torch.device):
-    """4-bit nf4 weights for the language model and projector (the vision tower stays in half precision)."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        raise ValueError(
-            f"quantization=nf4 loads 4-bit weights with bitsandbytes, which needs a CUDA GPU; the device is {device}. "
-            "Use quantization=none (with a preset, add it to override the preset's 4-bit loading)"
-        )
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as error:
-        raise ValueError("quantization=nf4 needs bitsandbytes: pip install bitsandbytes") from error
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.float16,
-        bnb_4bit_use_double_quant=True,
-        llm_int8_skip_modules=["vision_tower", "lm_head"],
-    )
