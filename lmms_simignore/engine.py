@@ -6,8 +6,10 @@ A prompt travels like this:
   ->  `reduce_prompt`: a selection method picks the image tokens to keep, per image; the others are
   either masked (`apply="mask"`, attention mask 0, sequence unchanged) or dropped (`apply="drop"`,
   removed from the sequence) -- in both cases every kept token keeps its *original* position id
-  ->  `generate`: prefill + KV-cache decoding. The reduced prompt is what sits in the cache, so the
-  ignored tokens stay invisible for the whole generation, not just the prefill.
+  ->  `LanguageModelRun` (used by `generate` and `continuation_logprobs`): our loop over the decoder
+  layers. With FastV at layer K it ranks the image tokens by layer K-1's attention row of the last
+  prompt token and drops the rest for layers >= K. The reduced prompt is what sits in the KV cache, so
+  ignored and pruned tokens stay invisible for the whole generation, not just the prefill.
 """
 
 from __future__ import annotations
@@ -268,7 +270,7 @@ def _next_tokens(logits: torch.Tensor, options: DecodingOptions, generator: torc
 
 
 def last_token_attention(layer, hidden_states: torch.Tensor, position_embeddings, key_visible: torch.Tensor) -> torch.Tensor:
-    """Softmax attention of each row's last position in `layer`'s self-attention, averaged nowhere yet.
+    """Softmax attention of each row's last position over all columns, per head, in `layer`'s self-attention.
 
     Recomputed from the layer's own norm, query/key projections and rotary embedding, so the result does
     not depend on the attention backend (eager, sdpa, flash) the model runs with.
