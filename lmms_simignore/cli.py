@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -84,6 +85,15 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_shapes(args: argparse.Namespace) -> int:
+    from lmms_simignore.train_shapes import train
+
+    summary = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+                    eval_every=args.eval_every, mix=tuple(args.mix.split(",")), log=lambda line: print(line, flush=True))
+    print(json.dumps(summary["held_out"], indent=2))
+    return 0
+
+
 def _tasks_dir(args: argparse.Namespace) -> int:
     from lmms_simignore.tasks_dir import tasks_dir
 
@@ -125,6 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     make_task.add_argument("--name", default="scienceqa_img_local", help="task name; must differ from built-in tasks")
     make_task.add_argument("--out", required=True, help="folder for the YAML; pass it to lmms-eval --include_path")
     make_task.set_defaults(handler=_make_task)
+
+    training = commands.add_parser("train-shapes", help="train the small shapes LLaVA from scratch")
+    training.add_argument("--out", required=True, help="folder for weights, processor and training.json")
+    training.add_argument("--steps", type=int, default=6000)
+    training.add_argument("--batch-size", type=int, default=128)
+    training.add_argument("--lr", type=float, default=1e-3)
+    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    training.add_argument("--eval-every", type=int, default=500)
+    training.add_argument("--mix", default="colour,shape,exists,count,spatial", help="question types of the training batches, in turn (repeat one to weight it)")
+    training.set_defaults(handler=_train_shapes)
 
     tasks = commands.add_parser("tasks-dir", help="print the folder of shipped task YAMLs (for --include_path)")
     tasks.set_defaults(handler=_tasks_dir)

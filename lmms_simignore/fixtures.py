@@ -71,8 +71,9 @@ def _corpus() -> list[str]:
     return lines * 4
 
 
-def build_tokenizer(vocab_size: int = 400):
-    """A byte-level BPE tokenizer with Llama-style specials (`<s>` prepended) and an `<image>` token."""
+def build_tokenizer(vocab_size: int = 400, corpus: list[str] | None = None):
+    """A byte-level BPE tokenizer with Llama-style specials (`<s>` prepended) and an `<image>` token,
+    trained on `corpus` (default: the fixtures' prompt vocabulary)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -83,7 +84,7 @@ def build_tokenizer(vocab_size: int = 400):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    backend.train_from_iterator(_corpus(), trainer=trainer)
+    backend.train_from_iterator(corpus if corpus is not None else _corpus(), trainer=trainer)
     backend.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", backend.token_to_id("<s>"))]
     )

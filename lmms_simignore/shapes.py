@@ -1,0 +1,144 @@
+"""Synthetic shapes benchmark: flat 2-D objects on a white page, multiple-choice questions about them.
+
+After "Seeing Beyond Redundancy" (Hannan et al., arXiv 2602.06914): the number and variety of objects
+set the visual complexity. Everything is a deterministic function of a seed. The page is a GRID x GRID
+board of cells, one object at most per cell, so with the model's patch size equal to the cell size each
+object lands in exactly one image token. Options are listed in a fixed (canonical) order per question
+type and answered with the option's letter, in the ScienceQA-IMG prompt format.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+COLOURS = ("red", "green", "blue", "yellow")
+SHAPES = ("circle", "square", "triangle")
+YES_NO = ("yes", "no")
+MAX_OBJECTS = 6
+COUNTS = tuple(str(count) for count in range(1, MAX_OBJECTS + 1))
+QUESTION_TYPES = ("colour", "shape", "exists", "count", "spatial")
+OPTIONS = {"colour": COLOURS, "shape": SHAPES, "exists": YES_NO, "count": COUNTS, "spatial": YES_NO}
+FEWEST_OBJECTS = {"spatial": 2}  # a relation needs two objects
+
+GRID = 4  # cells per side
+CELL = 16  # pixels per cell
+IMAGE_SIZE = GRID * CELL
+RGB = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 70, 220), "yellow": (235, 200, 30)}
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    colour: str
+    shape: str
+    row: int
+    column: int
+    large: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+def random_scene(rng: random.Random, num_objects: int) -> list[ShapeObject]:
+    """`num_objects` objects in distinct cells, each with a random colour, shape and size."""
+    cells = rng.sample(range(GRID * GRID), num_objects)
+    return [
+        ShapeObject(rng.choice(COLOURS), rng.choice(SHAPES), cell // GRID, cell % GRID, rng.random() < 0.5)
+        for cell in cells
+    ]
+
+
+def draw_scene(objects: list[ShapeObject]):
+    """RGB PIL image of the scene, IMAGE_SIZE pixels square."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for obj in objects:
+        half = 7 if obj.large else 5
+        cx, cy = obj.column * CELL + CELL // 2, obj.row * CELL + CELL // 2
+        box = (cx - half, cy - half, cx + half - 1, cy + half - 1)
+        if obj.shape == "circle":
+            draw.ellipse(box, fill=RGB[obj.colour])
+        elif obj.shape == "square":
+            draw.rectangle(box, fill=RGB[obj.colour])
+        else:
+            draw.polygon([(box[0], box[3]), (cx, box[1]), (box[2], box[3])], fill=RGB[obj.colour])
+    return image
+
+
+def _unique(objects: list[ShapeObject], key) -> list[ShapeObject]:
+    values = [key(obj) for obj in objects]
+    return [obj for obj in objects if values.count(key(obj)) == 1]
+
+
+def ask(rng: random.Random, objects: list[ShapeObject], question_type: str) -> tuple[str, str] | None:
+    """(question, answer option) of `question_type` about the scene, or None when the scene cannot support it."""
+    if question_type == "colour":
+        candidates = _unique(objects, lambda obj: obj.shape)
+        if not candidates:
+            return None
+        target = rng.choice(candidates)
+        return f"What colour is the {target.shape}?", target.colour
+    if question_type == "shape":
+        candidates = _unique(objects, lambda obj: obj.colour)
+        if not candidates:
+            return None
+        target = rng.choice(candidates)
+        return f"What shape is the {target.colour} object?", target.shape
+    if question_type == "exists":
+        present = {obj.name for obj in objects}
+        if rng.random() < 0.5:
+            return f"Is there a {rng.choice(sorted(present))}?", "yes"
+        absent = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in present]
+        return f"Is there a {rng.choice(absent)}?", "no"
+    if question_type == "count":
+        return "How many objects are there?", str(len(objects))
+    if question_type == "spatial":
+        candidates = _unique(objects, lambda obj: obj.name)
+        pairs = [(a, b) for a in candidates for b in candidates if a.column != b.column]
+        if not pairs:
+            return None
+        first, second = rng.choice(pairs)
+        return f"Is the {first.name} left of the {second.name}?", "yes" if first.column < second.column else "no"
+    raise ValueError(f"question_type must be one of {', '.join(QUESTION_TYPES)}; got {question_type!r}")
+
+
+def shapes_records(num_questions: int, seed: int, max_objects: int = MAX_OBJECTS, min_objects: int = 1,
+                   question_types: tuple[str, ...] = QUESTION_TYPES, draw: bool = True) -> list[dict]:
+    """`num_questions` records cycling through the question types, with ScienceQA-IMG columns plus
+    `question_type` and `num_objects` (1..max_objects, uniform). Same seed, same records.
+    """
+    if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, got {min_objects}, {max_objects}")
+    for question_type in question_types:
+        if question_type not in QUESTION_TYPES:
+            raise ValueError(f"question types must be among {', '.join(QUESTION_TYPES)}; got {question_type!r}")
+    rng = random.Random(seed)
+    records, attempts = [], 0
+    while len(records) < num_questions:
+        attempts += 1
+        if attempts > 100 * num_questions + 1000:
+            raise RuntimeError(f"could not draw {num_questions} questions of types {question_types} with {min_objects}-{max_objects} objects")
+        question_type = question_types[len(records) % len(question_types)]
+        fewest = max(min_objects, FEWEST_OBJECTS.get(question_type, 1))
+        objects = random_scene(rng, rng.randint(fewest, max(fewest, max_objects)))
+        asked = ask(rng, objects, question_type)
+        if asked is None:
+            continue
+        question, answer = asked
+        options = list(OPTIONS[question_type])
+        records.append(
+            {
+                "image": draw_scene(objects) if draw else None,
+                "question": question,
+                "choices": options,
+                "answer": options.index(answer),
+                "hint": "",
+                "question_type": question_type,
+                "num_objects": len(objects),
+                "objects": [obj.__dict__ for obj in objects],
+            }
+        )
+    return records

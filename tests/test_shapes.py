@@ -1,0 +1,99 @@
+"""The shapes benchmark generator, and the small LLaVA trained on it that ships with the package."""
+
+from pathlib import Path
+
+import pytest
+
+from lmms_simignore import shapes
+
+SHIPPED_MODEL = Path(shapes.__file__).parent / "testbed" / "shapes-llava"
+
+
+def test_same_seed_same_questions_and_pixels():
+    first, again = shapes.shapes_records(30, seed=5), shapes.shapes_records(30, seed=5)
+    assert [r["question"] for r in first] == [r["question"] for r in again]
+    assert all(a["image"].tobytes() == b["image"].tobytes() for a, b in zip(first, again))
+    assert [r["question"] for r in shapes.shapes_records(30, seed=6)] != [r["question"] for r in first]
+
+
+def test_question_types_come_in_turn_with_their_fixed_options():
+    records = shapes.shapes_records(10, seed=0)
+    assert [r["question_type"] for r in records] == list(shapes.QUESTION_TYPES) * 2
+    for record in records:
+        assert record["choices"] == list(shapes.OPTIONS[record["question_type"]])
+        assert 0 <= record["answer"] < len(record["choices"])
+        assert record["image"].size == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
+
+
+def test_answers_follow_from_the_scene():
+    for record in shapes.shapes_records(200, seed=1):
+        objects = [shapes.ShapeObject(**obj) for obj in record["objects"]]
+        answer = record["choices"][record["answer"]]
+        question = record["question"]
+        assert record["num_objects"] == len(objects)
+        if record["question_type"] == "count":
+            assert answer == str(len(objects))
+        elif record["question_type"] == "colour":
+            shape = question.removeprefix("What colour is the ").removesuffix("?")
+            assert [obj.colour for obj in objects if obj.shape == shape] == [answer]
+        elif record["question_type"] == "shape":
+            colour = question.removeprefix("What shape is the ").removesuffix(" object?")
+            assert [obj.shape for obj in objects if obj.colour == colour] == [answer]
+        elif record["question_type"] == "exists":
+            name = question.removeprefix("Is there a ").removesuffix("?")
+            assert (answer == "yes") == any(obj.name == name for obj in objects)
+        else:
+            first, second = question.removeprefix("Is the ").removesuffix("?").split(" left of the ")
+            a, b = (next(obj for obj in objects if obj.name == name) for name in (first, second))
+            assert (answer == "yes") == (a.column < b.column)
+
+
+def test_objects_are_drawn_in_their_cell():
+    record = shapes.shapes_records(1, seed=3, min_objects=1, max_objects=1, question_types=("colour",))[0]
+    obj = shapes.ShapeObject(**record["objects"][0])
+    centre = (obj.column * shapes.CELL + shapes.CELL // 2, obj.row * shapes.CELL + shapes.CELL // 2)
+    assert record["image"].getpixel(centre) == shapes.RGB[obj.colour]
+    assert record["image"].getpixel(((obj.column * shapes.CELL + 8 + shapes.CELL) % shapes.IMAGE_SIZE, 0)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"max_objects": 7}, "max_objects"), ({"question_types": ("size",)}, "question types")])
+def test_bad_generator_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        shapes.shapes_records(3, seed=0, **kwargs)
+
+
+def test_the_shipped_model_answers_well_above_chance_on_held_out_questions():
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from lmms_simignore.train_shapes import evaluate
+
+    model = LlavaForConditionalGeneration.from_pretrained(SHIPPED_MODEL).eval()
+    processor = AutoProcessor.from_pretrained(SHIPPED_MODEL)
+    report = evaluate(model, processor, shapes.shapes_records(250, seed=10_000), "cpu", batch_size=125)
+    assert report["overall"] >= 2 * report["chance"]["overall"]
+    for question_type in ("colour", "shape", "exists", "count"):
+        assert report["per_type"][question_type] >= 0.9, question_type
+
+
+def test_training_puts_the_loss_on_the_answer_letter_and_the_end_token_only():
+    from lmms_simignore.train_shapes import build_shapes_llava, encode
+
+    _, processor = build_shapes_llava()
+    records = shapes.shapes_records(4, seed=2)
+    batch = encode(processor, records, with_answers=True)
+    for row, record in enumerate(records):
+        labelled = batch["input_ids"][row][batch["labels"][row] != -100]
+        assert processor.tokenizer.convert_ids_to_tokens(labelled) == ["ABCDEF"[record["answer"]], "</s>"]
+    assert (batch["attention_mask"][:, -1] == 1).all()  # left padding: every row ends with its answer
+
+
+def test_a_short_training_run_writes_a_loadable_model_and_its_record(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from lmms_simignore.train_shapes import train
+
+    summary = train(tmp_path, steps=2, batch_size=4, eval_every=1, held_out_size=10, log=lambda line: None)
+    assert [entry["step"] for entry in summary["history"]] == [1, 2]
+    assert set(summary["held_out"]["per_type"]) == set(shapes.QUESTION_TYPES)
+    assert (tmp_path / "training.json").exists() and (tmp_path / "model.safetensors").exists()
+    LlavaForConditionalGeneration.from_pretrained(tmp_path)
