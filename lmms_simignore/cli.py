@@ -85,6 +85,13 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shapes_task(args: argparse.Namespace) -> int:
+    from lmms_simignore.shapes import write_shapes_task
+
+    print(write_shapes_task(args.out, num_questions=args.num_questions, seed=args.seed, task_name=args.name))
+    return 0
+
+
 def _train_shapes(args: argparse.Namespace) -> int:
     from lmms_simignore.train_shapes import train
 
@@ -135,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     make_task.add_argument("--name", default="scienceqa_img_local", help="task name; must differ from built-in tasks")
     make_task.add_argument("--out", required=True, help="folder for the YAML; pass it to lmms-eval --include_path")
     make_task.set_defaults(handler=_make_task)
+
+    shapes_task = commands.add_parser("shapes-task", help="generate a shapes benchmark split and its lmms-eval task YAML")
+    shapes_task.add_argument("--out", required=True, help="folder for the data and the YAML; pass it to lmms-eval --include_path")
+    shapes_task.add_argument("--num-questions", type=int, default=500)
+    shapes_task.add_argument("--seed", type=int, default=1, help="generator seed (the shipped model was trained on fresh seeds, held out 10000)")
+    shapes_task.add_argument("--name", default="shapes_local", help="task name for --tasks")
+    shapes_task.set_defaults(handler=_shapes_task)
 
     training = commands.add_parser("train-shapes", help="train the small shapes LLaVA from scratch")
     training.add_argument("--out", required=True, help="folder for weights, processor and training.json")

@@ -242,15 +242,18 @@ def write_scienceqa_like_parquet(path: str | Path, num_docs: int = 12, seed: int
     return path
 
 
-def write_local_task(task_dir: str | Path, parquet_path: str | Path, task_name: str = "scienceqa_img_local") -> Path:
-    """Write an lmms-eval task YAML named `task_name` that reads `parquet_path` with the shipped ScienceQA-IMG recipe."""
+def write_local_task(
+    task_dir: str | Path, parquet_path: str | Path, task_name: str = "scienceqa_img_local",
+    template: str = "_scienceqa_img_template.yaml",
+) -> Path:
+    """Write an lmms-eval task YAML named `task_name` that reads `parquet_path` with a shipped recipe (`template`)."""
     from lmms_simignore.tasks_dir import tasks_dir
 
     task_dir = Path(task_dir)
     task_dir.mkdir(parents=True, exist_ok=True)
     yaml_path = task_dir / f"{task_name}.yaml"
     config = {
-        "include": str(tasks_dir() / "_scienceqa_img_template.yaml"),
+        "include": str(tasks_dir() / template),
         "task": task_name,
         "dataset_path": "parquet",
         "dataset_kwargs": {"data_files": {"test": str(Path(parquet_path).resolve())}},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
@@ -142,3 +143,31 @@ def shapes_records(num_questions: int, seed: int, max_objects: int = MAX_OBJECTS
             }
         )
     return records
+
+
+def write_shapes_task(out_dir: str | Path, num_questions: int = 500, seed: int = 1, task_name: str = "shapes_local",
+                      max_objects: int = MAX_OBJECTS) -> Path:
+    """Generate a split as parquet under `out_dir/data` and a task YAML `out_dir/{task_name}.yaml`; returns the YAML.
+
+    Pass `out_dir` to lmms-eval's --include_path and `task_name` to --tasks.
+    """
+    import json
+
+    from datasets import Dataset, Features, Image, Sequence, Value
+
+    from lmms_simignore.fixtures import write_local_task
+
+    out_dir = Path(out_dir)
+    records = shapes_records(num_questions, seed=seed, max_objects=max_objects)
+    for record in records:
+        record["objects"] = json.dumps(record["objects"])
+    features = Features(
+        {
+            "image": Image(), "question": Value("string"), "choices": Sequence(Value("string")), "answer": Value("int64"),
+            "hint": Value("string"), "question_type": Value("string"), "num_objects": Value("int64"), "objects": Value("string"),
+        }
+    )
+    parquet = out_dir / "data" / f"{task_name}_seed{seed}_n{num_questions}.parquet"
+    parquet.parent.mkdir(parents=True, exist_ok=True)
+    Dataset.from_list(records, features=features).to_parquet(str(parquet))
+    return write_local_task(out_dir, parquet, task_name=task_name, template="_shapes_template.yaml")

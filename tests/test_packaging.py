@@ -26,6 +26,13 @@ def test_wheel_ships_the_task_yamls_inside_the_package(wheel):
     for task_file in ROOT.joinpath("tasks").glob("*.yaml"):
         assert f"lmms_simignore/tasks/{task_file.name}" in names
     assert "lmms_simignore/tasks/scienceqa_utils.py" in names
+    assert "lmms_simignore/tasks/shapes_utils.py" in names
+
+
+def test_wheel_ships_the_trained_testbed_model(wheel):
+    names = set(wheel.namelist())
+    for model_file in ROOT.joinpath("lmms_simignore", "testbed", "shapes-llava").iterdir():
+        assert f"lmms_simignore/testbed/shapes-llava/{model_file.name}" in names
 
 
 def test_wheel_registers_the_lmms_eval_model(wheel):

@@ -97,3 +97,50 @@ def test_a_short_training_run_writes_a_loadable_model_and_its_record(tmp_path):
     assert set(summary["held_out"]["per_type"]) == set(shapes.QUESTION_TYPES)
     assert (tmp_path / "training.json").exists() and (tmp_path / "model.safetensors").exists()
     LlavaForConditionalGeneration.from_pretrained(tmp_path)
+
+
+# -- the lmms-eval task ----------------------------------------------------------------------------------
+
+
+def test_scoring_breaks_accuracy_down_by_type_and_object_count():
+    import importlib
+
+    utils = importlib.import_module("lmms_simignore.tasks.shapes_utils")
+    doc = {"choices": list(shapes.COLOURS), "answer": 2, "question_type": "colour", "num_objects": 3}
+    assert utils.process_results(doc, ["C"]) == {"exact_match": 1.0, "acc_colour": 1.0, "acc_objects_3": 1.0}
+    assert utils.process_results(doc, ["blue"]) == {"exact_match": 0.0, "acc_colour": 0.0, "acc_objects_3": 0.0}
+
+
+@pytest.fixture(scope="module")
+def shapes_task_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("shapes_task")
+    shapes.write_shapes_task(directory, num_questions=40, seed=1)
+    return directory
+
+
+def test_lmms_eval_loads_the_generated_shapes_task_offline(shapes_task_dir):
+    from lmms_eval.tasks import TaskManager, get_task_dict
+
+    from lmms_simignore.tasks_dir import tasks_dir
+
+    manager = TaskManager("INFO", include_path=[str(tasks_dir()), str(shapes_task_dir)], include_defaults=False)
+    assert "shapes_local" in manager.all_tasks
+    task = get_task_dict(["shapes_local"], manager)["shapes_local"]
+    docs = list(task.test_docs())
+    expected = shapes.shapes_records(40, seed=1)
+    assert [d["question"] for d in docs] == [r["question"] for r in expected]
+    assert docs[0]["image"].tobytes() == expected[0]["image"].tobytes()  # PNG round trip is lossless
+    assert task.doc_to_text(docs[0]).startswith(f"{expected[0]['question']}\nA. red\nB. green")
+
+
+def test_shipped_model_through_lmms_eval_reports_accuracy_per_type(shapes_task_dir, tmp_path):
+    from lmms_simignore.runs import EvalRun, read_samples, run_lmms_eval
+
+    run = EvalRun(
+        name="shapes", model_args=f"pretrained={SHIPPED_MODEL},reduction=none", tasks="shapes_local",
+        include_path=shapes_task_dir, output_dir=tmp_path / "shapes", batch_size=8,
+    )
+    results = run_lmms_eval(run, timeout=600)["results"]["shapes_local"]
+    assert {f"acc_{t},none" for t in shapes.QUESTION_TYPES} <= set(results)
+    assert results["exact_match,none"] >= 0.8
+    assert len(read_samples(run.output_dir, "shapes_local")) == 40
