@@ -171,8 +171,9 @@ def choose_kept_image_tokens(
     return select_by_order(scores, keep, "random" if random_choice else settings.order)
 
 
-def _pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pack the True columns of each row: (B, L) bool -> source columns (B, L') and mask (B, L').
+def _pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pack the True columns of each row: (B, L) bool -> source columns (B, L'), mask (B, L') and
+    target (B, L), the output column of every input column (meaningful where `keep`).
 
     L' is the longest row's count; shorter rows get left padding (source column 0, mask 0).
     """
@@ -184,7 +185,7 @@ def _pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     source[rows, target[rows, columns]] = columns
     mask = torch.zeros(keep.shape[0], new_length, dtype=torch.long, device=keep.device)
     mask[rows, target[rows, columns]] = 1
-    return source, mask
+    return source, mask, target
 
 
 def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str) -> ReducedPrompt:
@@ -220,11 +221,9 @@ def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str) -> R
             image_columns=prompt.image_positions,
             image_visible=kept_flags,
         )
-    source, mask = _pack(visible)  # (B, L'), (B, L')
+    source, mask, target = _pack(visible)  # (B, L'), (B, L'), (B, L)
     rows = torch.arange(batch_size, device=device)[:, None]  # (B, 1)
-    new_column = torch.full_like(prompt.attention_mask, -1, dtype=torch.long)  # (B, L) column after packing
-    new_column[rows.expand_as(source)[mask.bool()], source[mask.bool()]] = mask.nonzero(as_tuple=True)[1]
-    image_columns = new_column[prompt.image_rows[:, None], prompt.image_positions.gather(1, kept)]  # (I, K)
+    image_columns = target[prompt.image_rows[:, None], prompt.image_positions.gather(1, kept)]  # (I, K)
     return ReducedPrompt(
         inputs_embeds=prompt.inputs_embeds[rows, source] * mask[..., None].to(prompt.inputs_embeds.dtype),
         attention_mask=mask.to(prompt.attention_mask.dtype),
@@ -343,11 +342,6 @@ class LanguageModelRun:
         self.kept_columns: torch.Tensor | None = None  # (B, L2) prompt columns layers >= K see
         self.mask_high: torch.Tensor | None = None  # (B, L2 + t)
         self.prompt_length = prompt.inputs_embeds.shape[1]
-        images_per_row = torch.bincount(prompt.image_rows, minlength=prompt.attention_mask.shape[0])  # (B,)
-        high = images_per_row * fastv_keep if fastv_layer is not None else prompt.visible_image_tokens
-        self.visible_image_tokens_per_layer = torch.stack(  # (B, n_layers)
-            [prompt.visible_image_tokens] * self.split + [high] * (num_layers - self.split), dim=1
-        )
 
     @torch.inference_mode()
     def prefill(self) -> torch.Tensor:
@@ -419,17 +413,8 @@ class LanguageModelRun:
         keep = visible.clone()
         keep[prompt.image_rows[:, None].expand_as(prompt.image_columns), prompt.image_columns] = False
         keep[prompt.image_rows[:, None].expand_as(chosen), prompt.image_columns.gather(1, chosen)] = True
-        self.kept_columns, self.mask_high = _pack(keep)
-        self.mask_high = self.mask_high.to(prompt.attention_mask.dtype)
-
-
-@dataclass
-class Generation:
-    """tokens: (B, T) new token ids (`pad_token_id` after a row ended);
-    visible_image_tokens_per_layer: (B, n_layers) image tokens each decoder layer could see."""
-
-    tokens: torch.Tensor
-    visible_image_tokens_per_layer: torch.Tensor
+        self.kept_columns, mask_high, _ = _pack(keep)
+        self.mask_high = mask_high.to(prompt.attention_mask.dtype)
 
 
 @torch.inference_mode()
@@ -443,8 +428,9 @@ def generate(
     stopped: Callable[[torch.Tensor], torch.Tensor] | None = None,
     fastv_layer: int | None = None,
     fastv_keep: int = 0,
-) -> Generation:
-    """Generate after a reduced prompt, optionally with FastV pruning at `fastv_layer`.
+) -> torch.Tensor:
+    """Generate after a reduced prompt, optionally with FastV pruning at `fastv_layer`; (B, T) new token ids,
+    `pad_token_id` after a row ended.
 
     With `use_cache` the prompt is encoded once and each step feeds one token at position
     (last position + 1); without it the whole sequence is recomputed every step (same result, slower).
@@ -467,7 +453,7 @@ def generate(
         if finished.all() or len(generated) == options.max_new_tokens:
             break
         logits = run.feed(tokens[:, None])[:, -1]
-    return Generation(torch.stack(generated, dim=1), run.visible_image_tokens_per_layer)
+    return torch.stack(generated, dim=1)
 
 
 @torch.inference_mode()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from lmms_simignore.accounting import TokenAccounting, layer_runs
 from lmms_simignore.runs import EvalRun, read_samples, run_lmms_eval
 
 ROW_DIR = "{run_dir}"  # replaced by the row's (scratch) output folder when the command is built
@@ -119,15 +120,14 @@ def main_metric(task_results: dict) -> tuple[str, float]:
 
 def summarize_row(run: EvalRun, results: dict) -> dict:
     """Accuracy per task, image tokens per layer and their mean, and the answers (for agreement counts)."""
-    tokens = [json.loads(line) for path in sorted(run.output_dir.glob("tokens.jsonl*")) for line in path.read_text().splitlines() if line]
-    with_images = [t for t in tokens if t["image_tokens"]]
-    per_layer = [sum(column) / len(with_images) for column in zip(*(t["visible_per_layer"] for t in with_images))] if with_images else []
+    accounting = TokenAccounting.read(sorted(run.output_dir.glob("tokens.jsonl*")))
+    per_layer = accounting.visible_per_layer()
     tasks = run.tasks.split(",")
     return {
         "name": run.name,
         "model_args": run.model_args,
         "metrics": {task: main_metric(results["results"][task]) for task in tasks},
-        "image_tokens": sum(t["image_tokens"] for t in with_images) / len(with_images) if with_images else 0,
+        "image_tokens": accounting.image_tokens_per_sample(),
         "visible_per_layer": per_layer,
         "mean_visible": sum(per_layer) / len(per_layer) if per_layer else 0.0,
         "answers": {task: [sample["filtered_resps"] for sample in read_samples(run.output_dir, task)] for task in tasks},
@@ -136,8 +136,6 @@ def summarize_row(run: EvalRun, results: dict) -> dict:
 
 def markdown_table(summaries: list[dict]) -> str:
     """One line per row: metric per task, image tokens per layer, mean over layers, answers equal to the first row."""
-    from lmms_simignore.models.llava_simignore import _layer_runs
-
     tasks = list(summaries[0]["metrics"])
     header = ["row"] + [f"{task} {summaries[0]['metrics'][task][0].split(',')[0]}" for task in tasks]
     header += ["image tokens per layer", "mean visible", "answers = first row"]
@@ -147,7 +145,7 @@ def markdown_table(summaries: list[dict]) -> str:
         same = sum(a == b for task in tasks for a, b in zip(summary["answers"][task], reference[task]))
         total = sum(len(reference[task]) for task in tasks)
         cells = [summary["name"]] + [f"{summary['metrics'][task][1]:.4f}" for task in tasks]
-        per_layer = _layer_runs([round(v, 1) for v in summary["visible_per_layer"]]) if summary["visible_per_layer"] else "-"
+        per_layer = layer_runs([round(v, 1) for v in summary["visible_per_layer"]]) if summary["visible_per_layer"] else "-"
         cells += [per_layer, f"{summary['mean_visible']:.1f} / {summary['image_tokens']:.0f}", f"{same}/{total}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

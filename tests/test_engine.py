@@ -49,10 +49,9 @@ def last_logits(model, reduced):
 
 def run(model, processor, reduced, use_cache=True, options=GREEDY_8, **fastv):
     tokenizer = processor.tokenizer
-    generation = engine.generate(
+    return engine.generate(
         model, reduced, options, [tokenizer.eos_token_id], tokenizer.pad_token_id, use_cache=use_cache, **fastv
     )
-    return generation.tokens
 
 
 SIMIGNORE_HALF = ReductionSettings(reduction="simignore", keep=12)

@@ -167,7 +167,7 @@ def test_stacked_mask_and_drop_give_the_same_answers(tiny_model, processor, padd
 def test_continuation_logprobs_match_step_by_step_generation(tiny_model, padded_batch):
     inputs, _ = padded_batch
     reduced = unreduced(tiny_model, inputs)
-    greedy = engine.generate(tiny_model, reduced, GREEDY_8, [-1], 0, fastv_layer=1, fastv_keep=6).tokens  # no eos
+    greedy = engine.generate(tiny_model, reduced, GREEDY_8, [-1], 0, fastv_layer=1, fastv_keep=6)  # no eos
     logprobs, is_greedy = engine.continuation_logprobs(tiny_model, reduced, greedy, fastv_layer=1, fastv_keep=6)
     assert logprobs.shape == greedy.shape and bool(is_greedy.all())
     assert bool((logprobs <= 0).all())

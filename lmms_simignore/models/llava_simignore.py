@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from loguru import logger
@@ -18,6 +18,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
 from lmms_simignore import engine
+from lmms_simignore.accounting import TokenAccounting, layer_runs
 from lmms_simignore.presets import resolve_model_args
 from lmms_simignore.quantization import nf4_quantization_config
 from lmms_simignore.reduction import sample_seed
@@ -57,46 +58,6 @@ class PromptRequest:
     comparison_text: str
     doc_id: int
     task: str
-
-
-@dataclass
-class TokenAccounting:
-    """Per sample: image tokens in the prompt and how many each decoder layer could see, in request order."""
-
-    records: list[dict] = field(default_factory=list)
-
-    def add(self, **record) -> None:
-        self.records.append(record)
-
-    def summary(self) -> str:
-        with_images = [r for r in self.records if r["image_tokens"]]
-        if not with_images:
-            return f"{len(self.records)} samples, none with an image"
-        total = sum(r["image_tokens"] for r in with_images) / len(with_images)
-        per_layer = [sum(column) / len(with_images) for column in zip(*(r["visible_per_layer"] for r in with_images))]
-        average = sum(per_layer) / len(per_layer)
-        return (
-            f"{len(with_images)}/{len(self.records)} samples with images, {total:.1f} image tokens per sample; "
-            f"visible per layer: {_layer_runs(per_layer)}; average over layers {average:.1f} ({100 * average / total:.1f}%)"
-        )
-
-    def write(self, path: str) -> None:
-        """Write one JSON line per sample (doc_id, task, prompt tokens, image tokens, visible per layer and mean)."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as handle:
-            for record in self.records:
-                handle.write(json.dumps(record) + "\n")
-
-
-def _layer_runs(values: list[float]) -> str:
-    """[452, 452, 144, 144, 144] -> 'layers 0-1: 452, layers 2-4: 144'."""
-    runs, start = [], 0
-    for index in range(1, len(values) + 1):
-        if index == len(values) or values[index] != values[start]:
-            span = f"layer {start}" if index - 1 == start else f"layers {start}-{index - 1}"
-            runs.append(f"{span}: {values[start]:g}")
-            start = index
-    return ", ".join(runs)
 
 
 def _world() -> tuple[int, int, int]:
@@ -223,7 +184,7 @@ class LlavaSimignore(lmms):
         self._warned: set[str] = set()
         logger.info(
             f"llava_simignore: {pretrained} on {self._device}, {self.image_tokens_per_image} image tokens per image, "
-            f"{self.settings}; image tokens visible per layer: {_layer_runs(self.visible_per_layer)}"
+            f"{self.settings}; image tokens visible per layer: {layer_runs(self.visible_per_layer)}"
         )
 
     # -- lmms-eval plumbing ------------------------------------------------------------------------
@@ -370,9 +331,11 @@ class LlavaSimignore(lmms):
     def _fastv_args(self) -> dict:
         return {"fastv_layer": self.settings.fastv_layer if self.settings.fastv else None, "fastv_keep": self.fastv_keep}
 
-    def _account(self, batch: list[PromptRequest], inputs, visible_per_layer: torch.Tensor, image_tokens: torch.Tensor) -> None:
+    def _account(self, batch: list[PromptRequest], inputs, image_tokens: torch.Tensor) -> None:
+        """Record each sample's image tokens and, per layer, its images times the per-image budget of that layer."""
         for row, request in enumerate(batch):
-            layers = [int(v) for v in visible_per_layer[row]]
+            images = int(image_tokens[row]) // self.image_tokens_per_image
+            layers = [images * per_image for per_image in self.visible_per_layer]
             self.accounting.add(
                 doc_id=request.doc_id,
                 task=request.task,
@@ -394,7 +357,7 @@ class LlavaSimignore(lmms):
                 tails = self.tokenizer.batch_decode(generated[:, -(longest + 2) :], skip_special_tokens=True)
                 return torch.tensor([any(stop in tail for stop in until) for tail in tails], device=generated.device)
 
-        generation = engine.generate(
+        tokens = engine.generate(
             self._model,
             reduced,
             options,
@@ -404,9 +367,9 @@ class LlavaSimignore(lmms):
             stopped=stopped,
             **self._fastv_args(),
         )
-        self._account(batch, inputs, generation.visible_image_tokens_per_layer, reduced.image_tokens)
+        self._account(batch, inputs, reduced.image_tokens)
         answers = []
-        for text in self.tokenizer.batch_decode(generation.tokens, skip_special_tokens=True):
+        for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True):
             for stop in until:
                 text = text.split(stop)[0]
             answers.append(text)
