@@ -95,7 +95,10 @@ def _shapes_task(args: argparse.Namespace) -> int:
 def _train_shapes(args: argparse.Namespace) -> int:
     from lmms_simignore.train_shapes import train
 
-    summary = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    summary = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device,
                     eval_every=args.eval_every, mix=tuple(args.mix.split(",")), log=lambda line: print(line, flush=True))
     print(json.dumps(summary["held_out"], indent=2))
     return 0
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     training.add_argument("--batch-size", type=int, default=128)
     training.add_argument("--lr", type=float, default=1e-3)
     training.add_argument("--seed", type=int, default=0)
-    training.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    training.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     training.add_argument("--eval-every", type=int, default=500)
     training.add_argument("--mix", default="colour,shape,exists,count,spatial", help="question types of the training batches, in turn (repeat one to weight it)")
     training.set_defaults(handler=_train_shapes)

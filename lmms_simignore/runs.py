@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+RUN_DIR = "{run_dir}"  # in model_args: replaced by the run's output folder when the command is built
+
+
 @dataclass(frozen=True)
 class EvalRun:
     """One lmms-eval invocation: model, model_args, tasks, where to write."""
@@ -38,7 +41,7 @@ class EvalRun:
         command = base + [
             "-m", "lmms_eval",
             "--model", self.model,
-            "--model_args", self.model_args.replace("{run_dir}", str(self.output_dir)),
+            "--model_args", self.model_args.replace(RUN_DIR, str(self.output_dir)),
             "--tasks", self.tasks,
             "--batch_size", str(self.batch_size),
             "--output_path", str(self.output_dir / "lmms_eval"),

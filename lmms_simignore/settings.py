@@ -71,10 +71,9 @@ class ReductionSettings:
         _check_choice("similarity", self.similarity, SIMILARITIES)
         _check_choice("text", self.text, TEXT_SOURCES)
         _check_choice("order", self.order, ORDERS)
-        for name in ("simignore_start", "seed", "fastv_layer", "simignore_step"):
+        for name, low in (("simignore_start", 0), ("simignore_step", 1), ("seed", 0), ("fastv_layer", 1)):
             value = getattr(self, name)
-            if _is_bool(value) or not isinstance(value, int) or value < (1 if name in ("fastv_layer", "simignore_step") else 0):
-                low = 1 if name in ("fastv_layer", "simignore_step") else 0
+            if _is_bool(value) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if not isinstance(self.text_bos, bool):
             raise ValueError(f"text_bos must be true or false, got {self.text_bos!r}")

@@ -21,6 +21,8 @@ COUNTS = tuple(str(count) for count in range(1, MAX_OBJECTS + 1))
 QUESTION_TYPES = ("colour", "shape", "exists", "count", "spatial")
 OPTIONS = {"colour": COLOURS, "shape": SHAPES, "exists": YES_NO, "count": COUNTS, "spatial": YES_NO}
 FEWEST_OBJECTS = {"spatial": 2}  # a relation needs two objects
+# asked attribute -> (the attribute that names the object, question template)
+ATTRIBUTE_QUESTIONS = {"colour": ("shape", "What colour is the {}?"), "shape": ("colour", "What shape is the {} object?")}
 
 GRID = 4  # cells per side
 CELL = 16  # pixels per cell
@@ -76,18 +78,13 @@ def _unique(objects: list[ShapeObject], key) -> list[ShapeObject]:
 
 def ask(rng: random.Random, objects: list[ShapeObject], question_type: str) -> tuple[str, str] | None:
     """(question, answer option) of `question_type` about the scene, or None when the scene cannot support it."""
-    if question_type == "colour":
-        candidates = _unique(objects, lambda obj: obj.shape)
+    if question_type in ATTRIBUTE_QUESTIONS:  # name an object by one attribute, ask for the other
+        known, template = ATTRIBUTE_QUESTIONS[question_type]
+        candidates = _unique(objects, lambda obj: getattr(obj, known))
         if not candidates:
             return None
         target = rng.choice(candidates)
-        return f"What colour is the {target.shape}?", target.colour
-    if question_type == "shape":
-        candidates = _unique(objects, lambda obj: obj.colour)
-        if not candidates:
-            return None
-        target = rng.choice(candidates)
-        return f"What shape is the {target.colour} object?", target.shape
+        return template.format(getattr(target, known)), getattr(target, question_type)
     if question_type == "exists":
         present = {obj.name for obj in objects}
         if rng.random() < 0.5:

@@ -27,9 +27,7 @@ from pathlib import Path
 import yaml
 
 from lmms_simignore.accounting import TokenAccounting, layer_runs
-from lmms_simignore.runs import EvalRun, read_samples, run_lmms_eval
-
-ROW_DIR = "{run_dir}"  # replaced by the row's (scratch) output folder when the command is built
+from lmms_simignore.runs import RUN_DIR, EvalRun, read_samples, run_lmms_eval
 
 
 @dataclass(frozen=True)
@@ -94,7 +92,7 @@ def row_runs(config: SweepConfig, output_dir: Path, include_path: Path | None = 
     """One lmms-eval run per row; every row logs its per-sample token accounting into its folder."""
     runs = []
     for row in config.rows:
-        model_args = {**config.model_args, **row.model_args, **config.overrides, "token_log": f"{ROW_DIR}/tokens.jsonl"}
+        model_args = {**config.model_args, **row.model_args, **config.overrides, "token_log": f"{RUN_DIR}/tokens.jsonl"}
         runs.append(
             EvalRun(
                 name=row.name,

@@ -90,12 +90,11 @@ def encode(processor, records: list[dict], with_answers: bool) -> dict:
         return processor(images=[r["image"] for r in records], text=prompts, return_tensors="pt", padding=True)
     answers = [f"{chr(ord('A') + r['answer'])}{tokenizer.eos_token}" for r in records]
     batch = processor(images=[r["image"] for r in records], text=[p + a for p, a in zip(prompts, answers)], return_tensors="pt", padding=True)
-    prompt_lengths = [len(ids) for ids in processor(images=[r["image"] for r in records], text=prompts)["input_ids"]]
+    # left padding puts every answer at the end of its row: label its last tokens
+    answer_lengths = [len(tokenizer(answer, add_special_tokens=False).input_ids) for answer in answers]
     labels = torch.full_like(batch["input_ids"], -100)
-    for row, prompt_length in enumerate(prompt_lengths):
-        real = int(batch["attention_mask"][row].sum())
-        start = batch["input_ids"].shape[1] - real + prompt_length
-        labels[row, start:] = batch["input_ids"][row, start:]
+    for row, answer_length in enumerate(answer_lengths):
+        labels[row, -answer_length:] = batch["input_ids"][row, -answer_length:]
     batch["labels"] = labels
     return batch
 

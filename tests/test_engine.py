@@ -19,7 +19,7 @@ def chat(processor, text, system=None):
 
 
 def images(*colours):
-    return [Image.new("RGB", (40 + 4 * i, 36), colour) for i, colour in enumerate(colours)]
+    return [Image.new("RGB", (40 + 4 * i, 40), colour) for i, colour in enumerate(colours)]
 
 
 def encode(processor, prompts, pictures):

@@ -6,6 +6,7 @@ requests and decodes answers. All token selection and generation happens in `lmm
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -41,12 +42,6 @@ VICUNA_TEMPLATE = (
 DTYPES = {"auto": "auto", "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 KNOWN_GEN_KWARGS = {"until", "max_new_tokens", "temperature", "top_p", "num_beams", "do_sample"}
 QUANTIZATIONS = ("none", "nf4")
-MODEL_ARGS = (
-    "pretrained", "revision", "device", "device_map", "dtype", "quantization", "batch_size", "attn_implementation",
-    "use_cache", "chat_template", "max_new_tokens", "seed", "token_log", "reduction", "keep", "ignore", "apply",
-    "similarity", "text", "text_bos", "order", "simignore_start", "simignore_step", "fastv_layer", "fastv_keep",
-    "fastv_ratio",
-)
 
 
 @dataclass
@@ -117,7 +112,8 @@ class LlavaSimignore(lmms):
         **unknown,
     ) -> None:
         if unknown:
-            raise ValueError(f"llava_simignore got unknown model_args {sorted(unknown)}; allowed: preset, {', '.join(MODEL_ARGS)}")
+            allowed = [name for name in inspect.signature(LlavaSimignore._setup).parameters if name not in ("self", "unknown")]
+            raise ValueError(f"llava_simignore got unknown model_args {sorted(unknown)}; allowed: preset, {', '.join(allowed)}")
         self.settings = ReductionSettings(
             reduction=reduction, keep=keep, ignore=ignore, apply=apply, similarity=similarity, text=text,
             text_bos=text_bos, order=order, simignore_start=simignore_start, simignore_step=simignore_step,
@@ -385,9 +381,10 @@ class LlavaSimignore(lmms):
             doc = self.task_dict[task][split][doc_id]
             continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
             request = self._prompt_request((context, {}, doc_to_visual, doc_id, task, split))
-            prompt_length = self._encode_batch([request])["input_ids"].shape[1]
             inputs = self._encode_batch([request], texts=[request.prompt + continuation])
-            num_continuation = inputs["input_ids"].shape[1] - prompt_length
+            # the image placeholder is one token in both texts, so the tokenizer alone tells the continuation's length
+            num_continuation = len(self.tokenizer(request.prompt + continuation).input_ids) - len(self.tokenizer(request.prompt).input_ids)
+            prompt_length = inputs["input_ids"].shape[1] - num_continuation
             if num_continuation < 1:
                 raise ValueError(f"task {task} doc {doc_id}: the continuation {continuation!r} adds no token")
             prompt_inputs = {"input_ids": inputs["input_ids"][:, :prompt_length], "attention_mask": inputs["attention_mask"][:, :prompt_length]}
