@@ -7,44 +7,18 @@ import json
 import sys
 from pathlib import Path
 
-# The offline demo's rows: every method at a budget the tiny testbed (25 image tokens, 3 layers) allows.
-DEMO_ROWS = (
-    ("none", {"reduction": "none"}),
-    ("simignore_drop_50", {"reduction": "simignore", "keep": 0.5, "apply": "drop"}),
-    ("simignore_mask_50", {"reduction": "simignore", "keep": 0.5, "apply": "mask"}),
-    ("simignore_drop_20", {"reduction": "simignore", "keep": 0.2, "apply": "drop"}),
-    ("random_50", {"reduction": "random", "keep": 0.5}),
-    ("fastv_k1_50", {"reduction": "fastv", "fastv_layer": 1, "fastv_ratio": 0.5}),
-    ("simignore_fastv", {"reduction": "simignore+fastv", "keep": 0.8, "apply": "mask", "fastv_layer": 1, "fastv_keep": 0.2}),
-)
-
 
 def _demo(args: argparse.Namespace) -> int:
-    from lmms_simignore.fixtures import build_offline_testbed
-    from lmms_simignore.sweep import SweepConfig, SweepRow, run_sweep
+    from lmms_simignore.demo import run_demo
 
-    workdir = Path(args.workdir).resolve()
-    testbed = workdir / "testbed"
-    if not (testbed / "tiny-llava" / "model.safetensors").exists() or not (testbed / "tasks").exists():
-        print(f"building the offline testbed (tiny random LLaVA + ScienceQA-IMG-shaped data) in {testbed}")
-        build_offline_testbed(testbed, num_docs=args.num_docs)
-    config = SweepConfig(
-        name="offline demo",
-        model="llava_simignore",
-        tasks="scienceqa_img_local",
-        batch_size=args.batch_size,
-        model_args={"pretrained": str(testbed / "tiny-llava")},
-        rows=tuple(SweepRow(name, model_args) for name, model_args in DEMO_ROWS),
-        overrides={},
-    )
-    print(f"Offline demo: {config.tasks}, {args.num_docs} docs (the last one without an image), {len(DEMO_ROWS)} lmms-eval runs")
-    summaries = run_sweep(config, workdir / "runs", include_path=testbed / "tasks", echo=lambda line: print(line, flush=True))
-    answers = {summary["name"]: summary["answers"] for summary in summaries}
-    same = sum(a == b for a, b in zip(answers["simignore_mask_50"][config.tasks], answers["simignore_drop_50"][config.tasks]))
-    print("\nThe embedded model has random weights: it does not write answer letters, so exact_match is 0;")
-    print("the table shows every method end to end (a trained testbed model replaces it later).")
-    print(f"mask vs drop at keep 50%: {same}/{args.num_docs} identical answers (they must all agree)")
+    run_demo(args.workdir, num_questions=args.num_questions, batch_size=args.batch_size, echo=lambda line: print(line, flush=True))
     return 0
+
+
+def _regression(args: argparse.Namespace) -> int:
+    from lmms_simignore.regression import run_regression
+
+    return run_regression(args.expected, args.workdir, update=args.update, echo=lambda line: print(line, flush=True))
 
 
 def _fixtures(args: argparse.Namespace) -> int:
@@ -59,12 +33,21 @@ def _fixtures(args: argparse.Namespace) -> int:
     return 0
 
 
+# make-task --protocol -> (shipped recipe, default task name)
+PROTOCOLS = {
+    "lmms-eval": ("_scienceqa_img_template.yaml", "scienceqa_img_local"),
+    "llava": ("_scienceqa_img_llava_template.yaml", "scienceqa_img_llava_local"),
+}
+
+
 def _make_task(args: argparse.Namespace) -> int:
     from lmms_simignore.fixtures import write_local_task
 
-    if not Path(args.parquet).is_file():
-        raise SystemExit(f"--parquet {args.parquet}: no such file")
-    print(write_local_task(args.out, args.parquet, task_name=args.name))
+    template, default_name = PROTOCOLS[args.protocol]
+    try:
+        print(write_local_task(args.out, args.data, task_name=args.name or default_name, template=template))
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"--data: {error}")
     return 0
 
 
@@ -99,13 +82,22 @@ def _train_shapes(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     summary = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device,
-                    eval_every=args.eval_every, mix=tuple(args.mix.split(",")), log=lambda line: print(line, flush=True))
+                    eval_every=args.eval_every, mix=tuple(args.mix.split(",")), curriculum=args.curriculum,
+                    init_from=args.init_from, log=lambda line: print(line, flush=True))
     print(json.dumps(summary["held_out"], indent=2))
     return 0
 
 
+def _redundancy(args: argparse.Namespace) -> int:
+    from lmms_simignore.redundancy import run_redundancy
+
+    run_redundancy(args.out, pretrained=args.pretrained, num_questions=args.num_questions, seed=args.seed,
+                   echo=lambda line: print(line, flush=True))
+    return 0
+
+
 def _tasks_dir(args: argparse.Namespace) -> int:
-    from lmms_simignore.tasks_dir import tasks_dir
+    from lmms_simignore.shipped import tasks_dir
 
     print(tasks_dir())
     return 0
@@ -115,11 +107,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmms_simignore", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="offline: build the tiny testbed, run lmms-eval for every reduction method, print a table")
-    demo.add_argument("--workdir", default="outputs/demo", help="where the testbed and lmms-eval outputs go (default: %(default)s)")
-    demo.add_argument("--num-docs", type=int, default=24, help="docs in the local ScienceQA-IMG-shaped split (default: %(default)s)")
-    demo.add_argument("--batch-size", type=int, default=4, help="lmms-eval --batch_size (default: %(default)s)")
+    demo = commands.add_parser(
+        "demo", help="offline main job: the shipped shapes model through lmms-eval for every reduction; per-type tables"
+    )
+    demo.add_argument("--workdir", default="outputs/demo", help="where the split and lmms-eval outputs go; finished rows are reused (default: %(default)s)")
+    demo.add_argument("--num-questions", type=int, default=1000, help="first N of the model card's 1000 held-out questions (default: %(default)s)")
+    demo.add_argument("--batch-size", type=int, default=32, help="lmms-eval --batch_size (default: %(default)s)")
     demo.set_defaults(handler=_demo)
+
+    regression = commands.add_parser(
+        "regression", help="run the demo rows on the regression split and compare every prediction with the expected file"
+    )
+    regression.add_argument("--expected", default="tests/expected/shapes_regression.json", help="expected-results file (default: %(default)s)")
+    regression.add_argument("--workdir", help="lmms-eval outputs (default: a fresh temporary folder)")
+    regression.add_argument("--update", action="store_true", help="write the measured results into --expected (an intentional change)")
+    regression.set_defaults(handler=_regression)
 
     fixtures = commands.add_parser("fixtures", help="write the tiny random LLaVA, local parquet data and task YAML")
     fixtures.add_argument("directory")
@@ -140,16 +142,23 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--dry-run", action="store_true", help="print the lmms-eval commands, run nothing")
     sweep.set_defaults(handler=_sweep)
 
-    make_task = commands.add_parser("make-task", help="write a ScienceQA-IMG task YAML that reads a local parquet file")
-    make_task.add_argument("--parquet", required=True, help="ScienceQA-IMG test split as parquet (image, question, choices, answer, hint, ...)")
-    make_task.add_argument("--name", default="scienceqa_img_local", help="task name; must differ from built-in tasks")
+    make_task = commands.add_parser("make-task", help="write a ScienceQA-IMG task YAML that reads a local copy of the data")
+    make_task.add_argument(
+        "--data", "--parquet", dest="data", required=True,
+        help="ScienceQA-IMG test split: a parquet file, or a save_to_disk folder of a DatasetDict with a `test` split",
+    )
+    make_task.add_argument(
+        "--protocol", choices=sorted(PROTOCOLS), default="lmms-eval",
+        help="lmms-eval: the built-in scienceqa_img prompt and scoring; llava: LLaVA-1.5's official protocol (default: %(default)s)",
+    )
+    make_task.add_argument("--name", help="task name (default: scienceqa_img_local, or scienceqa_img_llava_local with --protocol llava)")
     make_task.add_argument("--out", required=True, help="folder for the YAML; pass it to lmms-eval --include_path")
     make_task.set_defaults(handler=_make_task)
 
     shapes_task = commands.add_parser("shapes-task", help="generate a shapes benchmark split and its lmms-eval task YAML")
     shapes_task.add_argument("--out", required=True, help="folder for the data and the YAML; pass it to lmms-eval --include_path")
     shapes_task.add_argument("--num-questions", type=int, default=500)
-    shapes_task.add_argument("--seed", type=int, default=1, help="generator seed (the shipped model was trained on fresh seeds, held out 10000)")
+    shapes_task.add_argument("--seed", type=int, default=1, help="generator seed (the shipped model's held-out questions are seed 10000)")
     shapes_task.add_argument("--name", default="shapes_local", help="task name for --tasks")
     shapes_task.set_defaults(handler=_shapes_task)
 
@@ -162,7 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     training.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     training.add_argument("--eval-every", type=int, default=500)
     training.add_argument("--mix", default="colour,shape,exists,count,spatial", help="question types of the training batches, in turn (repeat one to weight it)")
+    training.add_argument("--curriculum", type=float, default=0.4, help="fraction of the steps over which the object count grows from 1 to 6; 0 = none (default: %(default)s)")
+    training.add_argument("--init-from", help="go on training the model in this folder (a second stage) instead of starting from scratch")
     training.set_defaults(handler=_train_shapes)
+
+    redundancy = commands.add_parser(
+        "redundancy", help="stable rank, participation ratio and Gini of norms of image tokens per LLM layer, against object count"
+    )
+    redundancy.add_argument("--out", default="outputs/redundancy", help="folder for redundancy.json and redundancy.png (default: %(default)s)")
+    redundancy.add_argument("--pretrained", default="shipped:shapes-llava", help="a llava checkpoint for the shapes images (default: %(default)s)")
+    redundancy.add_argument("--num-questions", type=int, default=600, help="generated shapes questions, one image each (default: %(default)s)")
+    redundancy.add_argument("--seed", type=int, help="generator seed (default: the held-out seed, 10000)")
+    redundancy.set_defaults(handler=_redundancy)
 
     tasks = commands.add_parser("tasks-dir", help="print the folder of shipped task YAMLs (for --include_path)")
     tasks.set_defaults(handler=_tasks_dir)

@@ -18,6 +18,7 @@ SHAPES = ("circle", "square", "triangle")
 YES_NO = ("yes", "no")
 MAX_OBJECTS = 6
 COUNTS = tuple(str(count) for count in range(1, MAX_OBJECTS + 1))
+HELD_OUT_SEED = 10_000  # the shipped model's held-out questions; its training batches draw other seeds
 QUESTION_TYPES = ("colour", "shape", "exists", "count", "spatial")
 OPTIONS = {"colour": COLOURS, "shape": SHAPES, "exists": YES_NO, "count": COUNTS, "spatial": YES_NO}
 FEWEST_OBJECTS = {"spatial": 2}  # a relation needs two objects

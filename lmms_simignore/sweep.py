@@ -116,8 +116,18 @@ def main_metric(task_results: dict) -> tuple[str, float]:
     raise ValueError(f"no metric in task results {sorted(task_results)}")
 
 
+def task_metrics(task_results: dict) -> dict[str, float]:
+    """Every numeric metric of a task without its filter suffix and without stderrs:
+    {'exact_match': 0.93, 'acc_colour': 1.0, ...} (breakdowns such as per-type accuracy included)."""
+    return {
+        key.split(",")[0]: float(value)
+        for key, value in task_results.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and "_stderr" not in key and key != "alias"
+    }
+
+
 def summarize_row(run: EvalRun, results: dict) -> dict:
-    """Accuracy per task, image tokens per layer and their mean, and the answers (for agreement counts)."""
+    """Accuracy per task (main metric and all metrics), image tokens per layer and their mean, and the answers."""
     accounting = TokenAccounting.read(sorted(run.output_dir.glob("tokens.jsonl*")))
     per_layer = accounting.visible_per_layer()
     tasks = run.tasks.split(",")
@@ -125,6 +135,7 @@ def summarize_row(run: EvalRun, results: dict) -> dict:
         "name": run.name,
         "model_args": run.model_args,
         "metrics": {task: main_metric(results["results"][task]) for task in tasks},
+        "all_metrics": {task: task_metrics(results["results"][task]) for task in tasks},
         "image_tokens": accounting.image_tokens_per_sample(),
         "visible_per_layer": per_layer,
         "mean_visible": sum(per_layer) / len(per_layer) if per_layer else 0.0,
@@ -156,6 +167,7 @@ def run_sweep(
     extra_args: tuple[str, ...] = (),
     dry_run: bool = False,
     echo=print,
+    show_table: bool = True,
 ) -> list[dict]:
     """Run every row (skipping finished ones), write table.md and summary.json, return the row summaries."""
     output_dir = Path(output_dir).resolve()
@@ -173,5 +185,7 @@ def run_sweep(
     table = markdown_table(summaries)
     (output_dir / "table.md").write_text(f"# {config.name}\n\n{table}\n")
     (output_dir / "summary.json").write_text(json.dumps(summaries, indent=2))
-    echo(f"\n{table}\n\nrows, logs and per-sample outputs: {output_dir}")
+    if show_table:
+        echo(f"\n{table}")
+    echo(f"\nrows, logs and per-sample outputs: {output_dir}")
     return summaries

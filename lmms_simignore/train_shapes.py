@@ -125,24 +125,39 @@ def evaluate(model, processor, records: list[dict], device, batch_size: int = 25
 
 def train(output_dir: str | Path, steps: int = 6000, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
           device: str = "cpu", eval_every: int = 500, mix: tuple[str, ...] = shapes.QUESTION_TYPES, held_out_size: int = 1000,
-          log=print) -> dict:
-    """Train from scratch; save the model, processor and training.json to `output_dir`."""
+          curriculum: float = 0.4, init_from: str | Path | None = None, log=print) -> dict:
+    """Train from scratch (or go on from the model in `init_from`); save the model, processor and training.json.
+
+    `curriculum`: fraction of the steps over which the largest object count grows from 1 to MAX_OBJECTS
+    (0: every batch has 1..MAX_OBJECTS objects from the start, as a second stage wants).
+    """
+    if not 0 <= curriculum <= 1:
+        raise ValueError(f"curriculum must be a fraction of the steps in [0, 1], got {curriculum}")
     output_dir = Path(output_dir)
     torch.manual_seed(seed)
     device = torch.device(device)
-    model, processor = build_shapes_llava(seed=seed)
+    if init_from is None:
+        model, processor = build_shapes_llava(seed=seed)
+        previous = None
+    else:
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(init_from, use_safetensors=True)
+        processor = AutoProcessor.from_pretrained(init_from)
+        previous_record = Path(init_from) / "training.json"
+        previous = json.loads(previous_record.read_text()) if previous_record.is_file() else None
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 50)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
     )
-    held_out = shapes.shapes_records(held_out_size, seed=10_000 + seed)
+    held_out = shapes.shapes_records(held_out_size, seed=shapes.HELD_OUT_SEED)
     rng = random.Random(seed)
     started, history = time.time(), []
     for step in range(1, steps + 1):
-        # curriculum: the largest object count grows from 1 to MAX_OBJECTS over the first 40% of steps
-        max_objects = min(shapes.MAX_OBJECTS, 1 + int(shapes.MAX_OBJECTS * step / (0.4 * steps)))
+        # curriculum: the largest object count grows from 1 to MAX_OBJECTS over the first `curriculum` of the steps
+        max_objects = shapes.MAX_OBJECTS if curriculum == 0 else min(shapes.MAX_OBJECTS, 1 + int(shapes.MAX_OBJECTS * step / (curriculum * steps)))
         records = shapes.shapes_records(batch_size, seed=rng.randrange(2**31), max_objects=max_objects, question_types=mix)
         batch = encode(processor, records, with_answers=True).to(device)
         loss = model(**batch).loss
@@ -165,8 +180,11 @@ def train(output_dir: str | Path, steps: int = 6000, batch_size: int = 128, lr: 
         "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "device": str(device), "mix": list(mix),
         "wall_time_s": round(time.time() - started, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "data": f"shapes.shapes_records: fresh questions every step (seeded); held-out: {held_out_size} questions, seed 10000 + seed",
+        "curriculum": curriculum, "init_from": None if init_from is None else str(init_from),
+        "data": f"shapes.shapes_records: fresh questions every step (seeded); held-out: {held_out_size} questions, seed {shapes.HELD_OUT_SEED}",
         "held_out": report, "history": history,
     }
+    if previous is not None:
+        summary["previous_stages"] = previous.get("previous_stages", []) + [{k: v for k, v in previous.items() if k != "previous_stages"}]
     (output_dir / "training.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -1,6 +1,8 @@
-"""Prompt and scoring for ScienceQA-IMG in the LLaVA-1.5 / lmms-eval format (letter answers)."""
+"""Prompt and scoring for ScienceQA-IMG: lmms-eval's `scienceqa_img` format and LLaVA-1.5's official protocol."""
 
 from __future__ import annotations
+
+import re
 
 
 def option_letters(num_choices: int) -> list[str]:
@@ -37,3 +39,40 @@ def parse_letter(prediction: str) -> str | None:
 def process_results(doc: dict, results: list[str]) -> dict:
     """exact_match = 1 when the parsed letter is the target; unparseable replies count as wrong."""
     return {"exact_match": float(parse_letter(results[0]) == doc_to_target(doc))}
+
+
+# -- LLaVA-1.5's official ScienceQA protocol (task `scienceqa_img_llava`) ----------------------------
+
+LLAVA_SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+LLAVA_OPTION_LETTERS = "ABCDE"  # the letters LLaVA's ScienceQA evaluation accepts
+LLAVA_ANSWER_SENTENCE = re.compile(r"The answer is ([A-Z]).")
+
+
+def doc_to_messages_llava(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> list[dict]:
+    """LLaVA-1.5's vicuna_v1 conversation: the system prompt, then one user turn (image, then the question).
+
+    Through the llava-hf chat template this renders `{system} USER: <image>\\n{question...} ASSISTANT:`.
+    """
+    content = [{"type": "image", "url": image} for image in doc_to_visual(doc)]
+    content.append({"type": "text", "text": doc_to_text(doc, lmms_eval_specific_kwargs)})
+    return [{"role": "system", "content": [{"type": "text", "text": LLAVA_SYSTEM_PROMPT}]}, {"role": "user", "content": content}]
+
+
+def parse_letter_llava(prediction: str) -> str | None:
+    """LLaVA-1.5's answer rule: the (stripped) reply is one of A-E, or starts with "X. ", or contains
+    "The answer is X." exactly once; otherwise None (counted wrong)."""
+    prediction = prediction.strip()
+    if prediction in LLAVA_OPTION_LETTERS and len(prediction) == 1:
+        return prediction
+    if len(prediction) >= 3 and prediction[0] in LLAVA_OPTION_LETTERS and prediction[1:3] == ". ":
+        return prediction[0]
+    sentences = LLAVA_ANSWER_SENTENCE.findall(prediction)
+    return sentences[0] if len(sentences) == 1 else None
+
+
+def process_results_llava(doc: dict, results: list[str]) -> dict:
+    """exact_match under LLaVA's rule: 1 when the parsed letter is the target letter."""
+    return {"exact_match": float(parse_letter_llava(results[0]) == doc_to_target(doc))}

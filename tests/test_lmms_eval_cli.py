@@ -1,8 +1,6 @@
 """End to end through the real `lmms-eval` CLI (subprocesses), on the offline testbed."""
 
-import json
 import re
-import subprocess
 import sys
 
 import pytest
@@ -84,24 +82,3 @@ def test_a_finished_run_is_not_run_again(testbed, tmp_path):
     (tmp_path / "done" / "marker").write_text("still here")
     again, _ = evaluate(testbed, tmp_path / "done", "reduction=simignore,ignore=5")
     assert again == results and (tmp_path / "done" / "marker").exists()
-
-
-def test_offline_demo_prints_a_results_table(tmp_path):
-    completed = subprocess.run(
-        [sys.executable, "-m", "lmms_simignore", "demo", "--workdir", str(tmp_path), "--num-docs", "6"],
-        capture_output=True, text=True, timeout=900,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    lines = completed.stdout.splitlines()
-    table = [line for line in lines if line.startswith("| ")]
-    assert table[0] == "| row | scienceqa_img_local exact_match | image tokens per layer | mean visible | answers = first row |"
-    rows = {row.split("|")[1].strip(): [cell.strip() for cell in row.split("|")[2:-1]] for row in table[1:]}
-    assert list(rows) == ["none", "simignore_drop_50", "simignore_mask_50", "simignore_drop_20", "random_50", "fastv_k1_50", "simignore_fastv"]
-    assert rows["none"][1:] == ["layers 0-2: 25", "25.0 / 25", "6/6"]
-    assert rows["simignore_drop_20"][1:3] == ["layers 0-2: 5", "5.0 / 25"]
-    assert rows["fastv_k1_50"][1:3] == ["layer 0: 25, layers 1-2: 13", "17.0 / 25"]
-    assert rows["simignore_fastv"][1:3] == ["layer 0: 20, layers 1-2: 5", "10.0 / 25"]
-    assert "mask vs drop at keep 50%: 6/6 identical answers" in completed.stdout
-    results = sorted(tmp_path.joinpath("runs").rglob("*_results.json"))
-    assert len(results) == 7
-    assert all(json.loads(path.read_text())["n-samples"][TASK]["effective"] == 6 for path in results)

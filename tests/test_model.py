@@ -104,6 +104,26 @@ def test_chat_class_answers_like_the_simple_class_on_the_same_prompt(testbed, do
     assert chat.is_simple is False and simple.is_simple is True
 
 
+def test_llava_protocol_messages_give_one_system_prompt_then_the_user_turn(testbed, docs):
+    from functools import partial
+
+    from lmms_simignore.fixtures import SYSTEM_PROMPT
+
+    chat = make_model(testbed, docs, model_class=LlavaSimignoreChat, reduction="simignore", keep=10)
+    custom = "You are a careful grader."
+    to_messages = partial(scienceqa_utils.doc_to_messages_llava, lmms_eval_specific_kwargs=PROMPT_KWARGS)
+    request = chat._prompt_request(("", to_messages, {}, 0, TASK, SPLIT))
+    text = scienceqa_utils.doc_to_text(docs[0], PROMPT_KWARGS)
+    assert request.prompt == f"{scienceqa_utils.LLAVA_SYSTEM_PROMPT} USER: <image>\n{text} ASSISTANT:"
+    assert request.comparison_text == " ".join(docs[0]["choices"]) and len(request.images) == 1
+
+    def with_custom_system(doc):
+        return [{"role": "system", "content": [{"type": "text", "text": custom}]}] + to_messages(doc)[1:]
+
+    assert chat._prompt_request(("", with_custom_system, {}, 0, TASK, SPLIT)).prompt == f"{custom} USER: <image>\n{text} ASSISTANT:"
+    assert SYSTEM_PROMPT == scienceqa_utils.LLAVA_SYSTEM_PROMPT
+
+
 def test_options_are_the_default_comparison_text(testbed, docs):
     model = make_model(testbed, docs, reduction="simignore", keep=10)
     request = model._prompt_request(simple_requests(docs)[0].args)

@@ -121,7 +121,7 @@ def shapes_task_dir(tmp_path_factory):
 def test_lmms_eval_loads_the_generated_shapes_task_offline(shapes_task_dir):
     from lmms_eval.tasks import TaskManager, get_task_dict
 
-    from lmms_simignore.tasks_dir import tasks_dir
+    from lmms_simignore.shipped import tasks_dir
 
     manager = TaskManager("INFO", include_path=[str(tasks_dir()), str(shapes_task_dir)], include_defaults=False)
     assert "shapes_local" in manager.all_tasks

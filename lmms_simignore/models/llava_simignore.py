@@ -24,6 +24,7 @@ from lmms_simignore.presets import resolve_model_args
 from lmms_simignore.quantization import nf4_quantization_config
 from lmms_simignore.reduction import sample_seed
 from lmms_simignore.settings import ReductionSettings
+from lmms_simignore.shipped import resolve_pretrained
 
 IMAGE_PLACEHOLDER = "<image>"
 DEFAULT_PRETRAINED = "llava-hf/llava-1.5-7b-hf"
@@ -67,7 +68,7 @@ def _world() -> tuple[int, int, int]:
 class LlavaSimignore(lmms):
     """lmms-eval "simple" model (prompt = `<image>\\n` + task text in the chat template, like `llava_hf`).
 
-    model_args: pretrained, revision, device, device_map, dtype, quantization, batch_size,
+    model_args: pretrained (hub id, local folder, or `shipped:shapes-llava`), revision, device, device_map, dtype, quantization, batch_size,
     attn_implementation, use_cache, chat_template, max_new_tokens, seed, token_log, preset, and the
     reduction settings (`ReductionSettings`): reduction, keep, ignore, apply, similarity, text, text_bos,
     order, simignore_start, simignore_step, fastv_layer, fastv_keep, fastv_ratio.
@@ -136,6 +137,7 @@ class LlavaSimignore(lmms):
 
         from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
+        pretrained = resolve_pretrained(str(pretrained))
         config = AutoConfig.from_pretrained(pretrained, revision=revision)
         if config.model_type != "llava":
             raise ValueError(
