@@ -1,6 +1,6 @@
 """The README's main job and the CI accuracy regression: the shipped shapes model through the real lmms-eval CLI.
 
-One demo run on the first 100 held-out questions serves both: its tables are checked, and every row's
+One demo run on the model card's 1000 held-out questions serves both: its tables are checked, and every row's
 predictions are compared exactly with the committed expected-results file. After an intentional change:
 
     python -m lmms_simignore regression --update
@@ -17,6 +17,7 @@ import pytest
 from lmms_simignore.demo import DEMO_ROWS, TASK
 from lmms_simignore.regression import REGRESSION_QUESTIONS, differences, regression_record
 from lmms_simignore.shapes import OPTIONS
+from lmms_simignore.shipped import shipped_model_dir
 
 EXPECTED = Path(__file__).parent / "expected" / "shapes_regression.json"
 
@@ -28,7 +29,7 @@ def python_m(*args, timeout=1800):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
-    completed = python_m("demo", "--workdir", str(workdir), "--num-questions", str(REGRESSION_QUESTIONS))
+    completed = python_m("demo", "--workdir", str(workdir))  # the README's main job, as is
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
     summaries = json.loads((workdir / f"n{REGRESSION_QUESTIONS}" / "runs" / "summary.json").read_text())
     return workdir, completed.stdout, summaries
@@ -52,6 +53,20 @@ def test_every_prediction_and_accuracy_equals_the_expected_file(demo_run):
     expected = json.loads(EXPECTED.read_text())
     found = differences(expected, regression_record(summaries))
     assert found == [], "\n".join(found[:40]) + "\n(intentional? python -m lmms_simignore regression --update)"
+
+
+def test_main_job_reproduces_the_model_card(demo_run):
+    """The `none` row equals the held-out accuracy recorded at training time, overall, per type and per object count."""
+    _, _, summaries = demo_run
+    metrics = next(s for s in summaries if s["name"] == "none")["all_metrics"][TASK]
+    card = json.loads((shipped_model_dir("shapes-llava") / "training.json").read_text())["held_out"]
+    assert metrics["exact_match"] == pytest.approx(card["overall"], abs=1e-12)
+    for question_type, accuracy in card["per_type"].items():
+        assert metrics[f"acc_{question_type}"] == pytest.approx(accuracy, abs=1e-12), question_type
+    for count, accuracy in card["per_count"].items():
+        assert metrics[f"acc_objects_{count}"] == pytest.approx(accuracy, abs=1e-12), count
+    model_card = (shipped_model_dir("shapes-llava") / "README.md").read_text()
+    assert f"| **overall** | 0.927 | **{card['overall']:.3f}** |" in model_card
 
 
 def test_main_job_prints_accuracy_per_question_type_and_object_count(demo_run):
