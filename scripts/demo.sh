@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Fresh machine -> offline demo: set up, then evaluate the embedded tiny testbed with lmms-eval
-# for reduction=none and Simignore (drop and mask) and print one table. Extra arguments go to
-# `python -m lmms_simignore demo` (e.g. --workdir DIR --num-docs 48).
+# Fresh machine -> the main job offline: set up, then evaluate the shipped shapes model with lmms-eval
+# for reduction=none and every reduction method, and print accuracy per question type and per object
+# count. Extra arguments go to `python -m lmms_simignore demo` (e.g. --workdir DIR --num-questions 200).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
