@@ -64,7 +64,25 @@ def _sweep(args: argparse.Namespace) -> int:
     include_path = Path(args.include_path).resolve() if args.include_path else None
     extra = ("--limit", str(args.limit)) if args.limit is not None else ()
     output = args.output or str(Path("outputs") / config.name)
-    run_sweep(config, output, include_path=include_path, extra_args=extra, dry_run=args.dry_run)
+    from lmms_simignore.sweep import default_processes
+
+    processes = args.processes if args.processes is not None else default_processes()
+    run_sweep(config, output, include_path=include_path, extra_args=extra, dry_run=args.dry_run, processes=processes)
+    if not args.dry_run:
+        from lmms_simignore.leaderboard import write_leaderboard
+
+        write_leaderboard(output, echo=lambda line: None)
+        print(f"leaderboard: {Path(output) / 'leaderboard.md'} (.csv, .png)")
+    return 0
+
+
+def _leaderboard(args: argparse.Namespace) -> int:
+    from lmms_simignore.leaderboard import write_leaderboard
+
+    try:
+        write_leaderboard(args.directory)
+    except FileNotFoundError as error:
+        raise SystemExit(str(error))
     return 0
 
 
@@ -140,7 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model_arg for every row, over the config's (repeatable)")
     sweep.add_argument("--limit", type=int, help="lmms-eval --limit: only the first N docs per task")
     sweep.add_argument("--dry-run", action="store_true", help="print the lmms-eval commands, run nothing")
+    sweep.add_argument("--processes", type=int, help="processes per row (accelerate launch when > 1; default: one per visible GPU, else 1)")
     sweep.set_defaults(handler=_sweep)
+
+    leaderboard = commands.add_parser("leaderboard", help="finished sweep rows in DIR -> leaderboard.md, .csv and .png with provenance")
+    leaderboard.add_argument("directory", help="a sweep's output folder")
+    leaderboard.set_defaults(handler=_leaderboard)
 
     make_task = commands.add_parser("make-task", help="write a ScienceQA-IMG task YAML that reads a local copy of the data")
     make_task.add_argument(

@@ -11,7 +11,9 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 
@@ -52,6 +54,41 @@ class EvalRun:
         return command + list(self.extra_args)
 
 
+def git_commit() -> str:
+    """The commit of the checkout this package runs from (`+dirty` with uncommitted changes), or 'unknown'."""
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return "unknown (not a git checkout)"
+        status = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+        return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (git not available)"
+
+
+def provenance(run: EvalRun, wall_s: float) -> dict:
+    """Where a finished run's numbers come from: the exact command, versions, commit, date and wall time."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "command": run.command(),
+        "model": run.model,
+        "model_args": run.model_args,
+        "tasks": run.tasks,
+        "versions": {package: installed(package) for package in ("lmms-simignore", "lmms-eval", "transformers", "torch")},
+        "git_commit": git_commit(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": round(wall_s, 1),
+    }
+
+
 def offline_environment() -> dict[str, str]:
     """The current environment with the Hugging Face hub switched off."""
     env = dict(os.environ)
@@ -88,6 +125,7 @@ def run_lmms_eval(run: EvalRun, env: dict[str, str] | None = None, timeout: floa
     scratch.mkdir(parents=True)
     scratch_run = EvalRun(**{**run.__dict__, "output_dir": scratch})
     log_path = scratch / "lmms_eval.log"
+    started = time.time()
     with open(log_path, "w") as log:
         completed = subprocess.run(
             scratch_run.command(), env=env or offline_environment(), stdout=log, stderr=subprocess.STDOUT, timeout=timeout
@@ -99,6 +137,7 @@ def run_lmms_eval(run: EvalRun, env: dict[str, str] | None = None, timeout: floa
             f"lmms-eval run {run.name!r} failed (exit {completed.returncode}, results file "
             f"{'missing' if results is None else 'present'}); command: {' '.join(scratch_run.command())}\n{tail}"
         )
+    (scratch / "provenance.json").write_text(json.dumps(provenance(run, wall_s=time.time() - started), indent=2))
     (scratch / "command.json").write_text(json.dumps({"command": run.command()}, indent=2))
     shutil.rmtree(run.output_dir, ignore_errors=True)
     scratch.rename(run.output_dir)

@@ -180,6 +180,15 @@ class ReductionSettings:
         after = self.fastv_kept_per_image(image_tokens)
         return [before] * self.fastv_layer + [after] * (num_layers - self.fastv_layer)
 
+    def computed_per_layer(self, image_tokens: int, num_layers: int) -> list[int]:
+        """Image tokens per image each decoder layer computes on: the visible ones, except that `apply=mask`
+        leaves the hidden tokens in the sequence (attended to by nobody, still computed) until FastV drops."""
+        visible = self.visible_per_layer(image_tokens, num_layers)
+        if self.pre_llm is None or self.apply != "mask":
+            return visible
+        masked_layers = self.fastv_layer if self.fastv else num_layers
+        return [image_tokens] * masked_layers + visible[masked_layers:]
+
     def check_layers(self, num_layers: int) -> None:
         """FastV's layer must leave at least one layer before and after it."""
         if self.fastv and not 1 <= self.fastv_layer < num_layers:

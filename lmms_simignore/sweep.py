@@ -45,6 +45,7 @@ class SweepConfig:
     model_args: dict
     rows: tuple[SweepRow, ...]
     overrides: dict  # applied on top of every row (command-line --set)
+    shapes_task: dict | None = None  # {name, questions, seed}: generate this shapes split for the rows (offline testbed)
 
 
 def load_config(path: str | Path, overrides: dict | None = None, tasks: str | None = None) -> SweepConfig:
@@ -53,9 +54,13 @@ def load_config(path: str | Path, overrides: dict | None = None, tasks: str | No
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or not data["rows"]:
         raise ValueError(f"{path}: a sweep config needs a non-empty `rows:` list")
-    unknown = set(data) - {"name", "description", "model", "tasks", "batch_size", "model_args", "rows"}
+    allowed = ("name", "description", "model", "tasks", "batch_size", "model_args", "rows", "shapes_task")
+    unknown = set(data) - set(allowed)
     if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: name, description, model, tasks, batch_size, model_args, rows")
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {', '.join(allowed)}")
+    shapes_task = data.get("shapes_task")
+    if shapes_task is not None and (not isinstance(shapes_task, dict) or set(shapes_task) - {"name", "questions", "seed"}):
+        raise ValueError(f"{path}: shapes_task must be a mapping with keys among name, questions, seed; got {shapes_task!r}")
     rows, seen = [], set()
     for index, row in enumerate(data["rows"]):
         if not isinstance(row, dict) or "name" not in row:
@@ -74,6 +79,7 @@ def load_config(path: str | Path, overrides: dict | None = None, tasks: str | No
         model_args=dict(data.get("model_args") or {}),
         rows=tuple(rows),
         overrides=dict(overrides or {}),
+        shapes_task=dict(shapes_task) if shapes_task is not None else None,
     )
 
 
@@ -88,7 +94,35 @@ def format_model_args(model_args: dict) -> str:
     return ",".join(parts)
 
 
-def row_runs(config: SweepConfig, output_dir: Path, include_path: Path | None = None, extra_args: tuple[str, ...] = ()) -> list[EvalRun]:
+def launcher(processes: int) -> tuple[str, ...]:
+    """How lmms-eval is started: directly for one process, else `accelerate launch --multi_gpu` (data parallel;
+    on CPU it shards over gloo) on a free port."""
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, got {processes}")
+    if processes == 1:
+        return ()
+    import socket
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--main_process_port", str(port))
+
+
+def default_processes() -> int:
+    """One process per visible GPU when there are several, else one."""
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except ImportError:
+        return 1
+
+
+def row_runs(config: SweepConfig, output_dir: Path, include_path: Path | None = None, extra_args: tuple[str, ...] = (),
+             processes: int = 1) -> list[EvalRun]:
     """One lmms-eval run per row; every row logs its per-sample token accounting into its folder."""
     runs = []
     for row in config.rows:
@@ -103,6 +137,7 @@ def row_runs(config: SweepConfig, output_dir: Path, include_path: Path | None = 
                 include_path=include_path,
                 batch_size=config.batch_size,
                 extra_args=extra_args,
+                launcher=launcher(processes),
             )
         )
     return runs
@@ -160,6 +195,16 @@ def markdown_table(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _shapes_task_dir(spec: dict, tasks_dir: Path, write: bool) -> Path:
+    """Generate the config's shapes split once (same spec, same data) and return the folder for --include_path."""
+    from lmms_simignore.shapes import HELD_OUT_SEED, write_shapes_task
+
+    name = spec.get("name", "shapes_heldout")
+    if write and not (tasks_dir / f"{name}.yaml").exists():
+        write_shapes_task(tasks_dir, num_questions=int(spec.get("questions", 200)), seed=int(spec.get("seed", HELD_OUT_SEED)), task_name=name)
+    return tasks_dir
+
+
 def run_sweep(
     config: SweepConfig,
     output_dir: str | Path,
@@ -168,10 +213,15 @@ def run_sweep(
     dry_run: bool = False,
     echo=print,
     show_table: bool = True,
+    processes: int = 1,
 ) -> list[dict]:
     """Run every row (skipping finished ones), write table.md and summary.json, return the row summaries."""
     output_dir = Path(output_dir).resolve()
-    runs = row_runs(config, output_dir, include_path, extra_args)
+    if config.shapes_task is not None:
+        if include_path is not None:
+            raise ValueError("a config with shapes_task generates its own task folder; do not pass --include-path too")
+        include_path = _shapes_task_dir(config.shapes_task, output_dir / "tasks", write=not dry_run)
+    runs = row_runs(config, output_dir, include_path, extra_args, processes=processes)
     if dry_run:
         for run in runs:
             echo(" ".join(run.command()))
@@ -179,7 +229,7 @@ def run_sweep(
     summaries = []
     for index, run in enumerate(runs, start=1):
         state = "done, reading" if (run.output_dir / "command.json").exists() else "running"
-        echo(f"[{index}/{len(runs)}] {run.name}: {state} ({run.model_args})")
+        echo(f"[{index}/{len(runs)}] {run.name}: {state} ({run.model_args}){' x ' + str(processes) + ' processes' if processes > 1 else ''}")
         results = run_lmms_eval(run)
         summaries.append(summarize_row(run, results))
     table = markdown_table(summaries)

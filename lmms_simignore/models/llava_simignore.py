@@ -147,6 +147,7 @@ class LlavaSimignore(lmms):
         self.image_tokens_per_image = engine.image_tokens_per_image(config)
         self.num_layers = config.text_config.num_hidden_layers
         self.visible_per_layer = self.settings.visible_per_layer(self.image_tokens_per_image, self.num_layers)
+        self.computed_per_layer = self.settings.computed_per_layer(self.image_tokens_per_image, self.num_layers)
         self.kept_per_image = self.settings.kept_per_image(self.image_tokens_per_image)
         self.fastv_keep = self.settings.fastv_kept_per_image(self.image_tokens_per_image) if self.settings.fastv else 0
 
@@ -341,6 +342,7 @@ class LlavaSimignore(lmms):
                 image_tokens=int(image_tokens[row]),
                 visible_per_layer=layers,
                 mean_visible=sum(layers) / len(layers),
+                computed_per_layer=[images * per_image for per_image in self.computed_per_layer],
             )
 
     def _generate_batch(self, batch: list[PromptRequest], gen_kwargs: dict) -> list[str]:

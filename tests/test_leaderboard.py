@@ -1,0 +1,138 @@
+"""Sweeps over the offline testbed config and the leaderboard: provenance, resume after a kill, several processes."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmms_simignore.flops import DecoderShape, layer_flops, prefill_flops, sample_prefill_flops
+from lmms_simignore.settings import ReductionSettings
+
+TESTBED = Path(__file__).resolve().parents[1] / "configs" / "testbed.yaml"
+LIMIT = ("--limit", "40")
+ROWS = [row["name"] for row in yaml.safe_load(TESTBED.read_text())["rows"]]
+
+
+def sweep(config, output, *extra, timeout=1200):
+    return subprocess.run([sys.executable, "-m", "lmms_simignore", "sweep", str(config), "--output", str(output), *LIMIT, *extra],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_csv(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+# columns that depend on when and where a row ran, not on what it computed
+RUN_SPECIFIC = {"wall_s", "date", "command", "git_commit"}
+
+
+def comparable(rows):
+    return [{key: value for key, value in row.items() if key not in RUN_SPECIFIC} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+    output = tmp_path_factory.mktemp("testbed")
+    completed = sweep(TESTBED, output)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return output
+
+
+# -- FLOP estimate -----------------------------------------------------------------------------------
+
+
+def test_layer_flops_follow_the_counting_rule():
+    shape = DecoderShape(hidden=8, intermediate=16, heads=2, kv_heads=1, head_dim=4)
+    n = 10
+    projections = 2 * n * 8 * (2 * 2 * 4 + 2 * 1 * 4)
+    mlp = 3 * 2 * n * 8 * 16
+    attention = 2 * 2 * n * n * 2 * 4
+    assert layer_flops(shape, n) == projections + mlp + attention
+    assert prefill_flops(shape, [10, 10, 4]) == 2 * layer_flops(shape, 10) + layer_flops(shape, 4)
+
+
+def test_masked_tokens_are_computed_until_fastv_drops_them():
+    mask = ReductionSettings(reduction="simignore+fastv", keep=8, apply="mask", fastv_layer=2, fastv_keep=4)
+    drop = ReductionSettings(reduction="simignore+fastv", keep=8, apply="drop", fastv_layer=2, fastv_keep=4)
+    assert mask.visible_per_layer(16, 4) == drop.visible_per_layer(16, 4) == [8, 8, 4, 4]
+    assert mask.computed_per_layer(16, 4) == [16, 16, 4, 4]
+    assert drop.computed_per_layer(16, 4) == [8, 8, 4, 4]
+    assert ReductionSettings(reduction="simignore", keep=8, apply="mask").computed_per_layer(16, 4) == [16] * 4
+    shape = DecoderShape(hidden=8, intermediate=16, heads=2, kv_heads=1, head_dim=4)
+    record = {"prompt_tokens": 30, "image_tokens": 16, "visible_per_layer": [8, 8, 4, 4], "computed_per_layer": [16, 16, 4, 4]}
+    assert sample_prefill_flops(shape, record) == prefill_flops(shape, [30, 30, 18, 18])
+
+
+# -- the leaderboard -----------------------------------------------------------------------------------
+
+
+def test_leaderboard_lists_every_row_with_tokens_flops_and_provenance(finished_sweep):
+    rows = read_csv(finished_sweep / "leaderboard.csv")
+    assert [row["row"] for row in rows] == ROWS
+    by_name = {row["row"]: row for row in rows}
+    assert by_name["none"]["visible_per_layer"] == "16 16 16 16" and float(by_name["none"]["flops_vs_baseline"]) == 1.0
+    assert by_name["fastv_4"]["visible_per_layer"] == "16 16 4 4" and float(by_name["fastv_4"]["mean_visible"]) == 10.0
+    assert 0 < float(by_name["simignore_4"]["flops_vs_baseline"]) < float(by_name["simignore_8"]["flops_vs_baseline"]) < 1
+    assert {"acc_colour", "acc_spatial", "acc_objects_6"} <= set(rows[0])
+    for row in rows:
+        provenance = json.loads((finished_sweep / row["row"] / "provenance.json").read_text())
+        command = json.loads((finished_sweep / row["row"] / "command.json").read_text())["command"]
+        assert row["command"] == " ".join(command) == " ".join(provenance["command"])
+        assert row["lmms_eval"] == provenance["versions"]["lmms-eval"] != "not installed"
+        assert row["git_commit"] and row["date"].startswith("20")
+        samples = list((finished_sweep / row["row"]).rglob("*_samples_shapes_heldout.jsonl"))
+        assert len(samples) == 1 and len(samples[0].read_text().splitlines()) == 40  # every doc once
+    markdown = (finished_sweep / "leaderboard.md").read_text()
+    assert "| row | method | task | metric | value | acc_colour |" in markdown and "Provenance" in markdown
+    assert (finished_sweep / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_leaderboard_command_refuses_a_folder_without_finished_rows(tmp_path):
+    completed = subprocess.run([sys.executable, "-m", "lmms_simignore", "leaderboard", str(tmp_path)], capture_output=True, text=True)
+    assert completed.returncode != 0 and "no finished rows" in completed.stderr
+
+
+def test_a_killed_sweep_resumes_to_the_same_leaderboard(finished_sweep, tmp_path):
+    output = tmp_path / "killed"
+    command = [sys.executable, "-m", "lmms_simignore", "sweep", str(TESTBED), "--output", str(output), *LIMIT]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    # wait until the second row is half-written, then kill the whole process group mid-row
+    while not ((output / ROWS[0] / "provenance.json").exists() and (output / f"{ROWS[1]}.partial").exists()):
+        assert process.poll() is None and time.time() < deadline, "the sweep ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (output / ROWS[1]).exists()  # the half-written row is not taken for a finished one
+    first_row_results = sorted((output / ROWS[0]).rglob("*_results.json"))
+
+    resumed = sweep(TESTBED, output)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"[1/{len(ROWS)}] {ROWS[0]}: done, reading" in resumed.stdout
+    assert sorted((output / ROWS[0]).rglob("*_results.json")) == first_row_results  # not run again
+    assert not list(output.glob("*.partial"))
+    assert comparable(read_csv(output / "leaderboard.csv")) == comparable(read_csv(finished_sweep / "leaderboard.csv"))
+
+
+def test_two_processes_evaluate_every_doc_once_with_the_one_process_scores(finished_sweep, tmp_path):
+    config = yaml.safe_load(TESTBED.read_text())
+    config["rows"] = [row for row in config["rows"] if row["name"] in ("none", "fastv_4")]
+    path = tmp_path / "two_rows.yaml"
+    path.write_text(yaml.safe_dump(config))
+    completed = sweep(path, tmp_path / "two", "--processes", "2")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "x 2 processes" in completed.stdout
+    one = {row["row"]: row for row in read_csv(finished_sweep / "leaderboard.csv")}
+    for row in read_csv(tmp_path / "two" / "leaderboard.csv"):
+        assert comparable([row]) == comparable([one[row["row"]]])
+        samples = next((tmp_path / "two" / row["row"]).rglob("*_samples_shapes_heldout.jsonl")).read_text().splitlines()
+        assert sorted(json.loads(line)["doc_id"] for line in samples) == list(range(40))
+        assert len(list((tmp_path / "two" / row["row"]).glob("tokens.jsonl.rank*"))) == 2
