@@ -87,6 +87,10 @@ def collect_rows(directory: str | Path) -> list[dict]:
     if summary.is_file():
         order = {entry["name"]: index for index, entry in enumerate(json.loads(summary.read_text()))}
         rows.sort(key=lambda row: order.get(row["row"], len(order)))
+    reported_path = directory / "reported.json"  # published figures named by the sweep config, kept apart
+    reported = json.loads(reported_path.read_text()) if reported_path.is_file() else {}
+    for row in rows:
+        row["reported"] = reported.get(row["row"])
     for row in rows:  # FLOPs relative to the unreduced row of the same model and task
         baseline = next((b for b in rows if b["method"] == "none" and (b["model"], b["task"]) == (row["model"], row["task"])), None)
         usable = baseline is not None and baseline["prefill_flops"] and row["prefill_flops"] is not None
@@ -104,7 +108,9 @@ def _breakdown_columns(rows: list[dict]) -> list[str]:
 
 def markdown(rows: list[dict]) -> str:
     breakdowns = _breakdown_columns(rows)
+    with_reported = any(row["reported"] for row in rows)
     header = ["row", "method", "task", "metric", "value", *breakdowns, "image tokens per layer", "mean / total", "prefill FLOPs vs none", "wall s"]
+    header += ["reported (published, not measured here)"] if with_reported else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["row"], row["method"], row["task"], row["metric"], f"{row['value']:.4f}"]
@@ -112,6 +118,8 @@ def markdown(rows: list[dict]) -> str:
         cells += [layer_runs([round(v, 1) for v in row["visible_per_layer"]]) if row["visible_per_layer"] else "-",
                   f"{row['mean_visible']:.1f} / {row['image_tokens']:.0f}",
                   "-" if row["flops_vs_baseline"] is None else f"{row['flops_vs_baseline']:.3f}", f"{row['wall_s']:.0f}"]
+        if with_reported:
+            cells.append(f"{row['reported']['value']} ({row['reported']['source']})" if row["reported"] else "-")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Provenance", "", "| row | date | git commit | lmms-simignore | lmms-eval | transformers | torch | command |", "|---|---|---|---|---|---|---|---|"]
     seen = set()
@@ -130,7 +138,7 @@ def markdown(rows: list[dict]) -> str:
 def write_csv(rows: list[dict], path: Path) -> None:
     breakdowns = sorted({name for row in rows for name in row["breakdown"]})
     fields = ["row", "method", "model", "task", "metric", "value", *breakdowns, "image_tokens", "mean_visible", "visible_per_layer",
-              "prefill_flops", "flops_vs_baseline", "wall_s", "date", "git_commit", "lmms_simignore", "lmms_eval", "transformers", "torch", "command"]
+              "prefill_flops", "flops_vs_baseline", "wall_s", "reported_value", "reported_source", "date", "git_commit", "lmms_simignore", "lmms_eval", "transformers", "torch", "command"]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
@@ -141,6 +149,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
                                               "prefill_flops", "flops_vs_baseline", "wall_s")},
                 **{name: row["breakdown"].get(name, "") for name in breakdowns},
                 "visible_per_layer": " ".join(f"{v:g}" for v in row["visible_per_layer"]),
+                "reported_value": row["reported"]["value"] if row["reported"] else "",
+                "reported_source": row["reported"]["source"] if row["reported"] else "",
                 "date": p["date"], "git_commit": p["git_commit"], "lmms_simignore": p["versions"]["lmms-simignore"],
                 "lmms_eval": p["versions"]["lmms-eval"], "transformers": p["versions"]["transformers"], "torch": p["versions"]["torch"],
                 "command": " ".join(p["command"]),

@@ -34,6 +34,7 @@ from lmms_simignore.runs import RUN_DIR, EvalRun, read_samples, run_lmms_eval
 class SweepRow:
     name: str
     model_args: dict
+    reported: dict | None = None  # a published figure for this row ({value, source}); shown apart, never as measured
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,13 @@ def load_config(path: str | Path, overrides: dict | None = None, tasks: str | No
         if row["name"] in seen:
             raise ValueError(f"{path}: row name {row['name']!r} appears twice")
         seen.add(row["name"])
-        rows.append(SweepRow(str(row["name"]), dict(row.get("model_args") or {})))
+        unknown_row_keys = set(row) - {"name", "model_args", "reported"}
+        if unknown_row_keys:
+            raise ValueError(f"{path}: row {row['name']!r} has unknown keys {sorted(unknown_row_keys)}; allowed: name, model_args, reported")
+        reported = row.get("reported")
+        if reported is not None and (not isinstance(reported, dict) or set(reported) != {"value", "source"}):
+            raise ValueError(f"{path}: row {row['name']!r}: reported must be {{value: number, source: text}}, got {reported!r}")
+        rows.append(SweepRow(str(row["name"]), dict(row.get("model_args") or {}), reported))
     if not (tasks or data.get("tasks")):
         raise ValueError(f"{path}: give `tasks:` in the config or --tasks")
     return SweepConfig(
@@ -232,6 +239,9 @@ def run_sweep(
         echo(f"[{index}/{len(runs)}] {run.name}: {state} ({run.model_args}){' x ' + str(processes) + ' processes' if processes > 1 else ''}")
         results = run_lmms_eval(run)
         summaries.append(summarize_row(run, results))
+    reported = {row.name: row.reported for row in config.rows if row.reported is not None}
+    if reported:
+        (output_dir / "reported.json").write_text(json.dumps(reported, indent=2))
     table = markdown_table(summaries)
     (output_dir / "table.md").write_text(f"# {config.name}\n\n{table}\n")
     (output_dir / "summary.json").write_text(json.dumps(summaries, indent=2))

@@ -95,6 +95,21 @@ def test_leaderboard_lists_every_row_with_tokens_flops_and_provenance(finished_s
     assert (finished_sweep / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_reported_figures_stay_in_their_own_labelled_column(finished_sweep, tmp_path):
+    import shutil
+
+    from lmms_simignore.leaderboard import write_leaderboard
+
+    copy = shutil.copytree(finished_sweep, tmp_path / "copy")
+    (copy / "reported.json").write_text(json.dumps({"none": {"value": 99.9, "source": "a paper"}}))
+    rows = write_leaderboard(copy, echo=lambda line: None)
+    measured = next(row for row in rows if row["row"] == "none")
+    assert measured["value"] != 99.9 and measured["reported"] == {"value": 99.9, "source": "a paper"}
+    markdown = (copy / "leaderboard.md").read_text()
+    assert "reported (published, not measured here)" in markdown and "99.9 (a paper)" in markdown
+    assert {row["row"]: row["reported_value"] for row in read_csv(copy / "leaderboard.csv")}["none"] == "99.9"
+
+
 def test_leaderboard_command_refuses_a_folder_without_finished_rows(tmp_path):
     completed = subprocess.run([sys.executable, "-m", "lmms_simignore", "leaderboard", str(tmp_path)], capture_output=True, text=True)
     assert completed.returncode != 0 and "no finished rows" in completed.stderr

@@ -79,3 +79,44 @@ def test_attribution_config_runs_end_to_end_offline(paper_shaped_testbed, tmp_pa
     table = (tmp_path / "attribution" / "table.md").read_text()
     assert "| simignore_fastv | 0.0000 | layers 0-4: 452, layer 5: 144 | 400.7 / 576 |" in table
     assert any("[10/10] random_keep144: running" in line for line in lines)
+
+
+# The image-token geometry of each config's model: (image tokens per image, decoder layers)
+GEOMETRY = {"llava-hf/llava-1.5-7b-hf": (576, 32), "llava-hf/llava-1.5-13b-hf": (576, 40), "shipped:shapes-llava": (16, 4)}
+
+
+@pytest.mark.parametrize("config_path", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.stem)
+def test_every_row_of_every_config_is_a_valid_reduction_for_its_model(config_path, tmp_path):
+    """Checked before any run: the settings parse and the budgets fit the model (as the model would refuse them)."""
+    import dataclasses
+
+    from lmms_simignore.presets import resolve_model_args
+    from lmms_simignore.settings import ReductionSettings
+
+    config = load_config(config_path)
+    fields = {field.name for field in dataclasses.fields(ReductionSettings)}
+    for row in config.rows:
+        args = {**config.model_args, **row.model_args}
+        args = resolve_model_args(args.pop("preset", None), args)
+        image_tokens, layers = GEOMETRY[args["pretrained"]]
+        settings = ReductionSettings(**{key: value for key, value in args.items() if key in fields})
+        visible = settings.visible_per_layer(image_tokens, layers)
+        assert len(visible) == layers and all(0 <= count <= image_tokens for count in visible), row.name
+    assert len(row_runs(config, tmp_path)) == len(config.rows)
+
+
+def test_paper_tables_name_the_published_budgets():
+    table2 = load_config(CONFIGS / "table2.yaml")
+    assert [row.model_args.get("ignore") for row in table2.rows[1:]] == [72, 124, 144, 216, 288, 360, 432, 504, 576]
+    peers = load_config(CONFIGS / "peers.yaml")
+    assert {row.name: row.reported["value"] for row in peers.rows if row.reported and row.name.startswith("fastv")} == {
+        "fastv_192": 67.3, "fastv_128": 60.2, "fastv_64": 51.1}
+    table1 = load_config(CONFIGS / "table1.yaml")
+    assert [row.reported["value"] for row in table1.rows] == [65.15, 68.02, 72.09, 73.23]
+
+
+def test_a_reported_figure_needs_its_value_and_source(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("tasks: t\nrows: [{name: a, reported: {value: 1.0}}]\n")
+    with pytest.raises(ValueError, match="reported must be"):
+        load_config(path)
