@@ -114,6 +114,14 @@ def _redundancy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from lmms_simignore.bench import run_bench
+
+    run_bench(args.out, models=tuple(args.models.split(",")), quick=args.quick, device=args.device, batch_size=args.batch_size,
+              warmup=args.warmup, repeats=args.repeats, decode_tokens=args.decode_tokens, echo=lambda line: print(line, flush=True))
+    return 0
+
+
 def _tasks_dir(args: argparse.Namespace) -> int:
     from lmms_simignore.shipped import tasks_dir
 
@@ -206,6 +214,17 @@ def main(argv: list[str] | None = None) -> int:
     redundancy.add_argument("--num-questions", type=int, default=600, help="generated shapes questions, one image each (default: %(default)s)")
     redundancy.add_argument("--seed", type=int, help="generator seed (default: the held-out seed, 10000)")
     redundancy.set_defaults(handler=_redundancy)
+
+    bench = commands.add_parser("bench", help="latency, throughput and memory of every reduction against the FLOP ideal")
+    bench.add_argument("--out", default="benchmarks/results/latest", help="folder for bench.json and bench.md (default: %(default)s)")
+    bench.add_argument("--models", default="testbed,paper-shaped", help="comma-separated: testbed, paper-shaped (default: %(default)s)")
+    bench.add_argument("--quick", action="store_true", help="smoke run: testbed only, batch 2, 1 warm-up, 2 repeats, 2 decode tokens")
+    bench.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    bench.add_argument("--batch-size", type=int, default=4)
+    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--repeats", type=int, default=7)
+    bench.add_argument("--decode-tokens", type=int, default=16)
+    bench.set_defaults(handler=_bench)
 
     tasks = commands.add_parser("tasks-dir", help="print the folder of shipped task YAMLs (for --include_path)")
     tasks.set_defaults(handler=_tasks_dir)

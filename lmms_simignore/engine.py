@@ -171,6 +171,31 @@ def choose_kept_image_tokens(
     return select_by_order(scores, keep, "random" if random_choice else settings.order)
 
 
+def apply_pre_llm_stage(
+    model, tokenizer, settings: ReductionSettings, prompt: PromptEmbeddings, comparison_texts: list[str], image_seeds: list[int]
+) -> "ReducedPrompt":
+    """Choose the kept image tokens of the pre-LLM stage and apply them (mask or drop).
+
+    comparison_texts: one per row (Simignore's text); image_seeds: one per image (random choices).
+    """
+    text_embeds = text_mask = None
+    if settings.pre_llm == "simignore" and prompt.image_rows.numel():
+        bos = [tokenizer.bos_token_id] if settings.text_bos and tokenizer.bos_token_id is not None else []
+        token_ids = [bos + tokenizer(text, add_special_tokens=False).input_ids for text in comparison_texts]
+        text_embeds, text_mask = embed_texts(model, token_ids)
+        text_embeds, text_mask = text_embeds[prompt.image_rows], text_mask[prompt.image_rows]
+    kept = choose_kept_image_tokens(settings, prompt.image_features, text_embeds, text_mask, image_seeds)
+    return reduce_prompt(prompt, kept, settings.apply)
+
+
+def prepare_reduced_prompt(
+    model, tokenizer, settings: ReductionSettings, inputs, comparison_texts: list[str], image_seeds: list[int]
+) -> "ReducedPrompt":
+    """Processor outputs of a batch -> the prompt after the pre-LLM stage (what the model classes run)."""
+    prompt = build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"))
+    return apply_pre_llm_stage(model, tokenizer, settings, prompt, comparison_texts, image_seeds)
+
+
 def _pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-pack the True columns of each row: (B, L) bool -> source columns (B, L'), mask (B, L') and
     target (B, L), the output column of every input column (meaningful where `keep`).

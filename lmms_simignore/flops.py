@@ -46,5 +46,5 @@ def prefill_flops(shape: DecoderShape, tokens_per_layer: list[int]) -> float:
 def sample_prefill_flops(shape: DecoderShape, record: dict) -> float:
     """A token-accounting record (prompt_tokens, image_tokens, computed_per_layer) -> its prefill FLOPs."""
     text_tokens = record["prompt_tokens"] - record["image_tokens"]
-    computed = record.get("computed_per_layer", record["visible_per_layer"])
+    computed = record["computed_per_layer"] if "computed_per_layer" in record else record["visible_per_layer"]
     return prefill_flops(shape, [text_tokens + image_tokens for image_tokens in computed])

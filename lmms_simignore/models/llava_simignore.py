@@ -310,22 +310,14 @@ class LlavaSimignore(lmms):
         return inputs.to(self._device)
 
     def _reduced_prompt(self, batch: list[PromptRequest], inputs) -> engine.ReducedPrompt:
-        prompt = engine.build_prompt_embeddings(
-            self._model, inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values")
-        )
-        text_embeds = text_mask = None
-        if self.settings.pre_llm == "simignore" and prompt.image_rows.numel():
-            bos = [self.tokenizer.bos_token_id] if self.settings.text_bos and self.tokenizer.bos_token_id is not None else []
-            token_ids = [bos + self.tokenizer(r.comparison_text, add_special_tokens=False).input_ids for r in batch]
-            text_embeds, text_mask = engine.embed_texts(self._model, token_ids)
-            text_embeds, text_mask = text_embeds[prompt.image_rows], text_mask[prompt.image_rows]
         seeds = [
             sample_seed(self.seed, request.task, request.doc_id, index)
             for request in batch
             for index in range(len(request.images))
         ]
-        kept = engine.choose_kept_image_tokens(self.settings, prompt.image_features, text_embeds, text_mask, seeds)
-        return engine.reduce_prompt(prompt, kept, self.settings.apply)
+        return engine.prepare_reduced_prompt(
+            self._model, self.tokenizer, self.settings, inputs, [request.comparison_text for request in batch], seeds
+        )
 
     def _fastv_args(self) -> dict:
         return {"fastv_layer": self.settings.fastv_layer if self.settings.fastv else None, "fastv_keep": self.fastv_keep}

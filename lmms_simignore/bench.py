@@ -1,0 +1,267 @@
+"""`python -m lmms_simignore bench`: latency, throughput and memory of every reduction, against the FLOP ideal.
+
+In one process and on the same prompts, for `none` and each reduction: time to first token (processor
+outputs -> embeddings, token choice, prefill, first logits), the token choice alone (the pre-LLM stage;
+FastV's choice happens inside the prefill), decode tokens/s with the KV cache, end-to-end time per sample,
+and peak memory (CUDA max allocated on GPU; peak RSS on Linux CPUs, reset per measurement). Warm-up runs,
+then repetitions: medians with min-max spread, speed-ups as ratios against `none` of the same run, next to
+the ideal speed-up from `lmms_simignore.flops` for the tokens each layer computes on.
+
+Timing does not depend on weight values: the LLaVA-shaped models are built with random weights.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from lmms_simignore import engine
+from lmms_simignore.flops import DecoderShape, sample_prefill_flops
+from lmms_simignore.settings import ReductionSettings
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    name: str
+    settings: ReductionSettings
+
+
+def bench_rows(image_tokens: int, num_layers: int) -> list[BenchRow]:
+    """none, and every method at 50% and 25% of the image tokens (FastV at layer 2, or 1 for shallow models)."""
+    fastv_layer = 2 if num_layers > 2 else 1
+    rows = [BenchRow("none", ReductionSettings())]
+    for fraction in (0.5, 0.25):
+        keep = max(1, round(image_tokens * fraction))
+        percent = int(fraction * 100)
+        rows += [
+            BenchRow(f"simignore_drop_{percent}", ReductionSettings(reduction="simignore", keep=keep, apply="drop")),
+            BenchRow(f"simignore_mask_{percent}", ReductionSettings(reduction="simignore", keep=keep, apply="mask")),
+            BenchRow(f"random_drop_{percent}", ReductionSettings(reduction="random", keep=keep, apply="drop")),
+            BenchRow(f"fastv_{percent}", ReductionSettings(reduction="fastv", fastv_layer=fastv_layer, fastv_keep=keep)),
+        ]
+    return rows
+
+
+class PeakMemory:
+    """Peak memory of the block: CUDA max allocated bytes, or peak RSS (Linux: reset through clear_refs)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_bytes: int | None = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            try:
+                line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+                self.peak_bytes = int(line.split()[1]) * 1024
+            except (OSError, StopIteration):
+                self.peak_bytes = None
+        return False
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_once(model, processor, settings: ReductionSettings, inputs, texts: list[str], decode_tokens: int) -> dict:
+    """One timed pass over the batch: seconds for the choice, time to first token and decoding, peak memory."""
+    device = inputs["input_ids"].device
+    num_images = int((inputs["input_ids"] == model.config.image_token_id).sum()) // engine.image_tokens_per_image(model.config)
+    seeds = list(range(num_images))
+    fastv_keep = settings.fastv_kept_per_image(engine.image_tokens_per_image(model.config)) if settings.fastv else 0
+    with PeakMemory(device) as memory:
+        _sync(device)
+        started = time.perf_counter()
+        prompt = engine.build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"))
+        _sync(device)
+        embedded = time.perf_counter()
+        reduced = engine.apply_pre_llm_stage(model, processor.tokenizer, settings, prompt, texts, seeds)
+        _sync(device)
+        chosen = time.perf_counter()
+        run = engine.LanguageModelRun(model, reduced, fastv_layer=settings.fastv_layer if settings.fastv else None, fastv_keep=fastv_keep)
+        tokens = run.prefill().argmax(-1)
+        _sync(device)
+        first_token = time.perf_counter()
+        for _ in range(decode_tokens):
+            tokens = run.feed(tokens[:, None])[:, -1].argmax(-1)
+        _sync(device)
+        finished = time.perf_counter()
+    return {
+        "ttft_s": first_token - started,
+        "prefill_s": first_token - chosen,
+        "choice_s": chosen - embedded,
+        "decode_tokens_per_s": decode_tokens * inputs["input_ids"].shape[0] / (finished - first_token) if decode_tokens else None,
+        "end_to_end_s": (finished - started) / inputs["input_ids"].shape[0],
+        "peak_memory_bytes": memory.peak_bytes,
+    }
+
+
+def _summary(values: list[float | None]) -> dict | None:
+    values = [value for value in values if value is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def bench_model(model, processor, records: list[dict], batch_size: int, warmup: int, repeats: int, decode_tokens: int,
+                progress=print) -> dict:
+    """Every bench row on the first `batch_size` records; medians, spread, ratios against none and the FLOP ideal.
+
+    The ideal counts the decoder layers only (`lmms_simignore.flops`), so it is compared with the LLM prefill
+    (from the reduced prompt to the first logits); time to first token adds the vision tower and the choice.
+    """
+    from lmms_simignore.train_shapes import encode  # the shapes prompt format
+
+    device = next(model.parameters()).device
+    batch = records[:batch_size]
+    inputs = encode(processor, batch, with_answers=False).to(device)
+    texts = [" ".join(record["choices"]) for record in batch]
+    image_tokens = engine.image_tokens_per_image(model.config)
+    num_layers = model.config.text_config.num_hidden_layers
+    shape = DecoderShape.from_text_config(model.config.text_config)
+    prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+    rows = bench_rows(image_tokens, num_layers)
+    for _ in range(warmup):  # warm every path before any measurement
+        for row in rows:
+            measure_once(model, processor, row.settings, inputs, texts, decode_tokens)
+    runs: dict[str, list[dict]] = {row.name: [] for row in rows}
+    for repeat in range(repeats):  # round robin, so drift over time affects every row alike
+        for row in rows:
+            runs[row.name].append(measure_once(model, processor, row.settings, inputs, texts, decode_tokens))
+        progress(f"  repeat {repeat + 1}/{repeats} done")
+    results = {}
+    for row in rows:
+        computed = row.settings.computed_per_layer(image_tokens, num_layers)
+        flops = sum(sample_prefill_flops(shape, {"prompt_tokens": n, "image_tokens": image_tokens, "computed_per_layer": computed})
+                    for n in prompt_tokens)
+        results[row.name] = {
+            "settings": str(row.settings),
+            "computed_per_layer": computed,
+            "visible_per_layer": row.settings.visible_per_layer(image_tokens, num_layers),
+            "prefill_flops": flops,
+            **{key: _summary([run[key] for run in runs[row.name]]) for key in runs[row.name][0]},
+        }
+    baseline = results["none"]
+    for result in results.values():
+        result["ttft_speedup"] = baseline["ttft_s"]["median"] / result["ttft_s"]["median"]
+        result["prefill_speedup"] = baseline["prefill_s"]["median"] / result["prefill_s"]["median"]
+        result["ideal_prefill_speedup"] = baseline["prefill_flops"] / result["prefill_flops"]
+        result["prefill_speedup_vs_ideal"] = result["prefill_speedup"] / result["ideal_prefill_speedup"]
+        result["choice_share_of_prefill"] = result["choice_s"]["median"] / result["prefill_s"]["median"]
+    return {"image_tokens": image_tokens, "layers": num_layers, "batch_size": len(batch), "prompt_tokens": prompt_tokens,
+            "rows": results}
+
+
+def machine() -> dict:
+    import transformers
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cpu_threads": torch.get_num_threads(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Machine: {report['machine']['platform']}, torch {report['machine']['torch']}, "
+             f"{report['machine'].get('gpu', str(report['machine']['cpu_threads']) + ' CPU threads')}, {report['machine']['date']}",
+             "Timing does not depend on weight values (the LLaVA-shaped models have random weights).", ""]
+    for name, model_report in report["models"].items():
+        lines += [f"## {name}: {model_report['image_tokens']} image tokens, {model_report['layers']} layers, batch {model_report['batch_size']}, "
+                  f"{report['settings']['repeats']} repeats after {report['settings']['warmup']} warm-up", "",
+                  "| row | time to first token ms | LLM prefill ms (min-max) | prefill speed-up | ideal (FLOPs) | measured / ideal "
+                  "| choice ms | choice / prefill | decode tok/s | peak memory MiB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for row, result in model_report["rows"].items():
+            prefill = result["prefill_s"]
+            memory = result["peak_memory_bytes"]["median"] / 2**20 if result["peak_memory_bytes"] else None
+            decode = result["decode_tokens_per_s"]["median"] if result["decode_tokens_per_s"] else None
+            lines.append(
+                f"| {row} | {result['ttft_s']['median'] * 1000:.1f} | {prefill['median'] * 1000:.1f} ({prefill['min'] * 1000:.1f}-{prefill['max'] * 1000:.1f}) | "
+                f"{result['prefill_speedup']:.2f} | {result['ideal_prefill_speedup']:.2f} | {result['prefill_speedup_vs_ideal']:.2f} | "
+                f"{result['choice_s']['median'] * 1000:.2f} | {100 * result['choice_share_of_prefill']:.1f}% | "
+                f"{'-' if decode is None else f'{decode:.0f}'} | {'-' if memory is None else f'{memory:.0f}'} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def load_bench_model(name: str, device: torch.device, dtype: torch.dtype):
+    """`testbed` (the shipped shapes model) or `paper-shaped` (random weights, 576 image tokens, 6 layers)."""
+    import tempfile
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from lmms_simignore.shipped import shipped_model_dir
+
+    if name == "testbed":
+        path = shipped_model_dir("shapes-llava")
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+        return model, AutoProcessor.from_pretrained(path)
+    if name == "paper-shaped":
+        from lmms_simignore.fixtures import PAPER_SHAPED, build_tiny_llava
+
+        folder = build_tiny_llava(Path(tempfile.mkdtemp(prefix="bench-")) / "paper-shaped", shape=PAPER_SHAPED)
+        model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
+        return model, AutoProcessor.from_pretrained(folder)
+    raise ValueError(f"--models: unknown model {name!r}; allowed: {', '.join(BENCH_MODELS)}")
+
+
+BENCH_MODELS = ("testbed", "paper-shaped")
+
+
+def run_bench(out_dir: str | Path, models: tuple[str, ...] = BENCH_MODELS, quick: bool = False, device: str | None = None,
+              batch_size: int = 4, warmup: int = 2, repeats: int = 7, decode_tokens: int = 16, echo=print) -> dict:
+    """Benchmark `models`; write bench.json and bench.md into `out_dir`."""
+    from lmms_simignore import shapes
+
+    for name in models:
+        if name not in BENCH_MODELS:
+            raise ValueError(f"--models: unknown model {name!r}; allowed: {', '.join(BENCH_MODELS)}")
+    if quick:
+        models, batch_size, warmup, repeats, decode_tokens = ("testbed",), 2, 1, 2, 2
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    records = shapes.shapes_records(batch_size, seed=shapes.HELD_OUT_SEED)
+    report = {"machine": machine(), "settings": {"quick": quick, "device": str(device), "dtype": str(dtype), "batch_size": batch_size,
+                                                  "warmup": warmup, "repeats": repeats, "decode_tokens": decode_tokens}, "models": {}}
+    for name in models:
+        echo(f"{name}:")
+        model, processor = load_bench_model(name, device, dtype)
+        model_records = records if name == "testbed" else _resized(records, processor)
+        report["models"][name] = bench_model(model, processor, model_records, batch_size, warmup, repeats, decode_tokens, progress=echo)
+        del model
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out_dir / "bench.md").write_text(markdown(report) + "\n")
+    echo(markdown(report))
+    echo(f"wrote {out_dir / 'bench.json'} and bench.md")
+    return report
+
+
+def _resized(records: list[dict], processor) -> list[dict]:
+    """The shapes images at the model's input size (the image processor would resize them anyway)."""
+    size = processor.image_processor.crop_size["height"]
+    return [{**record, "image": record["image"].resize((size, size))} for record in records]
