@@ -172,6 +172,48 @@ def bench_model(model, processor, records: list[dict], batch_size: int, warmup: 
             "rows": results}
 
 
+def wrapper_overhead(records: list[dict], device: torch.device, repeats: int, max_new_tokens: int = 4, progress=print) -> dict:
+    """`reduction=none` through our lmms-eval class against lmms-eval's built-in `llava_hf` (batch 1, both on the
+    shipped testbed model, the same generate_until requests): seconds per pass, overhead and answer agreement."""
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models.simple.llava_hf import LlavaHf
+
+    from lmms_simignore.models.llava_simignore import LlavaSimignore
+    from lmms_simignore.shipped import shipped_model_dir
+    from lmms_simignore.tasks.scienceqa_utils import doc_to_visual
+    from lmms_simignore.train_shapes import prompt_text
+
+    task, split = "bench_shapes", "test"
+    gen_kwargs = {"max_new_tokens": max_new_tokens, "temperature": 0, "do_sample": False}
+    requests = [
+        Instance("generate_until", (prompt_text(doc), dict(gen_kwargs), doc_to_visual, doc_id, task, split), idx=0,
+                 metadata={"task": task, "doc_id": doc_id, "repeats": 1})
+        for doc_id, doc in enumerate(records)
+    ]
+    path = str(shipped_model_dir("shapes-llava"))
+    models = {
+        "llava_simignore (reduction=none)": LlavaSimignore(pretrained=path, device=str(device), batch_size=1),
+        "llava_hf (built-in)": LlavaHf(pretrained=path, device=str(device), device_map=str(device), dtype="float32"),
+    }
+    for model in models.values():
+        model.task_dict = {task: {split: records}}
+        model.generate_until(requests[:2])  # warm-up
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    answers = {}
+    for _ in range(repeats):
+        for name, model in models.items():
+            _sync(device)
+            started = time.perf_counter()
+            answers[name] = model.generate_until(requests)
+            _sync(device)
+            seconds[name].append(time.perf_counter() - started)
+    ours, theirs = (statistics.median(values) for values in seconds.values())
+    progress(f"  wrapper overhead: {100 * (ours / theirs - 1):+.1f}% ({ours:.2f} s vs {theirs:.2f} s for {len(records)} prompts)")
+    first, second = answers.values()
+    return {"prompts": len(records), "seconds": {name: _summary(values) for name, values in seconds.items()},
+            "overhead": ours / theirs - 1, "same_answers": first == second}
+
+
 def machine() -> dict:
     import transformers
 
@@ -187,6 +229,13 @@ def markdown(report: dict) -> str:
     lines = [f"Machine: {report['machine']['platform']}, torch {report['machine']['torch']}, "
              f"{report['machine'].get('gpu', str(report['machine']['cpu_threads']) + ' CPU threads')}, {report['machine']['date']}",
              "Timing does not depend on weight values (the LLaVA-shaped models have random weights).", ""]
+    if "wrapper_overhead" in report:
+        overhead = report["wrapper_overhead"]
+        lines += ["## Wrapper overhead: `reduction=none` against the built-in `llava_hf` (testbed model, batch 1)", "",
+                  "| model class | seconds per pass of " + str(overhead["prompts"]) + " prompts (min-max) |", "|---|---:|"]
+        for name, summary in overhead["seconds"].items():
+            lines.append(f"| {name} | {summary['median']:.2f} ({summary['min']:.2f}-{summary['max']:.2f}) |")
+        lines += ["", f"Overhead {100 * overhead['overhead']:+.1f}%; identical answers: {overhead['same_answers']}.", ""]
     for name, model_report in report["models"].items():
         lines += [f"## {name}: {model_report['image_tokens']} image tokens, {model_report['layers']} layers, batch {model_report['batch_size']}, "
                   f"{report['settings']['repeats']} repeats after {report['settings']['warmup']} warm-up", "",
@@ -246,6 +295,9 @@ def run_bench(out_dir: str | Path, models: tuple[str, ...] = BENCH_MODELS, quick
     records = shapes.shapes_records(batch_size, seed=shapes.HELD_OUT_SEED)
     report = {"machine": machine(), "settings": {"quick": quick, "device": str(device), "dtype": str(dtype), "batch_size": batch_size,
                                                   "warmup": warmup, "repeats": repeats, "decode_tokens": decode_tokens}, "models": {}}
+    if not quick:
+        echo("wrapper overhead against the built-in llava_hf:")
+        report["wrapper_overhead"] = wrapper_overhead(shapes.shapes_records(64, seed=shapes.HELD_OUT_SEED), device, repeats, progress=echo)
     for name in models:
         echo(f"{name}:")
         model, processor = load_bench_model(name, device, dtype)

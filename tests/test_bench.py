@@ -33,3 +33,14 @@ def test_unknown_bench_model_is_refused_before_any_compute(tmp_path):
                                capture_output=True, text=True, timeout=120)
     assert completed.returncode != 0 and "--models: unknown model 'llava-70b'" in completed.stderr
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_wrapper_overhead_compares_the_same_answers_with_the_builtin_llava_hf():
+    import torch
+
+    from lmms_simignore.bench import wrapper_overhead
+    from lmms_simignore.shapes import HELD_OUT_SEED, shapes_records
+
+    report = wrapper_overhead(shapes_records(6, seed=HELD_OUT_SEED), torch.device("cpu"), repeats=1, progress=lambda line: None)
+    assert report["same_answers"] is True and report["prompts"] == 6
+    assert set(report["seconds"]) == {"llava_simignore (reduction=none)", "llava_hf (built-in)"}
