@@ -36,11 +36,15 @@ class TokenAccounting:
         with_images = self.with_images
         return [sum(column) / len(with_images) for column in zip(*(r["visible_per_layer"] for r in with_images))]
 
+    def mean_visible(self) -> float:
+        """Image tokens visible per sample, averaged over layers (0 when no sample has an image)."""
+        per_layer = self.visible_per_layer()
+        return sum(per_layer) / len(per_layer) if per_layer else 0.0
+
     def summary(self) -> str:
         if not self.with_images:
             return f"{len(self.records)} samples, none with an image"
-        total, per_layer = self.image_tokens_per_sample(), self.visible_per_layer()
-        average = sum(per_layer) / len(per_layer)
+        total, per_layer, average = self.image_tokens_per_sample(), self.visible_per_layer(), self.mean_visible()
         return (
             f"{len(self.with_images)}/{len(self.records)} samples with images, {total:.1f} image tokens per sample; "
             f"visible per layer: {layer_runs(per_layer)}; average over layers {average:.1f} ({100 * average / total:.1f}%)"

@@ -35,41 +35,31 @@ DEMO_ROWS = (
 )
 
 
-def demo_config(batch_size: int = 32, rows: tuple = DEMO_ROWS) -> SweepConfig:
+def demo_config(num_questions: int, batch_size: int = 32) -> SweepConfig:
+    """The demo rows on the first `num_questions` held-out questions (the sweep generates that split)."""
     return SweepConfig(
         name="shapes testbed",
         model="llava_simignore",
         tasks=TASK,
         batch_size=batch_size,
         model_args={"pretrained": MODEL},
-        rows=tuple(SweepRow(name, model_args) for name, model_args in rows),
+        rows=tuple(SweepRow(name, model_args) for name, model_args in DEMO_ROWS),
         overrides={},
+        shapes_task={"name": TASK, "questions": num_questions, "seed": HELD_OUT_SEED},
     )
-
-
-def write_split(tasks_dir: Path, num_questions: int) -> Path:
-    """The first `num_questions` held-out questions as parquet + task YAML `shapes_heldout` (skipped if present)."""
-    from lmms_simignore.shapes import write_shapes_task
-
-    yaml_path = tasks_dir / f"{TASK}.yaml"
-    if not yaml_path.exists():
-        write_shapes_task(tasks_dir, num_questions=num_questions, seed=HELD_OUT_SEED, task_name=TASK)
-    return yaml_path
 
 
 def run_demo(workdir: str | Path, num_questions: int = HELD_OUT_QUESTIONS, batch_size: int = 32, echo=print) -> list[dict]:
     """Generate the split, run every row through lmms-eval (finished rows are reused), print and save the tables."""
     if not 1 <= num_questions <= HELD_OUT_QUESTIONS:
         raise ValueError(f"num_questions must be in 1..{HELD_OUT_QUESTIONS} (a prefix of the held-out split); got {num_questions}")
-    workdir = Path(workdir).resolve() / f"n{num_questions}"
-    tasks_dir = workdir / "tasks"
-    write_split(tasks_dir, num_questions)
-    config = demo_config(batch_size)
+    runs_dir = Path(workdir).resolve() / f"n{num_questions}" / "runs"
+    config = demo_config(num_questions, batch_size)
     echo(f"Offline demo: {MODEL} on {TASK} ({num_questions} held-out questions, seed {HELD_OUT_SEED}), "
          f"{len(config.rows)} lmms-eval runs")
-    summaries = run_sweep(config, workdir / "runs", include_path=tasks_dir, echo=echo, show_table=False)
+    summaries = run_sweep(config, runs_dir, echo=echo, show_table=False)
     tables = f"{per_type_table(summaries)}\n\n{per_count_table(summaries)}"
-    (workdir / "runs" / "tables.md").write_text(tables + "\n")
+    (runs_dir / "tables.md").write_text(tables + "\n")
     echo(f"\nAccuracy per question type (chance: colour 0.25, shape 0.33, exists 0.5, count 0.17, spatial 0.5)\n\n{tables}")
     mask, drop = (next(s for s in summaries if s["name"] == name)["answers"][TASK] for name in ("simignore_8_mask", "simignore_8"))
     echo(f"\nmask vs drop at keep 8: {sum(a == b for a, b in zip(mask, drop))}/{len(drop)} identical answers (they must all agree)")

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from lmms_simignore.accounting import TokenAccounting, layer_runs
-from lmms_simignore.runs import find_results
+from lmms_simignore.runs import PROVENANCE, find_results
 from lmms_simignore.sweep import main_metric, task_metrics
 
 
@@ -51,7 +51,7 @@ def collect_rows(directory: str | Path) -> list[dict]:
     directory = Path(directory)
     shapes: dict = {}
     rows = []
-    for record_path in sorted(directory.rglob("provenance.json")):
+    for record_path in sorted(directory.rglob(PROVENANCE)):
         row_dir = record_path.parent
         if any(part.endswith(".partial") for part in row_dir.relative_to(directory).parts):
             continue
@@ -65,7 +65,6 @@ def collect_rows(directory: str | Path) -> list[dict]:
         shape = _decoder_shape(args.get("pretrained", ""), shapes)
         with_images = accounting.with_images
         flops = sum(sample_prefill_flops(shape, r) for r in with_images) / len(with_images) if shape and with_images else None
-        per_layer = accounting.visible_per_layer()
         for task in provenance["tasks"].split(","):
             metric, value = main_metric(results[task])
             rows.append({
@@ -73,12 +72,12 @@ def collect_rows(directory: str | Path) -> list[dict]:
                 "method": method_name(args),
                 "model": args.get("pretrained", ""),
                 "task": task,
-                "metric": metric.split(",")[0],
+                "metric": metric,
                 "value": value,
-                "breakdown": {k: v for k, v in task_metrics(results[task]).items() if k != metric.split(",")[0]},
+                "breakdown": {k: v for k, v in task_metrics(results[task]).items() if k != metric},
                 "image_tokens": accounting.image_tokens_per_sample(),
-                "visible_per_layer": per_layer,
-                "mean_visible": sum(per_layer) / len(per_layer) if per_layer else 0.0,
+                "visible_per_layer": accounting.visible_per_layer(),
+                "mean_visible": accounting.mean_visible(),
                 "prefill_flops": flops,
                 "wall_s": provenance["wall_s"],
                 "provenance": provenance,

@@ -1,14 +1,6 @@
 """Redundancy of image tokens inside the LLM, per decoder layer (after "Seeing Beyond Redundancy", Hannan et al.).
 
-Three textbook measures over the hidden states X (N image tokens x D) of one image at one layer:
-
-- stable rank          ||X||_F^2 / ||X||_2^2 = sum_i s_i^2 / s_max^2 (s: singular values of X, uncentred);
-                       1 for rank-one X, N for N orthogonal tokens of equal norm.
-- participation ratio  (sum_i l_i)^2 / sum_i l_i^2 (l: eigenvalues of the covariance of the N tokens);
-                       the effective number of directions the tokens vary along.
-- Gini coefficient     of the token norms ||x_n||: sum_ij |a_i - a_j| / (2 N^2 mean(a));
-                       0 when every token has the same norm, (N-1)/N when one token holds all of it.
-
+Three textbook measures (`DEFINITIONS`) over the hidden states X (N image tokens x D) of one image at one layer.
 `python -m lmms_simignore redundancy` measures them for the shipped shapes model on generated questions and
 writes a JSON and a plot against the number of objects in the image.
 """
@@ -21,6 +13,14 @@ from pathlib import Path
 import torch
 
 METRICS = ("stable_rank", "participation_ratio", "gini_of_norms")
+DEFINITIONS = {  # written into every report
+    "stable_rank": "||X||_F^2 / ||X||_2^2 = sum_i s_i^2 / s_max^2 (s: singular values of X, uncentred); "
+                   "1 for rank-one X, N for N orthogonal tokens of equal norm",
+    "participation_ratio": "(sum_i l_i)^2 / sum_i l_i^2 (l: eigenvalues of the covariance of the N tokens); "
+                           "the effective number of directions the tokens vary along",
+    "gini_of_norms": "Gini coefficient of the token norms a_n = ||x_n||: sum_ij |a_i - a_j| / (2 N^2 mean(a)); "
+                     "0 when every token has the same norm, (N-1)/N when one token holds all of it",
+}
 
 
 def stable_rank(tokens: torch.Tensor) -> float:
@@ -159,7 +159,7 @@ def run_redundancy(out_dir: str | Path, pretrained: str = "shipped:shapes-llava"
     processor = AutoProcessor.from_pretrained(path)
     records = shapes.shapes_records(num_questions, seed=seed)
     report = {"model": pretrained, "questions": {"seed": seed, "count": num_questions}, **measure(model, processor, records)}
-    report["definitions"] = __doc__.split("Three textbook measures", 1)[1].split("`python -m", 1)[0].strip()
+    report["definitions"] = DEFINITIONS
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "redundancy.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 
 RUN_DIR = "{run_dir}"  # in model_args: replaced by the run's output folder when the command is built
+PROVENANCE = "provenance.json"  # written last into a finished run's folder: command, versions, commit, date, wall time
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,7 @@ def run_lmms_eval(run: EvalRun, env: dict[str, str] | None = None, timeout: floa
             f"lmms-eval run {run.name!r} failed (exit {completed.returncode}, results file "
             f"{'missing' if results is None else 'present'}); command: {' '.join(scratch_run.command())}\n{tail}"
         )
-    (scratch / "provenance.json").write_text(json.dumps(provenance(run, wall_s=time.time() - started), indent=2))
-    (scratch / "command.json").write_text(json.dumps({"command": run.command()}, indent=2))
+    (scratch / PROVENANCE).write_text(json.dumps(provenance(run, wall_s=time.time() - started), indent=2))
     shutil.rmtree(run.output_dir, ignore_errors=True)
     scratch.rename(run.output_dir)
     return json.loads(find_results(run.output_dir).read_text())

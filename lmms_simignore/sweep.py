@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from lmms_simignore.accounting import TokenAccounting, layer_runs
-from lmms_simignore.runs import RUN_DIR, EvalRun, read_samples, run_lmms_eval
+from lmms_simignore.runs import PROVENANCE, RUN_DIR, EvalRun, read_samples, run_lmms_eval
 
 
 @dataclass(frozen=True)
@@ -150,14 +150,6 @@ def row_runs(config: SweepConfig, output_dir: Path, include_path: Path | None = 
     return runs
 
 
-def main_metric(task_results: dict) -> tuple[str, float]:
-    """The first numeric metric lmms-eval reports for a task (e.g. 'exact_match,none')."""
-    for key, value in task_results.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in key and key != "alias":
-            return key, float(value)
-    raise ValueError(f"no metric in task results {sorted(task_results)}")
-
-
 def task_metrics(task_results: dict) -> dict[str, float]:
     """Every numeric metric of a task without its filter suffix and without stderrs:
     {'exact_match': 0.93, 'acc_colour': 1.0, ...} (breakdowns such as per-type accuracy included)."""
@@ -168,10 +160,17 @@ def task_metrics(task_results: dict) -> dict[str, float]:
     }
 
 
+def main_metric(task_results: dict) -> tuple[str, float]:
+    """The first metric lmms-eval reports for a task, e.g. ('exact_match', 0.93)."""
+    metrics = task_metrics(task_results)
+    if not metrics:
+        raise ValueError(f"no metric in task results {sorted(task_results)}")
+    return next(iter(metrics.items()))
+
+
 def summarize_row(run: EvalRun, results: dict) -> dict:
     """Accuracy per task (main metric and all metrics), image tokens per layer and their mean, and the answers."""
     accounting = TokenAccounting.read(sorted(run.output_dir.glob("tokens.jsonl*")))
-    per_layer = accounting.visible_per_layer()
     tasks = run.tasks.split(",")
     return {
         "name": run.name,
@@ -179,8 +178,8 @@ def summarize_row(run: EvalRun, results: dict) -> dict:
         "metrics": {task: main_metric(results["results"][task]) for task in tasks},
         "all_metrics": {task: task_metrics(results["results"][task]) for task in tasks},
         "image_tokens": accounting.image_tokens_per_sample(),
-        "visible_per_layer": per_layer,
-        "mean_visible": sum(per_layer) / len(per_layer) if per_layer else 0.0,
+        "visible_per_layer": accounting.visible_per_layer(),
+        "mean_visible": accounting.mean_visible(),
         "answers": {task: [sample["filtered_resps"] for sample in read_samples(run.output_dir, task)] for task in tasks},
     }
 
@@ -188,7 +187,7 @@ def summarize_row(run: EvalRun, results: dict) -> dict:
 def markdown_table(summaries: list[dict]) -> str:
     """One line per row: metric per task, image tokens per layer, mean over layers, answers equal to the first row."""
     tasks = list(summaries[0]["metrics"])
-    header = ["row"] + [f"{task} {summaries[0]['metrics'][task][0].split(',')[0]}" for task in tasks]
+    header = ["row"] + [f"{task} {summaries[0]['metrics'][task][0]}" for task in tasks]
     header += ["image tokens per layer", "mean visible", "answers = first row"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     reference = summaries[0]["answers"]
@@ -235,7 +234,7 @@ def run_sweep(
         return []
     summaries = []
     for index, run in enumerate(runs, start=1):
-        state = "done, reading" if (run.output_dir / "command.json").exists() else "running"
+        state = "done, reading" if (run.output_dir / PROVENANCE).exists() else "running"
         echo(f"[{index}/{len(runs)}] {run.name}: {state} ({run.model_args}){' x ' + str(processes) + ' processes' if processes > 1 else ''}")
         results = run_lmms_eval(run)
         summaries.append(summarize_row(run, results))

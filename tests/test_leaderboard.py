@@ -14,6 +14,7 @@ import yaml
 
 from lmms_simignore.flops import DecoderShape, layer_flops, prefill_flops, sample_prefill_flops
 from lmms_simignore.settings import ReductionSettings
+from lmms_simignore.sweep import load_config, row_runs
 
 TESTBED = Path(__file__).resolve().parents[1] / "configs" / "testbed.yaml"
 LIMIT = ("--limit", "40")
@@ -82,9 +83,12 @@ def test_leaderboard_lists_every_row_with_tokens_flops_and_provenance(finished_s
     assert by_name["fastv_4"]["visible_per_layer"] == "16 16 4 4" and float(by_name["fastv_4"]["mean_visible"]) == 10.0
     assert 0 < float(by_name["simignore_4"]["flops_vs_baseline"]) < float(by_name["simignore_8"]["flops_vs_baseline"]) < 1
     assert {"acc_colour", "acc_spatial", "acc_objects_6"} <= set(rows[0])
+    # the exact command the sweep builds for each row (with the config's generated split and the --limit)
+    runs = row_runs(load_config(TESTBED), finished_sweep.resolve(), include_path=finished_sweep.resolve() / "tasks", extra_args=LIMIT)
+    commands = {run.name: run.command() for run in runs}
     for row in rows:
         provenance = json.loads((finished_sweep / row["row"] / "provenance.json").read_text())
-        command = json.loads((finished_sweep / row["row"] / "command.json").read_text())["command"]
+        command = commands[row["row"]]
         assert row["command"] == " ".join(command) == " ".join(provenance["command"])
         assert row["lmms_eval"] == provenance["versions"]["lmms-eval"] != "not installed"
         assert row["git_commit"] and row["date"].startswith("20")
