@@ -7,7 +7,10 @@ and peak memory (CUDA max allocated on GPU; peak RSS on Linux CPUs, reset per me
 then repetitions: medians with min-max spread, speed-ups as ratios against `none` of the same run, next to
 the ideal speed-up from `lmms_simignore.flops` for the tokens each layer computes on.
 
-Timing does not depend on weight values: the LLaVA-shaped models are built with random weights.
+Models: the shipped testbed, `paper-shaped` (LLaVA-1.5's 576 image tokens in 6 narrow layers, for CPUs), and
+random-weight models with the exact shapes of LLaVA-1.5-7B and -13B (`lmms_simignore.llava_shapes`; fp16 and sdpa
+on a GPU). Timing does not depend on weight values. A ScienceQA-IMG-sized pass (`lmms_simignore.scienceqa_pass`)
+times 2017 prompts through the lmms-eval model class for none, Simignore (drop) and FastV at two batch sizes.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lmms_simignore import engine
+from lmms_simignore import engine, scienceqa_pass
 from lmms_simignore.flops import DecoderShape, sample_prefill_flops
 from lmms_simignore.settings import ReductionSettings
 
@@ -185,11 +188,12 @@ def wrapper_overhead(records: list[dict], device: torch.device, repeats: int, ma
 
     task, split = "bench_shapes", "test"
     gen_kwargs = {"max_new_tokens": max_new_tokens, "temperature": 0, "do_sample": False}
-    requests = [
-        Instance("generate_until", (prompt_text(doc), dict(gen_kwargs), doc_to_visual, doc_id, task, split), idx=0,
-                 metadata={"task": task, "doc_id": doc_id, "repeats": 1})
-        for doc_id, doc in enumerate(records)
-    ]
+
+    def requests():  # fresh ones per pass: lmms-eval's llava_hf writes into the requests' gen_kwargs
+        return [Instance("generate_until", (prompt_text(doc), dict(gen_kwargs), doc_to_visual, doc_id, task, split), idx=0,
+                         metadata={"task": task, "doc_id": doc_id, "repeats": 1})
+                for doc_id, doc in enumerate(records)]
+
     path = str(shipped_model_dir("shapes-llava"))
     models = {
         "llava_simignore (reduction=none)": LlavaSimignore(pretrained=path, device=str(device), batch_size=1),
@@ -197,14 +201,15 @@ def wrapper_overhead(records: list[dict], device: torch.device, repeats: int, ma
     }
     for model in models.values():
         model.task_dict = {task: {split: records}}
-        model.generate_until(requests[:2])  # warm-up
+        model.generate_until(requests()[:2])  # warm-up
     seconds: dict[str, list[float]] = {name: [] for name in models}
     answers = {}
     for _ in range(repeats):
         for name, model in models.items():
+            batch = requests()
             _sync(device)
             started = time.perf_counter()
-            answers[name] = model.generate_until(requests)
+            answers[name] = model.generate_until(batch)
             _sync(device)
             seconds[name].append(time.perf_counter() - started)
     ours, theirs = (statistics.median(values) for values in seconds.values())
@@ -253,57 +258,106 @@ def markdown(report: dict) -> str:
                 f"{'-' if decode is None else f'{decode:.0f}'} | {'-' if memory is None else f'{memory:.0f}'} |"
             )
         lines.append("")
+    if "scienceqa_pass" in report:
+        lines += scienceqa_pass.markdown(report["scienceqa_pass"])
     return "\n".join(lines)
 
 
-def load_bench_model(name: str, device: torch.device, dtype: torch.dtype):
-    """`testbed` (the shipped shapes model) or `paper-shaped` (random weights, 576 image tokens, 6 layers)."""
-    import tempfile
+BENCH_MODELS = ("testbed", "paper-shaped", "llava7b-shape", "llava13b-shape")
 
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+def default_models(device: torch.device) -> tuple[str, ...]:
+    """The small models on a CPU; the testbed and the LLaVA-1.5-7B shape on a GPU."""
+    return ("testbed", "llava7b-shape") if device.type == "cuda" else ("testbed", "paper-shaped")
+
+
+def bench_checkpoint(name: str, workdir: Path, device: torch.device, dtype: torch.dtype) -> Path:
+    """The folder of bench model `name`: the shipped testbed, or random weights written under `workdir`:
+    `paper-shaped` (576 image tokens, 6 narrow layers) or the exact LLaVA-1.5-7B/13B shapes."""
     from lmms_simignore.shipped import shipped_model_dir
 
     if name == "testbed":
-        path = shipped_model_dir("shapes-llava")
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
-        return model, AutoProcessor.from_pretrained(path)
+        return shipped_model_dir("shapes-llava")
+    folder = workdir / name
+    if (folder / "config.json").exists():
+        return folder
     if name == "paper-shaped":
         from lmms_simignore.fixtures import PAPER_SHAPED, build_tiny_llava
 
-        folder = build_tiny_llava(Path(tempfile.mkdtemp(prefix="bench-")) / "paper-shaped", shape=PAPER_SHAPED)
-        model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
-        return model, AutoProcessor.from_pretrained(folder)
-    raise ValueError(f"--models: unknown model {name!r}; allowed: {', '.join(BENCH_MODELS)}")
+        return build_tiny_llava(folder, shape=PAPER_SHAPED)
+    from lmms_simignore.llava_shapes import write_random_llava15
+
+    return write_random_llava15(name, folder, device, dtype)
 
 
-BENCH_MODELS = ("testbed", "paper-shaped")
+def load_bench_model(folder: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", use_safetensors=True)
+    return model.to(device).eval(), AutoProcessor.from_pretrained(folder)
 
 
-def run_bench(out_dir: str | Path, models: tuple[str, ...] = BENCH_MODELS, quick: bool = False, device: str | None = None,
-              batch_size: int = 4, warmup: int = 2, repeats: int = 7, decode_tokens: int = 16, echo=print) -> dict:
-    """Benchmark `models`; write bench.json and bench.md into `out_dir`."""
+def _check_models(names, option: str) -> None:
+    for name in names:
+        if name not in BENCH_MODELS:
+            raise ValueError(f"{option}: unknown model {name!r}; allowed: {', '.join(BENCH_MODELS)}")
+
+
+def run_bench(out_dir: str | Path, models: tuple[str, ...] | None = None, quick: bool = False, device: str | None = None,
+              batch_size: int = 4, warmup: int = 2, repeats: int = 7, decode_tokens: int = 16,
+              pass_model: str | None = None, pass_prompts: int = scienceqa_pass.SCIENCEQA_IMG_TEST_QUESTIONS,
+              pass_batch_sizes: tuple[int, ...] = (1, 8), pass_data: str | None = None, echo=print) -> dict:
+    """Benchmark `models` (default: `default_models`) and time a ScienceQA-IMG-sized pass on `pass_model`
+    (default: paper-shaped on a CPU, llava7b-shape on a GPU; `pass_prompts=0` skips it); write bench.json and
+    bench.md into `out_dir`."""
+    import tempfile
+
     from lmms_simignore import shapes
 
-    for name in models:
-        if name not in BENCH_MODELS:
-            raise ValueError(f"--models: unknown model {name!r}; allowed: {', '.join(BENCH_MODELS)}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    models = tuple(models or default_models(device))
+    pass_model = pass_model or ("llava7b-shape" if device.type == "cuda" else "paper-shaped")
+    _check_models(models, "--models")
+    _check_models([pass_model], "--pass-model")
+    if pass_prompts < 0 or not pass_batch_sizes or any(size < 1 for size in pass_batch_sizes):
+        raise ValueError(f"--pass-prompts must be >= 0 and --pass-batch-sizes positive; got {pass_prompts}, {pass_batch_sizes}")
+    if pass_data is not None:
+        from lmms_simignore.fixtures import check_local_data
+
+        check_local_data(pass_data)
     if quick:
         models, batch_size, warmup, repeats, decode_tokens = ("testbed",), 2, 1, 2, 2
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        pass_model, pass_prompts, pass_batch_sizes = "paper-shaped", min(pass_prompts, 8), (1, 4)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     records = shapes.shapes_records(batch_size, seed=shapes.HELD_OUT_SEED)
     report = {"machine": machine(), "settings": {"quick": quick, "device": str(device), "dtype": str(dtype), "batch_size": batch_size,
-                                                  "warmup": warmup, "repeats": repeats, "decode_tokens": decode_tokens}, "models": {}}
+                                                  "warmup": warmup, "repeats": repeats, "decode_tokens": decode_tokens,
+                                                  "attn_implementation": "sdpa"}, "models": {}}
     if not quick:
         echo("wrapper overhead against the built-in llava_hf:")
         report["wrapper_overhead"] = wrapper_overhead(shapes.shapes_records(64, seed=shapes.HELD_OUT_SEED), device, repeats, progress=echo)
-    for name in models:
-        echo(f"{name}:")
-        model, processor = load_bench_model(name, device, dtype)
-        model_records = records if name == "testbed" else _resized(records, processor)
-        report["models"][name] = bench_model(model, processor, model_records, batch_size, warmup, repeats, decode_tokens, progress=echo)
-        del model
+    with tempfile.TemporaryDirectory(prefix="lmms-simignore-bench-") as workdir:
+        for name in models:
+            echo(f"{name}:")
+            model, processor = load_bench_model(bench_checkpoint(name, Path(workdir), device, dtype), device, dtype)
+            model_records = records if name == "testbed" else _resized(records, processor)
+            report["models"][name] = bench_model(model, processor, model_records, batch_size, warmup, repeats, decode_tokens, progress=echo)
+            del model
+            scienceqa_pass.release_memory(device)
+        if pass_prompts:
+            echo(f"ScienceQA-IMG-sized pass on {pass_model}:")
+            folder = bench_checkpoint(pass_model, Path(workdir), device, dtype)
+            if pass_data is None:
+                from transformers import AutoTokenizer
+
+                docs = scienceqa_pass.synthetic_docs(AutoTokenizer.from_pretrained(folder), pass_prompts)
+                source = "text lengths drawn from the assumed ScienceQA-IMG distribution (lmms_simignore/scienceqa_pass.py)"
+            else:
+                docs = scienceqa_pass.local_docs(pass_data, pass_prompts)
+                source = f"questions of {Path(pass_data).name}"
+            timing = scienceqa_pass.time_pass(folder, docs, tuple(pass_batch_sizes), device, str(dtype).removeprefix("torch."),
+                                              attn_implementation="sdpa", progress=echo)
+            report["scienceqa_pass"] = {"model": pass_model, "source": source, **timing}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -117,8 +117,14 @@ def _redundancy(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from lmms_simignore.bench import run_bench
 
-    run_bench(args.out, models=tuple(args.models.split(",")), quick=args.quick, device=args.device, batch_size=args.batch_size,
-              warmup=args.warmup, repeats=args.repeats, decode_tokens=args.decode_tokens, echo=lambda line: print(line, flush=True))
+    try:
+        batch_sizes = tuple(int(size) for size in args.pass_batch_sizes.split(","))
+    except ValueError:
+        raise SystemExit(f"--pass-batch-sizes: comma-separated positive integers, got {args.pass_batch_sizes!r}")
+    run_bench(args.out, models=tuple(args.models.split(",")) if args.models else None, quick=args.quick, device=args.device,
+              batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats, decode_tokens=args.decode_tokens,
+              pass_model=args.pass_model, pass_prompts=args.pass_prompts, pass_batch_sizes=batch_sizes, pass_data=args.pass_data,
+              echo=lambda line: print(line, flush=True))
     return 0
 
 
@@ -217,8 +223,15 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = commands.add_parser("bench", help="latency, throughput and memory of every reduction against the FLOP ideal")
     bench.add_argument("--out", default="benchmarks/results/latest", help="folder for bench.json and bench.md (default: %(default)s)")
-    bench.add_argument("--models", default="testbed,paper-shaped", help="comma-separated: testbed, paper-shaped (default: %(default)s)")
-    bench.add_argument("--quick", action="store_true", help="smoke run: testbed only, batch 2, 1 warm-up, 2 repeats, 2 decode tokens")
+    bench.add_argument("--models", help="comma-separated: testbed, paper-shaped, llava7b-shape, llava13b-shape "
+                       "(default: testbed,paper-shaped on a CPU; testbed,llava7b-shape on a GPU)")
+    bench.add_argument("--quick", action="store_true", help="smoke run: testbed only, batch 2, 1 warm-up, 2 repeats, 2 decode tokens; "
+                       "a pass of 8 prompts on paper-shaped at batch 1 and 4")
+    bench.add_argument("--pass-model", help="model of the ScienceQA-IMG-sized pass (default: paper-shaped on a CPU, llava7b-shape on a GPU)")
+    bench.add_argument("--pass-prompts", type=int, default=2017, help="prompts in that pass; 0 skips it (default: %(default)s)")
+    bench.add_argument("--pass-batch-sizes", default="1,8", help="batch sizes of that pass (default: %(default)s)")
+    bench.add_argument("--pass-data", help="a local ScienceQA-IMG test split (parquet file or save_to_disk folder) for the pass; "
+                       "default: synthetic prompts of assumed realistic lengths")
     bench.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     bench.add_argument("--batch-size", type=int, default=4)
     bench.add_argument("--warmup", type=int, default=2)

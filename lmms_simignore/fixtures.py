@@ -106,14 +106,7 @@ def build_tiny_llava(output_dir: str | Path, seed: int = 0, shape: TinyLlavaShap
     Loadable with `LlavaForConditionalGeneration.from_pretrained(output_dir)` and
     `AutoProcessor.from_pretrained(output_dir)`, offline.
     """
-    from transformers import (
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -156,20 +149,26 @@ def build_tiny_llava(output_dir: str | Path, seed: int = 0, shape: TinyLlavaShap
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(output_dir, safe_serialization=True)
 
+    build_processor(tokenizer, shape.image_size, shape.patch_size).save_pretrained(output_dir)
+    return output_dir
+
+
+def build_processor(tokenizer, image_size: int, patch_size: int):
+    """A `LlavaProcessor` as the llava-hf checkpoints have it: shortest edge resized to `image_size`, centre crop,
+    CLS + (image_size / patch_size)^2 patch features of which the CLS is dropped, and the vicuna chat template."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": shape.image_size},
-        crop_size={"height": shape.image_size, "width": shape.image_size},
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
-    processor = LlavaProcessor(
+    return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=shape.patch_size,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
-    processor.save_pretrained(output_dir)
-    return output_dir
 
 
 def _draw_scene(rng: random.Random, size: int, colour: str, shape_name: str):

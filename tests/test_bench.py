@@ -26,12 +26,34 @@ def test_quick_bench_writes_every_row_with_its_flop_ideal(tmp_path):
         assert result["ttft_s"]["min"] <= result["ttft_s"]["median"] <= result["ttft_s"]["max"]
         assert result["decode_tokens_per_s"]["median"] > 0 and result["choice_s"]["median"] >= 0
     assert "| row | time to first token ms | LLM prefill ms" in (tmp_path / "bench.md").read_text()
+    # the quick ScienceQA-IMG-sized pass: 8 prompts through the lmms-eval class, per batch size and row
+    timed = report["scienceqa_pass"]
+    assert (timed["model"], timed["prompts"], timed["image_tokens"], timed["max_new_tokens"]) == ("paper-shaped", 8, 576, 1)
+    assert [(r["batch_size"], r["row"]) for r in timed["results"]] == [
+        (1, "none"), (1, "simignore_drop_288"), (1, "fastv_288"), (4, "none"), (4, "simignore_drop_288"), (4, "fastv_288")]
+    # every prompt answered; image tokens per layer averaged over the 6 layers: 576, 288, (2 * 576 + 4 * 288) / 6
+    assert all(r["answered"] == 8 for r in timed["results"])
+    assert [r["mean_visible_image_tokens"] for r in timed["results"][:3]] == [576, 288, 384]
+    assert all(r["speedup"] == 1.0 for r in timed["results"] if r["row"] == "none")
+    assert 576 + 40 < timed["prompt_tokens"]["median"] <= timed["prompt_tokens"]["max"]
+    assert "## ScienceQA-IMG-sized pass: 8 prompts on paper-shaped" in (tmp_path / "bench.md").read_text()
 
 
 def test_unknown_bench_model_is_refused_before_any_compute(tmp_path):
     completed = subprocess.run([sys.executable, "-m", "lmms_simignore", "bench", "--models", "llava-70b", "--out", str(tmp_path)],
                                capture_output=True, text=True, timeout=120)
     assert completed.returncode != 0 and "--models: unknown model 'llava-70b'" in completed.stderr
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_bad_pass_arguments_are_refused_before_any_compute(tmp_path):
+    for arguments, message in ((["--pass-batch-sizes", "0,8"], "--pass-batch-sizes positive"),
+                               (["--pass-batch-sizes", "one"], "--pass-batch-sizes: comma-separated positive integers"),
+                               (["--pass-model", "gpt"], "--pass-model: unknown model 'gpt'"),
+                               (["--pass-data", str(tmp_path / "missing.parquet")], "no such file or folder")):
+        completed = subprocess.run([sys.executable, "-m", "lmms_simignore", "bench", "--out", str(tmp_path), *arguments],
+                                   capture_output=True, text=True, timeout=120)
+        assert completed.returncode != 0 and message in completed.stderr, (arguments, completed.stderr[-2000:])
     assert not (tmp_path / "bench.json").exists()
 
 

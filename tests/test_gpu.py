@@ -87,3 +87,22 @@ def test_nf4_weights_work_with_fastv(testbed, processor, cuda_batch):
     reduced = unreduced(quantized, inputs)
     cached = run(quantized, processor, reduced, use_cache=True, fastv_layer=1, fastv_keep=6)
     assert cached.tolist() == run(quantized, processor, reduced, use_cache=False, fastv_layer=1, fastv_keep=6).tolist()
+
+
+def test_bench_runs_the_llava7b_shape_in_fp16_with_sdpa(tmp_path):
+    """The GPU speed table's path: the exact LLaVA-1.5-7B shape with random weights, a short pass included."""
+    import json
+    import subprocess
+    import sys
+
+    completed = subprocess.run(
+        [sys.executable, "-m", "lmms_simignore", "bench", "--out", str(tmp_path), "--models", "llava7b-shape", "--batch-size", "1",
+         "--warmup", "1", "--repeats", "1", "--decode-tokens", "2", "--pass-prompts", "4", "--pass-batch-sizes", "1,2"],
+        capture_output=True, text=True, timeout=1800)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["settings"]["dtype"] == "torch.float16" and report["machine"]["gpu"]
+    shape = report["models"]["llava7b-shape"]
+    assert (shape["image_tokens"], shape["layers"]) == (576, 32)
+    assert shape["rows"]["simignore_drop_50"]["computed_per_layer"] == [288] * 32
+    assert report["scienceqa_pass"]["model"] == "llava7b-shape" and len(report["scienceqa_pass"]["results"]) == 6

@@ -1,0 +1,75 @@
+"""Random-weight models with the exact shapes of LLaVA-1.5-7B and -13B, for timing without the weights.
+
+Speed and memory depend on the model's shapes, not on its weight values, so a `LlavaForConditionalGeneration`
+built from these configs with random weights times like the llava-hf checkpoints: CLIP ViT-L/14 at 336 px
+(576 image tokens, features from the second-to-last layer, CLS dropped), a two-layer GELU projector, and a
+Llama-2 decoder (vocabulary 32064). The tokenizer is the fixtures' small one: its ids stay below the
+vocabulary size, and the benchmarks measure prompt lengths in its tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# The numbers of llava-hf/llava-1.5-{7b,13b}-hf's config.json.
+CLIP_VIT_L_336 = {
+    "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+    "image_size": 336, "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+}
+LLAMA_DECODERS = {
+    "llava7b-shape": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                      "num_key_value_heads": 32},
+    "llava13b-shape": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
+                       "num_key_value_heads": 40},
+}
+LLAVA_15_VOCAB_SIZE = 32064
+LLAVA_15_SHAPES = tuple(LLAMA_DECODERS)
+
+
+def llava15_config(name: str, tokenizer):
+    """The `LlavaConfig` of `name` (one of LLAVA_15_SHAPES), with `tokenizer`'s special-token ids."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    if name not in LLAMA_DECODERS:
+        raise ValueError(f"unknown LLaVA-1.5 shape {name!r}; allowed: {', '.join(LLAVA_15_SHAPES)}")
+    text_config = LlamaConfig(
+        vocab_size=LLAVA_15_VOCAB_SIZE, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **LLAMA_DECODERS[name],
+    )
+    vision = CLIPVisionConfig(**CLIP_VIT_L_336)
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+    )
+
+
+def write_random_llava15(name: str, output_dir: str | Path, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Path:
+    """Build `name` with random weights directly on `device` in `dtype` and save it (safetensors + processor).
+
+    7B in float16 is 14 GB on disk (13B: 26 GB); building on a GPU takes seconds.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    from lmms_simignore.fixtures import build_processor, build_tokenizer
+
+    output_dir = Path(output_dir)
+    tokenizer = build_tokenizer()
+    config = llava15_config(name, tokenizer)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(output_dir, safe_serialization=True)
+    del model
+    vision = config.vision_config
+    build_processor(tokenizer, vision.image_size, vision.patch_size).save_pretrained(output_dir)
+    return output_dir

@@ -1,0 +1,232 @@
+"""A ScienceQA-IMG-sized pass, timed: 2017 prompts through the lmms-eval model class, per reduction and batch size.
+
+The test split cannot be shipped (CC BY-NC-SA) nor downloaded here, so by default the prompts are built to its
+shape: 2017 questions with one image each, in lmms-eval's `scienceqa_img` text
+(`[Context: {hint}\\n]{question}\\nA. {c0}\\n...Answer with the option's letter ...`), with text lengths drawn
+in tokens of the model's own tokenizer from the assumptions below. `data=` a local copy of the test split
+(parquet file or `save_to_disk` folder) times the real questions instead. The image's 576 tokens dominate a
+LLaVA-1.5 prompt either way; the report gives the prompt lengths it measured.
+
+Each pass answers every prompt with one token (the answer letter, as the published runs decode it), through
+`LlavaSimignore.generate_until`: image loading and preprocessing, batching, the token choice, prefill.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+SCIENCEQA_IMG_TEST_QUESTIONS = 2017
+POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
+
+# Assumed text lengths, in tokens (not measured from the data): a quarter of the questions have no context (maps),
+# some a short one ("Select the best answer.", "Figure: ..."), many a few sentences (solutions, magnets, animals'
+# adaptations), and some a passage (experiment descriptions).
+HINT_TOKENS = ((0.25, (0, 0)), (0.25, (4, 25)), (0.35, (25, 80)), (0.15, (80, 300)))  # (probability, range; log-uniform)
+QUESTION_TOKENS = (8, 30)
+CHOICE_COUNTS = ((2, 0.40), (3, 0.30), (4, 0.25), (5, 0.05))
+CHOICE_TOKENS = (1, 10)
+IMAGE_SIZES = ((200, 750), (150, 600))  # width and height ranges of the source images, in pixels
+
+WORDS = (
+    "the which of these is a an map shows states animal plant object property material solution experiment "
+    "water temperature force magnet colour shape north south east west farthest select best answer figure "
+    "mixture particle energy kinetic average sample measured students tested trial cell organism trait "
+    "weather climate habitat ocean continent country capital sentence word passage read compare"
+).split()
+
+
+def _log_uniform(rng: random.Random, low: int, high: int) -> int:
+    if high <= 0:
+        return 0
+    return round(math.exp(rng.uniform(math.log(max(low, 1)), math.log(high))))
+
+
+class _TextOfLength:
+    """Text of about `n` tokens of `tokenizer` (words counted one by one: pre-tokenizers split at spaces)."""
+
+    def __init__(self, tokenizer, rng: random.Random):
+        self.rng = rng
+        self.cost = {word: len(tokenizer(" " + word, add_special_tokens=False)["input_ids"]) for word in WORDS}
+
+    def __call__(self, n: int) -> str:
+        words, tokens = [], 0
+        while tokens < n:
+            word = self.rng.choice(WORDS)
+            words.append(word)
+            tokens += self.cost[word]
+        return " ".join(words)
+
+
+def synthetic_docs(tokenizer, num_docs: int = SCIENCEQA_IMG_TEST_QUESTIONS, seed: int = 0, num_images: int = 16) -> list[dict]:
+    """ScienceQA-IMG-shaped docs (`question`, `choices`, `answer`, `hint`, `image`) with the assumed lengths.
+
+    `num_images` random-pixel images of ScienceQA-like sizes are shared by the docs in turn.
+    """
+    import numpy as np
+    from PIL import Image
+
+    rng = random.Random(seed)
+    pixels = np.random.default_rng(seed)
+    images = []
+    for _ in range(num_images):
+        width, height = rng.randint(*IMAGE_SIZES[0]), rng.randint(*IMAGE_SIZES[1])
+        images.append(Image.fromarray(pixels.integers(0, 256, size=(height, width, 3), dtype=np.uint8)))
+    text = _TextOfLength(tokenizer, rng)
+    docs = []
+    for index in range(num_docs):
+        hint_range = rng.choices([r for _, r in HINT_TOKENS], weights=[p for p, _ in HINT_TOKENS])[0]
+        count = rng.choices([c for c, _ in CHOICE_COUNTS], weights=[p for _, p in CHOICE_COUNTS])[0]
+        docs.append({
+            "hint": text(_log_uniform(rng, *hint_range)),
+            "question": text(rng.randint(*QUESTION_TOKENS)) + "?",
+            "choices": [text(rng.randint(*CHOICE_TOKENS)) for _ in range(count)],
+            "answer": rng.randrange(count),
+            "image": images[index % num_images],
+        })
+    return docs
+
+
+def local_docs(data: str | Path, num_docs: int) -> list[dict]:
+    """The first `num_docs` questions with an image of a local test split (parquet file or save_to_disk folder)."""
+    from datasets import Dataset, load_from_disk
+
+    from lmms_simignore.fixtures import check_local_data
+
+    path = check_local_data(data)
+    dataset = load_from_disk(str(path))["test"] if path.is_dir() else Dataset.from_parquet(str(path))
+    missing = {"question", "choices", "hint", "image"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"--pass-data {data}: the split lacks ScienceQA columns {sorted(missing)}")
+    docs = [doc for doc in dataset if doc["image"] is not None][:num_docs]
+    if not docs:
+        raise ValueError(f"--pass-data {data}: no question with an image")
+    return docs
+
+
+def pass_rows(image_tokens: int, num_layers: int) -> dict[str, dict]:
+    """none, Simignore dropping half the image tokens before the LLM, FastV keeping half after layer 2."""
+    half = image_tokens // 2
+    fastv_layer = 2 if num_layers > 2 else 1
+    return {
+        "none": {"reduction": "none"},
+        f"simignore_drop_{half}": {"reduction": "simignore", "keep": half, "apply": "drop"},
+        f"fastv_{half}": {"reduction": "fastv", "fastv_layer": fastv_layer, "fastv_keep": half},
+    }
+
+
+def _requests(docs: list[dict], task: str, split: str):
+    from lmms_eval.api.instance import Instance
+
+    from lmms_simignore.tasks.scienceqa_utils import doc_to_text, doc_to_visual
+
+    gen_kwargs = {"max_new_tokens": 1, "temperature": 0, "do_sample": False}
+    return [
+        Instance("generate_until", (doc_to_text(doc, {"post_prompt": POST_PROMPT}), dict(gen_kwargs), doc_to_visual, doc_id, task, split),
+                 idx=0, metadata={"task": task, "doc_id": doc_id, "repeats": 1})
+        for doc_id, doc in enumerate(docs)
+    ]
+
+
+def _quantiles(values: list[int]) -> dict:
+    ordered = sorted(values)
+    return {"mean": statistics.fmean(ordered), "median": statistics.median(ordered),
+            "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], "max": ordered[-1]}
+
+
+def time_pass(pretrained: str | Path, docs: list[dict], batch_sizes: tuple[int, ...], device: torch.device, dtype: str,
+              attn_implementation: str | None = None, progress=print) -> dict:
+    """Seconds for one pass over `docs` per (batch size, row), with speed-ups against `none` at the same batch size.
+
+    A model is loaded per row, as a user's run would; two batches of warm-up precede each timed pass.
+    """
+    from lmms_simignore import engine
+    from lmms_simignore.models.llava_simignore import LlavaSimignore
+
+    task, split = "scienceqa_img_sized", "test"
+    requests = _requests(docs, task, split)
+    results = []
+    report: dict = {"prompts": len(docs), "max_new_tokens": 1, "batch_sizes": list(batch_sizes), "results": results}
+    for batch_size in batch_sizes:
+        baseline = None
+        for row, model_args in _rows_for(pretrained).items():
+            model = LlavaSimignore(pretrained=str(pretrained), device=str(device), dtype=dtype, batch_size=batch_size,
+                                   attn_implementation=attn_implementation, **model_args)
+            model.task_dict = {task: {split: docs}}
+            if "prompt_tokens" not in report:
+                report["prompt_tokens"] = _quantiles(_prompt_lengths(model, requests))
+                report["image_tokens"] = engine.image_tokens_per_image(model.model.config)
+            model.generate_until(requests[: 2 * batch_size])  # warm-up
+            model.accounting = type(model.accounting)()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            started = time.perf_counter()
+            answers = model.generate_until(requests)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - started
+            baseline = baseline or seconds
+            results.append({
+                "row": row, "batch_size": batch_size, "model_args": model_args, "seconds": seconds,
+                "prompts_per_s": len(requests) / seconds, "speedup": baseline / seconds,
+                "answered": sum(bool(answer) for answer in answers),
+                "mean_visible_image_tokens": model.accounting.mean_visible(),
+                "peak_cuda_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            })
+            progress(f"  pass batch {batch_size} {row}: {seconds:.1f} s ({len(requests) / seconds:.1f} prompts/s, "
+                     f"{baseline / seconds:.2f}x)")
+            del model
+            release_memory(device)
+    return report
+
+
+def release_memory(device: torch.device) -> None:
+    """Free a deleted model's memory before the next one loads (a 7B model is 14 GB of GPU memory)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _rows_for(pretrained) -> dict[str, dict]:
+    from transformers import AutoConfig
+
+    from lmms_simignore import engine
+
+    config = AutoConfig.from_pretrained(pretrained)
+    return pass_rows(engine.image_tokens_per_image(config), config.text_config.num_hidden_layers)
+
+
+def _prompt_lengths(model, requests) -> list[int]:
+    """Tokens per prompt as the model sees them: the templated text, each image placeholder expanded to its tokens."""
+    from lmms_simignore import engine
+
+    image_tokens = engine.image_tokens_per_image(model.model.config)
+    lengths = []
+    for request in requests:
+        prepared = model._prompt_request(request.args)
+        text_tokens = len(model.tokenizer(prepared.prompt)["input_ids"])
+        lengths.append(text_tokens + len(prepared.images) * (image_tokens - 1))
+    return lengths
+
+
+def markdown(report: dict) -> list[str]:
+    """The pass's section of bench.md (`report` as run_bench stores it: time_pass's, plus `model` and `source`)."""
+    tokens = report["prompt_tokens"]
+    lines = [f"## ScienceQA-IMG-sized pass: {report['prompts']} prompts on {report['model']}, one output token", "",
+             f"Prompt tokens (text + {report['image_tokens']} image tokens): mean {tokens['mean']:.0f}, median {tokens['median']:.0f}, "
+             f"p90 {tokens['p90']}, max {tokens['max']}; {report['source']}. Through `LlavaSimignore.generate_until` "
+             "(image preprocessing, batching, token choice, prefill), one timed pass per row after two batches of warm-up.", "",
+             "| batch | row | seconds | prompts/s | speed-up vs none | mean image tokens per layer |", "|---:|---|---:|---:|---:|---:|"]
+    for result in report["results"]:
+        visible = result["mean_visible_image_tokens"]
+        lines.append(f"| {result['batch_size']} | {result['row']} | {result['seconds']:.1f} | {result['prompts_per_s']:.1f} | "
+                     f"{result['speedup']:.2f} | {'-' if visible is None else f'{visible:.0f}'} |")
+    return lines + [""]
