@@ -260,7 +260,32 @@ def markdown(report: dict) -> str:
         lines.append("")
     if "scienceqa_pass" in report:
         lines += scienceqa_pass.markdown(report["scienceqa_pass"])
-    return "\n".join(lines)
+    return "\n".join(lines + against_targets(report))
+
+
+# The issue's targets: drop-mode prefill speed-up >= 0.9 x ideal (on a GPU), choice <= 1% of prefill, wrapper <= 2%.
+TARGETS = {"drop_vs_ideal": 0.9, "choice_share": 0.01, "wrapper_overhead": 0.02}
+
+
+def against_targets(report: dict) -> list[str]:
+    """Markdown lines: each model's worst drop-mode measured/ideal and worst choice share, and the wrapper's overhead."""
+    where = report["machine"].get("gpu") or "CPU"
+    lines = [f"## Against the targets ({where})", "", "| target | measured | met |", "|---|---|---|"]
+    for name, model_report in report["models"].items():
+        rows = model_report["rows"]
+        drop = {row: result["prefill_speedup_vs_ideal"] for row, result in rows.items() if "_drop_" in row}
+        worst_drop = min(drop, key=drop.get)
+        lines.append(f"| {name}: drop-mode prefill speed-up >= {TARGETS['drop_vs_ideal']} x ideal | worst {drop[worst_drop]:.2f} "
+                     f"({worst_drop}) | {'yes' if drop[worst_drop] >= TARGETS['drop_vs_ideal'] else 'no'} |")
+        share = {row: result["choice_share_of_prefill"] for row, result in rows.items() if row != "none"}
+        worst_share = max(share, key=share.get)
+        lines.append(f"| {name}: token choice <= {TARGETS['choice_share']:.0%} of prefill | worst {share[worst_share]:.1%} "
+                     f"({worst_share}) | {'yes' if share[worst_share] <= TARGETS['choice_share'] else 'no'} |")
+    if "wrapper_overhead" in report:
+        overhead = report["wrapper_overhead"]["overhead"]
+        lines.append(f"| wrapper overhead <= {TARGETS['wrapper_overhead']:.0%} against `llava_hf` | {overhead:+.1%} | "
+                     f"{'yes' if overhead <= TARGETS['wrapper_overhead'] else 'no'} |")
+    return lines + [""]
 
 
 BENCH_MODELS = ("testbed", "paper-shaped", "llava7b-shape", "llava13b-shape")

@@ -37,6 +37,12 @@ def test_quick_bench_writes_every_row_with_its_flop_ideal(tmp_path):
     assert all(r["speedup"] == 1.0 for r in timed["results"] if r["row"] == "none")
     assert 576 + 40 < timed["prompt_tokens"]["median"] <= timed["prompt_tokens"]["max"]
     assert "## ScienceQA-IMG-sized pass: 8 prompts on paper-shaped" in (tmp_path / "bench.md").read_text()
+    # the targets, judged from the same numbers
+    worst = min(result["prefill_speedup_vs_ideal"] for row, result in rows.items() if "_drop_" in row)
+    verdict = "yes" if worst >= 0.9 else "no"
+    assert f"| testbed: drop-mode prefill speed-up >= 0.9 x ideal | worst {worst:.2f} " in (tmp_path / "bench.md").read_text()
+    assert any(line.startswith("| testbed: drop-mode") and line.endswith(f"| {verdict} |")
+               for line in (tmp_path / "bench.md").read_text().splitlines())
 
 
 def test_unknown_bench_model_is_refused_before_any_compute(tmp_path):
