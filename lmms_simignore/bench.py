@@ -316,10 +316,12 @@ def bench_checkpoint(name: str, workdir: Path, device: torch.device, dtype: torc
 
 
 def load_bench_model(folder: Path, device: torch.device, dtype: torch.dtype):
+    """Model (straight onto `device`, sdpa attention) and processor of a bench checkpoint folder."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", use_safetensors=True)
-    return model.to(device).eval(), AutoProcessor.from_pretrained(folder)
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", use_safetensors=True,
+                                                          device_map=str(device))
+    return model.eval(), AutoProcessor.from_pretrained(folder)
 
 
 def _check_models(names, option: str) -> None:
