@@ -36,12 +36,22 @@ class BenchRow:
     settings: ReductionSettings
 
 
+def bench_fastv_layer(num_layers: int) -> int:
+    """FastV's layer in the benchmarks: 2 (its paper's K), or 1 for models too shallow for that."""
+    return 2 if num_layers > 2 else 1
+
+
+def kept_tokens(image_tokens: int, fraction: float) -> int:
+    """The benchmarks' budget: `fraction` of the image tokens, at least one."""
+    return max(1, round(image_tokens * fraction))
+
+
 def bench_rows(image_tokens: int, num_layers: int) -> list[BenchRow]:
-    """none, and every method at 50% and 25% of the image tokens (FastV at layer 2, or 1 for shallow models)."""
-    fastv_layer = 2 if num_layers > 2 else 1
+    """none, and every method at 50% and 25% of the image tokens."""
+    fastv_layer = bench_fastv_layer(num_layers)
     rows = [BenchRow("none", ReductionSettings())]
     for fraction in (0.5, 0.25):
-        keep = max(1, round(image_tokens * fraction))
+        keep = kept_tokens(image_tokens, fraction)
         percent = int(fraction * 100)
         rows += [
             BenchRow(f"simignore_drop_{percent}", ReductionSettings(reduction="simignore", keep=keep, apply="drop")),
@@ -86,11 +96,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_once(model, processor, settings: ReductionSettings, inputs, texts: list[str], decode_tokens: int) -> dict:
-    """One timed pass over the batch: seconds for the choice, time to first token and decoding, peak memory."""
+def measure_once(model, processor, settings: ReductionSettings, inputs, texts: list[str], image_seeds: list[int],
+                 decode_tokens: int) -> dict:
+    """One timed pass over the batch: seconds for the choice, time to first token and decoding, peak memory.
+
+    texts: Simignore's comparison text per row; image_seeds: one per image in the batch (random choices).
+    """
     device = inputs["input_ids"].device
-    num_images = int((inputs["input_ids"] == model.config.image_token_id).sum()) // engine.image_tokens_per_image(model.config)
-    seeds = list(range(num_images))
     fastv_keep = settings.fastv_kept_per_image(engine.image_tokens_per_image(model.config)) if settings.fastv else 0
     with PeakMemory(device) as memory:
         _sync(device)
@@ -98,7 +110,7 @@ def measure_once(model, processor, settings: ReductionSettings, inputs, texts: l
         prompt = engine.build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"))
         _sync(device)
         embedded = time.perf_counter()
-        reduced = engine.apply_pre_llm_stage(model, processor.tokenizer, settings, prompt, texts, seeds)
+        reduced = engine.apply_pre_llm_stage(model, processor.tokenizer, settings, prompt, texts, image_seeds)
         _sync(device)
         chosen = time.perf_counter()
         run = engine.LanguageModelRun(model, reduced, fastv_layer=settings.fastv_layer if settings.fastv else None, fastv_keep=fastv_keep)
@@ -133,24 +145,26 @@ def bench_model(model, processor, records: list[dict], batch_size: int, warmup: 
     The ideal counts the decoder layers only (`lmms_simignore.flops`), so it is compared with the LLM prefill
     (from the reduced prompt to the first logits); time to first token adds the vision tower and the choice.
     """
+    from lmms_simignore.models.llava_simignore import options_text
     from lmms_simignore.train_shapes import encode  # the shapes prompt format
 
     device = next(model.parameters()).device
     batch = records[:batch_size]
     inputs = encode(processor, batch, with_answers=False).to(device)
-    texts = [" ".join(record["choices"]) for record in batch]
+    texts = [options_text(record["choices"], "options") for record in batch]  # the model class's default text
     image_tokens = engine.image_tokens_per_image(model.config)
+    image_seeds = list(range(len(batch)))  # one image per shapes record
     num_layers = model.config.text_config.num_hidden_layers
     shape = DecoderShape.from_text_config(model.config.text_config)
     prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
     rows = bench_rows(image_tokens, num_layers)
     for _ in range(warmup):  # warm every path before any measurement
         for row in rows:
-            measure_once(model, processor, row.settings, inputs, texts, decode_tokens)
+            measure_once(model, processor, row.settings, inputs, texts, image_seeds, decode_tokens)
     runs: dict[str, list[dict]] = {row.name: [] for row in rows}
     for repeat in range(repeats):  # round robin, so drift over time affects every row alike
         for row in rows:
-            runs[row.name].append(measure_once(model, processor, row.settings, inputs, texts, decode_tokens))
+            runs[row.name].append(measure_once(model, processor, row.settings, inputs, texts, image_seeds, decode_tokens))
         progress(f"  repeat {repeat + 1}/{repeats} done")
     results = {}
     for row in rows:
@@ -332,11 +346,11 @@ def _check_models(names, option: str) -> None:
 
 def run_bench(out_dir: str | Path, models: tuple[str, ...] | None = None, quick: bool = False, device: str | None = None,
               batch_size: int = 4, warmup: int = 2, repeats: int = 7, decode_tokens: int = 16,
-              pass_model: str | None = None, pass_prompts: int = scienceqa_pass.SCIENCEQA_IMG_TEST_QUESTIONS,
+              pass_model: str | None = None, pass_prompts: int | None = None,
               pass_batch_sizes: tuple[int, ...] = (1, 8), pass_data: str | None = None, echo=print) -> dict:
-    """Benchmark `models` (default: `default_models`) and time a ScienceQA-IMG-sized pass on `pass_model`
-    (default: paper-shaped on a CPU, llava7b-shape on a GPU; `pass_prompts=0` skips it); write bench.json and
-    bench.md into `out_dir`."""
+    """Benchmark `models` (default: `default_models`) and time a ScienceQA-IMG-sized pass of `pass_prompts`
+    prompts (default: the 2017 of its test split; 0 skips it) on `pass_model` (default: paper-shaped on a CPU,
+    llava7b-shape on a GPU); write bench.json and bench.md into `out_dir`."""
     import tempfile
 
     from lmms_simignore import shapes
@@ -344,6 +358,7 @@ def run_bench(out_dir: str | Path, models: tuple[str, ...] | None = None, quick:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     models = tuple(models or default_models(device))
     pass_model = pass_model or ("llava7b-shape" if device.type == "cuda" else "paper-shaped")
+    pass_prompts = scienceqa_pass.SCIENCEQA_IMG_TEST_QUESTIONS if pass_prompts is None else pass_prompts
     _check_models(models, "--models")
     _check_models([pass_model], "--pass-model")
     if pass_prompts < 0 or not pass_batch_sizes or any(size < 1 for size in pass_batch_sizes):

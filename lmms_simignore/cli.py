@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--quick", action="store_true", help="smoke run: testbed only, batch 2, 1 warm-up, 2 repeats, 2 decode tokens; "
                        "a pass of 8 prompts on paper-shaped at batch 1 and 4")
     bench.add_argument("--pass-model", help="model of the ScienceQA-IMG-sized pass (default: paper-shaped on a CPU, llava7b-shape on a GPU)")
-    bench.add_argument("--pass-prompts", type=int, default=2017, help="prompts in that pass; 0 skips it (default: %(default)s)")
+    bench.add_argument("--pass-prompts", type=int, help="prompts in that pass; 0 skips it (default: 2017, the ScienceQA-IMG test split)")
     bench.add_argument("--pass-batch-sizes", default="1,8", help="batch sizes of that pass (default: %(default)s)")
     bench.add_argument("--pass-data", help="a local ScienceQA-IMG test split (parquet file or save_to_disk folder) for the pass; "
                        "default: synthetic prompts of assumed realistic lengths")

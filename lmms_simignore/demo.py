@@ -4,7 +4,7 @@ It generates the model card's held-out split of the shapes benchmark (seed 10000
 `num_questions` of its 1000 questions), evaluates `shipped:shapes-llava` for `none` and every
 reduction at fixed budgets of its 16 image tokens, and prints accuracy per question type and per
 object count with the image tokens each decoder layer saw. The CI accuracy regression runs the same
-rows on the first 100 questions (see `lmms_simignore.regression`).
+rows on the same split (see `lmms_simignore.regression`).
 """
 
 from __future__ import annotations

@@ -14,10 +14,8 @@ from pathlib import Path
 
 import torch
 
-SYSTEM_PROMPT = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
+from lmms_simignore.tasks.scienceqa_utils import LLAVA_SYSTEM_PROMPT as SYSTEM_PROMPT
+from lmms_simignore.tasks.scienceqa_utils import POST_PROMPT
 
 # Vicuna-style template in the spirit of the llava-1.5-hf processors: images first, then text.
 # Handles both plain-string content (lmms-eval "simple" models) and typed content lists ("chat" models);
@@ -65,7 +63,7 @@ PAPER_SHAPED = TinyLlavaShape(image_size=48, patch_size=2, vision_hidden=16, tex
 
 def _corpus() -> list[str]:
     """Text the tiny tokenizer is trained on: the prompt vocabulary of the fixtures and ScienceQA."""
-    lines = [SYSTEM_PROMPT, "USER: ASSISTANT:", "Answer with the option's letter from the given choices directly."]
+    lines = [SYSTEM_PROMPT, "USER: ASSISTANT:", POST_PROMPT.strip()]
     lines += ["Context: Question: Options: The answer is A. B. C. D. E. (A) (B) (C) (D)"]
     lines += [f"Which {o} is {c}? What colour is the {o}? Is there a {c} {o}?" for o in OBJECTS for c in COLOURS]
     lines += [" ".join(COLOURS), " ".join(OBJECTS), " ".join(SUBJECTS), "0 1 2 3 4 5 6 7 8 9 yes no left right top bottom"]

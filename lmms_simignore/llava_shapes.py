@@ -26,6 +26,7 @@ LLAMA_DECODERS = {
 }
 LLAVA_15_VOCAB_SIZE = 32064
 LLAVA_15_SHAPES = tuple(LLAMA_DECODERS)
+HUB_IDS = {"llava7b-shape": "llava-hf/llava-1.5-7b-hf", "llava13b-shape": "llava-hf/llava-1.5-13b-hf"}  # whose shapes these are
 
 
 def llava15_config(name: str, tokenizer):

@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 
 SCIENCEQA_IMG_TEST_QUESTIONS = 2017
-POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
 
 # Assumed text lengths, in tokens (not measured from the data): a quarter of the questions have no context (maps),
 # some a short one ("Select the best answer.", "Figure: ..."), many a few sentences (solutions, magnets, animals'
 # adaptations), and some a passage (experiment descriptions).
-HINT_TOKENS = ((0.25, (0, 0)), (0.25, (4, 25)), (0.35, (25, 80)), (0.15, (80, 300)))  # (probability, range; log-uniform)
+HINT_TOKENS = ((5, (0, 0)), (5, (4, 25)), (7, (25, 80)), (3, (80, 300)))  # (relative weight, token range; log-uniform)
 QUESTION_TOKENS = (8, 30)
 CHOICE_COUNTS = ((2, 0.40), (3, 0.30), (4, 0.25), (5, 0.05))
 CHOICE_TOKENS = (1, 10)
@@ -80,7 +79,7 @@ def synthetic_docs(tokenizer, num_docs: int = SCIENCEQA_IMG_TEST_QUESTIONS, seed
     text = _TextOfLength(tokenizer, rng)
     docs = []
     for index in range(num_docs):
-        hint_range = rng.choices([r for _, r in HINT_TOKENS], weights=[p for p, _ in HINT_TOKENS])[0]
+        hint_range = rng.choices([r for _, r in HINT_TOKENS], weights=[w for w, _ in HINT_TOKENS])[0]
         count = rng.choices([c for c, _ in CHOICE_COUNTS], weights=[p for _, p in CHOICE_COUNTS])[0]
         docs.append({
             "hint": text(_log_uniform(rng, *hint_range)),
@@ -110,20 +109,22 @@ def local_docs(data: str | Path, num_docs: int) -> list[dict]:
 
 
 def pass_rows(image_tokens: int, num_layers: int) -> dict[str, dict]:
-    """none, Simignore dropping half the image tokens before the LLM, FastV keeping half after layer 2."""
-    half = image_tokens // 2
-    fastv_layer = 2 if num_layers > 2 else 1
+    """none, Simignore dropping half the image tokens before the LLM, FastV keeping half after its layer
+    (the budgets and FastV layer of the benchmark's 50% rows)."""
+    from lmms_simignore.bench import bench_fastv_layer, kept_tokens
+
+    half = kept_tokens(image_tokens, 0.5)
     return {
         "none": {"reduction": "none"},
         f"simignore_drop_{half}": {"reduction": "simignore", "keep": half, "apply": "drop"},
-        f"fastv_{half}": {"reduction": "fastv", "fastv_layer": fastv_layer, "fastv_keep": half},
+        f"fastv_{half}": {"reduction": "fastv", "fastv_layer": bench_fastv_layer(num_layers), "fastv_keep": half},
     }
 
 
 def _requests(docs: list[dict], task: str, split: str):
     from lmms_eval.api.instance import Instance
 
-    from lmms_simignore.tasks.scienceqa_utils import doc_to_text, doc_to_visual
+    from lmms_simignore.tasks.scienceqa_utils import POST_PROMPT, doc_to_text, doc_to_visual
 
     gen_kwargs = {"max_new_tokens": 1, "temperature": 0, "do_sample": False}
     return [
@@ -145,24 +146,28 @@ def time_pass(pretrained: str | Path, docs: list[dict], batch_sizes: tuple[int, 
 
     A model is loaded per row, as a user's run would; two batches of warm-up precede each timed pass.
     """
+    from transformers import AutoConfig
+
     from lmms_simignore import engine
+    from lmms_simignore.accounting import TokenAccounting
     from lmms_simignore.models.llava_simignore import LlavaSimignore
 
     task, split = "scienceqa_img_sized", "test"
     requests = _requests(docs, task, split)
+    config = AutoConfig.from_pretrained(pretrained)
+    image_tokens = engine.image_tokens_per_image(config)
+    rows = pass_rows(image_tokens, config.text_config.num_hidden_layers)
     results = []
-    report: dict = {"prompts": len(docs), "max_new_tokens": 1, "batch_sizes": list(batch_sizes), "results": results}
+    report: dict = {"prompts": len(docs), "image_tokens": image_tokens, "max_new_tokens": 1, "batch_sizes": list(batch_sizes),
+                    "results": results}
     for batch_size in batch_sizes:
         baseline = None
-        for row, model_args in _rows_for(pretrained).items():
+        for row, model_args in rows.items():
             model = LlavaSimignore(pretrained=str(pretrained), device=str(device), dtype=dtype, batch_size=batch_size,
                                    attn_implementation=attn_implementation, **model_args)
             model.task_dict = {task: {split: docs}}
-            if "prompt_tokens" not in report:
-                report["prompt_tokens"] = _quantiles(_prompt_lengths(model, requests))
-                report["image_tokens"] = engine.image_tokens_per_image(model.model.config)
             model.generate_until(requests[: 2 * batch_size])  # warm-up
-            model.accounting = type(model.accounting)()
+            model.accounting = TokenAccounting()  # the timed pass only
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
@@ -172,6 +177,8 @@ def time_pass(pretrained: str | Path, docs: list[dict], batch_sizes: tuple[int, 
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - started
             baseline = baseline or seconds
+            # prompt lengths as the processor built them (text tokens plus the expanded image tokens)
+            report.setdefault("prompt_tokens", _quantiles([record["prompt_tokens"] for record in model.accounting.records]))
             results.append({
                 "row": row, "batch_size": batch_size, "model_args": model_args, "seconds": seconds,
                 "prompts_per_s": len(requests) / seconds, "speedup": baseline / seconds,
@@ -193,28 +200,6 @@ def release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def _rows_for(pretrained) -> dict[str, dict]:
-    from transformers import AutoConfig
-
-    from lmms_simignore import engine
-
-    config = AutoConfig.from_pretrained(pretrained)
-    return pass_rows(engine.image_tokens_per_image(config), config.text_config.num_hidden_layers)
-
-
-def _prompt_lengths(model, requests) -> list[int]:
-    """Tokens per prompt as the model sees them: the templated text, each image placeholder expanded to its tokens."""
-    from lmms_simignore import engine
-
-    image_tokens = engine.image_tokens_per_image(model.model.config)
-    lengths = []
-    for request in requests:
-        prepared = model._prompt_request(request.args)
-        text_tokens = len(model.tokenizer(prepared.prompt)["input_ids"])
-        lengths.append(text_tokens + len(prepared.images) * (image_tokens - 1))
-    return lengths
 
 
 def markdown(report: dict) -> list[str]:

@@ -21,8 +21,7 @@ import torch
 
 from lmms_simignore import shapes
 from lmms_simignore.fixtures import CHAT_TEMPLATE, SYSTEM_PROMPT, build_tokenizer
-
-POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
+from lmms_simignore.tasks.scienceqa_utils import POST_PROMPT
 
 
 def shapes_corpus() -> list[str]:

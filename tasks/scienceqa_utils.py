@@ -5,6 +5,10 @@ from __future__ import annotations
 import re
 
 
+# The instruction after the options, in both protocols (the task YAMLs' post_prompt holds the same text).
+POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
+
+
 def option_letters(num_choices: int) -> list[str]:
     return [chr(ord("A") + index) for index in range(num_choices)]
 

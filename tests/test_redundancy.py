@@ -43,7 +43,7 @@ def test_participation_ratio_counts_equally_varying_directions():
 def test_gini_of_equal_values_is_zero_and_of_one_holder_is_n_minus_one_over_n():
     assert gini(torch.full((5,), 2.0)) == pytest.approx(0.0)
     assert gini(torch.tensor([0.0, 0.0, 0.0, 4.0])) == pytest.approx(0.75)
-    assert gini(torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(2 / 9)  # sum|a_i-a_j| = 8, 2 * 9 * 2 = 36
+    assert gini(torch.tensor([1.0, 2.0, 3.0])) == pytest.approx(2 / 9)  # sum|a_i-a_j| = 8 over 2 N^2 mean = 2 * 9 * 2
     values = torch.rand(11)
     assert gini(values[torch.randperm(11)]) == pytest.approx(gini(values))
     with pytest.raises(ValueError, match="non-negative"):

@@ -81,12 +81,24 @@ def test_attribution_config_runs_end_to_end_offline(paper_shaped_testbed, tmp_pa
     assert any("[10/10] random_keep144: running" in line for line in lines)
 
 
-# The image-token geometry of each config's model: (image tokens per image, decoder layers)
-GEOMETRY = {"llava-hf/llava-1.5-7b-hf": (576, 32), "llava-hf/llava-1.5-13b-hf": (576, 40), "shipped:shapes-llava": (16, 4)}
+@pytest.fixture(scope="module")
+def geometry() -> dict[str, tuple[int, int]]:
+    """The image-token geometry of each config's model: (image tokens per image, decoder layers), from its config."""
+    from transformers import AutoConfig
+
+    from lmms_simignore.engine import image_tokens_per_image
+    from lmms_simignore.fixtures import build_tokenizer
+    from lmms_simignore.llava_shapes import HUB_IDS, llava15_config
+    from lmms_simignore.shipped import resolve_pretrained
+
+    configs = {hub_id: llava15_config(name, build_tokenizer()) for name, hub_id in HUB_IDS.items()}
+    configs["shipped:shapes-llava"] = AutoConfig.from_pretrained(resolve_pretrained("shipped:shapes-llava"))
+    return {model: (image_tokens_per_image(config), config.text_config.num_hidden_layers) for model, config in configs.items()}
+
 
 
 @pytest.mark.parametrize("config_path", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.stem)
-def test_every_row_of_every_config_is_a_valid_reduction_for_its_model(config_path, tmp_path):
+def test_every_row_of_every_config_is_a_valid_reduction_for_its_model(config_path, tmp_path, geometry):
     """Checked before any run: the settings parse and the budgets fit the model (as the model would refuse them)."""
     import dataclasses
 
@@ -98,7 +110,7 @@ def test_every_row_of_every_config_is_a_valid_reduction_for_its_model(config_pat
     for row in config.rows:
         args = {**config.model_args, **row.model_args}
         args = resolve_model_args(args.pop("preset", None), args)
-        image_tokens, layers = GEOMETRY[args["pretrained"]]
+        image_tokens, layers = geometry[args["pretrained"]]
         settings = ReductionSettings(**{key: value for key, value in args.items() if key in fields})
         visible = settings.visible_per_layer(image_tokens, layers)
         assert len(visible) == layers and all(0 <= count <= image_tokens for count in visible), row.name

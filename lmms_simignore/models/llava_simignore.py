@@ -65,6 +65,14 @@ def _world() -> tuple[int, int, int]:
     return rank, world, int(os.environ.get("LOCAL_RANK", rank))
 
 
+def options_text(options, style: str) -> str:
+    """Simignore's comparison text from a doc's answer options: `options` joins them with spaces,
+    `options_lettered` writes 'Options: (A) first (B) second ...'."""
+    if style == "options":
+        return " ".join(options)
+    return "Options: " + " ".join(f"({chr(ord('A') + index)}) {option}" for index, option in enumerate(options))
+
+
 class LlavaSimignore(lmms):
     """lmms-eval "simple" model (prompt = `<image>\\n` + task text in the chat template, like `llava_hf`).
 
@@ -222,9 +230,7 @@ class LlavaSimignore(lmms):
             for key in ("choices", "options"):
                 options = doc.get(key) if isinstance(doc, dict) else None
                 if isinstance(options, (list, tuple)) and options and all(isinstance(o, str) for o in options):
-                    if self.settings.text == "options":
-                        return " ".join(options)
-                    return "Options: " + " ".join(f"({chr(ord('A') + i)}) {option}" for i, option in enumerate(options))
+                    return options_text(options, self.settings.text)
             if self.settings.pre_llm == "simignore":
                 self._warn_once(
                     f"no-options:{task}",
