@@ -1,4 +1,8 @@
-"""`python -m lmms_simignore <command>`: the offline demo, sweeps over configs, fixtures, and task helpers."""
+"""`python -m lmms_simignore <command>`: the offline demo, sweeps over configs, fixtures, and task helpers.
+
+A failed lmms-eval run (which lmms-eval itself reports with exit code 0) ends every command with exit
+code 1 and the first error line of lmms-eval's output.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,25 @@ def _regression(args: argparse.Namespace) -> int:
     from lmms_simignore.regression import run_regression
 
     return run_regression(args.expected, args.workdir, update=args.update, echo=lambda line: print(line, flush=True))
+
+
+def _selfcheck(args: argparse.Namespace) -> int:
+    from lmms_simignore.selfcheck import run_selfcheck
+
+    return run_selfcheck(args.workdir, lock_path=args.lock, echo=lambda line: print(line, flush=True))
+
+
+def _lock(args: argparse.Namespace) -> int:
+    from lmms_simignore.lockfile import installed_packages, lock_text
+
+    text = lock_text(installed_packages(), tested_with=args.tested_with)
+    if args.write:
+        Path(args.write).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.write).write_text(text)
+        print(f"wrote {args.write}: {len(text.splitlines())} lines")
+    else:
+        print(text, end="")
+    return 0
 
 
 def _fixtures(args: argparse.Namespace) -> int:
@@ -87,9 +110,16 @@ def _leaderboard(args: argparse.Namespace) -> int:
 
 
 def _shapes_task(args: argparse.Namespace) -> int:
-    from lmms_simignore.shapes import write_shapes_task
+    from lmms_simignore.shapes import HELD_OUT_SEED, write_shapes_task
 
-    print(write_shapes_task(args.out, num_questions=args.num_questions, seed=args.seed, task_name=args.name))
+    if args.held_out:
+        if args.seed is not None or args.name is not None:
+            raise SystemExit("--held-out writes the model card's split (seed 10000, task shapes_heldout); do not pass --seed or --name too")
+        seed, name = HELD_OUT_SEED, "shapes_heldout"
+    else:
+        seed, name = (1 if args.seed is None else args.seed), (args.name or "shapes_local")
+    num_questions = args.num_questions if args.num_questions is not None else (1000 if args.held_out else 500)
+    print(write_shapes_task(args.out, num_questions=num_questions, seed=seed, task_name=name))
     return 0
 
 
@@ -155,6 +185,18 @@ def main(argv: list[str] | None = None) -> int:
     regression.add_argument("--update", action="store_true", help="write the measured results into --expected (an intentional change)")
     regression.set_defaults(handler=_regression)
 
+    selfcheck = commands.add_parser(
+        "selfcheck", help="seconds-long real lmms-eval evaluation of the shipped model; names the failing package if it breaks"
+    )
+    selfcheck.add_argument("--workdir", default="outputs/selfcheck", help="where its task and lmms-eval outputs go, emptied first (default: %(default)s)")
+    selfcheck.add_argument("--lock", help="the tested lock, to compare a failing package's version with (setup passes it)")
+    selfcheck.set_defaults(handler=_selfcheck)
+
+    lock = commands.add_parser("lock", help="print (or --write) this environment's packages as a lock file (scripts/refresh-lock.sh)")
+    lock.add_argument("--write", help="write the lock here instead of printing it")
+    lock.add_argument("--tested-with", default="not tested", help="what passed with these versions, for the header")
+    lock.set_defaults(handler=_lock)
+
     fixtures = commands.add_parser("fixtures", help="write the tiny random LLaVA, local parquet data and task YAML")
     fixtures.add_argument("directory")
     fixtures.add_argument("--num-docs", type=int, default=12)
@@ -168,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("config", help="sweep YAML (see configs/)")
     sweep.add_argument("--output", help="folder for the rows' outputs, table.md and summary.json (default: outputs/<config name>)")
     sweep.add_argument("--tasks", help="replace the config's tasks (e.g. a local copy)")
-    sweep.add_argument("--include-path", help="lmms-eval --include_path for task YAMLs outside lmms-eval")
+    sweep.add_argument("--include_path", "--include-path", dest="include_path", help="lmms-eval --include_path for task YAMLs outside lmms-eval")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model_arg for every row, over the config's (repeatable)")
     sweep.add_argument("--limit", type=int, help="lmms-eval --limit: only the first N docs per task")
     sweep.add_argument("--dry-run", action="store_true", help="print the lmms-eval commands, run nothing")
@@ -194,9 +236,11 @@ def main(argv: list[str] | None = None) -> int:
 
     shapes_task = commands.add_parser("shapes-task", help="generate a shapes benchmark split and its lmms-eval task YAML")
     shapes_task.add_argument("--out", required=True, help="folder for the data and the YAML; pass it to lmms-eval --include_path")
-    shapes_task.add_argument("--num-questions", type=int, default=500)
-    shapes_task.add_argument("--seed", type=int, default=1, help="generator seed (the shipped model's held-out questions are seed 10000)")
-    shapes_task.add_argument("--name", default="shapes_local", help="task name for --tasks")
+    shapes_task.add_argument("--num-questions", type=int, help="questions (default: 500; 1000 with --held-out)")
+    shapes_task.add_argument("--seed", type=int, help="generator seed (default: 1; the shipped model's held-out questions are seed 10000)")
+    shapes_task.add_argument("--name", help="task name for --tasks (default: shapes_local)")
+    shapes_task.add_argument("--held-out", action="store_true",
+                             help="the model card's held-out split as task shapes_heldout (seed 10000, 1000 questions), as the main job runs it")
     shapes_task.set_defaults(handler=_shapes_task)
 
     training = commands.add_parser("train-shapes", help="train the small shapes LLaVA from scratch")
@@ -243,7 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     tasks.set_defaults(handler=_tasks_dir)
 
     args = parser.parse_args(argv)
-    return args.handler(args)
+    from lmms_simignore.runs import LmmsEvalFailed
+
+    try:
+        return args.handler(args)
+    except LmmsEvalFailed as failure:
+        print(f"error: {failure}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -399,11 +399,11 @@ class LanguageModelRun:
 
         model = self.language_model
         layers = model.layers
-        cache_kwargs = {"past_key_values": self.cache, "use_cache": self.cache is not None}
+        cache_kwargs = {"cache": self.cache, "use_cache": self.cache is not None}
         position_embeddings = model.rotary_emb(hidden, position_ids=positions)
         mask = create_causal_mask(
             config=model.config, inputs_embeds=hidden, attention_mask=self.mask_low,
-            past_key_values=self.cache, position_ids=positions, layer_idx=0,
+            cache=self.cache, position_ids=positions, layer_idx=0,
         )
         for index in range(self.split):
             if prompt_pass and index == self.split - 1 and self.split < len(layers):
@@ -420,7 +420,7 @@ class LanguageModelRun:
             position_embeddings = model.rotary_emb(hidden, position_ids=positions)
             mask = create_causal_mask(
                 config=model.config, inputs_embeds=hidden, attention_mask=self.mask_high,
-                past_key_values=self.cache, position_ids=positions, layer_idx=self.split,
+                cache=self.cache, position_ids=positions, layer_idx=self.split,
             )
             for index in range(self.split, len(layers)):
                 hidden = layers[index](

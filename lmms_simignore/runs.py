@@ -1,13 +1,17 @@
 """Running the real `lmms-eval` CLI for one configuration and reading back what it wrote.
 
-lmms-eval exits 0 even when a run fails (no task found, bad model_args, ...), so a run only counts
-as done when its results file exists; otherwise we raise with the tail of its log.
+lmms-eval exits 0 even when a run fails (no task found, bad model_args, a broken import, ...), so a run
+only counts as done when its results file exists; otherwise `LmmsEvalFailed` is raised with the first
+error line of lmms-eval's output. A finished run is reused only when it was run with the same lmms-eval
+arguments as the ones asked for now.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -53,6 +57,46 @@ class EvalRun:
         if self.include_path is not None:
             command += ["--include_path", str(self.include_path)]
         return command + list(self.extra_args)
+
+    def lmms_eval_arguments(self) -> list[str]:
+        """What decides the results: the command after `-m lmms_eval` (not the interpreter or the launcher,
+        since 2 processes answer like 1)."""
+        return evaluation_arguments(self.command())
+
+
+def evaluation_arguments(command: list[str]) -> list[str]:
+    """The arguments after `-m lmms_eval` in a command line."""
+    for index in range(len(command) - 1):
+        if command[index] == "-m" and command[index + 1] == "lmms_eval":
+            return list(command[index + 2:])
+    raise ValueError(f"not an lmms-eval command: {shlex.join(command)}")
+
+
+class LmmsEvalFailed(RuntimeError):
+    """An lmms-eval run that wrote no results; the message leads with the first error line of its output."""
+
+    def __init__(self, name: str, first_error: str | None, exit_code: int, command: list[str], log_path: Path, tail: str):
+        self.name, self.first_error, self.exit_code, self.log_path = name, first_error, exit_code, log_path
+        headline = first_error or f"no error line in its output (exit {exit_code}, no results file); its last lines:\n{tail}"
+        super().__init__(f"lmms-eval run {name!r} failed: {headline}\n  command: {shlex.join(command)}\n  full log: {log_path}")
+
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)(?::\s.*)?$")
+LOGGED_ERROR = re.compile(r"\|\s*(?:ERROR|CRITICAL)\s*\|.*? - (.*)$")
+
+
+def first_error_line(output: str) -> str | None:
+    """The first error in lmms-eval's output: a Python exception line (`ModuleNotFoundError: No module named
+    'x'`; in a chained traceback the first one is the cause) or a logged ERROR message; None if there is none."""
+    for line in ANSI_ESCAPE.sub("", output).splitlines():
+        line = line.strip()
+        if EXCEPTION_LINE.match(line):
+            return line
+        logged = LOGGED_ERROR.search(line)
+        if logged:
+            return logged.group(1).strip()
+    return None
 
 
 def git_commit() -> str:
@@ -112,15 +156,61 @@ def read_samples(output_dir: Path, task: str) -> list[dict]:
     return sorted(records, key=lambda record: record["doc_id"])
 
 
-def run_lmms_eval(run: EvalRun, env: dict[str, str] | None = None, timeout: float | None = None) -> dict:
-    """Run `run` unless its results already exist (a killed series resumes); return the results JSON.
+def recorded_arguments(output_dir: Path) -> list[str] | None:
+    """The lmms-eval arguments a finished run in `output_dir` was run with (from its provenance), or None."""
+    path = Path(output_dir) / PROVENANCE
+    if not path.is_file() or find_results(output_dir) is None:
+        return None
+    return evaluation_arguments(json.loads(path.read_text())["command"])
 
-    Each run writes into a scratch folder that is renamed to `output_dir` only once lmms-eval has
-    written its results, so a half-finished run is never mistaken for a finished one.
+
+def argument_changes(recorded: list[str], wanted: list[str]) -> list[str]:
+    """What differs between two lmms-eval argument lists, flag by flag and model_arg by model_arg:
+    ['model_args keep: 8 -> 4', '--limit: (none) -> 3']."""
+
+    def flags(arguments: list[str]) -> dict[str, str]:
+        found, index = {}, 0
+        while index < len(arguments):
+            value = arguments[index + 1] if index + 1 < len(arguments) and not arguments[index + 1].startswith("--") else ""
+            found[arguments[index]] = value
+            index += 2 if value else 1
+        return found
+
+    def model_args(text: str) -> dict[str, str]:
+        return dict(item.split("=", 1) if "=" in item else (item, "") for item in text.split(",") if item)
+
+    old, new = flags(recorded), flags(wanted)
+    changes = []
+    for flag in sorted(old.keys() | new.keys()):
+        if flag == "--model_args" and flag in old and flag in new:
+            a, b = model_args(old[flag]), model_args(new[flag])
+            changes += [f"model_args {key}: {a.get(key, '(none)')} -> {b.get(key, '(none)')}"
+                        for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)]
+        elif old.get(flag) != new.get(flag):
+            changes.append(f"{flag}: {old.get(flag, '(none)') or '(set)'} -> {new.get(flag, '(none)') or '(set)'}")
+    return changes
+
+
+def reuse_state(run: EvalRun) -> tuple[str, list[str]]:
+    """('finished', []) when `run` finished with the same lmms-eval arguments, ('changed', what changed) when a
+    finished run in its folder used other ones, ('new', []) when there is none."""
+    recorded = recorded_arguments(run.output_dir)
+    if recorded is None:
+        return "new", []
+    wanted = run.lmms_eval_arguments()
+    return ("finished", []) if recorded == wanted else ("changed", argument_changes(recorded, wanted))
+
+
+def run_lmms_eval(run: EvalRun, env: dict[str, str] | None = None, timeout: float | None = None) -> dict:
+    """Run `run` unless it already finished with the same lmms-eval arguments (a killed series resumes, an
+    edited row runs again); return the results JSON.
+
+    Each run writes into a scratch folder that replaces `output_dir` only once lmms-eval has written its
+    results, so a half-finished run is never mistaken for a finished one and an earlier run is kept until
+    the new one has finished. Raises `LmmsEvalFailed` when lmms-eval writes no results.
     """
-    existing = find_results(run.output_dir) if run.output_dir.exists() else None
-    if existing is not None:
-        return json.loads(existing.read_text())
+    if reuse_state(run)[0] == "finished":
+        return json.loads(find_results(run.output_dir).read_text())
     scratch = run.output_dir.with_name(run.output_dir.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
@@ -133,11 +223,9 @@ def run_lmms_eval(run: EvalRun, env: dict[str, str] | None = None, timeout: floa
         )
     results = find_results(scratch)
     if completed.returncode != 0 or results is None:
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
-        raise RuntimeError(
-            f"lmms-eval run {run.name!r} failed (exit {completed.returncode}, results file "
-            f"{'missing' if results is None else 'present'}); command: {' '.join(scratch_run.command())}\n{tail}"
-        )
+        output = log_path.read_text(errors="replace")
+        tail = "\n".join(ANSI_ESCAPE.sub("", output).splitlines()[-40:])
+        raise LmmsEvalFailed(run.name, first_error_line(output), completed.returncode, scratch_run.command(), log_path, tail)
     (scratch / PROVENANCE).write_text(json.dumps(provenance(run, wall_s=time.time() - started), indent=2))
     shutil.rmtree(run.output_dir, ignore_errors=True)
     scratch.rename(run.output_dir)

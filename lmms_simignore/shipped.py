@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from importlib.resources import files
 from pathlib import Path
 
@@ -21,11 +22,24 @@ def shipped_model_dir(name: str) -> Path:
     return Path(str(files("lmms_simignore"))) / "testbed" / name
 
 
-def resolve_pretrained(pretrained: str) -> str:
-    """`shipped:shapes-llava` -> the shipped model's folder; any other value (hub id, local path) unchanged.
+HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")  # 'owner/name' or a bare legacy 'name'
 
-    A colon cannot appear in a Hugging Face hub id, so the prefix never shadows a hub model.
+
+def resolve_pretrained(pretrained: str) -> str:
+    """`shipped:shapes-llava` -> the shipped model's folder; an existing folder or a Hugging Face hub id unchanged.
+
+    Anything else (a path that does not exist, a file) is refused before any download is attempted.
+    A colon cannot appear in a hub id, so the prefix never shadows a hub model.
     """
     if pretrained.startswith(SHIPPED_PREFIX):
         return str(shipped_model_dir(pretrained[len(SHIPPED_PREFIX):]))
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        return pretrained
+    if path.exists():
+        raise ValueError(f"pretrained={pretrained!r} is a file; give the checkpoint's folder, a hub id (owner/name) or "
+                         f"{SHIPPED_PREFIX}NAME ({', '.join(SHIPPED_MODELS)})")
+    if not HUB_ID.fullmatch(pretrained) or ".." in pretrained or "--" in pretrained or pretrained.endswith((".", "-")):
+        raise ValueError(f"pretrained={pretrained!r}: no such folder, and not a Hugging Face hub id (owner/name); give an "
+                         f"existing checkpoint folder, a hub id or {SHIPPED_PREFIX}NAME ({', '.join(SHIPPED_MODELS)})")
     return pretrained

@@ -15,19 +15,21 @@ A config is YAML:
         model_args: {reduction: simignore, ignore: 124, apply: mask}
 
 Each row writes into its own folder under the output directory, atomically (see `runs.run_lmms_eval`):
-a finished row is skipped when the sweep is run again, a half-written one is redone.
+a finished row is read back when the sweep is run again with the same lmms-eval arguments, a half-written
+one is redone, and one whose arguments changed since it ran (an edited row, `--set`, `--limit`) runs again.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from lmms_simignore.accounting import TokenAccounting, layer_runs
-from lmms_simignore.runs import PROVENANCE, RUN_DIR, EvalRun, read_samples, run_lmms_eval
+from lmms_simignore.runs import RUN_DIR, EvalRun, read_samples, reuse_state, run_lmms_eval
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,7 @@ def run_sweep(
     output_dir = Path(output_dir).resolve()
     if config.shapes_task is not None:
         if include_path is not None:
-            raise ValueError("a config with shapes_task generates its own task folder; do not pass --include-path too")
+            raise ValueError("a config with shapes_task generates its own task folder; do not pass --include_path too")
         include_path = _shapes_task_dir(config.shapes_task, output_dir / "tasks", write=not dry_run)
     runs = row_runs(config, output_dir, include_path, extra_args, processes=processes)
     if dry_run:
@@ -234,8 +236,13 @@ def run_sweep(
         return []
     summaries = []
     for index, run in enumerate(runs, start=1):
-        state = "done, reading" if (run.output_dir / PROVENANCE).exists() else "running"
-        echo(f"[{index}/{len(runs)}] {run.name}: {state} ({run.model_args}){' x ' + str(processes) + ' processes' if processes > 1 else ''}")
+        state, changes = reuse_state(run)
+        if state == "finished":
+            echo(f"[{index}/{len(runs)}] {run.name}: done, reading")
+        else:
+            again = f"; it ran with other arguments ({'; '.join(changes)}), running it again" if state == "changed" else ""
+            echo(f"[{index}/{len(runs)}] {run.name}: running{' x ' + str(processes) + ' processes' if processes > 1 else ''}{again}\n"
+                 f"  $ {shlex.join(run.command())}")
         results = run_lmms_eval(run)
         summaries.append(summarize_row(run, results))
     reported = {row.name: row.reported for row in config.rows if row.reported is not None}

@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# Set up lmms-simignore with lmms-eval in a virtual environment (default: ./.venv).
+# Set up lmms-simignore with lmms-eval in a virtual environment (default: ./.venv), then prove that it
+# can evaluate (a seconds-long real lmms-eval run of the shipped model; setup fails if it cannot).
 #
-#   bash scripts/setup.sh          # package + lmms-eval
-#   bash scripts/setup.sh test     # ... plus the test dependencies
+#   bash scripts/setup.sh          # the tested lock (requirements/lock-py311-cpu.txt), test tools included
+#   bash scripts/setup.sh test     # the same (kept for LOCK=0, where it adds the test extras)
 #
+# LOCK=1        (default) install exactly the locked versions, nothing resolved on the day
+# LOCK=0        resolve the newest versions that pyproject.toml's bounds allow instead (untested combinations)
 # VENV=path     where the environment goes; VENV=system installs into the current python instead
 # PYTHON=...    interpreter used to create the environment (default: python3)
-# TORCH_SPEC=.. torch requirement used only when no torch is importable (default: torch==2.13.0)
+# TORCH_SPEC=.. torch requirement, used only when no torch imports yet (default: the lock's, torch==2.13.0)
+# TORCH_INDEX_URL=..  package index for that torch only (default: pip's own). PyPI's torch for Linux is a
+#               CUDA build of several GB; on a CPU-only machine set PyTorch's CPU index,
+#               TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# CHECK=0       skip the final evaluation check
 #
-# A torch that already imports is kept as it is (a GPU user's CUDA build stays), and pip is told not
-# to replace it. torchvision/timm builds that cannot import next to this torch (a CUDA-linked wheel on
-# a CPU-only machine breaks `import transformers` image processors) are removed; working ones stay.
+# A torch that already imports is kept as it is (a GPU user's CUDA build and its torchvision stay).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
+lock_file="requirements/lock-py311-cpu.txt"
 venv="${VENV:-.venv}"
 if [ "$venv" = "system" ]; then
     py="${PYTHON:-python3}"
@@ -22,22 +28,52 @@ else
     py="$venv/bin/python"
 fi
 pip_install() { "$py" -m pip install --disable-pip-version-check -q "$@"; }
-
-if ! "$py" -c "import torch" 2>/dev/null; then
-    echo "setup: installing ${TORCH_SPEC:-torch==2.13.0}"
-    pip_install "${TORCH_SPEC:-torch==2.13.0}"
+locked_torch="$(grep -E '^torch==' "$lock_file")"
+pins="$(mktemp)"
+trap 'rm -f "$pins"' EXIT
+if [ "${LOCK:-1}" = "1" ]; then
+    grep -vE '^torch==' "$lock_file" > "$pins"  # torch is installed (or kept) on its own, below
+else
+    : > "$pins"
 fi
-constraints="$(mktemp)"
-trap 'rm -f "$constraints"' EXIT
-"$py" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
-echo "setup: keeping $(cat "$constraints"); installing lmms-simignore${extras:+[$extras]} and lmms-eval"
-pip_install -c "$constraints" -e ".${extras:+[$extras]}"
+installed_torch() { "$py" -c "from importlib.metadata import version; print('torch==' + version('torch').split('+')[0])"; }
 
+if "$py" -c "import torch" >/dev/null 2>&1; then
+    echo "setup: keeping the installed $(installed_torch)"
+else
+    torch_spec="${TORCH_SPEC:-$locked_torch}"
+    echo "setup: installing $torch_spec${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
+    pip_install -c "$pins" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$torch_spec"
+fi
+torch_kept="$(installed_torch)"
+
+if [ "${LOCK:-1}" = "1" ]; then
+    "$py" -c "import sys; sys.exit(sys.version_info[:2] != (3, 11))" \
+        || echo "setup: warning: the lock was tested on Python 3.11, this is $("$py" -V 2>&1); if a pin has no wheel here, use LOCK=0"
+    echo "setup: installing the tested lock ($lock_file: $(grep -cE '^[^#]' "$pins") packages besides torch) and lmms-simignore"
+    pip_install --no-deps -r "$pins"
+    pip_install --no-deps --no-build-isolation -e .
+else
+    echo "$torch_kept" > "$pins"
+    echo "setup: LOCK=0: resolving the newest versions the bounds allow for lmms-simignore${extras:+[$extras]} and lmms-eval"
+    pip_install -c "$pins" -e ".${extras:+[$extras]}"
+fi
+
+# lmms-eval requires torchvision and timm, but nothing here imports them; next to a CPU build of torch
+# PyPI's torchvision (even the release made for that torch) fails to import and breaks transformers'
+# image processors. The lock leaves them out; LOCK=0 (or an older environment) may have brought them.
 for module in torchvision timm; do
     if "$py" -m pip show -q "$module" >/dev/null 2>&1 && ! "$py" -c "import $module" >/dev/null 2>&1; then
-        echo "setup: removing $module: it does not import with this torch (CUDA build on a CPU-only machine?)"
+        echo "setup: removing $module $("$py" -m pip show "$module" 2>/dev/null | sed -n 's/^Version: //p'): it does not import next to $torch_kept, and nothing here needs it"
         "$py" -m pip uninstall -y -q "$module"
     fi
 done
-"$py" -c "import lmms_simignore, lmms_eval, transformers; from transformers import LlavaForConditionalGeneration" \
-    && echo "setup: ready ($py)"
+
+if [ "${CHECK:-1}" = "1" ]; then
+    echo "setup: checking that lmms-eval can evaluate (the shipped model on 2 questions)"
+    if ! HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 "$py" -m lmms_simignore selfcheck --lock "$lock_file"; then
+        echo "setup: FAILED: this environment cannot run an lmms-eval evaluation (see above)" >&2
+        exit 1
+    fi
+fi
+echo "setup: ready ($py)"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fresh machine -> test suite: set up with the test extras, then run pytest offline.
+# Fresh machine -> test suite: set up (the tested lock, test tools included), then run pytest offline.
 # Extra arguments go to pytest (e.g. -k engine).
 set -euo pipefail
 cd "$(dirname "$0")/.."

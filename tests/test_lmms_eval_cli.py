@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from lmms_simignore.runs import EvalRun, read_samples, run_lmms_eval
+from lmms_simignore.runs import EvalRun, LmmsEvalFailed, argument_changes, read_samples, reuse_state, run_lmms_eval
 
 TASK = "scienceqa_img_local"
 
@@ -71,10 +71,12 @@ def test_two_processes_evaluate_every_doc_once_with_the_one_process_score(testbe
     assert sorted(int(total) for _, total in shards) == [6, 6]  # each process answered half of the docs
 
 
-def test_a_failed_run_raises_instead_of_reporting_nothing(testbed, tmp_path):
-    with pytest.raises(RuntimeError, match="results file missing"):
+def test_a_failed_run_raises_with_the_first_error_line_instead_of_reporting_nothing(testbed, tmp_path):
+    with pytest.raises(LmmsEvalFailed) as failure:
         evaluate(testbed, tmp_path / "bad", "reduction=simignore,keep=999")
-    assert not (tmp_path / "bad").exists()
+    assert failure.value.first_error == "ValueError: keep=999 exceeds the model's 25 image tokens per image"
+    assert str(failure.value).startswith(f"lmms-eval run 'bad' failed: {failure.value.first_error}\n  command: ")
+    assert failure.value.log_path.is_file() and not (tmp_path / "bad").exists()
 
 
 def test_a_finished_run_is_not_run_again(testbed, tmp_path):
@@ -82,3 +84,22 @@ def test_a_finished_run_is_not_run_again(testbed, tmp_path):
     (tmp_path / "done" / "marker").write_text("still here")
     again, _ = evaluate(testbed, tmp_path / "done", "reduction=simignore,ignore=5")
     assert again == results and (tmp_path / "done" / "marker").exists()
+
+
+def test_a_finished_run_whose_arguments_changed_is_run_again(testbed, tmp_path):
+    """An edited row (here: a model_arg and --limit) must not be answered with the old row's results."""
+    first, first_samples = evaluate(testbed, tmp_path / "row", "reduction=simignore,ignore=5", extra_args=("--limit", "3"))
+    edited = EvalRun(name="row", model_args=f"pretrained={testbed['model']},reduction=simignore,ignore=20", tasks=TASK,
+                     include_path=testbed["tasks"], output_dir=tmp_path / "row", extra_args=("--limit", "4"))
+    assert reuse_state(edited) == ("changed", ["--limit: 3 -> 4", "model_args ignore: 5 -> 20"])
+    again = run_lmms_eval(edited, timeout=600)
+    assert "ignore=20" in again["config"]["model_args"] and len(read_samples(tmp_path / "row", TASK)) == 4
+    assert reuse_state(edited) == ("finished", [])
+
+
+def test_argument_changes_name_each_flag_and_model_arg():
+    old = ["--model", "m", "--model_args", "a=1,b=2", "--tasks", "t", "--log_samples"]
+    new = ["--model", "m", "--model_args", "a=1,b=3,c=4", "--tasks", "u", "--limit", "2"]
+    assert argument_changes(old, new) == [
+        "--limit: (none) -> 2", "--log_samples: (set) -> (none)", "model_args b: 2 -> 3", "model_args c: (none) -> 4", "--tasks: t -> u",
+    ]

@@ -210,3 +210,22 @@ def test_non_llava_checkpoints_are_refused(tmp_path):
     with pytest.raises(ValueError, match="model_type 'llama'"):
         LlavaSimignore(pretrained=str(tmp_path))
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llama"
+
+
+@pytest.mark.parametrize("pretrained", ["/no/such/dir", "./not-here", "owner/name/extra"])
+def test_a_pretrained_that_is_neither_a_folder_nor_a_hub_id_is_refused_before_any_download(pretrained):
+    with pytest.raises(ValueError, match=r"no such folder, and not a Hugging Face hub id \(owner/name\)"):
+        LlavaSimignore(pretrained=pretrained)
+
+
+def test_a_pretrained_file_is_refused_with_what_is_expected(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="is a file; give the checkpoint's folder"):
+        LlavaSimignore(pretrained=str(tmp_path / "model.safetensors"))
+
+
+def test_hub_ids_and_folders_pass_through_unchanged(tmp_path):
+    from lmms_simignore.shipped import resolve_pretrained
+
+    assert resolve_pretrained("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"
+    assert resolve_pretrained(str(tmp_path)) == str(tmp_path)

@@ -58,3 +58,20 @@ def test_tasks_dir_command_prints_a_folder_lmms_eval_can_index(tmp_path):
         [sys.executable, "-m", "lmms_simignore", "tasks-dir"], check=True, capture_output=True, text=True
     ).stdout.strip()
     assert Path(printed, "_scienceqa_img_template.yaml").is_file()
+
+
+@pytest.mark.parametrize("module, fails", [("lmms_simignore.engine", True), ("transformers.masking_utils", False)])
+def test_a_deprecation_raised_from_our_package_fails_the_suite(tmp_path, module, fails):
+    """pyproject's filterwarnings turns FutureWarning/DeprecationWarning attributed to lmms_simignore into errors
+    (the next upstream release would break us), and leaves upstream's own warnings alone."""
+    (tmp_path / "test_warns.py").write_text(
+        "import warnings\n\n"
+        "def test_warns():\n"
+        f"    warnings.warn_explicit('`old` is deprecated', FutureWarning, 'somewhere.py', 1, module={module!r})\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(ROOT / "pyproject.toml"),
+         "--rootdir", str(tmp_path), str(tmp_path / "test_warns.py")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == (1 if fails else 0), completed.stdout[-2000:]

@@ -134,3 +134,23 @@ def test_lmms_eval_loads_the_generated_shapes_task_offline(shapes_task_dir):
     assert [d["question"] for d in docs] == [r["question"] for r in expected]
     assert docs[0]["image"].tobytes() == expected[0]["image"].tobytes()  # PNG round trip is lossless
     assert task.doc_to_text(docs[0]).startswith(f"{expected[0]['question']}\nA. red\nB. green")
+
+
+def test_the_held_out_task_a_user_writes_is_the_one_the_main_job_evaluates(tmp_path):
+    """`shapes-task --held-out` (for a hand-typed `lmms-eval --tasks shapes_heldout`) and the demo's own split."""
+    import subprocess
+    import sys
+
+    import pandas
+
+    from lmms_simignore.demo import TASK, demo_config
+    from lmms_simignore.sweep import _shapes_task_dir
+
+    subprocess.run([sys.executable, "-m", "lmms_simignore", "shapes-task", "--held-out", "--num-questions", "6", "--out",
+                    str(tmp_path / "user")], check=True, capture_output=True, timeout=300)
+    _shapes_task_dir(demo_config(6).shapes_task, tmp_path / "demo", write=True)
+    for folder in ("user", "demo"):
+        assert (tmp_path / folder / f"{TASK}.yaml").is_file()
+    user, demo = (pandas.read_parquet(next((tmp_path / folder / "data").glob("*.parquet"))) for folder in ("user", "demo"))
+    assert user.drop(columns="image").equals(demo.drop(columns="image"))
+    assert list(user["image"].map(lambda image: image["bytes"])) == list(demo["image"].map(lambda image: image["bytes"]))

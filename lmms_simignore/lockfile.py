@@ -1,0 +1,88 @@
+"""The tested lock: the exact version of every package that the test suite passed with.
+
+    requirements/lock-py311-cpu.txt     # header lines start with '#', then one `name==version` per line
+
+`scripts/setup.sh` installs exactly these packages (`pip install --no-deps -r`), so the README's commands
+get what CI tested; `LOCK=0` resolves the newest versions that pyproject.toml's bounds allow instead.
+`scripts/refresh-lock.sh` re-resolves in a fresh environment, runs the tests and rewrites the lock with
+`python -m lmms_simignore lock --write FILE` only when they pass.
+
+Left out on purpose: this package itself, pip, and `NOT_LOCKED` (lmms-eval requires torchvision and
+timm, but nothing on our path imports them, and next to a CPU build of torch the PyPI torchvision, even
+the release made for that torch, fails to import and takes transformers' image processors down with it).
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import sys
+from datetime import date
+from importlib.metadata import distributions
+from pathlib import Path
+
+LOCK_FILE = "requirements/lock-py311-cpu.txt"
+NOT_LOCKED = ("lmms-simignore", "pip", "torchvision", "timm")
+
+
+def canonical_name(name: str) -> str:
+    """PyPI's normalised project name: 'Jinja2' -> 'jinja2', 'typing_extensions' -> 'typing-extensions'."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_lock(path: str | Path) -> dict[str, str]:
+    """{canonical name: version} from a lock file; refuses lines that are not `name==version`."""
+    pins = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;=]+)", line)
+        if match is None:
+            raise ValueError(f"{path}:{number}: expected `name==version`, got {line!r}")
+        name = canonical_name(match.group(1))
+        if name in pins:
+            raise ValueError(f"{path}:{number}: {name} is pinned twice")
+        pins[name] = match.group(2)
+    return pins
+
+
+def installed_packages() -> dict[str, str]:
+    """{canonical name: version} of every distribution in this environment except `NOT_LOCKED`; a local
+    version label is dropped (torch 2.13.0+cpu -> 2.13.0, which the same build satisfies)."""
+    found = {}
+    for distribution in distributions():
+        name = canonical_name(distribution.metadata["Name"])
+        if name not in NOT_LOCKED:
+            found[name] = distribution.version.split("+")[0]
+    return dict(sorted(found.items()))
+
+
+def lock_text(packages: dict[str, str], tested_with: str) -> str:
+    """The lock file: a header saying what it was tested on and how it is refreshed, then the pins."""
+    header = [
+        "# lmms-simignore: the tested lock. Every package the test suite passed with, at its exact version.",
+        f"# Tested: {tested_with}; Python {platform.python_version()} on {sys.platform} {platform.machine()}, {date.today().isoformat()}.",
+        "# Installed by scripts/setup.sh (LOCK=0 for the newest versions the bounds allow);",
+        "# refreshed by scripts/refresh-lock.sh (re-resolve, run the tests, rewrite only when they pass).",
+        f"# Not locked on purpose: {', '.join(NOT_LOCKED)} (see lmms_simignore/lockfile.py).",
+    ]
+    return "\n".join(header + [f"{name}=={version}" for name, version in packages.items()]) + "\n"
+
+
+def unsatisfied_bounds(lock: dict[str, str], requirements: list[str]) -> list[str]:
+    """The requirements (PEP 508 strings, e.g. pyproject's dependencies) that a locked version violates or that
+    name a package the lock lacks; markers are evaluated for this interpreter."""
+    from packaging.requirements import Requirement
+
+    problems = []
+    for text in requirements:
+        requirement = Requirement(text)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        name = canonical_name(requirement.name)
+        if name not in lock:
+            problems.append(f"{text}: {name} is not in the lock")
+        elif not requirement.specifier.contains(lock[name], prereleases=True):
+            problems.append(f"{text}: the lock has {name}=={lock[name]}")
+    return problems
