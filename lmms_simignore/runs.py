@@ -201,13 +201,14 @@ def reuse_state(run: EvalRun) -> tuple[str, list[str]]:
     return ("finished", []) if recorded == wanted else ("changed", argument_changes(recorded, wanted))
 
 
-def run_lmms_eval(run: EvalRun, env: dict[str, str] | None = None, timeout: float | None = None) -> dict:
+def run_lmms_eval(run: EvalRun, env: dict[str, str] | None = None, timeout: float | None = None, echo=None) -> dict:
     """Run `run` unless it already finished with the same lmms-eval arguments (a killed series resumes, an
     edited row runs again); return the results JSON.
 
     Each run writes into a scratch folder that replaces `output_dir` only once lmms-eval has written its
     results, so a half-finished run is never mistaken for a finished one and an earlier run is kept until
-    the new one has finished. Raises `LmmsEvalFailed` when lmms-eval writes no results.
+    the new one has finished. Raises `LmmsEvalFailed` when lmms-eval writes no results. `echo`, if given,
+    receives the exact command line that runs.
     """
     if reuse_state(run)[0] == "finished":
         return json.loads(find_results(run.output_dir).read_text())
@@ -216,6 +217,8 @@ def run_lmms_eval(run: EvalRun, env: dict[str, str] | None = None, timeout: floa
     scratch.mkdir(parents=True)
     scratch_run = EvalRun(**{**run.__dict__, "output_dir": scratch})
     log_path = scratch / "lmms_eval.log"
+    if echo is not None:
+        echo(f"  $ {shlex.join(scratch_run.command())}")
     started = time.time()
     with open(log_path, "w") as log:
         completed = subprocess.run(

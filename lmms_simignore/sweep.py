@@ -22,7 +22,6 @@ one is redone, and one whose arguments changed since it ran (an edited row, `--s
 from __future__ import annotations
 
 import json
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,9 +240,9 @@ def run_sweep(
             echo(f"[{index}/{len(runs)}] {run.name}: done, reading")
         else:
             again = f"; it ran with other arguments ({'; '.join(changes)}), running it again" if state == "changed" else ""
-            echo(f"[{index}/{len(runs)}] {run.name}: running{' x ' + str(processes) + ' processes' if processes > 1 else ''}{again}\n"
-                 f"  $ {shlex.join(run.command())}")
-        results = run_lmms_eval(run)
+            echo(f"[{index}/{len(runs)}] {run.name}: running{' x ' + str(processes) + ' processes' if processes > 1 else ''}{again} "
+                 f"(in {run.output_dir.name}.partial until it finishes)")
+        results = run_lmms_eval(run, echo=echo)
         summaries.append(summarize_row(run, results))
     reported = {row.name: row.reported for row in config.rows if row.reported is not None}
     if reported:

@@ -79,6 +79,9 @@ def test_attribution_config_runs_end_to_end_offline(paper_shaped_testbed, tmp_pa
     table = (tmp_path / "attribution" / "table.md").read_text()
     assert "| simignore_fastv | 0.0000 | layers 0-4: 452, layer 5: 144 | 400.7 / 576 |" in table
     assert any("[10/10] random_keep144: running" in line for line in lines)
+    printed = [line for line in lines if line.startswith("  $ ")]  # the command each row really ran
+    assert len(printed) == 10 and "{run_dir}" not in "".join(printed)
+    assert f"token_log={tmp_path / 'attribution' / 'random_keep144.partial'}/tokens.jsonl" in printed[-1]
 
 
 @pytest.fixture(scope="module")
