@@ -135,3 +135,12 @@ def test_a_reported_figure_needs_its_value_and_source(tmp_path):
     path.write_text("tasks: t\nrows: [{name: a, reported: {value: 1.0}}]\n")
     with pytest.raises(ValueError, match="reported must be"):
         load_config(path)
+
+
+@pytest.mark.parametrize("flag", ["--include_path", "--include-path"])
+def test_sweep_takes_lmms_evals_spelling_of_include_path_and_the_old_one(tmp_path, capsys, flag):
+    from lmms_simignore.cli import main
+
+    assert main(["sweep", str(CONFIGS / "table3.yaml"), "--output", str(tmp_path), flag, str(tmp_path / "tasks"), "--dry-run"]) == 0
+    commands = capsys.readouterr().out.splitlines()
+    assert commands and all(command.endswith(f"--include_path {tmp_path / 'tasks'}") for command in commands)
