@@ -16,7 +16,7 @@ from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, packages_distributions, version
 from pathlib import Path
 
-from lmms_simignore.runs import LmmsEvalFailed
+from lmms_simignore.runs import ANSI_ESCAPE, LmmsEvalFailed
 
 SELFCHECK_QUESTIONS = 2
 SELFCHECK_ROW = "simignore_12+fastv_4"  # one of the main job's rows: both kinds of stage
@@ -90,7 +90,8 @@ def run_selfcheck(workdir: str | Path = "outputs/selfcheck", lock_path: str | Pa
         (summary,) = run_sweep(config, workdir, echo=lambda line: None, show_table=False)
     except LmmsEvalFailed as failure:
         echo(f"selfcheck: FAILED, lmms-eval could not evaluate {config.model_args['pretrained']}")
-        output = Path(failure.log_path).read_text(errors="replace") if Path(failure.log_path).is_file() else ""
+        log = Path(failure.log_path)
+        output = ANSI_ESCAPE.sub("", log.read_text(errors="replace")) if log.is_file() else ""
         if output:
             echo("----- the last 30 lines of its output -----\n" + "\n".join(output.splitlines()[-30:]) + "\n-----")
         echo(str(failure))
