@@ -110,15 +110,17 @@ def _leaderboard(args: argparse.Namespace) -> int:
 
 
 def _shapes_task(args: argparse.Namespace) -> int:
+    from lmms_simignore.demo import HELD_OUT_QUESTIONS, TASK
     from lmms_simignore.shapes import HELD_OUT_SEED, write_shapes_task
 
     if args.held_out:
         if args.seed is not None or args.name is not None:
-            raise SystemExit("--held-out writes the model card's split (seed 10000, task shapes_heldout); do not pass --seed or --name too")
-        seed, name = HELD_OUT_SEED, "shapes_heldout"
+            raise SystemExit(f"--held-out writes the main job's split (seed {HELD_OUT_SEED}, task {TASK}); do not pass --seed or --name too")
+        seed, name, num_questions = HELD_OUT_SEED, TASK, HELD_OUT_QUESTIONS
     else:
-        seed, name = (1 if args.seed is None else args.seed), (args.name or "shapes_local")
-    num_questions = args.num_questions if args.num_questions is not None else (1000 if args.held_out else 500)
+        seed, name, num_questions = (1 if args.seed is None else args.seed), (args.name or "shapes_local"), 500
+    if args.num_questions is not None:
+        num_questions = args.num_questions
     print(write_shapes_task(args.out, num_questions=num_questions, seed=seed, task_name=name))
     return 0
 

@@ -53,7 +53,7 @@ def installed_version(distribution: str) -> str | None:
 def diagnose(error_line: str | None, lock: dict[str, str] | None) -> list[str]:
     """Lines that explain a failed evaluation: the package behind the failing import, its installed and
     locked versions, and what to do. `lock` maps canonical package names to locked versions."""
-    from lmms_simignore.lockfile import canonical_name
+    from lmms_simignore.lockfile import NOT_LOCKED, canonical_name
 
     module = failing_module(error_line or "")
     if module is None:
@@ -64,8 +64,12 @@ def diagnose(error_line: str | None, lock: dict[str, str] | None) -> list[str]:
         return [f"package: nothing installed provides {module.split('.')[0]!r}",
                 "what to do: install the tested lock (bash scripts/setup.sh, LOCK=1 is the default)"]
     name, installed = canonical_name(distribution), installed_version(distribution)
+    if name in NOT_LOCKED:
+        return [f"package: {module!r} belongs to {name} {installed}, which lmms-eval requires but nothing here imports",
+                f"what to do: `pip uninstall {name}` (setup removes it when it cannot import), or install the {name} "
+                f"build made for this torch"]
     locked = (lock or {}).get(name)
-    if locked is not None and locked != installed:
+    if locked is not None and locked != (installed or "").split("+")[0]:
         return [f"package: {module!r} belongs to {name} {installed}; the tested lock has {name}=={locked}",
                 f"what to do: install the tested lock (bash scripts/setup.sh, LOCK=1 is the default), "
                 f"or `pip install '{name}=={locked}'`"]

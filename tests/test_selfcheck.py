@@ -103,6 +103,24 @@ def test_the_diagnosis_names_the_package_its_version_and_the_locked_one():
     assert "the tested lock has the same" in same[0] and "does not work with this lmms-eval/torch" in same[1]
 
 
+def test_the_diagnosis_of_a_broken_torchvision_says_to_remove_it(monkeypatch):
+    from lmms_simignore import selfcheck
+
+    monkeypatch.setattr(selfcheck, "distribution_of", lambda module: "torchvision")
+    monkeypatch.setattr(selfcheck, "installed_version", lambda distribution: "0.28.0")
+    lines = diagnose("RuntimeError: operator torchvision::nms does not exist", {"torch": "2.13.0"})
+    assert lines[0].startswith("package: 'torchvision' belongs to torchvision 0.28.0, which lmms-eval requires but nothing here imports")
+    assert "`pip uninstall torchvision`" in lines[1]
+
+
+def test_a_local_version_label_is_not_taken_for_a_different_version(monkeypatch):
+    from lmms_simignore import selfcheck
+
+    monkeypatch.setattr(selfcheck, "distribution_of", lambda module: "torch")
+    monkeypatch.setattr(selfcheck, "installed_version", lambda distribution: "2.13.0+cpu")
+    assert "the tested lock has the same torch==2.13.0" in diagnose("ImportError: cannot import name 'x' from 'torch.y'", {"torch": "2.13.0"})[0]
+
+
 def test_selfcheck_evaluates_the_shipped_model_through_lmms_eval(tmp_path):
     completed = python_m("selfcheck", "--workdir", str(tmp_path / "check"))
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
