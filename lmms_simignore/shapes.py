@@ -43,6 +43,10 @@ class ShapeObject:
     def name(self) -> str:
         return f"{self.colour} {self.shape}"
 
+    @property
+    def centre_x(self) -> int:
+        return self.column * CELL + CELL // 2
+
 
 def random_scene(rng: random.Random, num_objects: int) -> list[ShapeObject]:
     """`num_objects` objects in distinct cells, each with a random colour, shape and size."""
@@ -77,8 +81,12 @@ def _unique(objects: list[ShapeObject], key) -> list[ShapeObject]:
     return [obj for obj in objects if values.count(key(obj)) == 1]
 
 
-def ask(rng: random.Random, objects: list[ShapeObject], question_type: str) -> tuple[str, str] | None:
-    """(question, answer option) of `question_type` about the scene, or None when the scene cannot support it."""
+def ask(rng: random.Random, objects: list, question_type: str, min_gap: int = CELL) -> tuple[str, str] | None:
+    """(question, answer option) of `question_type` about the scene, or None when the scene cannot support it.
+
+    `objects` have `colour`, `shape`, `name` and `centre_x` (pixels); a left-of question compares two objects
+    whose centres are at least `min_gap` pixels apart horizontally.
+    """
     if question_type in ATTRIBUTE_QUESTIONS:  # name an object by one attribute, ask for the other
         known, template = ATTRIBUTE_QUESTIONS[question_type]
         candidates = _unique(objects, lambda obj: getattr(obj, known))
@@ -96,18 +104,37 @@ def ask(rng: random.Random, objects: list[ShapeObject], question_type: str) -> t
         return "How many objects are there?", str(len(objects))
     if question_type == "spatial":
         candidates = _unique(objects, lambda obj: obj.name)
-        pairs = [(a, b) for a in candidates for b in candidates if a.column != b.column]
+        pairs = [(a, b) for a in candidates for b in candidates if abs(a.centre_x - b.centre_x) >= min_gap]
         if not pairs:
             return None
         first, second = rng.choice(pairs)
-        return f"Is the {first.name} left of the {second.name}?", "yes" if first.column < second.column else "no"
+        return f"Is the {first.name} left of the {second.name}?", "yes" if first.centre_x < second.centre_x else "no"
     raise ValueError(f"question_type must be one of {', '.join(QUESTION_TYPES)}; got {question_type!r}")
 
 
+@dataclass(frozen=True)
+class GridLayout:
+    """The shipped model's scenes: one object per cell of a GRID x GRID board, a cell = one image token."""
+
+    image_size: int = IMAGE_SIZE
+    patch_size: int = CELL
+    min_gap: int = CELL  # left-of compares objects in different columns
+
+    def random_scene(self, rng: random.Random, num_objects: int) -> list[ShapeObject]:
+        return random_scene(rng, num_objects)
+
+    def draw(self, objects: list[ShapeObject]):
+        return draw_scene(objects)
+
+
+GRID_LAYOUT = GridLayout()
+
+
 def shapes_records(num_questions: int, seed: int, max_objects: int = MAX_OBJECTS, min_objects: int = 1,
-                   question_types: tuple[str, ...] = QUESTION_TYPES, draw: bool = True) -> list[dict]:
+                   question_types: tuple[str, ...] = QUESTION_TYPES, draw: bool = True, layout=GRID_LAYOUT) -> list[dict]:
     """`num_questions` records cycling through the question types, with ScienceQA-IMG columns plus
-    `question_type` and `num_objects` (1..max_objects, uniform). Same seed, same records.
+    `question_type` and `num_objects` (1..max_objects, uniform). Same seed, same records. `layout` places
+    and draws the objects (`GRID_LAYOUT`, or `scenes.FREE_LAYOUT` for objects spanning several tokens).
     """
     if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
         raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, got {min_objects}, {max_objects}")
@@ -122,15 +149,15 @@ def shapes_records(num_questions: int, seed: int, max_objects: int = MAX_OBJECTS
             raise RuntimeError(f"could not draw {num_questions} questions of types {question_types} with {min_objects}-{max_objects} objects")
         question_type = question_types[len(records) % len(question_types)]
         fewest = max(min_objects, FEWEST_OBJECTS.get(question_type, 1))
-        objects = random_scene(rng, rng.randint(fewest, max(fewest, max_objects)))
-        asked = ask(rng, objects, question_type)
+        objects = layout.random_scene(rng, rng.randint(fewest, max(fewest, max_objects)))
+        asked = ask(rng, objects, question_type, min_gap=layout.min_gap)
         if asked is None:
             continue
         question, answer = asked
         options = list(OPTIONS[question_type])
         records.append(
             {
-                "image": draw_scene(objects) if draw else None,
+                "image": layout.draw(objects) if draw else None,
                 "question": question,
                 "choices": options,
                 "answer": options.index(answer),
