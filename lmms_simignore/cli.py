@@ -138,6 +138,15 @@ def _train_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain_tower(args: argparse.Namespace) -> int:
+    from lmms_simignore.tower_pretraining import pretrain_tower
+
+    summary = pretrain_tower(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             eval_every=args.eval_every, log=lambda line: print(line, flush=True))
+    print(f"held-out image->caption top-1: {summary['held_out_top1']:.3f} (chance {summary['chance']:.4f}); wrote {args.out}")
+    return 0
+
+
 def _redundancy(args: argparse.Namespace) -> int:
     from lmms_simignore.redundancy import run_redundancy
 
@@ -257,6 +266,17 @@ def main(argv: list[str] | None = None) -> int:
     training.add_argument("--curriculum", type=float, default=0.4, help="fraction of the steps over which the object count grows from 1 to 6; 0 = none (default: %(default)s)")
     training.add_argument("--init-from", help="go on training the model in this folder (a second stage) instead of starting from scratch")
     training.set_defaults(handler=_train_shapes)
+
+    pretrain = commands.add_parser(
+        "pretrain-tower", help="CLIP-like contrastive pre-training of a tiny vision tower on scene captions (testbed recipe, stage 0)"
+    )
+    pretrain.add_argument("--out", required=True, help="folder for vision/, text/, projections and training.json")
+    pretrain.add_argument("--steps", type=int, default=1500)
+    pretrain.add_argument("--batch-size", type=int, default=128)
+    pretrain.add_argument("--lr", type=float, default=1e-3)
+    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.add_argument("--eval-every", type=int, default=250)
+    pretrain.set_defaults(handler=_pretrain_tower)
 
     redundancy = commands.add_parser(
         "redundancy", help="stable rank, participation ratio and Gini of norms of image tokens per LLM layer, against object count"
