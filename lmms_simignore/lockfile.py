@@ -27,7 +27,19 @@ NOT_LOCKED = ("lmms-simignore", "pip", "torchvision", "timm")
 
 def canonical_name(name: str) -> str:
     """PyPI's normalised project name: 'Jinja2' -> 'jinja2', 'typing_extensions' -> 'typing-extensions'."""
-    return re.sub(r"[-_.]+", "-", name).lower()
+    from packaging.utils import canonicalize_name
+
+    return str(canonicalize_name(name))
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a distribution (with its local label, e.g. 2.13.0+cpu), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
 
 
 def read_lock(path: str | Path) -> dict[str, str]:

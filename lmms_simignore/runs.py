@@ -73,10 +73,11 @@ def evaluation_arguments(command: list[str]) -> list[str]:
 
 
 class LmmsEvalFailed(RuntimeError):
-    """An lmms-eval run that wrote no results; the message leads with the first error line of its output."""
+    """An lmms-eval run that wrote no results; the message leads with the first error line of its output,
+    `tail` holds its last 30 lines (colour codes removed)."""
 
     def __init__(self, name: str, first_error: str | None, exit_code: int, command: list[str], log_path: Path, tail: str):
-        self.name, self.first_error, self.exit_code, self.log_path = name, first_error, exit_code, log_path
+        self.name, self.first_error, self.exit_code, self.log_path, self.tail = name, first_error, exit_code, log_path, tail
         headline = first_error or f"no error line in its output (exit {exit_code}, no results file); its last lines:\n{tail}"
         super().__init__(f"lmms-eval run {name!r} failed: {headline}\n  command: {shlex.join(command)}\n  full log: {log_path}")
 
@@ -114,20 +115,14 @@ def git_commit() -> str:
 
 def provenance(run: EvalRun, wall_s: float) -> dict:
     """Where a finished run's numbers come from: the exact command, versions, commit, date and wall time."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def installed(package: str) -> str:
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return "not installed"
+    from lmms_simignore.lockfile import installed_version
 
     return {
         "command": run.command(),
         "model": run.model,
         "model_args": run.model_args,
         "tasks": run.tasks,
-        "versions": {package: installed(package) for package in ("lmms-simignore", "lmms-eval", "transformers", "torch")},
+        "versions": {package: installed_version(package) or "not installed" for package in ("lmms-simignore", "lmms-eval", "transformers", "torch")},
         "git_commit": git_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_s": round(wall_s, 1),
@@ -227,7 +222,7 @@ def run_lmms_eval(run: EvalRun, env: dict[str, str] | None = None, timeout: floa
     results = find_results(scratch)
     if completed.returncode != 0 or results is None:
         output = log_path.read_text(errors="replace")
-        tail = "\n".join(ANSI_ESCAPE.sub("", output).splitlines()[-40:])
+        tail = "\n".join(ANSI_ESCAPE.sub("", output).splitlines()[-30:])
         raise LmmsEvalFailed(run.name, first_error_line(output), completed.returncode, scratch_run.command(), log_path, tail)
     (scratch / PROVENANCE).write_text(json.dumps(provenance(run, wall_s=time.time() - started), indent=2))
     shutil.rmtree(run.output_dir, ignore_errors=True)

@@ -17,7 +17,7 @@ import random
 import zlib
 from dataclasses import dataclass
 
-from lmms_simignore.shapes import COLOURS, RGB, SHAPES
+from lmms_simignore.shapes import COLOURS, RGB, SHAPES, paint_shape
 
 IMAGE_SIZE = 64
 PATCH = 8
@@ -79,13 +79,7 @@ def random_free_scene(rng: random.Random, num_objects: int) -> list[PlacedObject
 
 
 def _draw_object(draw, obj: PlacedObject, fill) -> None:
-    box = (obj.left, obj.top, obj.left + obj.side - 1, obj.top + obj.side - 1)
-    if obj.shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif obj.shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:
-        draw.polygon([(box[0], box[3]), ((box[0] + box[2]) / 2, box[1]), (box[2], box[3])], fill=fill)
+    paint_shape(draw, obj.shape, (obj.left, obj.top, obj.left + obj.side - 1, obj.top + obj.side - 1), fill)
 
 
 def draw_free_scene(objects: list[PlacedObject]):

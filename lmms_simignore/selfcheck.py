@@ -13,10 +13,11 @@ from __future__ import annotations
 import re
 import shutil
 from dataclasses import replace
-from importlib.metadata import PackageNotFoundError, packages_distributions, version
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
-from lmms_simignore.runs import ANSI_ESCAPE, LmmsEvalFailed
+from lmms_simignore.lockfile import NOT_LOCKED, canonical_name, installed_version, read_lock
+from lmms_simignore.runs import LmmsEvalFailed
 
 SELFCHECK_QUESTIONS = 2
 SELFCHECK_ROW = "simignore_12+fastv_4"  # one of the main job's rows: both kinds of stage
@@ -43,18 +44,9 @@ def distribution_of(module: str) -> str | None:
     return names[0] if names else None
 
 
-def installed_version(distribution: str) -> str | None:
-    try:
-        return version(distribution)
-    except PackageNotFoundError:
-        return None
-
-
 def diagnose(error_line: str | None, lock: dict[str, str] | None) -> list[str]:
     """Lines that explain a failed evaluation: the package behind the failing import, its installed and
     locked versions, and what to do. `lock` maps canonical package names to locked versions."""
-    from lmms_simignore.lockfile import NOT_LOCKED, canonical_name
-
     module = failing_module(error_line or "")
     if module is None:
         return ["what to do: read the full log above; if a package was upgraded since the lock was tested, "
@@ -83,7 +75,6 @@ def run_selfcheck(workdir: str | Path = "outputs/selfcheck", lock_path: str | Pa
     """Evaluate the selfcheck row through lmms-eval afresh in `workdir` (its log stays there); 0 when it
     answered every question, 1 otherwise, with a diagnosis."""
     from lmms_simignore.demo import demo_config
-    from lmms_simignore.lockfile import read_lock
     from lmms_simignore.sweep import run_sweep
 
     config = demo_config(SELFCHECK_QUESTIONS, batch_size=SELFCHECK_QUESTIONS)
@@ -94,10 +85,7 @@ def run_selfcheck(workdir: str | Path = "outputs/selfcheck", lock_path: str | Pa
         (summary,) = run_sweep(config, workdir, echo=lambda line: None, show_table=False)
     except LmmsEvalFailed as failure:
         echo(f"selfcheck: FAILED, lmms-eval could not evaluate {config.model_args['pretrained']}")
-        log = Path(failure.log_path)
-        output = ANSI_ESCAPE.sub("", log.read_text(errors="replace")) if log.is_file() else ""
-        if output:
-            echo("----- the last 30 lines of its output -----\n" + "\n".join(output.splitlines()[-30:]) + "\n-----")
+        echo(f"----- the last lines of its output -----\n{failure.tail}\n-----")
         echo(str(failure))
         lock = read_lock(lock_path) if lock_path is not None and Path(lock_path).is_file() else None
         for line in diagnose(failure.first_error, lock):

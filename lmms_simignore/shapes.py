@@ -57,6 +57,17 @@ def random_scene(rng: random.Random, num_objects: int) -> list[ShapeObject]:
     ]
 
 
+def paint_shape(draw, shape: str, box: tuple[int, int, int, int], fill) -> None:
+    """Paint `shape` filling the inclusive pixel box (left, top, right, bottom) on a PIL ImageDraw."""
+    left, top, right, bottom = box
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(left, bottom), ((left + right + 1) // 2, top), (right, bottom)], fill=fill)
+
+
 def draw_scene(objects: list[ShapeObject]):
     """RGB PIL image of the scene, IMAGE_SIZE pixels square."""
     from PIL import Image, ImageDraw
@@ -66,13 +77,7 @@ def draw_scene(objects: list[ShapeObject]):
     for obj in objects:
         half = 7 if obj.large else 5
         cx, cy = obj.column * CELL + CELL // 2, obj.row * CELL + CELL // 2
-        box = (cx - half, cy - half, cx + half - 1, cy + half - 1)
-        if obj.shape == "circle":
-            draw.ellipse(box, fill=RGB[obj.colour])
-        elif obj.shape == "square":
-            draw.rectangle(box, fill=RGB[obj.colour])
-        else:
-            draw.polygon([(box[0], box[3]), (cx, box[1]), (box[2], box[3])], fill=RGB[obj.colour])
+        paint_shape(draw, obj.shape, (cx - half, cy - half, cx + half - 1, cy + half - 1), RGB[obj.colour])
     return image
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from importlib.resources import files
 from pathlib import Path
 
@@ -22,9 +21,6 @@ def shipped_model_dir(name: str) -> Path:
     return Path(str(files("lmms_simignore"))) / "testbed" / name
 
 
-HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")  # 'owner/name' or a bare legacy 'name'
-
-
 def resolve_pretrained(pretrained: str) -> str:
     """`shipped:shapes-llava` -> the shipped model's folder; an existing folder or a Hugging Face hub id unchanged.
 
@@ -35,11 +31,15 @@ def resolve_pretrained(pretrained: str) -> str:
         return str(shipped_model_dir(pretrained[len(SHIPPED_PREFIX):]))
     path = Path(pretrained).expanduser()
     if path.is_dir():
-        return pretrained
+        return str(path)
     if path.exists():
         raise ValueError(f"pretrained={pretrained!r} is a file; give the checkpoint's folder, a hub id (owner/name) or "
                          f"{SHIPPED_PREFIX}NAME ({', '.join(SHIPPED_MODELS)})")
-    if not HUB_ID.fullmatch(pretrained) or ".." in pretrained or "--" in pretrained or pretrained.endswith((".", "-")):
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(pretrained)
+    except HFValidationError:
         raise ValueError(f"pretrained={pretrained!r}: no such folder, and not a Hugging Face hub id (owner/name); give an "
-                         f"existing checkpoint folder, a hub id or {SHIPPED_PREFIX}NAME ({', '.join(SHIPPED_MODELS)})")
+                         f"existing checkpoint folder, a hub id or {SHIPPED_PREFIX}NAME ({', '.join(SHIPPED_MODELS)})") from None
     return pretrained

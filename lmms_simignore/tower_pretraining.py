@@ -49,14 +49,6 @@ def build_caption_tokenizer(seed: int = 0):
     return build_tokenizer(vocab_size=300, corpus=captions_of(scene_batch(2000, seed=seed)))
 
 
-def build_image_processor():
-    """64 px in, 64 px out (no resize or crop effect), CLIP's normalisation: what the testbed LLaVA will read."""
-    from transformers import CLIPImageProcessorPil
-
-    size = scenes.IMAGE_SIZE
-    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-
-
 def info_nce(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """CLIP's symmetric contrastive loss: (B, P) L2-normalised embeddings, pair i = (image i, text i)."""
     logits = image_embeddings @ text_embeddings.T * logit_scale.exp()  # (B, B)
@@ -120,7 +112,9 @@ def pretrain_tower(output_dir: str | Path, steps: int = 1500, batch_size: int = 
         raise ValueError(f"batch_size must be at least 2 (a contrastive batch needs negatives), got {batch_size}")
     output_dir = Path(output_dir)
     torch.manual_seed(seed)
-    tokenizer, image_processor = build_caption_tokenizer(seed), build_image_processor()
+    from lmms_simignore.train_shapes import shapes_image_processor
+
+    tokenizer, image_processor = build_caption_tokenizer(seed), shapes_image_processor(scenes.IMAGE_SIZE)
     model = ContrastivePair(tokenizer).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 50)

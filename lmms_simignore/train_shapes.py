@@ -35,9 +35,16 @@ def shapes_corpus() -> list[str]:
     return lines * 4
 
 
+def shapes_image_processor(image_size: int = shapes.IMAGE_SIZE):
+    """`image_size` px in and out (no resize or crop effect), CLIP's normalisation: what the testbed models read."""
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+
+
 def build_shapes_llava(seed: int = 0):
     """A fresh (untrained) model and processor for the shapes geometry: 64 px images, 16 px patches = 16 tokens."""
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tokenizer = build_tokenizer(vocab_size=600, corpus=shapes_corpus())
     vision = CLIPVisionConfig(
@@ -59,9 +66,7 @@ def build_shapes_llava(seed: int = 0):
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": shapes.IMAGE_SIZE}, crop_size={"height": shapes.IMAGE_SIZE, "width": shapes.IMAGE_SIZE}
-    )
+    image_processor = shapes_image_processor()
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=shapes.CELL,
         vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
