@@ -146,7 +146,7 @@ def bench_model(model, processor, records: list[dict], batch_size: int, warmup: 
     (from the reduced prompt to the first logits); time to first token adds the vision tower and the choice.
     """
     from lmms_simignore.models.llava_simignore import options_text
-    from lmms_simignore.train_shapes import encode  # the shapes prompt format
+    from lmms_simignore.llava_recipe import encode  # the shapes prompt format
 
     device = next(model.parameters()).device
     batch = records[:batch_size]
@@ -198,7 +198,7 @@ def wrapper_overhead(records: list[dict], device: torch.device, repeats: int, ma
     from lmms_simignore.models.llava_simignore import LlavaSimignore
     from lmms_simignore.shipped import shipped_model_dir
     from lmms_simignore.tasks.scienceqa_utils import doc_to_visual
-    from lmms_simignore.train_shapes import prompt_text
+    from lmms_simignore.llava_recipe import prompt_text
 
     task, split = "bench_shapes", "test"
     gen_kwargs = {"max_new_tokens": max_new_tokens, "temperature": 0, "do_sample": False}

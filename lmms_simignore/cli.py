@@ -125,25 +125,40 @@ def _shapes_task(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_shapes(args: argparse.Namespace) -> int:
-    from lmms_simignore.train_shapes import train
-
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    summary = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device,
-                    eval_every=args.eval_every, mix=tuple(args.mix.split(",")), curriculum=args.curriculum,
-                    init_from=args.init_from, log=lambda line: print(line, flush=True))
-    print(json.dumps(summary["held_out"], indent=2))
-    return 0
-
-
 def _pretrain_tower(args: argparse.Namespace) -> int:
     from lmms_simignore.tower_pretraining import pretrain_tower
 
     summary = pretrain_tower(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              eval_every=args.eval_every, log=lambda line: print(line, flush=True))
     print(f"held-out image->caption top-1: {summary['held_out_top1']:.3f} (chance {summary['chance']:.4f}); wrote {args.out}")
+    return 0
+
+
+def _pretrain_lm(args: argparse.Namespace) -> int:
+    from lmms_simignore.llava_recipe import pretrain_language_model
+
+    summary = pretrain_language_model(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                      eval_every=args.eval_every, log=lambda line: print(line, flush=True))
+    print(f"held-out loss on scene text: {summary['held_out_loss']:.3f}; wrote {args.out}")
+    return 0
+
+
+def _align_projector(args: argparse.Namespace) -> int:
+    from lmms_simignore.llava_recipe import align_projector
+
+    summary = align_projector(args.out, args.tower, args.lm, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                              seed=args.seed, eval_every=args.eval_every, log=lambda line: print(line, flush=True))
+    print(json.dumps(summary["alignment"], indent=2))
+    return 0
+
+
+def _tune_instructions(args: argparse.Namespace) -> int:
+    from lmms_simignore.llava_recipe import tune_instructions
+
+    summary = tune_instructions(args.out, args.init_from, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                seed=args.seed, eval_every=args.eval_every, mix=tuple(args.mix.split(",")),
+                                curriculum=args.curriculum, log=lambda line: print(line, flush=True))
+    print(json.dumps({"held_out": summary["held_out"], "alignment": summary["alignment"]}, indent=2))
     return 0
 
 
@@ -254,19 +269,6 @@ def main(argv: list[str] | None = None) -> int:
                              help="the model card's held-out split as task shapes_heldout (seed 10000, 1000 questions), as the main job runs it")
     shapes_task.set_defaults(handler=_shapes_task)
 
-    training = commands.add_parser("train-shapes", help="train the small shapes LLaVA from scratch")
-    training.add_argument("--out", required=True, help="folder for weights, processor and training.json")
-    training.add_argument("--steps", type=int, default=6000)
-    training.add_argument("--batch-size", type=int, default=128)
-    training.add_argument("--lr", type=float, default=1e-3)
-    training.add_argument("--seed", type=int, default=0)
-    training.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    training.add_argument("--eval-every", type=int, default=500)
-    training.add_argument("--mix", default="colour,shape,exists,count,spatial", help="question types of the training batches, in turn (repeat one to weight it)")
-    training.add_argument("--curriculum", type=float, default=0.4, help="fraction of the steps over which the object count grows from 1 to 6; 0 = none (default: %(default)s)")
-    training.add_argument("--init-from", help="go on training the model in this folder (a second stage) instead of starting from scratch")
-    training.set_defaults(handler=_train_shapes)
-
     pretrain = commands.add_parser(
         "pretrain-tower", help="CLIP-like contrastive pre-training of a tiny vision tower on scene captions (testbed recipe, stage 0)"
     )
@@ -277,6 +279,42 @@ def main(argv: list[str] | None = None) -> int:
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.add_argument("--eval-every", type=int, default=250)
     pretrain.set_defaults(handler=_pretrain_tower)
+
+    language = commands.add_parser("pretrain-lm", help="pre-train the testbed's language model on scene text (testbed recipe)")
+    language.add_argument("--out", required=True, help="folder for the language model, tokenizer and training.json")
+    language.add_argument("--steps", type=int, default=1000)
+    language.add_argument("--batch-size", type=int, default=64)
+    language.add_argument("--lr", type=float, default=1e-3)
+    language.add_argument("--seed", type=int, default=0)
+    language.add_argument("--eval-every", type=int, default=250)
+    language.set_defaults(handler=_pretrain_lm)
+
+    align = commands.add_parser(
+        "align-projector", help="LLaVA stage 1: train the projector on captioning, tower and language model frozen (testbed recipe)"
+    )
+    align.add_argument("--tower", required=True, help="a pretrain-tower folder")
+    align.add_argument("--lm", required=True, help="a pretrain-lm folder")
+    align.add_argument("--out", required=True, help="folder for the stage-1 model and training.json")
+    align.add_argument("--steps", type=int, default=1500)
+    align.add_argument("--batch-size", type=int, default=64)
+    align.add_argument("--lr", type=float, default=2e-3)
+    align.add_argument("--seed", type=int, default=0)
+    align.add_argument("--eval-every", type=int, default=250)
+    align.set_defaults(handler=_align_projector)
+
+    tune = commands.add_parser(
+        "tune-instructions", help="LLaVA stage 2: train projector and language model on the shapes questions (testbed recipe)"
+    )
+    tune.add_argument("--init-from", required=True, help="an align-projector folder")
+    tune.add_argument("--out", required=True, help="folder for the model and training.json")
+    tune.add_argument("--steps", type=int, default=3000)
+    tune.add_argument("--batch-size", type=int, default=64)
+    tune.add_argument("--lr", type=float, default=1e-3)
+    tune.add_argument("--seed", type=int, default=1)
+    tune.add_argument("--eval-every", type=int, default=250)
+    tune.add_argument("--mix", default="colour,shape,exists,count,spatial", help="question types of the training batches, in turn (repeat one to weight it)")
+    tune.add_argument("--curriculum", type=float, default=0.3, help="fraction of the steps over which the object count grows from 1 to 6; 0 = none (default: %(default)s)")
+    tune.set_defaults(handler=_tune_instructions)
 
     redundancy = commands.add_parser(
         "redundancy", help="stable rank, participation ratio and Gini of norms of image tokens per LLM layer, against object count"

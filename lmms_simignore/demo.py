@@ -2,7 +2,7 @@
 
 It generates the model card's held-out split of the shapes benchmark (seed 10000; the first
 `num_questions` of its 1000 questions), evaluates `shipped:shapes-llava` for `none` and every
-reduction at fixed budgets of its 16 image tokens, and prints accuracy per question type and per
+reduction at 50%, 25% and 12.5% of its 64 image tokens, and prints accuracy per question type and per
 object count with the image tokens each decoder layer saw. The CI accuracy regression runs the same
 rows on the same split (see `lmms_simignore.regression`).
 """
@@ -19,20 +19,29 @@ MODEL = "shipped:shapes-llava"
 TASK = "shapes_heldout"
 HELD_OUT_QUESTIONS = 1000
 
-# Every reduction at fixed budgets of the model's 16 image tokens (4 decoder layers; FastV after layer 2).
-DEMO_ROWS = (
-    ("none", {"reduction": "none"}),
-    ("simignore_8", {"reduction": "simignore", "keep": 8, "apply": "drop"}),
-    ("simignore_8_mask", {"reduction": "simignore", "keep": 8, "apply": "mask"}),
-    ("simignore_8_prompt", {"reduction": "simignore", "keep": 8, "text": "prompt"}),
-    ("random_8", {"reduction": "random", "keep": 8}),
-    ("fastv_8", {"reduction": "fastv", "fastv_layer": 2, "fastv_keep": 8}),
-    ("simignore_4", {"reduction": "simignore", "keep": 4}),
-    ("random_4", {"reduction": "random", "keep": 4}),
-    ("fastv_4", {"reduction": "fastv", "fastv_layer": 2, "fastv_keep": 4}),
-    ("simignore_12+fastv_4", {"reduction": "simignore+fastv", "keep": 12, "fastv_layer": 2, "fastv_keep": 4}),
-    ("random_12+fastv_4", {"reduction": "random+fastv", "keep": 12, "fastv_layer": 2, "fastv_keep": 4}),
-)
+IMAGE_TOKENS = 64
+BUDGETS = (32, 16, 8)  # 50%, 25% and 12.5% of the image tokens (the peers' 192/128/64 of 576 are 33/22/11%)
+FASTV_LAYER = 2  # of the model's 4 decoder layers
+
+
+def _rows() -> tuple[tuple[str, dict], ...]:
+    rows = [("none", {"reduction": "none"})]
+    for keep in BUDGETS:
+        rows += [(f"simignore_{keep}", {"reduction": "simignore", "keep": keep}),
+                 (f"random_{keep}", {"reduction": "random", "keep": keep}),
+                 (f"fastv_{keep}", {"reduction": "fastv", "fastv_layer": FASTV_LAYER, "fastv_keep": keep})]
+    rows += [
+        ("simignore_16_prompt", {"reduction": "simignore", "keep": 16, "text": "prompt"}),
+        ("simignore_16_mask", {"reduction": "simignore", "keep": 16, "apply": "mask"}),
+        ("simignore_32+fastv_8", {"reduction": "simignore+fastv", "keep": 32, "fastv_layer": FASTV_LAYER, "fastv_keep": 8}),
+        ("random_32+fastv_8", {"reduction": "random+fastv", "keep": 32, "fastv_layer": FASTV_LAYER, "fastv_keep": 8}),
+    ]
+    return tuple(rows)
+
+
+# none; Simignore, random and FastV (after layer 2 of 4) at each budget; Simignore comparing with the whole
+# prompt, and applied as an attention mask (must answer as dropping does); two stacked rows.
+DEMO_ROWS = _rows()
 
 
 def demo_config(num_questions: int, batch_size: int = 32) -> SweepConfig:
@@ -58,11 +67,13 @@ def run_demo(workdir: str | Path, num_questions: int = HELD_OUT_QUESTIONS, batch
     echo(f"Offline demo: {MODEL} on {TASK} ({num_questions} held-out questions, seed {HELD_OUT_SEED}), "
          f"{len(config.rows)} lmms-eval runs")
     summaries = run_sweep(config, runs_dir, echo=echo, show_table=False)
-    tables = f"{per_type_table(summaries)}\n\n{per_count_table(summaries)}"
+    tables = f"{per_type_table(summaries)}\n\n{per_count_table(summaries)}\n\n{curve_table(summaries)}"
     (runs_dir / "tables.md").write_text(tables + "\n")
+    plot_curve(summaries, runs_dir / "curve.png")
     echo(f"\nAccuracy per question type (chance: colour 0.25, shape 0.33, exists 0.5, count 0.17, spatial 0.5)\n\n{tables}")
-    mask, drop = (next(s for s in summaries if s["name"] == name)["answers"][TASK] for name in ("simignore_8_mask", "simignore_8"))
-    echo(f"\nmask vs drop at keep 8: {sum(a == b for a, b in zip(mask, drop))}/{len(drop)} identical answers (they must all agree)")
+    mask, drop = (next(s for s in summaries if s["name"] == name)["answers"][TASK] for name in ("simignore_16_mask", "simignore_16"))
+    echo(f"\nthe accuracy-retained tokens curve: {runs_dir / 'curve.png'}")
+    echo(f"\nmask vs drop at keep 16: {sum(a == b for a, b in zip(mask, drop))}/{len(drop)} identical answers (they must all agree)")
     return summaries
 
 
@@ -92,3 +103,53 @@ def per_count_table(summaries: list[dict], task: str = TASK) -> str:
         metrics = summary["all_metrics"][task]
         lines.append(f"| {summary['name']} | " + " | ".join(_cell(metrics, f"acc_objects_{n}") for n in counts) + " |")
     return "\n".join(lines)
+
+
+CURVE_METHODS = ("simignore", "random", "fastv")
+
+
+def curve(summaries: list[dict], task: str = TASK) -> dict[str, list[tuple[int, float]]]:
+    """Accuracy per method at each budget, [(retained image tokens, exact_match)], from rows named `method_keep`."""
+    accuracy = {s["name"]: s["all_metrics"][task]["exact_match"] for s in summaries}
+    return {method: [(keep, accuracy[f"{method}_{keep}"]) for keep in sorted(BUDGETS) if f"{method}_{keep}" in accuracy]
+            for method in CURVE_METHODS}
+
+
+def curve_table(summaries: list[dict], task: str = TASK) -> str:
+    """Markdown: overall accuracy of each method at 50%, 25% and 12.5% of the image tokens, and `none`."""
+    none = next(s for s in summaries if s["name"] == "none")["all_metrics"][task]["exact_match"]
+    lines = ["| method | " + " | ".join(f"{keep} of {IMAGE_TOKENS} ({keep / IMAGE_TOKENS:.1%})" for keep in BUDGETS) + " |",
+             "|---|" + "---:|" * len(BUDGETS)]
+    for method, points in curve(summaries, task).items():
+        by_keep = dict(points)
+        lines.append(f"| {method} | " + " | ".join(f"{by_keep[keep]:.3f}" if keep in by_keep else "-" for keep in BUDGETS) + " |")
+    lines.append(f"| none (all {IMAGE_TOKENS}) | " + " | ".join(f"{none:.3f}" for _ in BUDGETS) + " |")
+    return "\n".join(lines)
+
+
+def plot_curve(summaries: list[dict], path: Path, task: str = TASK) -> None:
+    """Accuracy against the share of image tokens kept (FastV: kept after its layer), `none` dashed, chance dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmms_simignore.shapes import OPTIONS
+
+    figure, axis = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    for method, points in curve(summaries, task).items():
+        if points:
+            axis.plot([100 * keep / IMAGE_TOKENS for keep, _ in points], [value for _, value in points], marker="o", label=method)
+    none = next(s for s in summaries if s["name"] == "none")["all_metrics"][task]["exact_match"]
+    axis.axhline(none, linestyle="--", color="grey", linewidth=1, label=f"none (all {IMAGE_TOKENS} tokens)")
+    chance = sum(1 / len(options) for options in OPTIONS.values()) / len(OPTIONS)
+    axis.axhline(chance, linestyle=":", color="black", linewidth=1, label="chance")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks([100 * keep / IMAGE_TOKENS for keep in BUDGETS], [f"{100 * keep / IMAGE_TOKENS:g}%" for keep in BUDGETS])
+    axis.set_xlabel(f"image tokens kept (of {IMAGE_TOKENS})")
+    axis.set_ylabel("accuracy (held-out shapes questions)")
+    axis.set_ylim(0, 1.02)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

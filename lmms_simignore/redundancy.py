@@ -65,7 +65,7 @@ def image_token_states(model, processor, records: list[dict], batch_size: int = 
 
     Image positions are read from the input ids (the processor's image token), never assumed.
     """
-    from lmms_simignore.train_shapes import encode
+    from lmms_simignore.llava_recipe import encode
 
     image_token_id = model.config.image_token_id
     layers = model.model.language_model.layers

@@ -1,14 +1,12 @@
 """Shapes scenes with redundant image tokens: objects that span several patches on a textured page.
 
-The grid layout of `shapes` puts each object in exactly one image token, so a dropped token always loses
-an object. Here a 64 x 64 px image is read as 8 x 8 patches of 8 px (64 image tokens): objects come in
+A 64 x 64 px image is read as 8 x 8 patches of 8 px (64 image tokens): objects come in
 three sizes (about 1, 2 or 3 patches across) at free pixel positions, so one object covers 1 to 16
 patches and most straddle patch borders; the page has a light noise texture, seeded by the scene, so no
-two background tokens are identical. Questions are those of `shapes` (left-of compares centres at least
-`MIN_GAP` px apart), and every scene has a caption (colour, size, shape and position of each object) for
-contrastive pre-training of a vision tower and for aligning a projector.
-
-    records = shapes.shapes_records(100, seed=1, layout=FREE_LAYOUT)
+two background tokens are identical (in real images, too, an object spans many patches and most tokens
+are redundant). `shapes` asks the questions about these scenes (left-of compares centres at least
+`MIN_GAP` px apart); every scene also has a caption (colour, size, shape and position of each object)
+for contrastive pre-training of the vision tower and for aligning the projector.
 """
 
 from __future__ import annotations
@@ -17,8 +15,9 @@ import random
 import zlib
 from dataclasses import dataclass
 
-from lmms_simignore.shapes import COLOURS, RGB, SHAPES, paint_shape
-
+COLOURS = ("red", "green", "blue", "yellow")
+SHAPES = ("circle", "square", "triangle")
+RGB = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 70, 220), "yellow": (235, 200, 30)}
 IMAGE_SIZE = 64
 PATCH = 8
 PATCHES_PER_SIDE = IMAGE_SIZE // PATCH
@@ -60,7 +59,7 @@ class PlacedObject:
                     or self.top + self.side + MARGIN <= other.top or other.top + other.side + MARGIN <= self.top)
 
 
-def random_free_scene(rng: random.Random, num_objects: int) -> list[PlacedObject]:
+def random_scene(rng: random.Random, num_objects: int) -> list[PlacedObject]:
     """`num_objects` non-overlapping objects, each with a random colour, shape, size and position."""
     for _ in range(1000):
         objects: list[PlacedObject] = []
@@ -78,11 +77,22 @@ def random_free_scene(rng: random.Random, num_objects: int) -> list[PlacedObject
     raise RuntimeError(f"could not place {num_objects} objects on a {IMAGE_SIZE} px page")
 
 
+def paint_shape(draw, shape: str, box: tuple[int, int, int, int], fill) -> None:
+    """Paint `shape` filling the inclusive pixel box (left, top, right, bottom) on a PIL ImageDraw."""
+    left, top, right, bottom = box
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(left, bottom), ((left + right + 1) // 2, top), (right, bottom)], fill=fill)
+
+
 def _draw_object(draw, obj: PlacedObject, fill) -> None:
     paint_shape(draw, obj.shape, (obj.left, obj.top, obj.left + obj.side - 1, obj.top + obj.side - 1), fill)
 
 
-def draw_free_scene(objects: list[PlacedObject]):
+def draw_scene(objects: list[PlacedObject]):
     """RGB PIL image of the scene on a grey noise texture whose seed is the scene's own (same scene, same pixels)."""
     import numpy
     from PIL import Image, ImageDraw
@@ -119,20 +129,3 @@ def caption(objects: list[PlacedObject]) -> str:
     ordered = sorted(objects, key=lambda obj: (obj.centre_x, obj.centre_y))
     return ", ".join(f"a {obj.size} {obj.colour} {obj.shape} at the {region(obj)}" for obj in ordered)
 
-
-@dataclass(frozen=True)
-class FreeLayout:
-    """`shapes.shapes_records` layout: free positions, three sizes, textured page, 8 x 8 image tokens."""
-
-    image_size: int = IMAGE_SIZE
-    patch_size: int = PATCH
-    min_gap: int = MIN_GAP
-
-    def random_scene(self, rng: random.Random, num_objects: int) -> list[PlacedObject]:
-        return random_free_scene(rng, num_objects)
-
-    def draw(self, objects: list[PlacedObject]):
-        return draw_free_scene(objects)
-
-
-FREE_LAYOUT = FreeLayout()

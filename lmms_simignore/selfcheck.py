@@ -20,7 +20,7 @@ from lmms_simignore.lockfile import NOT_LOCKED, canonical_name, installed_versio
 from lmms_simignore.runs import LmmsEvalFailed
 
 SELFCHECK_QUESTIONS = 2
-SELFCHECK_ROW = "simignore_12+fastv_4"  # one of the main job's rows: both kinds of stage
+SELFCHECK_ROW = "simignore_32+fastv_8"  # one of the main job's rows: both kinds of stage
 
 MISSING_MODULE = re.compile(r"No module named '([\w.]+)'")
 MISSING_NAME = re.compile(r"cannot import name '\w+' from '([\w.]+)'")

@@ -1,92 +1,37 @@
-"""Synthetic shapes benchmark: flat 2-D objects on a white page, multiple-choice questions about them.
+"""Synthetic shapes benchmark: flat 2-D objects on a textured page, multiple-choice questions about them.
 
 After "Seeing Beyond Redundancy" (Hannan et al., arXiv 2602.06914): the number and variety of objects
-set the visual complexity. Everything is a deterministic function of a seed. The page is a GRID x GRID
-board of cells, one object at most per cell, so with the model's patch size equal to the cell size each
-object lands in exactly one image token. Options are listed in a fixed (canonical) order per question
-type and answered with the option's letter, in the ScienceQA-IMG prompt format.
+set the visual complexity. Everything is a deterministic function of a seed. The scenes (`scenes`) are
+64 px pages read as 8 x 8 image tokens, with objects of three sizes spanning one to many tokens. Options
+are listed in a fixed (canonical) order per question type and answered with the option's letter, in the
+ScienceQA-IMG prompt format.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
-COLOURS = ("red", "green", "blue", "yellow")
-SHAPES = ("circle", "square", "triangle")
+from lmms_simignore import scenes
+from lmms_simignore.scenes import COLOURS, SHAPES
+
 YES_NO = ("yes", "no")
 MAX_OBJECTS = 6
 COUNTS = tuple(str(count) for count in range(1, MAX_OBJECTS + 1))
-HELD_OUT_SEED = 10_000  # the shipped model's held-out questions; its training batches draw other seeds
+HELD_OUT_SEED = 10_000  # the shipped model's held-out questions; its training batches draw seeds >= 2**20
 QUESTION_TYPES = ("colour", "shape", "exists", "count", "spatial")
 OPTIONS = {"colour": COLOURS, "shape": SHAPES, "exists": YES_NO, "count": COUNTS, "spatial": YES_NO}
 FEWEST_OBJECTS = {"spatial": 2}  # a relation needs two objects
 # asked attribute -> (the attribute that names the object, question template)
 ATTRIBUTE_QUESTIONS = {"colour": ("shape", "What colour is the {}?"), "shape": ("colour", "What shape is the {} object?")}
 
-GRID = 4  # cells per side
-CELL = 16  # pixels per cell
-IMAGE_SIZE = GRID * CELL
-RGB = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 70, 220), "yellow": (235, 200, 30)}
 
-
-@dataclass(frozen=True)
-class ShapeObject:
-    colour: str
-    shape: str
-    row: int
-    column: int
-    large: bool
-
-    @property
-    def name(self) -> str:
-        return f"{self.colour} {self.shape}"
-
-    @property
-    def centre_x(self) -> int:
-        return self.column * CELL + CELL // 2
-
-
-def random_scene(rng: random.Random, num_objects: int) -> list[ShapeObject]:
-    """`num_objects` objects in distinct cells, each with a random colour, shape and size."""
-    cells = rng.sample(range(GRID * GRID), num_objects)
-    return [
-        ShapeObject(rng.choice(COLOURS), rng.choice(SHAPES), cell // GRID, cell % GRID, rng.random() < 0.5)
-        for cell in cells
-    ]
-
-
-def paint_shape(draw, shape: str, box: tuple[int, int, int, int], fill) -> None:
-    """Paint `shape` filling the inclusive pixel box (left, top, right, bottom) on a PIL ImageDraw."""
-    left, top, right, bottom = box
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:
-        draw.polygon([(left, bottom), ((left + right + 1) // 2, top), (right, bottom)], fill=fill)
-
-
-def draw_scene(objects: list[ShapeObject]):
-    """RGB PIL image of the scene, IMAGE_SIZE pixels square."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    for obj in objects:
-        half = 7 if obj.large else 5
-        cx, cy = obj.column * CELL + CELL // 2, obj.row * CELL + CELL // 2
-        paint_shape(draw, obj.shape, (cx - half, cy - half, cx + half - 1, cy + half - 1), RGB[obj.colour])
-    return image
-
-
-def _unique(objects: list[ShapeObject], key) -> list[ShapeObject]:
+def _unique(objects: list, key) -> list:
     values = [key(obj) for obj in objects]
     return [obj for obj in objects if values.count(key(obj)) == 1]
 
 
-def ask(rng: random.Random, objects: list, question_type: str, min_gap: int = CELL) -> tuple[str, str] | None:
+def ask(rng: random.Random, objects: list, question_type: str, min_gap: int = scenes.MIN_GAP) -> tuple[str, str] | None:
     """(question, answer option) of `question_type` about the scene, or None when the scene cannot support it.
 
     `objects` have `colour`, `shape`, `name` and `centre_x` (pixels); a left-of question compares two objects
@@ -117,29 +62,11 @@ def ask(rng: random.Random, objects: list, question_type: str, min_gap: int = CE
     raise ValueError(f"question_type must be one of {', '.join(QUESTION_TYPES)}; got {question_type!r}")
 
 
-@dataclass(frozen=True)
-class GridLayout:
-    """The shipped model's scenes: one object per cell of a GRID x GRID board, a cell = one image token."""
-
-    image_size: int = IMAGE_SIZE
-    patch_size: int = CELL
-    min_gap: int = CELL  # left-of compares objects in different columns
-
-    def random_scene(self, rng: random.Random, num_objects: int) -> list[ShapeObject]:
-        return random_scene(rng, num_objects)
-
-    def draw(self, objects: list[ShapeObject]):
-        return draw_scene(objects)
-
-
-GRID_LAYOUT = GridLayout()
-
-
 def shapes_records(num_questions: int, seed: int, max_objects: int = MAX_OBJECTS, min_objects: int = 1,
-                   question_types: tuple[str, ...] = QUESTION_TYPES, draw: bool = True, layout=GRID_LAYOUT) -> list[dict]:
+                   question_types: tuple[str, ...] = QUESTION_TYPES, draw: bool = True) -> list[dict]:
     """`num_questions` records cycling through the question types, with ScienceQA-IMG columns plus
-    `question_type` and `num_objects` (1..max_objects, uniform). Same seed, same records. `layout` places
-    and draws the objects (`GRID_LAYOUT`, or `scenes.FREE_LAYOUT` for objects spanning several tokens).
+    `question_type`, `num_objects` (1..max_objects, uniform) and `objects` (`scenes.PlacedObject` fields).
+    Same seed, same records.
     """
     if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
         raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, got {min_objects}, {max_objects}")
@@ -154,15 +81,15 @@ def shapes_records(num_questions: int, seed: int, max_objects: int = MAX_OBJECTS
             raise RuntimeError(f"could not draw {num_questions} questions of types {question_types} with {min_objects}-{max_objects} objects")
         question_type = question_types[len(records) % len(question_types)]
         fewest = max(min_objects, FEWEST_OBJECTS.get(question_type, 1))
-        objects = layout.random_scene(rng, rng.randint(fewest, max(fewest, max_objects)))
-        asked = ask(rng, objects, question_type, min_gap=layout.min_gap)
+        objects = scenes.random_scene(rng, rng.randint(fewest, max(fewest, max_objects)))
+        asked = ask(rng, objects, question_type)
         if asked is None:
             continue
         question, answer = asked
         options = list(OPTIONS[question_type])
         records.append(
             {
-                "image": layout.draw(objects) if draw else None,
+                "image": scenes.draw_scene(objects) if draw else None,
                 "question": question,
                 "choices": options,
                 "answer": options.index(answer),

@@ -34,8 +34,8 @@ PROJECTION_DIM = 64
 
 
 def scene_batch(num_scenes: int, seed: int) -> list[dict]:
-    """`num_scenes` free-layout scenes (one record each) with 1..MAX_OBJECTS objects."""
-    return shapes.shapes_records(num_scenes, seed=seed, layout=scenes.FREE_LAYOUT, question_types=("count",))
+    """`num_scenes` scenes (one record each) with 1..MAX_OBJECTS objects."""
+    return shapes.shapes_records(num_scenes, seed=seed, question_types=("count",))
 
 
 def captions_of(records: list[dict]) -> list[str]:
@@ -112,7 +112,7 @@ def pretrain_tower(output_dir: str | Path, steps: int = 1500, batch_size: int = 
         raise ValueError(f"batch_size must be at least 2 (a contrastive batch needs negatives), got {batch_size}")
     output_dir = Path(output_dir)
     torch.manual_seed(seed)
-    from lmms_simignore.train_shapes import shapes_image_processor
+    from lmms_simignore.llava_recipe import shapes_image_processor
 
     tokenizer, image_processor = build_caption_tokenizer(seed), shapes_image_processor(scenes.IMAGE_SIZE)
     model = ContrastivePair(tokenizer).train()

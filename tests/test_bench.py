@@ -12,15 +12,15 @@ def test_quick_bench_writes_every_row_with_its_flop_ideal(tmp_path):
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["settings"]["quick"] is True and report["machine"]["torch"]
     testbed = report["models"]["testbed"]
-    assert (testbed["image_tokens"], testbed["layers"]) == (16, 4)
+    assert (testbed["image_tokens"], testbed["layers"]) == (64, 4)
     rows = testbed["rows"]
     assert list(rows) == ["none", "simignore_drop_50", "simignore_mask_50", "random_drop_50", "fastv_50",
                           "simignore_drop_25", "simignore_mask_25", "random_drop_25", "fastv_25"]
     # what each layer computes on, and the ideal speed-up that follows from it
-    assert rows["none"]["computed_per_layer"] == [16] * 4 and rows["none"]["ideal_prefill_speedup"] == 1.0
-    assert rows["simignore_mask_50"]["computed_per_layer"] == [16] * 4 and rows["simignore_mask_50"]["ideal_prefill_speedup"] == 1.0
-    assert rows["simignore_drop_50"]["computed_per_layer"] == [8] * 4
-    assert rows["fastv_25"]["computed_per_layer"] == [16, 16, 4, 4]
+    assert rows["none"]["computed_per_layer"] == [64] * 4 and rows["none"]["ideal_prefill_speedup"] == 1.0
+    assert rows["simignore_mask_50"]["computed_per_layer"] == [64] * 4 and rows["simignore_mask_50"]["ideal_prefill_speedup"] == 1.0
+    assert rows["simignore_drop_50"]["computed_per_layer"] == [32] * 4
+    assert rows["fastv_25"]["computed_per_layer"] == [64, 64, 16, 16]
     assert 1.0 < rows["fastv_50"]["ideal_prefill_speedup"] < rows["simignore_drop_50"]["ideal_prefill_speedup"] < rows["simignore_drop_25"]["ideal_prefill_speedup"]
     for result in rows.values():
         assert result["ttft_s"]["min"] <= result["ttft_s"]["median"] <= result["ttft_s"]["max"]

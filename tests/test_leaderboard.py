@@ -79,9 +79,9 @@ def test_leaderboard_lists_every_row_with_tokens_flops_and_provenance(finished_s
     rows = read_csv(finished_sweep / "leaderboard.csv")
     assert [row["row"] for row in rows] == ROWS
     by_name = {row["row"]: row for row in rows}
-    assert by_name["none"]["visible_per_layer"] == "16 16 16 16" and float(by_name["none"]["flops_vs_baseline"]) == 1.0
-    assert by_name["fastv_4"]["visible_per_layer"] == "16 16 4 4" and float(by_name["fastv_4"]["mean_visible"]) == 10.0
-    assert 0 < float(by_name["simignore_4"]["flops_vs_baseline"]) < float(by_name["simignore_8"]["flops_vs_baseline"]) < 1
+    assert by_name["none"]["visible_per_layer"] == "64 64 64 64" and float(by_name["none"]["flops_vs_baseline"]) == 1.0
+    assert by_name["fastv_8"]["visible_per_layer"] == "64 64 8 8" and float(by_name["fastv_8"]["mean_visible"]) == 36.0
+    assert 0 < float(by_name["simignore_8"]["flops_vs_baseline"]) < float(by_name["simignore_16"]["flops_vs_baseline"]) < 1
     assert {"acc_colour", "acc_spatial", "acc_objects_6"} <= set(rows[0])
     # the exact command the sweep builds for each row (with the config's generated split and the --limit)
     runs = row_runs(load_config(TESTBED), finished_sweep.resolve(), include_path=finished_sweep.resolve() / "tasks", extra_args=LIMIT)
@@ -143,7 +143,7 @@ def test_a_killed_sweep_resumes_to_the_same_leaderboard(finished_sweep, tmp_path
 
 def test_two_processes_evaluate_every_doc_once_with_the_one_process_scores(finished_sweep, tmp_path):
     config = yaml.safe_load(TESTBED.read_text())
-    config["rows"] = [row for row in config["rows"] if row["name"] in ("none", "fastv_4")]
+    config["rows"] = [row for row in config["rows"] if row["name"] in ("none", "fastv_8")]
     path = tmp_path / "two_rows.yaml"
     path.write_text(yaml.safe_dump(config))
     completed = sweep(path, tmp_path / "two", "--processes", "2")

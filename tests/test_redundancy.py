@@ -65,13 +65,13 @@ def test_redundancy_command_writes_json_and_plot_per_layer_and_object_count(tmp_
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads((tmp_path / "redundancy.json").read_text())
     assert report["layers"] == ["embeddings", "after layer 0", "after layer 1", "after layer 2", "after layer 3"]
-    assert report["image_tokens"] == 16 and report["images"] == 60
+    assert report["image_tokens"] == 64 and report["images"] == 60
     assert list(report["per_object_count"]) == ["1", "2", "3", "4", "5", "6"]
     assert sum(bucket["images"] for bucket in report["per_object_count"].values()) == 60
     for bucket in report["per_object_count"].values():
         for metric in ("stable_rank", "participation_ratio", "gini_of_norms"):
             assert len(bucket[metric]["mean"]) == 5
-        assert all(1.0 <= value <= 16.0 for value in bucket["stable_rank"]["mean"])
+        assert all(1.0 <= value <= 64.0 for value in bucket["stable_rank"]["mean"])
     # more objects, more varied tokens: the embeddings' participation ratio grows from 1 to 6 objects
     by_count = report["per_object_count"]
     assert by_count["6"]["participation_ratio"]["mean"][0] > by_count["1"]["participation_ratio"]["mean"][0]

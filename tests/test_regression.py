@@ -75,13 +75,13 @@ def test_main_job_prints_accuracy_per_question_type_and_object_count(demo_run):
     assert header == "| row | overall | colour | shape | exists | count | spatial | image tokens per layer | mean | answers = none |"
     per_type = table_rows(stdout, "| row | overall")
     assert list(per_type) == [name for name, _ in DEMO_ROWS]
-    assert per_type["none"][6:] == ["layers 0-3: 16", "16.0", f"{REGRESSION_QUESTIONS}/{REGRESSION_QUESTIONS}"]
+    assert per_type["none"][6:] == ["layers 0-3: 64", "64.0", f"{REGRESSION_QUESTIONS}/{REGRESSION_QUESTIONS}"]
     assert per_type["simignore_8"][6:8] == ["layers 0-3: 8", "8.0"]
-    assert per_type["fastv_4"][6:8] == ["layers 0-1: 16, layers 2-3: 4", "10.0"]
-    assert per_type["simignore_12+fastv_4"][6:8] == ["layers 0-1: 12, layers 2-3: 4", "8.0"]
+    assert per_type["fastv_8"][6:8] == ["layers 0-1: 64, layers 2-3: 8", "36.0"]
+    assert per_type["simignore_32+fastv_8"][6:8] == ["layers 0-1: 32, layers 2-3: 8", "20.0"]
     per_count = table_rows(stdout, "| row | 1 object")
     assert list(per_count) == list(per_type) and all(len(cells) == 6 for cells in per_count.values())
-    assert f"mask vs drop at keep 8: {REGRESSION_QUESTIONS}/{REGRESSION_QUESTIONS} identical answers" in stdout
+    assert f"mask vs drop at keep 16: {REGRESSION_QUESTIONS}/{REGRESSION_QUESTIONS} identical answers" in stdout
 
 
 def test_the_unreduced_shipped_model_answers_far_above_chance(demo_run):

@@ -124,7 +124,7 @@ def test_a_local_version_label_is_not_taken_for_a_different_version(monkeypatch)
 def test_selfcheck_evaluates_the_shipped_model_through_lmms_eval(tmp_path):
     completed = python_m("selfcheck", "--workdir", str(tmp_path / "check"))
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    assert "selfcheck: ok, lmms-eval evaluated shipped:shapes-llava (simignore_12+fastv_4) on 2 shapes_heldout questions" in completed.stdout
+    assert "selfcheck: ok, lmms-eval evaluated shipped:shapes-llava (simignore_32+fastv_8) on 2 shapes_heldout questions" in completed.stdout
     assert len(list((tmp_path / "check").rglob("*_samples_shapes_heldout.jsonl"))) == 1
 
 
@@ -133,9 +133,9 @@ def test_selfcheck_names_the_package_behind_a_broken_import(tmp_path, broken_fil
     lock.write_text("# a lock\nfilelock==0.0.1\n")
     completed = python_m("selfcheck", "--workdir", str(tmp_path / "check"), "--lock", str(lock), env=broken_filelock_env)
     assert completed.returncode == 1
-    assert "lmms-eval run 'simignore_12+fastv_4' failed: ModuleNotFoundError: No module named 'filelock._api'" in completed.stdout
+    assert "lmms-eval run 'simignore_32+fastv_8' failed: ModuleNotFoundError: No module named 'filelock._api'" in completed.stdout
     assert f"belongs to filelock {version('filelock')}; the tested lock has filelock==0.0.1" in completed.stdout
-    assert (tmp_path / "check" / "simignore_12+fastv_4.partial" / "lmms_eval.log").is_file()  # the full log stays
+    assert (tmp_path / "check" / "simignore_32+fastv_8.partial" / "lmms_eval.log").is_file()  # the full log stays
 
 
 @pytest.mark.parametrize("command", [("demo", "--num-questions", "2"), ("regression",)], ids=["demo", "regression"])

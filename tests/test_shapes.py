@@ -1,12 +1,8 @@
-"""The shapes benchmark generator, and the small LLaVA trained on it that ships with the package."""
-
-from pathlib import Path
+"""The shapes benchmark generator and its lmms-eval task."""
 
 import pytest
 
-from lmms_simignore import shapes
-
-SHIPPED_MODEL = Path(shapes.__file__).parent / "testbed" / "shapes-llava"
+from lmms_simignore import scenes, shapes
 
 
 def test_same_seed_same_questions_and_pixels():
@@ -22,12 +18,12 @@ def test_question_types_come_in_turn_with_their_fixed_options():
     for record in records:
         assert record["choices"] == list(shapes.OPTIONS[record["question_type"]])
         assert 0 <= record["answer"] < len(record["choices"])
-        assert record["image"].size == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)
+        assert record["image"].size == (scenes.IMAGE_SIZE, scenes.IMAGE_SIZE)
 
 
 def test_answers_follow_from_the_scene():
     for record in shapes.shapes_records(200, seed=1):
-        objects = [shapes.ShapeObject(**obj) for obj in record["objects"]]
+        objects = [scenes.PlacedObject(**obj) for obj in record["objects"]]
         answer = record["choices"][record["answer"]]
         question = record["question"]
         assert record["num_objects"] == len(objects)
@@ -45,61 +41,14 @@ def test_answers_follow_from_the_scene():
         else:
             first, second = question.removeprefix("Is the ").removesuffix("?").split(" left of the ")
             a, b = (next(obj for obj in objects if obj.name == name) for name in (first, second))
-            assert (answer == "yes") == (a.column < b.column)
-
-
-def test_objects_are_drawn_in_their_cell():
-    record = shapes.shapes_records(1, seed=3, min_objects=1, max_objects=1, question_types=("colour",))[0]
-    obj = shapes.ShapeObject(**record["objects"][0])
-    centre = (obj.column * shapes.CELL + shapes.CELL // 2, obj.row * shapes.CELL + shapes.CELL // 2)
-    assert record["image"].getpixel(centre) == shapes.RGB[obj.colour]
-    assert record["image"].getpixel(((obj.column * shapes.CELL + 8 + shapes.CELL) % shapes.IMAGE_SIZE, 0)) == (255, 255, 255)
+            assert abs(a.centre_x - b.centre_x) >= scenes.MIN_GAP
+            assert (answer == "yes") == (a.centre_x < b.centre_x)
 
 
 @pytest.mark.parametrize("kwargs, message", [({"max_objects": 7}, "max_objects"), ({"question_types": ("size",)}, "question types")])
 def test_bad_generator_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         shapes.shapes_records(3, seed=0, **kwargs)
-
-
-def test_training_puts_the_loss_on_the_answer_letter_and_the_end_token_only():
-    from lmms_simignore.train_shapes import build_shapes_llava, encode
-
-    _, processor = build_shapes_llava()
-    records = shapes.shapes_records(4, seed=2)
-    batch = encode(processor, records, with_answers=True)
-    for row, record in enumerate(records):
-        labelled = batch["input_ids"][row][batch["labels"][row] != -100]
-        assert processor.tokenizer.convert_ids_to_tokens(labelled) == ["ABCDEF"[record["answer"]], "</s>"]
-    assert (batch["attention_mask"][:, -1] == 1).all()  # left padding: every row ends with its answer
-
-
-def test_a_short_training_run_writes_a_loadable_model_and_its_record(tmp_path):
-    from transformers import LlavaForConditionalGeneration
-
-    from lmms_simignore.train_shapes import train
-
-    summary = train(tmp_path, steps=2, batch_size=4, eval_every=1, held_out_size=10, log=lambda line: None)
-    assert [entry["step"] for entry in summary["history"]] == [1, 2]
-    assert set(summary["held_out"]["per_type"]) == set(shapes.QUESTION_TYPES)
-    assert (tmp_path / "training.json").exists() and (tmp_path / "model.safetensors").exists()
-    LlavaForConditionalGeneration.from_pretrained(tmp_path)
-
-
-def test_a_second_stage_starts_from_the_given_model_and_keeps_the_earlier_records(tmp_path):
-    import json
-
-    from lmms_simignore.train_shapes import train
-
-    summary = train(tmp_path, steps=1, batch_size=4, lr=1e-9, eval_every=1, held_out_size=40, curriculum=0,
-                    init_from=SHIPPED_MODEL, log=lambda line: None)
-    shipped = json.loads((SHIPPED_MODEL / "training.json").read_text())
-    assert summary["previous_stages"] == shipped["previous_stages"] + [{k: v for k, v in shipped.items() if k != "previous_stages"}]
-    assert summary["curriculum"] == 0 and summary["init_from"] == str(SHIPPED_MODEL)
-    # a near-zero learning rate leaves the trained model's answers: far above what a fresh model gets
-    assert summary["held_out"]["overall"] >= 0.9
-    with pytest.raises(ValueError, match="curriculum"):
-        train(tmp_path, steps=1, curriculum=1.5)
 
 
 # -- the lmms-eval task ----------------------------------------------------------------------------------
