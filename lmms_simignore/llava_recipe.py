@@ -1,0 +1,400 @@
+"""The testbed's LLaVA-1.5 recipe, scaled down: a language model, then feature alignment, then instruction tuning.
+
+    python -m lmms_simignore pretrain-tower   --out tower/             # CLIP-like tower (tower_pretraining)
+    python -m lmms_simignore pretrain-lm      --out lm/                # a language model of scene text
+    python -m lmms_simignore align-projector  --tower tower/ --lm lm/ --out stage1/   # stage 1
+    python -m lmms_simignore tune-instructions --init-from stage1/ --out model/       # stage 2
+
+- `pretrain-lm`: a small Llama (input and output embeddings tied) trained as a language model on text
+  about scenes: the objects listed in random order, the caption, and two questions with their answers in
+  words. It is a language model before it sees an image, as Vicuna is for LLaVA.
+- `align-projector` (LLaVA stage 1, feature alignment): the llava-hf classes assembled from the tower and
+  the language model with a fresh two-layer projector; tower and language model frozen, the projector
+  trained on captioning (`<image>` tokens, then the caption; the loss on the caption).
+- `tune-instructions` (LLaVA stage 2): projector and language model trained on the shapes QA mix in the
+  ScienceQA-IMG prompt format (tower frozen), loss on the answer letter and end-of-answer token.
+
+Every batch is drawn fresh from seeds at or above `TRAINING_SEEDS_FROM`; the held-out questions (seed
+10000) and scenes used for measurements lie below it. Each stage writes safetensors and `training.json`
+(its command, settings, wall time and measurements, the earlier stages' records under `previous_stages`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lmms_simignore import scenes, shapes
+from lmms_simignore.fixtures import CHAT_TEMPLATE
+from lmms_simignore.tower_pretraining import TRAINING_SEEDS_FROM, CosineAdamW, captions_of, scene_batch
+from lmms_simignore.train_shapes import encode, evaluate, prompt_text, shapes_corpus, shapes_image_processor
+
+ALIGNMENT_SEED = shapes.HELD_OUT_SEED + 2  # held-out scenes for the alignment measurement
+CAPTION_SEED = shapes.HELD_OUT_SEED + 3  # held-out scenes for the stage-1 caption loss
+COVERED_PIXELS = scenes.PATCH * scenes.PATCH // 2  # a patch "holds" an object from half its pixels
+
+
+def scene_objects(record: dict) -> list[scenes.PlacedObject]:
+    return [scenes.PlacedObject(**obj) for obj in record["objects"]]
+
+
+def describe(objects: list[scenes.PlacedObject], rng: random.Random) -> str:
+    """The scene in words: the objects listed in random order, then the caption."""
+    listing = [f"{obj.size} {obj.colour} {obj.shape}" for obj in objects]
+    rng.shuffle(listing)
+    return f"{', '.join(listing)}. {scenes.caption(objects)}."
+
+
+def scene_text(record: dict, rng: random.Random, questions: int = 2) -> str:
+    """Language-model pre-training text about one scene: its description (`describe`) and `questions`
+    questions of different types answered in words.
+
+    'small red circle, large blue square. a large blue square at the top left, ... What colour is the circle? red.'
+    """
+    objects = scene_objects(record)
+    asked = [shapes.ask(rng, objects, question_type, min_gap=scenes.MIN_GAP) for question_type in shapes.QUESTION_TYPES]
+    answered = [f"{question} {answer}." for question, answer in (pair for pair in asked if pair is not None)]
+    rng.shuffle(answered)
+    return f"{describe(objects, rng)} " + " ".join(answered[:questions])
+
+
+def scene_dialogue(record: dict, rng: random.Random, tokenizer) -> str:
+    """A stage-2-shaped conversation in text only: the scene's description where stage 2 has the image, then
+    a shapes question of a random type in the ScienceQA-IMG format, answered with the option's letter."""
+    objects = scene_objects(record)
+    for question_type in rng.sample(shapes.QUESTION_TYPES, len(shapes.QUESTION_TYPES)):
+        asked = shapes.ask(rng, objects, question_type, min_gap=scenes.MIN_GAP)
+        if asked is not None:
+            break
+    question, answer = asked  # a count question always exists
+    options = list(shapes.OPTIONS[question_type])
+    prompt = prompt_text({"question": question, "choices": options})
+    conversation = [{"role": "user", "content": f"{describe(objects, rng)}\n{prompt}"}]
+    text = tokenizer.apply_chat_template(conversation, chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True)
+    return text + "ABCDEF"[options.index(answer)]
+
+
+def recipe_tokenizer(seed: int = 0):
+    """One byte-level BPE tokenizer for every stage: the shapes prompts plus scene text from `seed`."""
+    from lmms_simignore.fixtures import build_tokenizer
+    rng = random.Random(seed)
+    return build_tokenizer(vocab_size=600, corpus=shapes_corpus() + [scene_text(r, rng) for r in scene_batch(2000, seed=seed)])
+
+
+def language_model_texts(records: list[dict], rng: random.Random, tokenizer) -> list[str]:
+    """Pre-training texts: `scene_text` for even records, `scene_dialogue` for odd ones."""
+    return [scene_dialogue(r, rng, tokenizer) if index % 2 else scene_text(r, rng) for index, r in enumerate(records)]
+
+
+def build_language_model(tokenizer, seed: int = 0):
+    """A fresh Llama of the testbed's width: 4 layers, hidden 128, 4 heads (2 KV heads), tied embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, initializer_range=0.05,
+        tie_word_embeddings=True,
+    ))
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
+def _check_folder(argument: str, folder: str | Path, command: str) -> None:
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(f"{argument}={str(folder)!r} is not a folder written by `{command}` (no config.json in it)")
+
+
+def _command(name: str) -> str:
+    return " ".join([f"python -m lmms_simignore {name}"] + sys.argv[2:])
+
+
+def _text_batch(tokenizer, texts: list[str]) -> tuple[dict, torch.Tensor]:
+    tokenizer.padding_side = "right"
+    batch = tokenizer([text + tokenizer.eos_token for text in texts], padding=True, return_tensors="pt")
+    return batch, batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+
+def pretrain_language_model(output_dir: str | Path, steps: int = 1000, batch_size: int = 64, lr: float = 1e-3,
+                            seed: int = 0, eval_every: int = 250, device: str = "cpu", log=print) -> dict:
+    """Train `build_language_model` on `scene_text`; save it with its tokenizer and training.json."""
+    _check_positive(steps=steps, batch_size=batch_size, eval_every=eval_every)
+    output_dir = Path(output_dir)
+    tokenizer = recipe_tokenizer(seed)
+    model = build_language_model(tokenizer, seed).to(device).train()
+    optimisation = CosineAdamW(model.parameters(), lr, steps, clip_norm=1.0)
+    held_out_rng = random.Random(seed)
+    held_out = [part.to(device) for part in _text_batch(tokenizer, language_model_texts(scene_batch(256, seed=CAPTION_SEED), held_out_rng, tokenizer))]
+    rng, started, history = random.Random(seed), time.time(), []
+    for step in range(1, steps + 1):
+        texts = language_model_texts(scene_batch(batch_size, seed=rng.randrange(TRAINING_SEEDS_FROM, 2**31)), rng, tokenizer)
+        batch, labels = _text_batch(tokenizer, texts)
+        loss = model(**batch.to(device), labels=labels.to(device)).loss
+        optimisation.update(loss)
+        if step % eval_every == 0 or step == steps:
+            with torch.inference_mode():
+                held_out_loss = model(**held_out[0], labels=held_out[1]).loss.item()
+            history.append({"step": step, "loss": round(loss.item(), 4), "held_out_loss": round(held_out_loss, 4)})
+            log(f"step {step}: loss {loss.item():.3f}, held-out loss {held_out_loss:.3f}, {time.time() - started:.0f}s")
+    model.to("cpu").eval().save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    summary = {
+        "command": _command("pretrain-lm"),
+        "stage": "language model pre-training on scene text: descriptions with questions answered in words, and "
+                 "stage-2-shaped conversations with the description in place of the image",
+        "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "device": str(device),
+        "wall_time_s": round(time.time() - started, 1), "parameters": sum(p.numel() for p in model.parameters()),
+        "data": f"language_model_texts of fresh scenes every step (seeds >= {TRAINING_SEEDS_FROM}); held-out: 256 scenes, seed {CAPTION_SEED}",
+        "held_out_loss": history[-1]["held_out_loss"], "history": history,
+    }
+    (output_dir / "training.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def assemble_llava(tower_dir: str | Path, language_model_dir: str | Path, seed: int = 0):
+    """The llava-hf classes from a pre-trained tower (`tower_dir/vision`) and language model, with a fresh
+    projector; LLaVA-1.5's feature choice (the tower's second-to-last layer, CLS dropped). Returns (model, processor)."""
+    from transformers import (AutoTokenizer, CLIPVisionModel, LlamaForCausalLM, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    tower = CLIPVisionModel.from_pretrained(Path(tower_dir) / "vision", use_safetensors=True)
+    language_model = LlamaForCausalLM.from_pretrained(language_model_dir, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(language_model_dir)
+    config = LlavaConfig(
+        vision_config=tower.config, text_config=language_model.config,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_seq_length=scenes.PATCHES_PER_SIDE**2,
+        tie_word_embeddings=language_model.config.tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    model.model.language_model.load_state_dict(language_model.model.state_dict())
+    model.lm_head.load_state_dict(language_model.lm_head.state_dict())
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    processor = LlavaProcessor(
+        image_processor=shapes_image_processor(scenes.IMAGE_SIZE), tokenizer=tokenizer, patch_size=scenes.PATCH,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def caption_batch(processor, records: list[dict]) -> dict:
+    """Stage-1 inputs: '<image>' tokens, a newline, the caption; `labels` on the caption and end token only."""
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "right"
+    prefix = "<image>\n"
+    texts = [prefix + caption + tokenizer.eos_token for caption in captions_of(records)]
+    batch = processor(images=[r["image"] for r in records], text=texts, return_tensors="pt", padding=True)
+    prefix_length = processor(images=[records[0]["image"]], text=[prefix], return_tensors="pt")["input_ids"].shape[1]
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels[:, :prefix_length] = -100
+    batch["labels"] = labels
+    return batch
+
+
+@torch.inference_mode()
+def caption_losses(model, processor, records: list[dict]) -> dict:
+    """Held-out caption loss with each scene's own image and with another scene's image (images rolled by one)."""
+    batch = caption_batch(processor, records).to(model.device)
+    matched = model(**batch).loss.item()
+    shuffled = model(**{**batch, "pixel_values": batch["pixel_values"].roll(1, dims=0)}).loss.item()
+    return {"matched_images": round(matched, 4), "shuffled_images": round(shuffled, 4)}
+
+
+@torch.inference_mode()
+def word_alignment(model, processor, records: list[dict]) -> dict:
+    """How text-like the projected image tokens are, the quantity Simignore relies on.
+
+    For each patch holding an object (at least half its pixels), rank the object's colour word among the
+    colour words (and its shape word among the shape words) by cosine similarity between the patch's image
+    token and the words' input embeddings; report the top-1 rates (chance 1/4 and 1/3). For every patch,
+    its best cosine to any colour word: mean over object patches and over background patches (no object pixel).
+    """
+    pixels = processor.image_processor(images=[r["image"] for r in records], return_tensors="pt")["pixel_values"].to(model.device)
+    features = model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+    image_tokens = torch.nn.functional.normalize(torch.stack(list(features)).float().cpu(), dim=-1)  # (B, N, D)
+    embedding = model.get_input_embeddings().weight.float().cpu()
+
+    def word_vectors(words) -> torch.Tensor:  # (W, D), a word split into pieces averages them
+        pieces = [processor.tokenizer(" " + word, add_special_tokens=False).input_ids for word in words]
+        return torch.nn.functional.normalize(torch.stack([embedding[ids].mean(0) for ids in pieces]), dim=-1)
+
+    report = {}
+    colour_similarity = image_tokens @ word_vectors(shapes.COLOURS).T  # (B, N, 4)
+    for attribute, words in (("colour", shapes.COLOURS), ("shape", shapes.SHAPES)):
+        similarity = image_tokens @ word_vectors(words).T  # (B, N, W)
+        hits = total = 0
+        for row, record in enumerate(records):
+            for obj in scene_objects(record):
+                patches = scenes.covered_patches(obj, min_pixels=COVERED_PIXELS)
+                predicted = similarity[row, patches].argmax(dim=-1)  # (P,)
+                hits += int((predicted == words.index(getattr(obj, attribute))).sum())
+                total += len(patches)
+        report[f"{attribute}_top1"] = round(hits / total, 4)
+        report[f"{attribute}_chance"] = round(1 / len(words), 4)
+    report["object_patches"] = total
+    is_object = torch.zeros(image_tokens.shape[:2], dtype=torch.bool)  # (B, N)
+    is_background = torch.ones(image_tokens.shape[:2], dtype=torch.bool)  # (B, N)
+    for row, record in enumerate(records):
+        for obj in scene_objects(record):
+            is_object[row, scenes.covered_patches(obj, min_pixels=COVERED_PIXELS)] = True
+            is_background[row, scenes.covered_patches(obj)] = False
+    best_colour = colour_similarity.amax(dim=-1)  # (B, N)
+    report["best_colour_cosine_object"] = round(best_colour[is_object].mean().item(), 4)
+    report["best_colour_cosine_background"] = round(best_colour[is_background].mean().item(), 4)
+    report["background_patches"] = int(is_background.sum())
+    return report
+
+
+UNTRAINED_SEEDS = tuple(range(100, 105))
+
+
+def untrained_alignment(tower_dir: str | Path, language_model_dir: str | Path, records: list[dict]) -> dict:
+    """`word_alignment` of freshly initialised projectors (the baseline a trained one is compared with):
+    the mean over `UNTRAINED_SEEDS`, and each seed's rates."""
+    runs = [word_alignment(*assemble_llava(tower_dir, language_model_dir, seed), records) for seed in UNTRAINED_SEEDS]
+    report = {key: round(sum(run[key] for run in runs) / len(runs), 4) for key in ("colour_top1", "shape_top1",
+              "best_colour_cosine_object", "best_colour_cosine_background")}
+    report["colour_top1_per_seed"] = [run["colour_top1"] for run in runs]
+    report["shape_top1_per_seed"] = [run["shape_top1"] for run in runs]
+    report["seeds"] = list(UNTRAINED_SEEDS)
+    return report
+
+
+def _freeze(module: torch.nn.Module) -> None:
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+
+
+def align_projector(output_dir: str | Path, tower_dir: str | Path, language_model_dir: str | Path, steps: int = 1000,
+                    batch_size: int = 64, lr: float = 2e-3, seed: int = 0, eval_every: int = 250, device: str = "cpu",
+                    log=print) -> dict:
+    """LLaVA stage 1: tower and language model frozen, the projector trained on captioning; saves the model."""
+    _check_positive(steps=steps, batch_size=batch_size, eval_every=eval_every)
+    _check_folder("tower_dir", Path(tower_dir) / "vision", "pretrain-tower")
+    _check_folder("language_model_dir", language_model_dir, "pretrain-lm")
+    output_dir = Path(output_dir)
+    model, processor = assemble_llava(tower_dir, language_model_dir, seed)
+    _freeze(model.model.vision_tower)
+    _freeze(model.model.language_model)
+    _freeze(model.lm_head)
+    projector = model.model.multi_modal_projector
+    model.to(device).train()
+    optimisation = CosineAdamW(projector.parameters(), lr, steps, weight_decay=0.0)
+    held_out = scene_batch(256, seed=CAPTION_SEED)
+    alignment_scenes = scene_batch(200, seed=ALIGNMENT_SEED)
+    untrained = untrained_alignment(tower_dir, language_model_dir, alignment_scenes)
+    log(f"before training, fresh projectors (seeds {UNTRAINED_SEEDS[0]}-{UNTRAINED_SEEDS[-1]}): colour-word top-1 "
+        f"{untrained['colour_top1']:.3f}, shape-word top-1 {untrained['shape_top1']:.3f}")
+    rng, started, history = random.Random(seed), time.time(), []
+    for step in range(1, steps + 1):
+        batch = caption_batch(processor, scene_batch(batch_size, seed=rng.randrange(TRAINING_SEEDS_FROM, 2**31)))
+        loss = model(**batch.to(device)).loss
+        optimisation.update(loss)
+        if step % eval_every == 0 or step == steps:
+            model.eval()
+            losses = caption_losses(model, processor, held_out)
+            model.train()
+            history.append({"step": step, "loss": round(loss.item(), 4), "held_out_caption_loss": losses})
+            log(f"step {step}: caption loss {loss.item():.3f}, held-out {losses['matched_images']:.3f} "
+                f"(another scene's image: {losses['shuffled_images']:.3f}), {time.time() - started:.0f}s")
+    model.eval()
+    alignment = word_alignment(model, processor, alignment_scenes)
+    log(f"alignment: colour-word top-1 {alignment['colour_top1']:.3f} (chance 0.25), "
+        f"shape-word top-1 {alignment['shape_top1']:.3f} (chance 0.333)")
+    model.to("cpu").save_pretrained(output_dir, safe_serialization=True)
+    processor.save_pretrained(output_dir)
+    previous = [_record(Path(tower_dir)), _record(Path(language_model_dir))]
+    summary = {
+        "command": _command("align-projector"),
+        "stage": "LLaVA stage 1, feature alignment: projector trained on captioning, tower and language model frozen",
+        "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "device": str(device), "wall_time_s": round(time.time() - started, 1),
+        "data": f"captions of fresh free-layout scenes every step (seeds >= {TRAINING_SEEDS_FROM}); held-out: 256 scenes, seed {CAPTION_SEED}",
+        "held_out_caption_loss": history[-1]["held_out_caption_loss"],
+        "alignment": {**alignment, "scenes": f"200 scenes, seed {ALIGNMENT_SEED}"},
+        "alignment_untrained_projector": untrained,
+        "history": history,
+        "previous_stages": [record for record in previous if record is not None],
+    }
+    (output_dir / "training.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _record(folder: Path) -> dict | None:
+    path = folder / "training.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def held_out_questions(num_questions: int = 1000, draw: bool = True) -> list[dict]:
+    """The testbed's held-out split: shapes questions on free-layout scenes, seed 10000."""
+    return shapes.shapes_records(num_questions, seed=shapes.HELD_OUT_SEED, draw=draw, layout=scenes.FREE_LAYOUT)
+
+
+def tune_instructions(output_dir: str | Path, init_from: str | Path, steps: int = 3000, batch_size: int = 64,
+                      lr: float = 1e-3, seed: int = 1, eval_every: int = 250, mix: tuple[str, ...] = shapes.QUESTION_TYPES,
+                      curriculum: float = 0.3, held_out_size: int = 1000, device: str = "cpu", log=print) -> dict:
+    """LLaVA stage 2: projector and language model trained on the shapes QA mix (tower frozen); saves the model.
+
+    `curriculum`: the fraction of the steps over which the largest object count grows from 1 to MAX_OBJECTS
+    (0: 1..MAX_OBJECTS objects from the first step).
+    """
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    _check_positive(steps=steps, batch_size=batch_size, eval_every=eval_every, held_out_size=held_out_size)
+    if not 0 <= curriculum <= 1:
+        raise ValueError(f"curriculum must be a fraction of the steps in [0, 1], got {curriculum}")
+    for question_type in mix:
+        if question_type not in shapes.QUESTION_TYPES:
+            raise ValueError(f"mix must list question types among {', '.join(shapes.QUESTION_TYPES)}; got {question_type!r}")
+    _check_folder("init_from", init_from, "align-projector")
+    init_from, output_dir = Path(init_from), Path(output_dir)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration.from_pretrained(init_from, use_safetensors=True)
+    processor = AutoProcessor.from_pretrained(init_from)
+    _freeze(model.model.vision_tower)
+    model.to(device).train()
+    optimisation = CosineAdamW(model.parameters(), lr, steps, clip_norm=1.0)  # the tower is frozen
+    held_out = held_out_questions(held_out_size)
+    rng, started, history = random.Random(seed), time.time(), []
+    for step in range(1, steps + 1):
+        growing = shapes.MAX_OBJECTS if curriculum == 0 else 1 + int(shapes.MAX_OBJECTS * step / (curriculum * steps))
+        records = shapes.shapes_records(batch_size, seed=rng.randrange(TRAINING_SEEDS_FROM, 2**31), question_types=mix,
+                                        max_objects=min(shapes.MAX_OBJECTS, growing), layout=scenes.FREE_LAYOUT)
+        loss = model(**encode(processor, records, with_answers=True).to(device)).loss
+        optimisation.update(loss)
+        if step % eval_every == 0 or step == steps:
+            report = evaluate(model, processor, held_out, device)
+            history.append({"step": step, "loss": round(loss.item(), 4), "held_out": report["overall"]})
+            log(f"step {step}: loss {loss.item():.3f}, held-out accuracy {report['overall']:.3f} "
+                f"({', '.join(f'{k} {v:.2f}' for k, v in report['per_type'].items())}), {time.time() - started:.0f}s")
+    model.eval()
+    report = evaluate(model, processor, held_out, device)
+    alignment = word_alignment(model, processor, scene_batch(200, seed=ALIGNMENT_SEED))
+    model.to("cpu").save_pretrained(output_dir, safe_serialization=True)
+    processor.save_pretrained(output_dir)
+    previous = _record(init_from) or {}
+    summary = {
+        "command": _command("tune-instructions"),
+        "stage": "LLaVA stage 2, instruction tuning: projector and language model on the shapes QA mix, tower frozen",
+        "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "mix": list(mix), "curriculum": curriculum,
+        "device": str(device),
+        "wall_time_s": round(time.time() - started, 1), "parameters": sum(p.numel() for p in model.parameters()),
+        "data": f"shapes questions on fresh free-layout scenes every step (seeds >= {TRAINING_SEEDS_FROM}); "
+                f"held-out: {held_out_size} questions, seed {shapes.HELD_OUT_SEED}",
+        "held_out": report, "alignment": {**alignment, "scenes": f"200 scenes, seed {ALIGNMENT_SEED}"}, "history": history,
+        "previous_stages": previous.get("previous_stages", []) + [{k: v for k, v in previous.items() if k != "previous_stages"}],
+    }
+    (output_dir / "training.json").write_text(json.dumps(summary, indent=2))
+    return summary
