@@ -129,16 +129,32 @@ def _pretrain_tower(args: argparse.Namespace) -> int:
     from lmms_simignore.tower_pretraining import pretrain_tower
 
     summary = pretrain_tower(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                             eval_every=args.eval_every, log=lambda line: print(line, flush=True))
+                             eval_every=args.eval_every, device=_device(args), log=lambda line: print(line, flush=True))
     print(f"held-out image->caption top-1: {summary['held_out_top1']:.3f} (chance {summary['chance']:.4f}); wrote {args.out}")
     return 0
+
+
+def _training_arguments(parser: argparse.ArgumentParser, steps: int, batch_size: int, lr: float, seed: int) -> None:
+    """The options every testbed recipe stage takes, with that stage's defaults."""
+    parser.add_argument("--steps", type=int, default=steps, help="(default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="(default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=lr, help="peak learning rate of the warm-up and cosine schedule (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=seed, help="(default: %(default)s)")
+    parser.add_argument("--eval-every", type=int, default=250, help="steps between held-out measurements (default: %(default)s)")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+
+
+def _device(args: argparse.Namespace) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _pretrain_lm(args: argparse.Namespace) -> int:
     from lmms_simignore.llava_recipe import pretrain_language_model
 
     summary = pretrain_language_model(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                      eval_every=args.eval_every, log=lambda line: print(line, flush=True))
+                                      eval_every=args.eval_every, device=_device(args), log=lambda line: print(line, flush=True))
     print(f"held-out loss on scene text: {summary['held_out_loss']:.3f}; wrote {args.out}")
     return 0
 
@@ -147,7 +163,8 @@ def _align_projector(args: argparse.Namespace) -> int:
     from lmms_simignore.llava_recipe import align_projector
 
     summary = align_projector(args.out, args.tower, args.lm, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                              seed=args.seed, eval_every=args.eval_every, log=lambda line: print(line, flush=True))
+                              seed=args.seed, eval_every=args.eval_every, device=_device(args),
+                              log=lambda line: print(line, flush=True))
     print(json.dumps(summary["alignment"], indent=2))
     return 0
 
@@ -157,7 +174,7 @@ def _tune_instructions(args: argparse.Namespace) -> int:
 
     summary = tune_instructions(args.out, args.init_from, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                 seed=args.seed, eval_every=args.eval_every, mix=tuple(args.mix.split(",")),
-                                curriculum=args.curriculum, log=lambda line: print(line, flush=True))
+                                curriculum=args.curriculum, device=_device(args), log=lambda line: print(line, flush=True))
     print(json.dumps({"held_out": summary["held_out"], "alignment": summary["alignment"]}, indent=2))
     return 0
 
@@ -273,20 +290,12 @@ def main(argv: list[str] | None = None) -> int:
         "pretrain-tower", help="CLIP-like contrastive pre-training of a tiny vision tower on scene captions (testbed recipe, stage 0)"
     )
     pretrain.add_argument("--out", required=True, help="folder for vision/, text/, projections and training.json")
-    pretrain.add_argument("--steps", type=int, default=1500)
-    pretrain.add_argument("--batch-size", type=int, default=128)
-    pretrain.add_argument("--lr", type=float, default=1e-3)
-    pretrain.add_argument("--seed", type=int, default=0)
-    pretrain.add_argument("--eval-every", type=int, default=250)
+    _training_arguments(pretrain, steps=1500, batch_size=128, lr=0.001, seed=0)
     pretrain.set_defaults(handler=_pretrain_tower)
 
     language = commands.add_parser("pretrain-lm", help="pre-train the testbed's language model on scene text (testbed recipe)")
     language.add_argument("--out", required=True, help="folder for the language model, tokenizer and training.json")
-    language.add_argument("--steps", type=int, default=1000)
-    language.add_argument("--batch-size", type=int, default=64)
-    language.add_argument("--lr", type=float, default=1e-3)
-    language.add_argument("--seed", type=int, default=0)
-    language.add_argument("--eval-every", type=int, default=250)
+    _training_arguments(language, steps=1000, batch_size=64, lr=0.001, seed=0)
     language.set_defaults(handler=_pretrain_lm)
 
     align = commands.add_parser(
@@ -295,11 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     align.add_argument("--tower", required=True, help="a pretrain-tower folder")
     align.add_argument("--lm", required=True, help="a pretrain-lm folder")
     align.add_argument("--out", required=True, help="folder for the stage-1 model and training.json")
-    align.add_argument("--steps", type=int, default=1500)
-    align.add_argument("--batch-size", type=int, default=64)
-    align.add_argument("--lr", type=float, default=2e-3)
-    align.add_argument("--seed", type=int, default=0)
-    align.add_argument("--eval-every", type=int, default=250)
+    _training_arguments(align, steps=1000, batch_size=64, lr=0.002, seed=0)
     align.set_defaults(handler=_align_projector)
 
     tune = commands.add_parser(
@@ -307,11 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     tune.add_argument("--init-from", required=True, help="an align-projector folder")
     tune.add_argument("--out", required=True, help="folder for the model and training.json")
-    tune.add_argument("--steps", type=int, default=3000)
-    tune.add_argument("--batch-size", type=int, default=64)
-    tune.add_argument("--lr", type=float, default=1e-3)
-    tune.add_argument("--seed", type=int, default=1)
-    tune.add_argument("--eval-every", type=int, default=250)
+    _training_arguments(tune, steps=3000, batch_size=64, lr=0.001, seed=1)
     tune.add_argument("--mix", default="colour,shape,exists,count,spatial", help="question types of the training batches, in turn (repeat one to weight it)")
     tune.add_argument("--curriculum", type=float, default=0.3, help="fraction of the steps over which the object count grows from 1 to 6; 0 = none (default: %(default)s)")
     tune.set_defaults(handler=_tune_instructions)

@@ -22,7 +22,6 @@ Every batch is drawn fresh from seeds at or above `TRAINING_SEEDS_FROM`; the hel
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 import time
@@ -33,7 +32,7 @@ import torch
 from lmms_simignore import scenes, shapes
 from lmms_simignore.fixtures import CHAT_TEMPLATE, SYSTEM_PROMPT
 from lmms_simignore.tasks.scienceqa_utils import POST_PROMPT
-from lmms_simignore.tower_pretraining import TRAINING_SEEDS_FROM, captions_of, scene_batch
+from lmms_simignore.tower_pretraining import TRAINING_SEEDS_FROM, CosineAdamW, captions_of, scene_batch
 
 ALIGNMENT_SEED = shapes.HELD_OUT_SEED + 2  # held-out scenes for the alignment measurement
 CAPTION_SEED = shapes.HELD_OUT_SEED + 3  # held-out scenes for the stage-1 caption loss
@@ -175,17 +174,15 @@ def build_language_model(tokenizer, seed: int = 0):
     ))
 
 
-def _cosine_schedule(optimizer, steps: int):
-    warmup = max(1, steps // 50)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
-    )
-
-
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
+def _check_folder(argument: str, folder: str | Path, command: str) -> None:
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(f"{argument}={str(folder)!r} is not a folder written by `{command}` (no config.json in it)")
 
 
 def _command(name: str) -> str:
@@ -199,39 +196,34 @@ def _text_batch(tokenizer, texts: list[str]) -> tuple[dict, torch.Tensor]:
 
 
 def pretrain_language_model(output_dir: str | Path, steps: int = 1000, batch_size: int = 64, lr: float = 1e-3,
-                            seed: int = 0, eval_every: int = 250, log=print) -> dict:
+                            seed: int = 0, eval_every: int = 250, device: str = "cpu", log=print) -> dict:
     """Train `build_language_model` on `scene_text`; save it with its tokenizer and training.json."""
     _check_positive(steps=steps, batch_size=batch_size, eval_every=eval_every)
     output_dir = Path(output_dir)
     tokenizer = recipe_tokenizer(seed)
-    model = build_language_model(tokenizer, seed).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = _cosine_schedule(optimizer, steps)
+    model = build_language_model(tokenizer, seed).to(device).train()
+    optimisation = CosineAdamW(model.parameters(), lr, steps, clip_norm=1.0)
     held_out_rng = random.Random(seed)
-    held_out = _text_batch(tokenizer, language_model_texts(scene_batch(256, seed=CAPTION_SEED), held_out_rng, tokenizer))
+    held_out = [part.to(device) for part in _text_batch(tokenizer, language_model_texts(scene_batch(256, seed=CAPTION_SEED), held_out_rng, tokenizer))]
     rng, started, history = random.Random(seed), time.time(), []
     for step in range(1, steps + 1):
         texts = language_model_texts(scene_batch(batch_size, seed=rng.randrange(TRAINING_SEEDS_FROM, 2**31)), rng, tokenizer)
         batch, labels = _text_batch(tokenizer, texts)
-        loss = model(**batch, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        loss = model(**batch.to(device), labels=labels.to(device)).loss
+        optimisation.update(loss)
         if step % eval_every == 0 or step == steps:
             with torch.inference_mode():
                 held_out_loss = model(**held_out[0], labels=held_out[1]).loss.item()
             history.append({"step": step, "loss": round(loss.item(), 4), "held_out_loss": round(held_out_loss, 4)})
             log(f"step {step}: loss {loss.item():.3f}, held-out loss {held_out_loss:.3f}, {time.time() - started:.0f}s")
-    model.eval().save_pretrained(output_dir, safe_serialization=True)
+    model.to("cpu").eval().save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
     summary = {
         "command": _command("pretrain-lm"),
         "stage": "language model pre-training on scene text: descriptions with questions answered in words, and "
                  "stage-2-shaped conversations with the description in place of the image",
-        "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "wall_time_s": round(time.time() - started, 1),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "device": str(device),
+        "wall_time_s": round(time.time() - started, 1), "parameters": sum(p.numel() for p in model.parameters()),
         "data": f"language_model_texts of fresh scenes every step (seeds >= {TRAINING_SEEDS_FROM}); held-out: 256 scenes, seed {CAPTION_SEED}",
         "held_out_loss": history[-1]["held_out_loss"], "history": history,
     }
@@ -285,7 +277,7 @@ def caption_batch(processor, records: list[dict]) -> dict:
 @torch.inference_mode()
 def caption_losses(model, processor, records: list[dict]) -> dict:
     """Held-out caption loss with each scene's own image and with another scene's image (images rolled by one)."""
-    batch = caption_batch(processor, records)
+    batch = caption_batch(processor, records).to(model.device)
     matched = model(**batch).loss.item()
     shuffled = model(**{**batch, "pixel_values": batch["pixel_values"].roll(1, dims=0)}).loss.item()
     return {"matched_images": round(matched, 4), "shuffled_images": round(shuffled, 4)}
@@ -300,10 +292,10 @@ def word_alignment(model, processor, records: list[dict]) -> dict:
     token and the words' input embeddings; report the top-1 rates (chance 1/4 and 1/3). For every patch,
     its best cosine to any colour word: mean over object patches and over background patches (no object pixel).
     """
-    pixels = processor.image_processor(images=[r["image"] for r in records], return_tensors="pt")["pixel_values"]
+    pixels = processor.image_processor(images=[r["image"] for r in records], return_tensors="pt")["pixel_values"].to(model.device)
     features = model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
-    image_tokens = torch.nn.functional.normalize(torch.stack(list(features)).float(), dim=-1)  # (B, N, D)
-    embedding = model.get_input_embeddings().weight.float()
+    image_tokens = torch.nn.functional.normalize(torch.stack(list(features)).float().cpu(), dim=-1)  # (B, N, D)
+    embedding = model.get_input_embeddings().weight.float().cpu()
 
     def word_vectors(words) -> torch.Tensor:  # (W, D), a word split into pieces averages them
         pieces = [processor.tokenizer(" " + word, add_special_tokens=False).input_ids for word in words]
@@ -356,19 +348,21 @@ def _freeze(module: torch.nn.Module) -> None:
         parameter.requires_grad_(False)
 
 
-def align_projector(output_dir: str | Path, tower_dir: str | Path, language_model_dir: str | Path, steps: int = 1500,
-                    batch_size: int = 64, lr: float = 2e-3, seed: int = 0, eval_every: int = 250, log=print) -> dict:
+def align_projector(output_dir: str | Path, tower_dir: str | Path, language_model_dir: str | Path, steps: int = 1000,
+                    batch_size: int = 64, lr: float = 2e-3, seed: int = 0, eval_every: int = 250, device: str = "cpu",
+                    log=print) -> dict:
     """LLaVA stage 1: tower and language model frozen, the projector trained on captioning; saves the model."""
     _check_positive(steps=steps, batch_size=batch_size, eval_every=eval_every)
+    _check_folder("tower_dir", Path(tower_dir) / "vision", "pretrain-tower")
+    _check_folder("language_model_dir", language_model_dir, "pretrain-lm")
     output_dir = Path(output_dir)
     model, processor = assemble_llava(tower_dir, language_model_dir, seed)
     _freeze(model.model.vision_tower)
     _freeze(model.model.language_model)
     _freeze(model.lm_head)
     projector = model.model.multi_modal_projector
-    model.train()
-    optimizer = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
-    schedule = _cosine_schedule(optimizer, steps)
+    model.to(device).train()
+    optimisation = CosineAdamW(projector.parameters(), lr, steps, weight_decay=0.0)
     held_out = scene_batch(256, seed=CAPTION_SEED)
     alignment_scenes = scene_batch(200, seed=ALIGNMENT_SEED)
     untrained = untrained_alignment(tower_dir, language_model_dir, alignment_scenes)
@@ -377,11 +371,8 @@ def align_projector(output_dir: str | Path, tower_dir: str | Path, language_mode
     rng, started, history = random.Random(seed), time.time(), []
     for step in range(1, steps + 1):
         batch = caption_batch(processor, scene_batch(batch_size, seed=rng.randrange(TRAINING_SEEDS_FROM, 2**31)))
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        loss = model(**batch.to(device)).loss
+        optimisation.update(loss)
         if step % eval_every == 0 or step == steps:
             model.eval()
             losses = caption_losses(model, processor, held_out)
@@ -393,13 +384,13 @@ def align_projector(output_dir: str | Path, tower_dir: str | Path, language_mode
     alignment = word_alignment(model, processor, alignment_scenes)
     log(f"alignment: colour-word top-1 {alignment['colour_top1']:.3f} (chance 0.25), "
         f"shape-word top-1 {alignment['shape_top1']:.3f} (chance 0.333)")
-    model.save_pretrained(output_dir, safe_serialization=True)
+    model.to("cpu").save_pretrained(output_dir, safe_serialization=True)
     processor.save_pretrained(output_dir)
     previous = [_record(Path(tower_dir)), _record(Path(language_model_dir))]
     summary = {
         "command": _command("align-projector"),
         "stage": "LLaVA stage 1, feature alignment: projector trained on captioning, tower and language model frozen",
-        "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "wall_time_s": round(time.time() - started, 1),
+        "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "device": str(device), "wall_time_s": round(time.time() - started, 1),
         "data": f"captions of fresh free-layout scenes every step (seeds >= {TRAINING_SEEDS_FROM}); held-out: 256 scenes, seed {CAPTION_SEED}",
         "held_out_caption_loss": history[-1]["held_out_caption_loss"],
         "alignment": {**alignment, "scenes": f"200 scenes, seed {ALIGNMENT_SEED}"},
@@ -423,7 +414,7 @@ def held_out_questions(num_questions: int = 1000, draw: bool = True) -> list[dic
 
 def tune_instructions(output_dir: str | Path, init_from: str | Path, steps: int = 3000, batch_size: int = 64,
                       lr: float = 1e-3, seed: int = 1, eval_every: int = 250, mix: tuple[str, ...] = shapes.QUESTION_TYPES,
-                      curriculum: float = 0.3, held_out_size: int = 1000, log=print) -> dict:
+                      curriculum: float = 0.3, held_out_size: int = 1000, device: str = "cpu", log=print) -> dict:
     """LLaVA stage 2: projector and language model trained on the shapes QA mix (tower frozen); saves the model.
 
     `curriculum`: the fraction of the steps over which the largest object count grows from 1 to MAX_OBJECTS
@@ -437,42 +428,38 @@ def tune_instructions(output_dir: str | Path, init_from: str | Path, steps: int 
     for question_type in mix:
         if question_type not in shapes.QUESTION_TYPES:
             raise ValueError(f"mix must list question types among {', '.join(shapes.QUESTION_TYPES)}; got {question_type!r}")
+    _check_folder("init_from", init_from, "align-projector")
     init_from, output_dir = Path(init_from), Path(output_dir)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration.from_pretrained(init_from, use_safetensors=True)
     processor = AutoProcessor.from_pretrained(init_from)
     _freeze(model.model.vision_tower)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01)
-    schedule = _cosine_schedule(optimizer, steps)
+    model.to(device).train()
+    optimisation = CosineAdamW(model.parameters(), lr, steps, clip_norm=1.0)  # the tower is frozen
     held_out = held_out_questions(held_out_size)
     rng, started, history = random.Random(seed), time.time(), []
     for step in range(1, steps + 1):
         growing = shapes.MAX_OBJECTS if curriculum == 0 else 1 + int(shapes.MAX_OBJECTS * step / (curriculum * steps))
         records = shapes.shapes_records(batch_size, seed=rng.randrange(TRAINING_SEEDS_FROM, 2**31), question_types=mix,
                                         max_objects=min(shapes.MAX_OBJECTS, growing))
-        loss = model(**encode(processor, records, with_answers=True)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        schedule.step()
+        loss = model(**encode(processor, records, with_answers=True).to(device)).loss
+        optimisation.update(loss)
         if step % eval_every == 0 or step == steps:
-            report = evaluate(model, processor, held_out, "cpu")
+            report = evaluate(model, processor, held_out, device)
             history.append({"step": step, "loss": round(loss.item(), 4), "held_out": report["overall"]})
             log(f"step {step}: loss {loss.item():.3f}, held-out accuracy {report['overall']:.3f} "
                 f"({', '.join(f'{k} {v:.2f}' for k, v in report['per_type'].items())}), {time.time() - started:.0f}s")
     model.eval()
-    report = evaluate(model, processor, held_out, "cpu")
+    report = evaluate(model, processor, held_out, device)
     alignment = word_alignment(model, processor, scene_batch(200, seed=ALIGNMENT_SEED))
-    model.save_pretrained(output_dir, safe_serialization=True)
+    model.to("cpu").save_pretrained(output_dir, safe_serialization=True)
     processor.save_pretrained(output_dir)
     previous = _record(init_from) or {}
     summary = {
         "command": _command("tune-instructions"),
         "stage": "LLaVA stage 2, instruction tuning: projector and language model on the shapes QA mix, tower frozen",
         "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "mix": list(mix), "curriculum": curriculum,
+        "device": str(device),
         "wall_time_s": round(time.time() - started, 1), "parameters": sum(p.numel() for p in model.parameters()),
         "data": f"shapes questions on fresh free-layout scenes every step (seeds >= {TRAINING_SEEDS_FROM}); "
                 f"held-out: {held_out_size} questions, seed {shapes.HELD_OUT_SEED}",

@@ -56,6 +56,28 @@ def info_nce(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, logi
     return (torch.nn.functional.cross_entropy(logits, targets) + torch.nn.functional.cross_entropy(logits.T, targets)) / 2
 
 
+class CosineAdamW:
+    """The testbed stages' optimisation: AdamW, a linear warm-up over 2% of `steps`, then cosine decay to zero;
+    `update(loss)` does one step (gradients clipped to `clip_norm` when given)."""
+
+    def __init__(self, parameters, lr: float, steps: int, weight_decay: float = 0.01, clip_norm: float | None = None):
+        self.parameters = [parameter for parameter in parameters if parameter.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=weight_decay)
+        warmup = max(1, steps // 50)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+        )
+        self.clip_norm = clip_norm
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.clip_norm)
+        self.optimizer.step()
+        self.schedule.step()
+
+
 class ContrastivePair(torch.nn.Module):
     """A vision tower and a caption encoder with their projections into one embedding space."""
 
@@ -99,11 +121,11 @@ def encode_batch(records: list[dict], tokenizer, image_processor) -> dict:
 def retrieval_top1(model: ContrastivePair, batch: dict) -> float:
     """Share of images whose most similar caption in the batch is their own (chance: 1 / batch size)."""
     similarity = model.embed_images(batch["pixel_values"]) @ model.embed_texts(batch["input_ids"], batch["attention_mask"]).T
-    return (similarity.argmax(dim=1) == torch.arange(similarity.shape[0])).float().mean().item()
+    return (similarity.argmax(dim=1) == torch.arange(similarity.shape[0], device=similarity.device)).float().mean().item()
 
 
 def pretrain_tower(output_dir: str | Path, steps: int = 1500, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
-                   eval_every: int = 250, held_out_size: int = 256, log=print) -> dict:
+                   eval_every: int = 250, held_out_size: int = 256, device: str = "cpu", log=print) -> dict:
     """Train the pair on fresh scenes every step; save both encoders, projections, tokenizer, processor, training.json."""
     for name, value in (("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every), ("held_out_size", held_out_size)):
         if value < 1:
@@ -115,22 +137,17 @@ def pretrain_tower(output_dir: str | Path, steps: int = 1500, batch_size: int = 
     from lmms_simignore.llava_recipe import shapes_image_processor
 
     tokenizer, image_processor = build_caption_tokenizer(seed), shapes_image_processor(scenes.IMAGE_SIZE)
-    model = ContrastivePair(tokenizer).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 50)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
-    )
-    held_out = encode_batch(scene_batch(held_out_size, seed=HELD_OUT_SCENES_SEED), tokenizer, image_processor)
+    model = ContrastivePair(tokenizer).to(device).train()
+    optimisation = CosineAdamW(model.parameters(), lr, steps)
+    held_out = {key: value.to(device) for key, value in
+                encode_batch(scene_batch(held_out_size, seed=HELD_OUT_SCENES_SEED), tokenizer, image_processor).items()}
     rng, started, history = random.Random(seed), time.time(), []
     for step in range(1, steps + 1):
         batch = encode_batch(scene_batch(batch_size, seed=rng.randrange(TRAINING_SEEDS_FROM, 2**31)), tokenizer, image_processor)
+        batch = {key: value.to(device) for key, value in batch.items()}
         loss = info_nce(model.embed_images(batch["pixel_values"]), model.embed_texts(batch["input_ids"], batch["attention_mask"]),
                         model.logit_scale)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        optimisation.update(loss)
         if step % eval_every == 0 or step == steps:
             model.eval()
             top1 = retrieval_top1(model, held_out)
@@ -138,7 +155,7 @@ def pretrain_tower(output_dir: str | Path, steps: int = 1500, batch_size: int = 
             history.append({"step": step, "loss": round(loss.item(), 4), "held_out_top1": top1})
             log(f"step {step}: loss {loss.item():.3f}, held-out image->caption top-1 of {held_out_size}: {top1:.3f}, "
                 f"{time.time() - started:.0f}s")
-    model.eval()
+    model.to("cpu").eval()
     model.vision.save_pretrained(output_dir / "vision", safe_serialization=True)
     model.text.save_pretrained(output_dir / "text", safe_serialization=True)
     tokenizer.save_pretrained(output_dir / "text")
@@ -151,7 +168,7 @@ def pretrain_tower(output_dir: str | Path, steps: int = 1500, batch_size: int = 
     summary = {
         "command": " ".join(["python -m lmms_simignore pretrain-tower"] + sys.argv[2:]),
         "stage": "contrastive pre-training of the vision tower (CLIP-like) on scene captions",
-        "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
+        "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "device": str(device),
         "wall_time_s": round(time.time() - started, 1),
         "data": f"scenes (free layout): fresh scenes every step (seeded); held-out: {held_out_size} scenes, seed {HELD_OUT_SCENES_SEED}",
         "held_out_top1": history[-1]["held_out_top1"], "chance": 1 / held_out_size, "history": history,

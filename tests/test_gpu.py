@@ -106,3 +106,18 @@ def test_bench_runs_the_llava7b_shape_in_fp16_with_sdpa(tmp_path):
     assert (shape["image_tokens"], shape["layers"]) == (576, 32)
     assert shape["rows"]["simignore_drop_50"]["computed_per_layer"] == [288] * 32
     assert report["scienceqa_pass"]["model"] == "llava7b-shape" and len(report["scienceqa_pass"]["results"]) == 6
+
+
+def test_every_testbed_recipe_stage_trains_on_cuda(tmp_path):
+    """A few steps of each stage on the GPU: the recipe's device handling, and the stages' hand-over on disk."""
+    from lmms_simignore import llava_recipe
+    from lmms_simignore.tower_pretraining import pretrain_tower
+
+    quiet = dict(log=lambda line: None, device="cuda")
+    tower = pretrain_tower(tmp_path / "tower", steps=2, batch_size=8, eval_every=2, held_out_size=8, **quiet)
+    llava_recipe.pretrain_language_model(tmp_path / "lm", steps=2, batch_size=8, eval_every=2, **quiet)
+    llava_recipe.align_projector(tmp_path / "stage1", tmp_path / "tower", tmp_path / "lm", steps=2, batch_size=8, eval_every=2, **quiet)
+    summary = llava_recipe.tune_instructions(tmp_path / "model", tmp_path / "stage1", steps=2, batch_size=8, eval_every=2,
+                                             held_out_size=16, **quiet)
+    assert tower["device"] == summary["device"] == "cuda"
+    assert set(summary["held_out"]["per_type"]) == {"colour", "shape", "exists", "count", "spatial"}

@@ -159,6 +159,8 @@ def test_caption_batch_labels_exactly_the_caption_and_its_end(recipe):
 class _StubLlava:
     """A model whose image tokens are chosen by the test: `features` (B, 64, D) over an embedding table."""
 
+    device = torch.device("cpu")
+
     def __init__(self, embedding, features):
         self._embedding = embedding
         self.model = SimpleNamespace(get_image_features=lambda pixel_values, return_dict: SimpleNamespace(pooler_output=list(features)))
@@ -202,3 +204,13 @@ def test_word_alignment_scores_image_tokens_against_the_object_words(recipe, col
 def test_bad_settings_are_refused_before_anything_loads(tmp_path, stage, kwargs, message):
     with pytest.raises(ValueError, match=message):
         getattr(llava_recipe, stage)(tmp_path / "out", **kwargs)
+
+
+def test_a_stage_refuses_a_folder_that_no_earlier_stage_wrote(recipe, tmp_path):
+    root, _, _ = recipe
+    with pytest.raises(FileNotFoundError, match=r"tower_dir=.*not a folder written by `pretrain-tower`"):
+        llava_recipe.align_projector(tmp_path / "out", root / "lm", root / "lm")
+    with pytest.raises(FileNotFoundError, match=r"language_model_dir=.*not a folder written by `pretrain-lm`"):
+        llava_recipe.align_projector(tmp_path / "out", root / "tower", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"init_from=.*not a folder written by `align-projector`"):
+        llava_recipe.tune_instructions(tmp_path / "out", root / "tower")
