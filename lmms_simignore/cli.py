@@ -174,7 +174,7 @@ def _tune_instructions(args: argparse.Namespace) -> int:
 
     summary = tune_instructions(args.out, args.init_from, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                 seed=args.seed, eval_every=args.eval_every, mix=tuple(args.mix.split(",")),
-                                curriculum=args.curriculum, device=_device(args), log=lambda line: print(line, flush=True))
+                                curriculum=args.curriculum, train_tower=args.train_tower, device=_device(args), log=lambda line: print(line, flush=True))
     print(json.dumps({"held_out": summary["held_out"], "alignment": summary["alignment"]}, indent=2))
     return 0
 
@@ -315,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     _training_arguments(tune, steps=3000, batch_size=64, lr=0.001, seed=1)
     tune.add_argument("--mix", default="colour,shape,exists,count,spatial", help="question types of the training batches, in turn (repeat one to weight it)")
     tune.add_argument("--curriculum", type=float, default=0.3, help="fraction of the steps over which the object count grows from 1 to 6; 0 = none (default: %(default)s)")
+    tune.add_argument("--train-tower", action="store_true", help="train the vision tower too (LLaVA-1.5 keeps it frozen)")
     tune.set_defaults(handler=_tune_instructions)
 
     redundancy = commands.add_parser(

@@ -414,8 +414,11 @@ def held_out_questions(num_questions: int = 1000, draw: bool = True) -> list[dic
 
 def tune_instructions(output_dir: str | Path, init_from: str | Path, steps: int = 3000, batch_size: int = 64,
                       lr: float = 1e-3, seed: int = 1, eval_every: int = 250, mix: tuple[str, ...] = shapes.QUESTION_TYPES,
-                      curriculum: float = 0.3, held_out_size: int = 1000, device: str = "cpu", log=print) -> dict:
+                      curriculum: float = 0.3, held_out_size: int = 1000, train_tower: bool = False, device: str = "cpu",
+                      log=print) -> dict:
     """LLaVA stage 2: projector and language model trained on the shapes QA mix (tower frozen); saves the model.
+
+    `train_tower`: train the vision tower too (LLaVA-1.5 keeps it frozen; later LLaVA variants tune it).
 
     `curriculum`: the fraction of the steps over which the largest object count grows from 1 to MAX_OBJECTS
     (0: 1..MAX_OBJECTS objects from the first step).
@@ -433,9 +436,10 @@ def tune_instructions(output_dir: str | Path, init_from: str | Path, steps: int 
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration.from_pretrained(init_from, use_safetensors=True)
     processor = AutoProcessor.from_pretrained(init_from)
-    _freeze(model.model.vision_tower)
+    if not train_tower:
+        _freeze(model.model.vision_tower)
     model.to(device).train()
-    optimisation = CosineAdamW(model.parameters(), lr, steps, clip_norm=1.0)  # the tower is frozen
+    optimisation = CosineAdamW(model.parameters(), lr, steps, clip_norm=1.0)  # frozen parameters are left out
     held_out = held_out_questions(held_out_size)
     rng, started, history = random.Random(seed), time.time(), []
     for step in range(1, steps + 1):
@@ -457,8 +461,10 @@ def tune_instructions(output_dir: str | Path, init_from: str | Path, steps: int 
     previous = _record(init_from) or {}
     summary = {
         "command": _command("tune-instructions"),
-        "stage": "LLaVA stage 2, instruction tuning: projector and language model on the shapes QA mix, tower frozen",
+        "stage": "LLaVA stage 2, instruction tuning: projector and language model on the shapes QA mix, tower "
+                 + ("trained too (unlike LLaVA-1.5)" if train_tower else "frozen"),
         "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "mix": list(mix), "curriculum": curriculum,
+        "train_tower": train_tower,
         "device": str(device),
         "wall_time_s": round(time.time() - started, 1), "parameters": sum(p.numel() for p in model.parameters()),
         "data": f"shapes questions on fresh free-layout scenes every step (seeds >= {TRAINING_SEEDS_FROM}); "

@@ -131,6 +131,17 @@ def test_stage_2_trains_projector_and_language_model_and_keeps_the_tower(recipe)
     assert [record["stage"].split(" ")[0] for record in stage2["previous_stages"]] == ["contrastive", "language", "LLaVA"]
 
 
+def test_stage_2_trains_the_tower_only_when_asked(recipe, tmp_path):
+    root, _, _ = recipe
+    summary = llava_recipe.tune_instructions(tmp_path / "model", root / "stage1", steps=2, batch_size=8, eval_every=2,
+                                             held_out_size=8, train_tower=True, log=lambda line: None)
+    before, after = _weights(root / "stage1"), _weights(tmp_path / "model")
+    # the features come from the second-to-last layer: the first of the tower's two layers gets the gradients
+    tower = [name for name in before if name.startswith("model.vision_tower.encoder.layers.0.") and name.endswith("proj.weight")]
+    assert tower and all(not torch.equal(before[name], after[name]) for name in tower)
+    assert summary["train_tower"] is True and "trained too" in summary["stage"]
+
+
 def test_the_shipped_layout_reads_64_image_tokens_and_ties_the_output_to_the_input_embeddings(recipe):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
