@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -32,7 +31,8 @@ import torch
 from lmms_simignore import scenes, shapes
 from lmms_simignore.fixtures import CHAT_TEMPLATE, SYSTEM_PROMPT
 from lmms_simignore.tasks.scienceqa_utils import POST_PROMPT
-from lmms_simignore.tower_pretraining import TRAINING_SEEDS_FROM, CosineAdamW, captions_of, scene_batch
+from lmms_simignore.tower_pretraining import (TRAINING_SEEDS_FROM, CosineAdamW, captions_of, check_positive, command_line,
+                                              scene_batch, scene_objects)
 
 ALIGNMENT_SEED = shapes.HELD_OUT_SEED + 2  # held-out scenes for the alignment measurement
 CAPTION_SEED = shapes.HELD_OUT_SEED + 3  # held-out scenes for the stage-1 caption loss
@@ -109,10 +109,6 @@ def evaluate(model, processor, records: list[dict], device, batch_size: int = 25
     return report
 
 
-def scene_objects(record: dict) -> list[scenes.PlacedObject]:
-    return [scenes.PlacedObject(**obj) for obj in record["objects"]]
-
-
 def describe(objects: list[scenes.PlacedObject], rng: random.Random) -> str:
     """The scene in words: the objects listed in random order, then the caption."""
     listing = [f"{obj.size} {obj.colour} {obj.shape}" for obj in objects]
@@ -153,7 +149,7 @@ def recipe_tokenizer(seed: int = 0):
     """One byte-level BPE tokenizer for every stage: the shapes prompts plus scene text from `seed`."""
     from lmms_simignore.fixtures import build_tokenizer
     rng = random.Random(seed)
-    return build_tokenizer(vocab_size=600, corpus=shapes_corpus() + [scene_text(r, rng) for r in scene_batch(2000, seed=seed)])
+    return build_tokenizer(vocab_size=600, corpus=shapes_corpus() + [scene_text(r, rng) for r in scene_batch(2000, seed=seed, draw=False)])
 
 
 def language_model_texts(records: list[dict], rng: random.Random, tokenizer) -> list[str]:
@@ -174,19 +170,9 @@ def build_language_model(tokenizer, seed: int = 0):
     ))
 
 
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value}")
-
-
 def _check_folder(argument: str, folder: str | Path, command: str) -> None:
     if not (Path(folder) / "config.json").is_file():
         raise FileNotFoundError(f"{argument}={str(folder)!r} is not a folder written by `{command}` (no config.json in it)")
-
-
-def _command(name: str) -> str:
-    return " ".join([f"python -m lmms_simignore {name}"] + sys.argv[2:])
 
 
 def _text_batch(tokenizer, texts: list[str]) -> tuple[dict, torch.Tensor]:
@@ -198,16 +184,16 @@ def _text_batch(tokenizer, texts: list[str]) -> tuple[dict, torch.Tensor]:
 def pretrain_language_model(output_dir: str | Path, steps: int = 1000, batch_size: int = 64, lr: float = 1e-3,
                             seed: int = 0, eval_every: int = 250, device: str = "cpu", log=print) -> dict:
     """Train `build_language_model` on `scene_text`; save it with its tokenizer and training.json."""
-    _check_positive(steps=steps, batch_size=batch_size, eval_every=eval_every)
+    check_positive(steps=steps, batch_size=batch_size, eval_every=eval_every)
     output_dir = Path(output_dir)
     tokenizer = recipe_tokenizer(seed)
     model = build_language_model(tokenizer, seed).to(device).train()
     optimisation = CosineAdamW(model.parameters(), lr, steps, clip_norm=1.0)
     held_out_rng = random.Random(seed)
-    held_out = [part.to(device) for part in _text_batch(tokenizer, language_model_texts(scene_batch(256, seed=CAPTION_SEED), held_out_rng, tokenizer))]
+    held_out = [part.to(device) for part in _text_batch(tokenizer, language_model_texts(scene_batch(256, seed=CAPTION_SEED, draw=False), held_out_rng, tokenizer))]
     rng, started, history = random.Random(seed), time.time(), []
     for step in range(1, steps + 1):
-        texts = language_model_texts(scene_batch(batch_size, seed=rng.randrange(TRAINING_SEEDS_FROM, 2**31)), rng, tokenizer)
+        texts = language_model_texts(scene_batch(batch_size, seed=rng.randrange(TRAINING_SEEDS_FROM, 2**31), draw=False), rng, tokenizer)
         batch, labels = _text_batch(tokenizer, texts)
         loss = model(**batch.to(device), labels=labels.to(device)).loss
         optimisation.update(loss)
@@ -219,7 +205,7 @@ def pretrain_language_model(output_dir: str | Path, steps: int = 1000, batch_siz
     model.to("cpu").eval().save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
     summary = {
-        "command": _command("pretrain-lm"),
+        "command": command_line("pretrain-lm"),
         "stage": "language model pre-training on scene text: descriptions with questions answered in words, and "
                  "stage-2-shaped conversations with the description in place of the image",
         "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "device": str(device),
@@ -301,27 +287,23 @@ def word_alignment(model, processor, records: list[dict]) -> dict:
         pieces = [processor.tokenizer(" " + word, add_special_tokens=False).input_ids for word in words]
         return torch.nn.functional.normalize(torch.stack([embedding[ids].mean(0) for ids in pieces]), dim=-1)
 
-    report = {}
-    colour_similarity = image_tokens @ word_vectors(shapes.COLOURS).T  # (B, N, 4)
+    # (row, object, patches it holds at least half of), and which patches no object touches
+    held = [(row, obj, scenes.covered_patches(obj, min_pixels=COVERED_PIXELS))
+            for row, record in enumerate(records) for obj in scene_objects(record)]
+    is_object = torch.zeros(image_tokens.shape[:2], dtype=torch.bool)  # (B, N)
+    is_background = torch.ones(image_tokens.shape[:2], dtype=torch.bool)  # (B, N)
+    for row, obj, patches in held:
+        is_object[row, patches] = True
+        is_background[row, scenes.covered_patches(obj)] = False
+    report, similarities, total = {}, {}, sum(len(patches) for _, _, patches in held)
     for attribute, words in (("colour", shapes.COLOURS), ("shape", shapes.SHAPES)):
-        similarity = image_tokens @ word_vectors(words).T  # (B, N, W)
-        hits = total = 0
-        for row, record in enumerate(records):
-            for obj in scene_objects(record):
-                patches = scenes.covered_patches(obj, min_pixels=COVERED_PIXELS)
-                predicted = similarity[row, patches].argmax(dim=-1)  # (P,)
-                hits += int((predicted == words.index(getattr(obj, attribute))).sum())
-                total += len(patches)
+        similarities[attribute] = similarity = image_tokens @ word_vectors(words).T  # (B, N, W)
+        hits = sum(int((similarity[row, patches].argmax(dim=-1) == words.index(getattr(obj, attribute))).sum())
+                   for row, obj, patches in held)
         report[f"{attribute}_top1"] = round(hits / total, 4)
         report[f"{attribute}_chance"] = round(1 / len(words), 4)
     report["object_patches"] = total
-    is_object = torch.zeros(image_tokens.shape[:2], dtype=torch.bool)  # (B, N)
-    is_background = torch.ones(image_tokens.shape[:2], dtype=torch.bool)  # (B, N)
-    for row, record in enumerate(records):
-        for obj in scene_objects(record):
-            is_object[row, scenes.covered_patches(obj, min_pixels=COVERED_PIXELS)] = True
-            is_background[row, scenes.covered_patches(obj)] = False
-    best_colour = colour_similarity.amax(dim=-1)  # (B, N)
+    best_colour = similarities["colour"].amax(dim=-1)  # (B, N)
     report["best_colour_cosine_object"] = round(best_colour[is_object].mean().item(), 4)
     report["best_colour_cosine_background"] = round(best_colour[is_background].mean().item(), 4)
     report["background_patches"] = int(is_background.sum())
@@ -352,7 +334,7 @@ def align_projector(output_dir: str | Path, tower_dir: str | Path, language_mode
                     batch_size: int = 64, lr: float = 2e-3, seed: int = 0, eval_every: int = 250, device: str = "cpu",
                     log=print) -> dict:
     """LLaVA stage 1: tower and language model frozen, the projector trained on captioning; saves the model."""
-    _check_positive(steps=steps, batch_size=batch_size, eval_every=eval_every)
+    check_positive(steps=steps, batch_size=batch_size, eval_every=eval_every)
     _check_folder("tower_dir", Path(tower_dir) / "vision", "pretrain-tower")
     _check_folder("language_model_dir", language_model_dir, "pretrain-lm")
     output_dir = Path(output_dir)
@@ -388,7 +370,7 @@ def align_projector(output_dir: str | Path, tower_dir: str | Path, language_mode
     processor.save_pretrained(output_dir)
     previous = [_record(Path(tower_dir)), _record(Path(language_model_dir))]
     summary = {
-        "command": _command("align-projector"),
+        "command": command_line("align-projector"),
         "stage": "LLaVA stage 1, feature alignment: projector trained on captioning, tower and language model frozen",
         "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "device": str(device), "wall_time_s": round(time.time() - started, 1),
         "data": f"captions of fresh free-layout scenes every step (seeds >= {TRAINING_SEEDS_FROM}); held-out: 256 scenes, seed {CAPTION_SEED}",
@@ -425,7 +407,7 @@ def tune_instructions(output_dir: str | Path, init_from: str | Path, steps: int 
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    _check_positive(steps=steps, batch_size=batch_size, eval_every=eval_every, held_out_size=held_out_size)
+    check_positive(steps=steps, batch_size=batch_size, eval_every=eval_every, held_out_size=held_out_size)
     if not 0 <= curriculum <= 1:
         raise ValueError(f"curriculum must be a fraction of the steps in [0, 1], got {curriculum}")
     for question_type in mix:
@@ -460,7 +442,7 @@ def tune_instructions(output_dir: str | Path, init_from: str | Path, steps: int 
     processor.save_pretrained(output_dir)
     previous = _record(init_from) or {}
     summary = {
-        "command": _command("tune-instructions"),
+        "command": command_line("tune-instructions"),
         "stage": "LLaVA stage 2, instruction tuning: projector and language model on the shapes QA mix, tower "
                  + ("trained too (unlike LLaVA-1.5)" if train_tower else "frozen"),
         "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "mix": list(mix), "curriculum": curriculum,

@@ -33,20 +33,37 @@ TRAINING_SEEDS_FROM = 2**20  # every training batch draws its scenes from a seed
 PROJECTION_DIM = 64
 
 
-def scene_batch(num_scenes: int, seed: int) -> list[dict]:
-    """`num_scenes` scenes (one record each) with 1..MAX_OBJECTS objects."""
-    return shapes.shapes_records(num_scenes, seed=seed, question_types=("count",))
+def scene_batch(num_scenes: int, seed: int, draw: bool = True) -> list[dict]:
+    """`num_scenes` scenes (one record each) with 1..MAX_OBJECTS objects; `draw=False` leaves out
+    the images (the same scenes, for text-only uses)."""
+    return shapes.shapes_records(num_scenes, seed=seed, question_types=("count",), draw=draw)
+
+
+def scene_objects(record: dict) -> list[scenes.PlacedObject]:
+    return [scenes.PlacedObject(**obj) for obj in record["objects"]]
 
 
 def captions_of(records: list[dict]) -> list[str]:
-    return [scenes.caption([scenes.PlacedObject(**obj) for obj in record["objects"]]) for record in records]
+    return [scenes.caption(scene_objects(record)) for record in records]
+
+
+def check_positive(**values: int) -> None:
+    """Refuse a setting below 1, naming it."""
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
+def command_line(command: str) -> str:
+    """The command that is running, as a training record states it."""
+    return " ".join([f"python -m lmms_simignore {command}"] + sys.argv[2:])
 
 
 def build_caption_tokenizer(seed: int = 0):
     """A byte-level BPE tokenizer trained on captions of scenes drawn from `seed`."""
     from lmms_simignore.fixtures import build_tokenizer
 
-    return build_tokenizer(vocab_size=300, corpus=captions_of(scene_batch(2000, seed=seed)))
+    return build_tokenizer(vocab_size=300, corpus=captions_of(scene_batch(2000, seed=seed, draw=False)))
 
 
 def info_nce(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -127,9 +144,7 @@ def retrieval_top1(model: ContrastivePair, batch: dict) -> float:
 def pretrain_tower(output_dir: str | Path, steps: int = 1500, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
                    eval_every: int = 250, held_out_size: int = 256, device: str = "cpu", log=print) -> dict:
     """Train the pair on fresh scenes every step; save both encoders, projections, tokenizer, processor, training.json."""
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every), ("held_out_size", held_out_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value}")
+    check_positive(steps=steps, batch_size=batch_size, eval_every=eval_every, held_out_size=held_out_size)
     if batch_size < 2:
         raise ValueError(f"batch_size must be at least 2 (a contrastive batch needs negatives), got {batch_size}")
     output_dir = Path(output_dir)
@@ -166,7 +181,7 @@ def pretrain_tower(output_dir: str | Path, steps: int = 1500, batch_size: int = 
                "text_projection": model.text_projection.weight.detach().contiguous(),
                "logit_scale": model.logit_scale.detach().reshape(1)}, str(output_dir / "projections.safetensors"))
     summary = {
-        "command": " ".join(["python -m lmms_simignore pretrain-tower"] + sys.argv[2:]),
+        "command": command_line("pretrain-tower"),
         "stage": "contrastive pre-training of the vision tower (CLIP-like) on scene captions",
         "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "device": str(device),
         "wall_time_s": round(time.time() - started, 1),
