@@ -240,7 +240,8 @@ def machine() -> dict:
             "transformers": transformers.__version__, "cpu_threads": torch.get_num_threads(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+        properties = torch.cuda.get_device_properties(0)
+        info.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda, gpu_memory_gib=round(properties.total_memory / 2**30, 1))
     return info
 
 
@@ -375,6 +376,14 @@ def run_bench(out_dir: str | Path, models: tuple[str, ...] | None = None, quick:
     report = {"machine": machine(), "settings": {"quick": quick, "device": str(device), "dtype": str(dtype), "batch_size": batch_size,
                                                   "warmup": warmup, "repeats": repeats, "decode_tokens": decode_tokens,
                                                   "attn_implementation": "sdpa"}, "models": {}}
+    out_dir = Path(out_dir)
+
+    def save() -> None:
+        """bench.json and bench.md as far as measured: a run stopped part-way keeps what it finished."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out_dir / "bench.md").write_text(markdown(report) + "\n")
+
     if not quick:
         echo("wrapper overhead against the built-in llava_hf:")
         report["wrapper_overhead"] = wrapper_overhead(shapes.shapes_records(64, seed=shapes.HELD_OUT_SEED), device, repeats, progress=echo)
@@ -384,6 +393,7 @@ def run_bench(out_dir: str | Path, models: tuple[str, ...] | None = None, quick:
             model, processor = load_bench_model(bench_checkpoint(name, Path(workdir), device, dtype), device, dtype)
             model_records = records if name == "testbed" else _resized(records, processor)
             report["models"][name] = bench_model(model, processor, model_records, batch_size, warmup, repeats, decode_tokens, progress=echo)
+            save()
             del model
             scienceqa_pass.release_memory(device)
         if pass_prompts:
@@ -397,13 +407,15 @@ def run_bench(out_dir: str | Path, models: tuple[str, ...] | None = None, quick:
             else:
                 docs = scienceqa_pass.local_docs(pass_data, pass_prompts)
                 source = f"questions of {Path(pass_data).name}"
-            timing = scienceqa_pass.time_pass(folder, docs, tuple(pass_batch_sizes), device, str(dtype).removeprefix("torch."),
-                                              attn_implementation="sdpa", progress=echo)
-            report["scienceqa_pass"] = {"model": pass_model, "source": source, **timing}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out_dir / "bench.md").write_text(markdown(report) + "\n")
+            report["scienceqa_pass"] = {"model": pass_model, "source": source}
+
+            def passed(timing: dict) -> None:
+                report["scienceqa_pass"].update(timing)
+                save()
+
+            scienceqa_pass.time_pass(folder, docs, tuple(pass_batch_sizes), device, str(dtype).removeprefix("torch."),
+                                     attn_implementation="sdpa", progress=echo, on_result=passed)
+    save()
     echo(markdown(report))
     echo(f"wrote {out_dir / 'bench.json'} and bench.md")
     return report

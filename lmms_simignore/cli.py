@@ -129,8 +129,16 @@ def _pretrain_tower(args: argparse.Namespace) -> int:
     from lmms_simignore.tower_pretraining import pretrain_tower
 
     summary = pretrain_tower(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                             eval_every=args.eval_every, device=_device(args), log=lambda line: print(line, flush=True))
+                             eval_every=args.eval_every, region_weight=args.region_weight, device=_device(args),
+                             log=lambda line: print(line, flush=True))
     print(f"held-out image->caption top-1: {summary['held_out_top1']:.3f} (chance {summary['chance']:.4f}); wrote {args.out}")
+    return 0
+
+
+def _probe_tower(args: argparse.Namespace) -> int:
+    from lmms_simignore.tower_pretraining import probe_tower
+
+    print(json.dumps(probe_tower(args.tower, layer=args.layer), indent=2))
     return 0
 
 
@@ -291,7 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     pretrain.add_argument("--out", required=True, help="folder for vision/, text/, projections and training.json")
     _training_arguments(pretrain, steps=1500, batch_size=128, lr=0.001, seed=0)
+    pretrain.add_argument("--region-weight", type=float, default=5.0,
+                          help="weight of the region-phrase term (each object's patch tokens against its phrase); 0: CLIP's scene loss alone")
     pretrain.set_defaults(handler=_pretrain_tower)
+
+    probe = commands.add_parser("probe-tower", help="linear probes of colour, shape and size from each object's patch tokens (a pretrain-tower folder)")
+    probe.add_argument("--tower", required=True, help="a pretrain-tower folder")
+    probe.add_argument("--layer", type=int, default=-2, help="tower hidden state to read (default: -2, the one LLaVA's projector reads)")
+    probe.set_defaults(handler=_probe_tower)
 
     language = commands.add_parser("pretrain-lm", help="pre-train the testbed's language model on scene text (testbed recipe)")
     language.add_argument("--out", required=True, help="folder for the language model, tokenizer and training.json")

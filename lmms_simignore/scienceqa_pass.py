@@ -141,8 +141,9 @@ def _quantiles(values: list[int]) -> dict:
 
 
 def time_pass(pretrained: str | Path, docs: list[dict], batch_sizes: tuple[int, ...], device: torch.device, dtype: str,
-              attn_implementation: str | None = None, progress=print) -> dict:
-    """Seconds for one pass over `docs` per (batch size, row), with speed-ups against `none` at the same batch size.
+              attn_implementation: str | None = None, progress=print, on_result=None) -> dict:
+    """Seconds for one pass over `docs` per (batch size, row), with speed-ups against `none` at the same batch size;
+    `on_result(report)` after each row (the report so far), so that a long run stopped part-way keeps its rows.
 
     A model is loaded per row, as a user's run would; two batches of warm-up precede each timed pass.
     """
@@ -188,6 +189,8 @@ def time_pass(pretrained: str | Path, docs: list[dict], batch_sizes: tuple[int, 
             })
             progress(f"  pass batch {batch_size} {row}: {seconds:.1f} s ({len(requests) / seconds:.1f} prompts/s, "
                      f"{baseline / seconds:.2f}x)")
+            if on_result:
+                on_result(report)
             del model
             release_memory(device)
     return report
@@ -209,9 +212,11 @@ def markdown(report: dict) -> list[str]:
              f"Prompt tokens (text + {report['image_tokens']} image tokens): mean {tokens['mean']:.0f}, median {tokens['median']:.0f}, "
              f"p90 {tokens['p90']}, max {tokens['max']}; {report['source']}. Through `LlavaSimignore.generate_until` "
              "(image preprocessing, batching, token choice, prefill), one timed pass per row after two batches of warm-up.", "",
-             "| batch | row | seconds | prompts/s | speed-up vs none | mean image tokens per layer |", "|---:|---|---:|---:|---:|---:|"]
+             "| batch | row | seconds | prompts/s | speed-up vs none | mean image tokens per layer | peak GPU memory GiB |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
     for result in report["results"]:
-        visible = result["mean_visible_image_tokens"]
+        visible, memory = result["mean_visible_image_tokens"], result["peak_cuda_memory_bytes"]
         lines.append(f"| {result['batch_size']} | {result['row']} | {result['seconds']:.1f} | {result['prompts_per_s']:.1f} | "
-                     f"{result['speedup']:.2f} | {'-' if visible is None else f'{visible:.0f}'} |")
+                     f"{result['speedup']:.2f} | {'-' if visible is None else f'{visible:.0f}'} | "
+                     f"{'-' if memory is None else f'{memory / 2**30:.1f}'} |")
     return lines + [""]

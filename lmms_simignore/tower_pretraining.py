@@ -1,13 +1,22 @@
 """The testbed recipe's first stage: CLIP-like contrastive pre-training of a tiny vision tower on scene captions.
 
-    python -m lmms_simignore pretrain-tower --out DIR [--steps 1500] [--batch-size 128] [--lr 1e-3] [--seed 0]
+    python -m lmms_simignore pretrain-tower --out DIR [--steps 1500] [--batch-size 128] [--lr 1e-3] [--seed 0] [--region-weight 5]
+    python -m lmms_simignore probe-tower --tower DIR [--layer -2]
 
 LLaVA-1.5's image tokens are aligned with text because CLIP's tower was trained contrastively on captions.
 Scaled down: a CLIPVisionModel reading 64 px scenes of the free layout as 8 x 8 patches (`scenes`), and a
 small CLIPTextModel reading their captions (`scenes.caption`: size, colour, shape and position of each
 object), each followed by a linear projection, trained with CLIP's symmetric InfoNCE loss over the batch.
 The text side pools the mean of its last hidden states over the caption's tokens (CLIPTextModel's own
-pooling picks the end token by a rule tied to particular token ids). Fresh scenes every step from seeds
+pooling picks the end token by a rule tied to particular token ids).
+
+A second, region-level term (`region_weight`; after RegionCLIP, Zhong et al. 2022, and GLIP's region-word
+alignment) matches each object's patch tokens with its phrase: the mean of the object's patch states at the
+layer LLaVA reads (`REGION_LAYER`, vision_feature_layer -2), projected, against the text encoder's embeddings
+of all `OBJECT_PHRASES` ("large red circle", ...), cross-entropy over the phrases. Without it the scene
+loss is met by colours and positions alone and the patch tokens hardly tell shapes apart (a linear probe reads
+an object's shape from its patch states for 0.56 of held-out objects, chance 0.33; with the term: 0.94, see
+`probe_object_attributes`); real CLIP patch tokens do carry such semantics. Fresh scenes every step from seeds
 at or above `TRAINING_SEEDS_FROM`; the held-out scenes (and the shapes held-out questions) use seeds below it.
 
 Writes `vision/` and `text/` (safetensors, loadable with `CLIPVisionModel` / `CLIPTextModel`), the
@@ -29,6 +38,8 @@ import torch
 from lmms_simignore import scenes, shapes
 
 HELD_OUT_SCENES_SEED = shapes.HELD_OUT_SEED + 1
+REGION_LAYER = -2  # the tower hidden state that LLaVA's projector reads (vision_feature_layer)
+OBJECT_PHRASES = tuple(f"{size} {colour} {shape}" for size in scenes.SIZES for colour in scenes.COLOURS for shape in scenes.SHAPES)
 TRAINING_SEEDS_FROM = 2**20  # every training batch draws its scenes from a seed >= this; evaluation seeds are below
 PROJECTION_DIM = 64
 
@@ -45,6 +56,28 @@ def scene_objects(record: dict) -> list[scenes.PlacedObject]:
 
 def captions_of(records: list[dict]) -> list[str]:
     return [scenes.caption(scene_objects(record)) for record in records]
+
+
+def object_regions(records: list[dict]) -> tuple[list[tuple[int, list[int]]], torch.Tensor]:
+    """Every object of `records`: (record index, the patches it covers) and the index of its phrase in OBJECT_PHRASES."""
+    regions, phrases = [], []
+    for index, record in enumerate(records):
+        for obj in scene_objects(record):
+            regions.append((index, scenes.covered_patches(obj)))
+            phrases.append(OBJECT_PHRASES.index(f"{obj.size} {obj.colour} {obj.shape}"))
+    return regions, torch.tensor(phrases)
+
+
+def region_states(hidden: torch.Tensor, regions: list[tuple[int, list[int]]]) -> torch.Tensor:
+    """(B, 1 + N, D) tower states (CLS first) -> (O, D): each region's mean over its patch tokens."""
+    return torch.stack([hidden[index, [1 + patch for patch in patches]].mean(dim=0) for index, patches in regions])
+
+
+def phrase_loss(region_embeddings: torch.Tensor, phrase_embeddings: torch.Tensor, phrases: torch.Tensor,
+                logit_scale: torch.Tensor) -> torch.Tensor:
+    """(O, P) region and (K, P) phrase embeddings, L2-normalised; (O,) index of each region's phrase: cross-entropy
+    of each region over all K phrases (CLIP's zero-shot classifier, trained)."""
+    return torch.nn.functional.cross_entropy(region_embeddings @ phrase_embeddings.T * logit_scale.exp(), phrases)
 
 
 def check_positive(**values: int) -> None:
@@ -117,8 +150,17 @@ class ContrastivePair(torch.nn.Module):
 
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, 64, 64) -> (B, P), L2-normalised, from the tower's pooled CLS state."""
-        pooled = self.vision(pixel_values=pixel_values).pooler_output  # (B, 64)
-        return torch.nn.functional.normalize(self.vision_projection(pooled), dim=-1)
+        return self.embed_images_and_regions(pixel_values)[0]
+
+    def embed_images_and_regions(self, pixel_values: torch.Tensor, regions: list[tuple[int, list[int]]] | None = None):
+        """(B, 3, 64, 64) -> (B, P) image embeddings and, for `regions` (`object_regions`), (O, P) region
+        embeddings from the mean patch states at REGION_LAYER; both L2-normalised and in the same projection."""
+        output = self.vision(pixel_values=pixel_values, output_hidden_states=regions is not None)
+        images = torch.nn.functional.normalize(self.vision_projection(output.pooler_output), dim=-1)
+        if regions is None:
+            return images, None
+        patches = region_states(output.hidden_states[REGION_LAYER], regions)  # (O, 64)
+        return images, torch.nn.functional.normalize(self.vision_projection(patches), dim=-1)
 
     def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids and mask -> (B, P), L2-normalised, from the mean of the caption's token states."""
@@ -135,6 +177,71 @@ def encode_batch(records: list[dict], tokenizer, image_processor) -> dict:
 
 
 @torch.inference_mode()
+def phrase_accuracy(model: ContrastivePair, pixel_values: torch.Tensor, regions: tuple[list, torch.Tensor], phrase_ids: dict) -> dict:
+    """For every object: is its most similar phrase among OBJECT_PHRASES its own ('phrase'), and does that phrase
+    name its size, colour and shape? (chance: 1/36, 1/3, 1/4, 1/3)."""
+    boxes, truth = regions
+    _, embeddings = model.embed_images_and_regions(pixel_values, boxes)
+    best = (embeddings @ model.embed_texts(phrase_ids["input_ids"], phrase_ids["attention_mask"]).T).argmax(dim=1).cpu()
+    parts = [phrase.split() for phrase in OBJECT_PHRASES]
+    accuracy = {"phrase": (best == truth).float().mean().item()}
+    for position, name in enumerate(("size", "colour", "shape")):
+        accuracy[name] = sum(parts[b][position] == parts[t][position] for b, t in zip(best.tolist(), truth.tolist())) / len(truth)
+    return accuracy
+
+
+PROBE_SCENES_SEED = HELD_OUT_SCENES_SEED + 10  # held-out scenes of the linear probe (training scenes: seeds >= TRAINING_SEEDS_FROM)
+ATTRIBUTES = {"colour": scenes.COLOURS, "shape": scenes.SHAPES, "size": tuple(scenes.SIZES)}
+
+
+def _object_features(vision, image_processor, records: list[dict], layer: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(O, D) mean patch states of every object at hidden state `layer`, and each attribute's (O,) labels."""
+    pixels = image_processor(images=[record["image"] for record in records], return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        hidden = vision(pixel_values=pixels.to(vision.device), output_hidden_states=True).hidden_states[layer].float().cpu()
+    regions, _ = object_regions(records)
+    objects = [obj for record in records for obj in scene_objects(record)]
+    labels = {name: torch.tensor([values.index(getattr(obj, name)) for obj in objects]) for name, values in ATTRIBUTES.items()}
+    return region_states(hidden, regions), labels
+
+
+def probe_object_attributes(vision, image_processor, layer: int = REGION_LAYER, train_scenes: int = 800, test_scenes: int = 300,
+                            seed: int = 0) -> dict[str, float]:
+    """Held-out accuracy of a linear probe (softmax regression on standardised features) that reads each object's
+    colour, shape and size from the mean of its patch states at `layer`: what the tower's patch tokens carry.
+    Chance: 1/4, 1/3, 1/3."""
+    generator = torch.Generator().manual_seed(seed)
+    train_x, train_labels = _object_features(vision, image_processor, scene_batch(train_scenes, seed=TRAINING_SEEDS_FROM + seed), layer)
+    test_x, test_labels = _object_features(vision, image_processor, scene_batch(test_scenes, seed=PROBE_SCENES_SEED), layer)
+    mean, std = train_x.mean(dim=0), train_x.std(dim=0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    accuracy = {}
+    for name, values in ATTRIBUTES.items():
+        weights = torch.zeros(train_x.shape[1], len(values)).normal_(0, 0.01, generator=generator).requires_grad_()
+        bias = torch.zeros(len(values), requires_grad=True)
+        optimizer = torch.optim.Adam([weights, bias], lr=1e-2)
+        for _ in range(400):
+            loss = torch.nn.functional.cross_entropy(train_x @ weights + bias, train_labels[name])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            accuracy[name] = round(((test_x @ weights + bias).argmax(dim=1) == test_labels[name]).float().mean().item(), 4)
+    return accuracy
+
+
+def probe_tower(tower_dir: str | Path, layer: int = REGION_LAYER) -> dict:
+    """`probe_object_attributes` of a pretrain-tower folder's saved vision tower."""
+    from transformers import CLIPImageProcessorPil, CLIPVisionModel
+
+    folder = Path(tower_dir) / "vision"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"tower_dir={str(tower_dir)!r} is not a folder written by `pretrain-tower` (no vision/config.json)")
+    vision = CLIPVisionModel.from_pretrained(folder).eval()
+    return {"layer": layer, "object_probe": probe_object_attributes(vision, CLIPImageProcessorPil.from_pretrained(folder), layer)}
+
+
+@torch.inference_mode()
 def retrieval_top1(model: ContrastivePair, batch: dict) -> float:
     """Share of images whose most similar caption in the batch is their own (chance: 1 / batch size)."""
     similarity = model.embed_images(batch["pixel_values"]) @ model.embed_texts(batch["input_ids"], batch["attention_mask"]).T
@@ -142,9 +249,12 @@ def retrieval_top1(model: ContrastivePair, batch: dict) -> float:
 
 
 def pretrain_tower(output_dir: str | Path, steps: int = 1500, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
-                   eval_every: int = 250, held_out_size: int = 256, device: str = "cpu", log=print) -> dict:
-    """Train the pair on fresh scenes every step; save both encoders, projections, tokenizer, processor, training.json."""
+                   eval_every: int = 250, held_out_size: int = 256, region_weight: float = 5.0, device: str = "cpu", log=print) -> dict:
+    """Train the pair on fresh scenes every step (scene loss + `region_weight` x region-phrase loss; 0 = CLIP's
+    loss alone); save both encoders, projections, tokenizer, processor, training.json."""
     check_positive(steps=steps, batch_size=batch_size, eval_every=eval_every, held_out_size=held_out_size)
+    if region_weight < 0:
+        raise ValueError(f"region_weight must be >= 0 (0: the scene loss alone), got {region_weight}")
     if batch_size < 2:
         raise ValueError(f"batch_size must be at least 2 (a contrastive batch needs negatives), got {batch_size}")
     output_dir = Path(output_dir)
@@ -154,23 +264,34 @@ def pretrain_tower(output_dir: str | Path, steps: int = 1500, batch_size: int = 
     tokenizer, image_processor = build_caption_tokenizer(seed), shapes_image_processor(scenes.IMAGE_SIZE)
     model = ContrastivePair(tokenizer).to(device).train()
     optimisation = CosineAdamW(model.parameters(), lr, steps)
-    held_out = {key: value.to(device) for key, value in
-                encode_batch(scene_batch(held_out_size, seed=HELD_OUT_SCENES_SEED), tokenizer, image_processor).items()}
+    held_out_records = scene_batch(held_out_size, seed=HELD_OUT_SCENES_SEED)
+    held_out = {key: value.to(device) for key, value in encode_batch(held_out_records, tokenizer, image_processor).items()}
+    held_out_regions = object_regions(held_out_records)
+    phrase_ids = {key: value.to(device) for key, value in tokenizer(list(OBJECT_PHRASES), padding=True, return_tensors="pt").items()}
     rng, started, history = random.Random(seed), time.time(), []
     for step in range(1, steps + 1):
-        batch = encode_batch(scene_batch(batch_size, seed=rng.randrange(TRAINING_SEEDS_FROM, 2**31)), tokenizer, image_processor)
-        batch = {key: value.to(device) for key, value in batch.items()}
-        loss = info_nce(model.embed_images(batch["pixel_values"]), model.embed_texts(batch["input_ids"], batch["attention_mask"]),
-                        model.logit_scale)
+        records = scene_batch(batch_size, seed=rng.randrange(TRAINING_SEEDS_FROM, 2**31))
+        batch = {key: value.to(device) for key, value in encode_batch(records, tokenizer, image_processor).items()}
+        regions, phrases = object_regions(records) if region_weight else (None, None)
+        images, region_embeddings = model.embed_images_and_regions(batch["pixel_values"], regions)
+        scene_loss = info_nce(images, model.embed_texts(batch["input_ids"], batch["attention_mask"]), model.logit_scale)
+        loss = scene_loss
+        if region_weight:
+            region_loss = phrase_loss(region_embeddings, model.embed_texts(phrase_ids["input_ids"], phrase_ids["attention_mask"]),
+                                      phrases.to(device), model.logit_scale)
+            loss = scene_loss + region_weight * region_loss
         optimisation.update(loss)
         if step % eval_every == 0 or step == steps:
             model.eval()
-            top1 = retrieval_top1(model, held_out)
+            top1, phrase_top1 = retrieval_top1(model, held_out), phrase_accuracy(model, held_out["pixel_values"], held_out_regions, phrase_ids)
             model.train()
-            history.append({"step": step, "loss": round(loss.item(), 4), "held_out_top1": top1})
-            log(f"step {step}: loss {loss.item():.3f}, held-out image->caption top-1 of {held_out_size}: {top1:.3f}, "
-                f"{time.time() - started:.0f}s")
+            history.append({"step": step, "scene_loss": round(scene_loss.item(), 4), "held_out_top1": top1, "held_out_phrase": phrase_top1})
+            log(f"step {step}: scene loss {scene_loss.item():.3f}, held-out image->caption top-1 of {held_out_size}: {top1:.3f}, "
+                f"object->phrase: " + ", ".join(f"{name} {value:.3f}" for name, value in phrase_top1.items()) + f", {time.time() - started:.0f}s")
     model.to("cpu").eval()
+    probe = probe_object_attributes(model.vision, image_processor)
+    log(f"linear probe of each held-out object's mean patch state (layer {REGION_LAYER}): "
+        + ", ".join(f"{name} {value:.3f}" for name, value in probe.items()))
     model.vision.save_pretrained(output_dir / "vision", safe_serialization=True)
     model.text.save_pretrained(output_dir / "text", safe_serialization=True)
     tokenizer.save_pretrained(output_dir / "text")
@@ -184,9 +305,13 @@ def pretrain_tower(output_dir: str | Path, steps: int = 1500, batch_size: int = 
         "command": command_line("pretrain-tower"),
         "stage": "contrastive pre-training of the vision tower (CLIP-like) on scene captions",
         "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "device": str(device),
+        "region_weight": region_weight, "region_layer": REGION_LAYER,
         "wall_time_s": round(time.time() - started, 1),
         "data": f"scenes (free layout): fresh scenes every step (seeded); held-out: {held_out_size} scenes, seed {HELD_OUT_SCENES_SEED}",
-        "held_out_top1": history[-1]["held_out_top1"], "chance": 1 / held_out_size, "history": history,
+        "held_out_top1": history[-1]["held_out_top1"], "chance": 1 / held_out_size,
+        "held_out_object_phrase": history[-1]["held_out_phrase"],
+        "object_probe": {"layer": REGION_LAYER, **probe, "chance": {name: round(1 / len(values), 4) for name, values in ATTRIBUTES.items()}},
+        "history": history,
     }
     (output_dir / "training.json").write_text(json.dumps(summary, indent=2))
     return summary

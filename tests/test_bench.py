@@ -72,3 +72,20 @@ def test_wrapper_overhead_compares_the_same_answers_with_the_builtin_llava_hf():
     report = wrapper_overhead(shapes_records(6, seed=HELD_OUT_SEED), torch.device("cpu"), repeats=1, progress=lambda line: None)
     assert report["same_answers"] is True and report["prompts"] == 6
     assert set(report["seconds"]) == {"llava_simignore (reduction=none)", "llava_hf (built-in)"}
+
+
+def test_a_bench_stopped_part_way_keeps_the_rows_it_finished(tmp_path):
+    import pytest
+
+    from lmms_simignore.bench import run_bench
+
+    def stop_at_the_second_pass_row(line):
+        if line.startswith("  pass batch 1 simignore_drop_288"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(tmp_path, quick=True, echo=stop_at_the_second_pass_row)
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert list(report["models"]) == ["testbed"] and len(report["models"]["testbed"]["rows"]) == 9
+    assert [(r["batch_size"], r["row"]) for r in report["scienceqa_pass"]["results"]] == [(1, "none")]
+    assert "| 1 | none |" in (tmp_path / "bench.md").read_text()
