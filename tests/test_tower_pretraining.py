@@ -107,7 +107,7 @@ class _PatchFeatures(torch.nn.Module):
 
 def test_the_linear_probe_reads_what_the_patch_tokens_carry_and_nothing_else():
     from lmms_simignore.tower_pretraining import probe_object_attributes
-    from lmms_simignore.train_shapes import shapes_image_processor
+    from lmms_simignore.llava_recipe import shapes_image_processor
 
     processor = shapes_image_processor(64)
     colours = probe_object_attributes(_PatchFeatures(colours=True), processor, train_scenes=200, test_scenes=100)
