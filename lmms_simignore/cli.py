@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                           help="weight of the region-phrase term (each object's patch tokens against its phrase); 0: CLIP's scene loss alone")
     pretrain.set_defaults(handler=_pretrain_tower)
 
-    probe = commands.add_parser("probe-tower", help="linear probes of colour, shape and size from each object's patch tokens (a pretrain-tower folder)")
+    probe = commands.add_parser("probe-tower", help="linear probes of colour, shape, size and column from each object's patch tokens (a pretrain-tower folder)")
     probe.add_argument("--tower", required=True, help="a pretrain-tower folder")
     probe.add_argument("--layer", type=int, default=-2, help="tower hidden state to read (default: -2, the one LLaVA's projector reads)")
     probe.set_defaults(handler=_probe_tower)

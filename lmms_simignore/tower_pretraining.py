@@ -191,7 +191,12 @@ def phrase_accuracy(model: ContrastivePair, pixel_values: torch.Tensor, regions:
 
 
 PROBE_SCENES_SEED = HELD_OUT_SCENES_SEED + 10  # held-out scenes of the linear probe (training scenes: seeds >= TRAINING_SEEDS_FROM)
-ATTRIBUTES = {"colour": scenes.COLOURS, "shape": scenes.SHAPES, "size": tuple(scenes.SIZES)}
+ATTRIBUTES = {"colour": scenes.COLOURS, "shape": scenes.SHAPES, "size": tuple(scenes.SIZES), "column": tuple(range(scenes.PATCHES_PER_SIDE))}
+
+
+def _attribute(obj: scenes.PlacedObject, name: str):
+    """The object's colour, shape or size, or the patch column (0-7) of its centre."""
+    return min(scenes.PATCHES_PER_SIDE - 1, int(obj.centre_x // scenes.PATCH)) if name == "column" else getattr(obj, name)
 
 
 def _object_features(vision, image_processor, records: list[dict], layer: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -201,15 +206,15 @@ def _object_features(vision, image_processor, records: list[dict], layer: int) -
         hidden = vision(pixel_values=pixels.to(vision.device), output_hidden_states=True).hidden_states[layer].float().cpu()
     regions, _ = object_regions(records)
     objects = [obj for record in records for obj in scene_objects(record)]
-    labels = {name: torch.tensor([values.index(getattr(obj, name)) for obj in objects]) for name, values in ATTRIBUTES.items()}
+    labels = {name: torch.tensor([values.index(_attribute(obj, name)) for obj in objects]) for name, values in ATTRIBUTES.items()}
     return region_states(hidden, regions), labels
 
 
 def probe_object_attributes(vision, image_processor, layer: int = REGION_LAYER, train_scenes: int = 800, test_scenes: int = 300,
                             seed: int = 0) -> dict[str, float]:
     """Held-out accuracy of a linear probe (softmax regression on standardised features) that reads each object's
-    colour, shape and size from the mean of its patch states at `layer`: what the tower's patch tokens carry.
-    Chance: 1/4, 1/3, 1/3."""
+    colour, shape, size and column (of its centre, 0-7) from the mean of its patch states at `layer`: what the
+    tower's patch tokens carry. Chance: 1/4, 1/3, 1/3, 1/8."""
     generator = torch.Generator().manual_seed(seed)
     train_x, train_labels = _object_features(vision, image_processor, scene_batch(train_scenes, seed=TRAINING_SEEDS_FROM + seed), layer)
     test_x, test_labels = _object_features(vision, image_processor, scene_batch(test_scenes, seed=PROBE_SCENES_SEED), layer)
