@@ -31,8 +31,8 @@ import torch
 from lmms_simignore import scenes, shapes
 from lmms_simignore.fixtures import CHAT_TEMPLATE, SYSTEM_PROMPT
 from lmms_simignore.tasks.scienceqa_utils import POST_PROMPT
-from lmms_simignore.tower_pretraining import (TRAINING_SEEDS_FROM, CosineAdamW, captions_of, check_positive, command_line,
-                                              scene_batch, scene_objects)
+from lmms_simignore.tower_pretraining import (TRAINING_SEEDS_FROM, CosineAdamW, captions_of, check_folder, check_positive,
+                                              command_line, scene_batch, scene_objects)
 
 ALIGNMENT_SEED = shapes.HELD_OUT_SEED + 2  # held-out scenes for the alignment measurement
 CAPTION_SEED = shapes.HELD_OUT_SEED + 3  # held-out scenes for the stage-1 caption loss
@@ -111,7 +111,7 @@ def evaluate(model, processor, records: list[dict], device, batch_size: int = 25
 
 def describe(objects: list[scenes.PlacedObject], rng: random.Random) -> str:
     """The scene in words: the objects listed in random order, then the caption."""
-    listing = [f"{obj.size} {obj.colour} {obj.shape}" for obj in objects]
+    listing = [scenes.phrase(obj) for obj in objects]
     rng.shuffle(listing)
     return f"{', '.join(listing)}. {scenes.caption(objects)}."
 
@@ -168,11 +168,6 @@ def build_language_model(tokenizer, seed: int = 0):
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, initializer_range=0.05,
         tie_word_embeddings=True,
     ))
-
-
-def _check_folder(argument: str, folder: str | Path, command: str) -> None:
-    if not (Path(folder) / "config.json").is_file():
-        raise FileNotFoundError(f"{argument}={str(folder)!r} is not a folder written by `{command}` (no config.json in it)")
 
 
 def _text_batch(tokenizer, texts: list[str]) -> tuple[dict, torch.Tensor]:
@@ -335,8 +330,8 @@ def align_projector(output_dir: str | Path, tower_dir: str | Path, language_mode
                     log=print) -> dict:
     """LLaVA stage 1: tower and language model frozen, the projector trained on captioning; saves the model."""
     check_positive(steps=steps, batch_size=batch_size, eval_every=eval_every)
-    _check_folder("tower_dir", Path(tower_dir) / "vision", "pretrain-tower")
-    _check_folder("language_model_dir", language_model_dir, "pretrain-lm")
+    check_folder("tower_dir", Path(tower_dir) / "vision", "pretrain-tower")
+    check_folder("language_model_dir", language_model_dir, "pretrain-lm")
     output_dir = Path(output_dir)
     model, processor = assemble_llava(tower_dir, language_model_dir, seed)
     _freeze(model.model.vision_tower)
@@ -413,7 +408,7 @@ def tune_instructions(output_dir: str | Path, init_from: str | Path, steps: int 
     for question_type in mix:
         if question_type not in shapes.QUESTION_TYPES:
             raise ValueError(f"mix must list question types among {', '.join(shapes.QUESTION_TYPES)}; got {question_type!r}")
-    _check_folder("init_from", init_from, "align-projector")
+    check_folder("init_from", init_from, "align-projector")
     init_from, output_dir = Path(init_from), Path(output_dir)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration.from_pretrained(init_from, use_safetensors=True)

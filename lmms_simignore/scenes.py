@@ -124,8 +124,13 @@ def region(obj: PlacedObject) -> str:
     return "centre" if (row, column) == (1, 1) else f"{vertical[row]} {horizontal[column]}"
 
 
+def phrase(obj: PlacedObject) -> str:
+    """The object in words: 'large red circle'."""
+    return f"{obj.size} {obj.colour} {obj.shape}"
+
+
 def caption(objects: list[PlacedObject]) -> str:
     """The scene in words, objects from left to right: 'a large red circle at the top left, a small blue ...'."""
     ordered = sorted(objects, key=lambda obj: (obj.centre_x, obj.centre_y))
-    return ", ".join(f"a {obj.size} {obj.colour} {obj.shape} at the {region(obj)}" for obj in ordered)
+    return ", ".join(f"a {phrase(obj)} at the {region(obj)}" for obj in ordered)
 

@@ -39,7 +39,8 @@ from lmms_simignore import scenes, shapes
 
 HELD_OUT_SCENES_SEED = shapes.HELD_OUT_SEED + 1
 REGION_LAYER = -2  # the tower hidden state that LLaVA's projector reads (vision_feature_layer)
-OBJECT_PHRASES = tuple(f"{size} {colour} {shape}" for size in scenes.SIZES for colour in scenes.COLOURS for shape in scenes.SHAPES)
+OBJECT_KINDS = tuple((size, colour, shape) for size in scenes.SIZES for colour in scenes.COLOURS for shape in scenes.SHAPES)
+OBJECT_PHRASES = tuple(scenes.phrase(scenes.PlacedObject(colour, shape, size, 0, 0)) for size, colour, shape in OBJECT_KINDS)
 TRAINING_SEEDS_FROM = 2**20  # every training batch draws its scenes from a seed >= this; evaluation seeds are below
 PROJECTION_DIM = 64
 
@@ -64,7 +65,7 @@ def object_regions(records: list[dict]) -> tuple[list[tuple[int, list[int]]], to
     for index, record in enumerate(records):
         for obj in scene_objects(record):
             regions.append((index, scenes.covered_patches(obj)))
-            phrases.append(OBJECT_PHRASES.index(f"{obj.size} {obj.colour} {obj.shape}"))
+            phrases.append(OBJECT_KINDS.index((obj.size, obj.colour, obj.shape)))
     return regions, torch.tensor(phrases)
 
 
@@ -85,6 +86,12 @@ def check_positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
+def check_folder(argument: str, folder: str | Path, command: str) -> None:
+    """Refuse a folder that `command` did not write (it has no config.json), naming the argument."""
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(f"{argument}={str(folder)!r} is not a folder written by `{command}` (no config.json in it)")
 
 
 def command_line(command: str) -> str:
@@ -183,10 +190,9 @@ def phrase_accuracy(model: ContrastivePair, pixel_values: torch.Tensor, regions:
     boxes, truth = regions
     _, embeddings = model.embed_images_and_regions(pixel_values, boxes)
     best = (embeddings @ model.embed_texts(phrase_ids["input_ids"], phrase_ids["attention_mask"]).T).argmax(dim=1).cpu()
-    parts = [phrase.split() for phrase in OBJECT_PHRASES]
     accuracy = {"phrase": (best == truth).float().mean().item()}
-    for position, name in enumerate(("size", "colour", "shape")):
-        accuracy[name] = sum(parts[b][position] == parts[t][position] for b, t in zip(best.tolist(), truth.tolist())) / len(truth)
+    for position, name in enumerate(("size", "colour", "shape")):  # the order of OBJECT_KINDS
+        accuracy[name] = sum(OBJECT_KINDS[b][position] == OBJECT_KINDS[t][position] for b, t in zip(best.tolist(), truth.tolist())) / len(truth)
     return accuracy
 
 
@@ -240,8 +246,7 @@ def probe_tower(tower_dir: str | Path, layer: int = REGION_LAYER) -> dict:
     from transformers import CLIPImageProcessorPil, CLIPVisionModel
 
     folder = Path(tower_dir) / "vision"
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"tower_dir={str(tower_dir)!r} is not a folder written by `pretrain-tower` (no vision/config.json)")
+    check_folder("tower_dir", folder, "pretrain-tower")
     vision = CLIPVisionModel.from_pretrained(folder).eval()
     return {"layer": layer, "object_probe": probe_object_attributes(vision, CLIPImageProcessorPil.from_pretrained(folder), layer)}
 
