@@ -139,7 +139,8 @@ def plot_curve(summaries: list[dict], path: Path, task: str = TASK) -> None:
     figure, axis = plt.subplots(figsize=(6, 4), constrained_layout=True)
     for method, points in curve(summaries, task).items():
         if points:
-            axis.plot([100 * keep / IMAGE_TOKENS for keep, _ in points], [value for _, value in points], marker="o", label=method)
+            label = f"{method} (from layer {FASTV_LAYER}; all {IMAGE_TOKENS} before)" if method == "fastv" else method
+            axis.plot([100 * keep / IMAGE_TOKENS for keep, _ in points], [value for _, value in points], marker="o", label=label)
     none = next(s for s in summaries if s["name"] == "none")["all_metrics"][task]["exact_match"]
     axis.axhline(none, linestyle="--", color="grey", linewidth=1, label=f"none (all {IMAGE_TOKENS} tokens)")
     chance = sum(1 / len(options) for options in OPTIONS.values()) / len(OPTIONS)

@@ -66,7 +66,7 @@ def test_main_job_reproduces_the_model_card(demo_run):
     for count, accuracy in card["per_count"].items():
         assert metrics[f"acc_objects_{count}"] == pytest.approx(accuracy, abs=1e-12), count
     model_card = (shipped_model_dir("shapes-llava") / "README.md").read_text()
-    assert f"| **overall** | 0.927 | **{card['overall']:.3f}** |" in model_card
+    assert f"| **overall** | **{card['overall']:.3f}** | 0.350 |" in model_card
 
 
 def test_main_job_prints_accuracy_per_question_type_and_object_count(demo_run):
@@ -84,15 +84,23 @@ def test_main_job_prints_accuracy_per_question_type_and_object_count(demo_run):
     assert f"mask vs drop at keep 16: {REGRESSION_QUESTIONS}/{REGRESSION_QUESTIONS} identical answers" in stdout
 
 
-def test_the_unreduced_shipped_model_answers_far_above_chance(demo_run):
-    """At least halfway from chance to perfect on every question type, and twice chance overall."""
+def test_the_unreduced_shipped_model_meets_the_testbed_bar(demo_run):
+    """0.95 overall, and every question type at least three quarters of the way from chance to perfect."""
     _, _, summaries = demo_run
     metrics = next(s for s in summaries if s["name"] == "none")["all_metrics"][TASK]
+    assert metrics["exact_match"] >= 0.95
     for question_type, options in OPTIONS.items():
         chance = 1 / len(options)
-        assert metrics[f"acc_{question_type}"] >= chance + 0.5 * (1 - chance), question_type
-    overall_chance = sum(1 / len(options) for options in OPTIONS.values()) / len(OPTIONS)  # the split cycles the types
-    assert metrics["exact_match"] >= 2 * overall_chance
+        assert metrics[f"acc_{question_type}"] >= chance + 0.75 * (1 - chance), question_type
+
+
+def test_text_guided_selection_beats_random_selection_on_the_testbed(demo_run):
+    """What the testbed is for: its image tokens are aligned with text, so Simignore's choice is better than chance's
+    at 25% and 12.5% of the image tokens, by at least 0.05."""
+    _, _, summaries = demo_run
+    accuracy = {s["name"]: s["all_metrics"][TASK]["exact_match"] for s in summaries}
+    for keep in (16, 8):
+        assert accuracy[f"simignore_{keep}"] >= accuracy[f"random_{keep}"] + 0.05, keep
 
 
 def test_regression_command_passes_on_the_same_outputs_and_fails_on_a_moved_prediction(demo_run, tmp_path):
