@@ -128,7 +128,13 @@ def measure_once(model, processor, settings: ReductionSettings, inputs, texts: l
         "decode_tokens_per_s": decode_tokens * inputs["input_ids"].shape[0] / (finished - first_token) if decode_tokens else None,
         "end_to_end_s": (finished - started) / inputs["input_ids"].shape[0],
         "peak_memory_bytes": memory.peak_bytes,
+        "image_tokens_seen": run.image_tokens_seen,  # what each layer computed on, per prompt row
     }
+
+
+def _batch_mean(per_row: list[list[int]]) -> list[float]:
+    """Per layer, the mean over the batch rows of a (B, n_layers) count (a whole number where every row agrees)."""
+    return [sum(column) / len(column) if len(set(column)) > 1 else column[0] for column in zip(*per_row)]
 
 
 def _summary(values: list[float | None]) -> dict | None:
@@ -168,13 +174,16 @@ def bench_model(model, processor, records: list[dict], batch_size: int, warmup: 
         progress(f"  repeat {repeat + 1}/{repeats} done")
     results = {}
     for row in rows:
-        computed = row.settings.computed_per_layer(image_tokens, num_layers)
-        flops = sum(sample_prefill_flops(shape, {"prompt_tokens": n, "image_tokens": image_tokens, "computed_per_layer": computed})
-                    for n in prompt_tokens)
+        seen = runs[row.name][-1].pop("image_tokens_seen")  # observed in the last repeat (the choice is deterministic)
+        for run in runs[row.name]:
+            run.pop("image_tokens_seen", None)
+        computed, visible = seen.computed.tolist(), seen.visible.tolist()  # (B, n_layers) each
+        flops = sum(sample_prefill_flops(shape, {"prompt_tokens": n, "image_tokens": image_tokens, "computed_per_layer": layers})
+                    for n, layers in zip(prompt_tokens, computed))
         results[row.name] = {
             "settings": str(row.settings),
-            "computed_per_layer": computed,
-            "visible_per_layer": row.settings.visible_per_layer(image_tokens, num_layers),
+            "computed_per_layer": _batch_mean(computed),
+            "visible_per_layer": _batch_mean(visible),
             "prefill_flops": flops,
             **{key: _summary([run[key] for run in runs[row.name]]) for key in runs[row.name][0]},
         }

@@ -69,6 +69,19 @@ class ReducedPrompt:
     image_visible: torch.Tensor
 
 
+@dataclass
+class ImageTokensSeen:
+    """Image tokens of each prompt row that each decoder layer worked on in the prompt pass, read off the
+    sequence and attention mask the layer was given (not the requested budget).
+
+    computed: (B, n_layers) image tokens in the layer's sequence (masked ones included: they cost compute)
+    visible:  (B, n_layers) of those, the ones the attention mask lets the prompt attend to
+    """
+
+    computed: torch.Tensor
+    visible: torch.Tensor
+
+
 def image_tokens_per_image(config) -> int:
     """Image tokens one image becomes in a llava-hf config (576 for LLaVA-1.5: 24x24 CLIP patches).
 
@@ -367,6 +380,7 @@ class LanguageModelRun:
         self.kept_columns: torch.Tensor | None = None  # (B, L2) prompt columns layers >= K see
         self.mask_high: torch.Tensor | None = None  # (B, L2 + t)
         self.prompt_length = prompt.inputs_embeds.shape[1]
+        self.image_tokens_seen: ImageTokensSeen | None = None  # filled by the prompt pass
 
     @torch.inference_mode()
     def prefill(self) -> torch.Tensor:
@@ -405,6 +419,9 @@ class LanguageModelRun:
             config=model.config, inputs_embeds=hidden, attention_mask=self.mask_low,
             cache=self.cache, position_ids=positions, layer_idx=0,
         )
+        if prompt_pass:
+            is_image = self._image_columns_map()  # (B, L)
+            seen = [_image_columns_in(is_image, self.mask_low)] * self.split
         for index in range(self.split):
             if prompt_pass and index == self.split - 1 and self.split < len(layers):
                 self._choose_kept_columns(layers[index], hidden, position_embeddings)
@@ -417,6 +434,8 @@ class LanguageModelRun:
                 columns = torch.cat([self.kept_columns, generated.expand(hidden.shape[0], -1)], dim=1)  # (B, L2 + t)
                 rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
                 hidden, positions = hidden[rows, columns], positions[rows, columns]
+                if prompt_pass:
+                    seen += [_image_columns_in(is_image.gather(1, columns), self.mask_high)] * (len(layers) - self.split)
             position_embeddings = model.rotary_emb(hidden, position_ids=positions)
             mask = create_causal_mask(
                 config=model.config, inputs_embeds=hidden, attention_mask=self.mask_high,
@@ -426,7 +445,16 @@ class LanguageModelRun:
                 hidden = layers[index](
                     hidden, attention_mask=mask, position_ids=positions, position_embeddings=position_embeddings, **cache_kwargs
                 )
+        if prompt_pass:
+            self.image_tokens_seen = ImageTokensSeen(*(torch.stack([counts[part] for counts in seen], dim=1) for part in range(2)))
         return model.norm(hidden)
+
+    def _image_columns_map(self) -> torch.Tensor:
+        """(B, L) bool: which prompt columns hold an image token (masked or not)."""
+        prompt = self.prompt
+        is_image = torch.zeros(prompt.attention_mask.shape, dtype=torch.bool, device=prompt.attention_mask.device)
+        is_image[prompt.image_rows[:, None].expand_as(prompt.image_columns), prompt.image_columns] = True
+        return is_image
 
     def _choose_kept_columns(self, layer, hidden: torch.Tensor, position_embeddings) -> None:
         """FastV: keep the image tokens the last prompt token attends to most in `layer` (= layer K-1)."""
@@ -442,6 +470,21 @@ class LanguageModelRun:
         self.mask_high = mask_high.to(prompt.attention_mask.dtype)
 
 
+def _image_columns_in(is_image: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S) image columns of a layer's sequence and its (B, >= S) 2-D mask -> (B,) image tokens present and
+    (B,) of them attendable."""
+    visible = is_image & attention_mask[:, : is_image.shape[1]].bool()
+    return is_image.sum(dim=1), visible.sum(dim=1)
+
+
+@dataclass
+class Generation:
+    """tokens: (B, T) generated ids (`pad_token_id` after a row ended); image_tokens_seen: what each layer saw."""
+
+    tokens: torch.Tensor
+    image_tokens_seen: ImageTokensSeen
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -453,9 +496,9 @@ def generate(
     stopped: Callable[[torch.Tensor], torch.Tensor] | None = None,
     fastv_layer: int | None = None,
     fastv_keep: int = 0,
-) -> torch.Tensor:
-    """Generate after a reduced prompt, optionally with FastV pruning at `fastv_layer`; (B, T) new token ids,
-    `pad_token_id` after a row ended.
+) -> Generation:
+    """Generate after a reduced prompt, optionally with FastV pruning at `fastv_layer`: the new token ids and
+    the image tokens each decoder layer saw.
 
     With `use_cache` the prompt is encoded once and each step feeds one token at position
     (last position + 1); without it the whole sequence is recomputed every step (same result, slower).
@@ -478,7 +521,7 @@ def generate(
         if finished.all() or len(generated) == options.max_new_tokens:
             break
         logits = run.feed(tokens[:, None])[:, -1]
-    return torch.stack(generated, dim=1)
+    return Generation(torch.stack(generated, dim=1), run.image_tokens_seen)
 
 
 @torch.inference_mode()

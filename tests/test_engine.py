@@ -51,7 +51,7 @@ def run(model, processor, reduced, use_cache=True, options=GREEDY_8, **fastv):
     tokenizer = processor.tokenizer
     return engine.generate(
         model, reduced, options, [tokenizer.eos_token_id], tokenizer.pad_token_id, use_cache=use_cache, **fastv
-    )
+    ).tokens
 
 
 SIMIGNORE_HALF = ReductionSettings(reduction="simignore", keep=12)
@@ -211,6 +211,69 @@ def test_eager_and_sdpa_attention_agree(testbed, processor, two_prompts, apply):
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
 
 
+def image_tokens_each_layer_was_given(model, inputs, reduced, fastv) -> tuple[list[list[int]], list[list[int]]]:
+    """Run the prompt pass with hooks on the decoder layers and count, from the hidden states' position ids and
+    the 4-D eager attention mask each layer received, the image tokens in its sequence and those the last prompt
+    token may attend to; (B, n_layers) each."""
+    is_image = inputs["input_ids"] == model.config.image_token_id
+    positions = engine.default_position_ids(inputs["attention_mask"])
+    image_positions = [set(positions[row, is_image[row]].tolist()) for row in range(is_image.shape[0])]
+    given = {}
+
+    def hook(index):
+        def record(module, args, kwargs):
+            given.setdefault(index, (kwargs["position_ids"], kwargs["attention_mask"]))  # the first call is the prompt pass
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(model.model.language_model.layers)]
+    try:
+        engine.LanguageModelRun(model, reduced, **fastv).prefill()
+    finally:
+        for handle in handles:
+            handle.remove()
+    computed, visible = [], []
+    for row, wanted in enumerate(image_positions):
+        computed.append([]), visible.append([])
+        for index in range(len(given)):
+            layer_positions, mask = given[index]
+            attendable = mask[row, 0, -1] if mask.dtype == torch.bool else mask[row, 0, -1] == 0  # (S,) last query's row
+            image = torch.tensor([p in wanted for p in layer_positions[row].tolist()])
+            computed[-1].append(int(image.sum()))
+            visible[-1].append(int((image & attendable).sum()))
+    return computed, visible
+
+
+@pytest.mark.parametrize(
+    "settings, fastv, expected_visible",
+    [
+        (ReductionSettings(), {}, [25, 25, 25]),
+        (SIMIGNORE_HALF, {}, [12, 12, 12]),
+        (dataclasses.replace(SIMIGNORE_HALF, apply="mask"), {}, [12, 12, 12]),
+        (dataclasses.replace(SIMIGNORE_HALF, apply="mask"), {"fastv_layer": 1, "fastv_keep": 5}, [12, 5, 5]),
+        (ReductionSettings(), {"fastv_layer": 2, "fastv_keep": 7}, [25, 25, 7]),
+    ],
+    ids=["none", "simignore-drop", "simignore-mask", "simignore-mask+fastv", "fastv"],
+)
+def test_the_image_tokens_each_layer_saw_are_read_off_what_the_layer_was_given(testbed, processor, two_prompts, settings,
+                                                                               fastv, expected_visible):
+    """The token accounting is observed, not the budget: it equals the image columns in the sequence and the 4-D
+    attention mask that each decoder layer received (eager attention, so the mask is materialised)."""
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(testbed["model"], attn_implementation="eager").eval()
+    inputs, texts = two_prompts
+    prompt, kept = simignore_prompt(model, processor, inputs, settings, texts)
+    reduced = engine.reduce_prompt(prompt, kept, settings.apply)
+    run_ = engine.LanguageModelRun(model, reduced, **fastv)
+    run_.prefill()
+    computed, visible = image_tokens_each_layer_was_given(model, inputs, reduced, fastv)
+    assert run_.image_tokens_seen.computed.tolist() == computed
+    assert run_.image_tokens_seen.visible.tolist() == visible
+    assert visible == [expected_visible] * 2  # and the request was honoured
+    generation = engine.generate(model, reduced, GREEDY_8, [-1], processor.tokenizer.pad_token_id, **fastv)
+    assert generation.image_tokens_seen.visible.tolist() == visible
+
+
 def test_flash_attention_2_matches_sdpa_where_installed(testbed, processor, two_prompts):
     pytest.importorskip("flash_attn", reason="flash-attn is not installed")
     if not torch.cuda.is_available():
@@ -235,6 +298,21 @@ def test_sampling_is_reproducible_with_a_seed(tiny_model, processor, two_prompts
     reduced = engine.reduce_prompt(prompt, kept, "drop")
     sample = engine.DecodingOptions(max_new_tokens=6, do_sample=True, temperature=1.5, top_p=0.9, seed=3)
     assert run(tiny_model, processor, reduced, options=sample).tolist() == run(tiny_model, processor, reduced, options=sample).tolist()
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, None), (2.0, None), (1.0, 0.7)])
+def test_sampling_draws_from_the_tempered_nucleus(temperature, top_p):
+    """20,000 draws from fixed logits: frequencies match softmax(logits / T) renormalised over the smallest set of
+    tokens whose probability reaches top_p, and nothing outside it is drawn."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).expand(20_000, -1)
+    options = engine.DecodingOptions(max_new_tokens=1, do_sample=True, temperature=temperature, top_p=top_p, seed=0)
+    drawn = engine._next_tokens(logits, options, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(drawn, minlength=4).float() / len(drawn)
+    expected = torch.softmax(logits[0] / temperature, dim=-1)  # [0.64, 0.24, 0.09, 0.03] at T = 1
+    if top_p is not None:  # 0.64 < 0.7 <= 0.88: the two most likely tokens
+        expected = torch.tensor([expected[0], expected[1], 0.0, 0.0]) / (expected[0] + expected[1])
+    torch.testing.assert_close(frequencies, expected, atol=0.015, rtol=0)
+    assert (frequencies[expected == 0] == 0).all()
 
 
 @pytest.mark.parametrize(

@@ -167,10 +167,13 @@ def test_stacked_mask_and_drop_give_the_same_answers(tiny_model, processor, padd
 def test_continuation_logprobs_match_step_by_step_generation(tiny_model, padded_batch):
     inputs, _ = padded_batch
     reduced = unreduced(tiny_model, inputs)
-    greedy = engine.generate(tiny_model, reduced, GREEDY_8, [-1], 0, fastv_layer=1, fastv_keep=6)  # no eos
+    greedy = engine.generate(tiny_model, reduced, GREEDY_8, [-1], 0, fastv_layer=1, fastv_keep=6).tokens  # no eos
     logprobs, is_greedy = engine.continuation_logprobs(tiny_model, reduced, greedy, fastv_layer=1, fastv_keep=6)
     assert logprobs.shape == greedy.shape and bool(is_greedy.all())
-    assert bool((logprobs <= 0).all())
+    recomputed = engine.LanguageModelRun(tiny_model, reduced, fastv_layer=1, fastv_keep=6, use_cache=False)
+    logits = torch.cat([recomputed.prefill()[:, None], recomputed.feed(greedy[:, :-1])], dim=1)  # no cache: all recomputed
+    expected = torch.log_softmax(logits.float(), dim=-1).gather(-1, greedy[..., None]).squeeze(-1)
+    torch.testing.assert_close(logprobs, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_fastv_budget_beyond_the_visible_tokens_is_refused(tiny_model, processor, padded_batch):

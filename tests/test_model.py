@@ -85,6 +85,13 @@ def test_token_accounting_per_sample(testbed, docs):
     assert "visible per layer: layers 0-2: 5; average over layers 5.0 (20.0%)" in model.accounting.summary()
 
 
+def test_masked_image_tokens_count_as_computed_but_not_visible(testbed, docs):
+    model = make_model(testbed, docs[:2], reduction="simignore", keep=5, apply="mask", batch_size=2)
+    model.generate_until(simple_requests(docs[:2]))
+    assert [r["visible_per_layer"] for r in model.accounting.records] == [[5, 5, 5]] * 2
+    assert [r["computed_per_layer"] for r in model.accounting.records] == [[25, 25, 25]] * 2
+
+
 def test_token_log_writes_one_line_per_sample(testbed, docs, tmp_path):
     log = tmp_path / "tokens.jsonl"
     model = make_model(testbed, docs, reduction="fastv", fastv_layer=1, keep=7, token_log=str(log))

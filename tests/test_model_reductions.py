@@ -27,7 +27,8 @@ def test_fastv_pruning_nothing_answers_like_no_reduction(testbed, docs):
     none = make_model(testbed, docs, batch_size=3).generate_until(simple_requests(docs))
     fastv = make_model(testbed, docs, reduction="fastv", fastv_ratio=0.0, batch_size=3)
     assert fastv.generate_until(simple_requests(docs)) == none
-    assert fastv.accounting.records[0]["visible_per_layer"] in ([25, 25, 25], [0, 0, 0])
+    records = sorted(fastv.accounting.records, key=lambda record: record["doc_id"])
+    assert [r["visible_per_layer"] for r in records] == [[25, 25, 25]] * 5 + [[0, 0, 0]]  # the last doc has no image
 
 
 def test_fastv_answers_do_not_depend_on_batch_size_or_cache(testbed, docs):
@@ -107,12 +108,16 @@ def test_paper_preset_runs_with_its_quirks_on_a_small_budget(testbed, docs):
         max_new_tokens=8,
     ).generate_until(simple_requests(docs, max_new_tokens=8, until=[]))
     assert all(full.startswith(short) and len(short) < len(full) for short, full in zip(answers, longer))
-    assert model.accounting.records[0]["visible_per_layer"] in ([20, 20, 5], [0, 0, 0])
+    records = sorted(model.accounting.records, key=lambda record: record["doc_id"])
+    assert [r["visible_per_layer"] for r in records] == [[20, 20, 5]] * 5 + [[0, 0, 0]]  # the last doc has no image
 
 
 def test_fastv_paper_preset_keeps_half_from_layer_two(testbed, docs):
     model = make_model(testbed, docs, preset="fastv_paper")
-    assert model.visible_per_layer == [25, 25, 13]  # R = 50% of 25, rounded half up
+    assert model.requested_visible_per_layer == [25, 25, 13]  # R = 50% of 25, rounded half up
+    model.generate_until(simple_requests(docs[:1]))
+    assert model.accounting.records[0]["visible_per_layer"] == [25, 25, 13]
+    assert model.accounting.records[0]["computed_per_layer"] == [25, 25, 13]
 
 
 @pytest.mark.parametrize(
@@ -158,4 +163,5 @@ def test_paper_13b_preset_runs_with_lettered_options_and_step_two(testbed, docs)
     assert (model.settings.text, model.settings.simignore_step, model.settings.text_bos) == ("options_lettered", 2, False)
     assert model._prompt_request(simple_requests(docs)[0].args).comparison_text.startswith("Options: (A) ")
     assert len(model.generate_until(simple_requests(docs))) == len(docs)
-    assert model.accounting.records[0]["visible_per_layer"] in ([20, 20, 5], [0, 0, 0])
+    records = sorted(model.accounting.records, key=lambda record: record["doc_id"])
+    assert [r["visible_per_layer"] for r in records] == [[20, 20, 5]] * 5 + [[0, 0, 0]]  # the last doc has no image

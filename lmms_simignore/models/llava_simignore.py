@@ -154,8 +154,8 @@ class LlavaSimignore(lmms):
             )
         self.image_tokens_per_image = engine.image_tokens_per_image(config)
         self.num_layers = config.text_config.num_hidden_layers
-        self.visible_per_layer = self.settings.visible_per_layer(self.image_tokens_per_image, self.num_layers)
-        self.computed_per_layer = self.settings.computed_per_layer(self.image_tokens_per_image, self.num_layers)
+        # what the settings ask for; the token accounting records what each layer really saw
+        self.requested_visible_per_layer = self.settings.visible_per_layer(self.image_tokens_per_image, self.num_layers)
         self.kept_per_image = self.settings.kept_per_image(self.image_tokens_per_image)
         self.fastv_keep = self.settings.fastv_kept_per_image(self.image_tokens_per_image) if self.settings.fastv else 0
 
@@ -191,7 +191,7 @@ class LlavaSimignore(lmms):
         self._warned: set[str] = set()
         logger.info(
             f"llava_simignore: {pretrained} on {self._device}, {self.image_tokens_per_image} image tokens per image, "
-            f"{self.settings}; image tokens visible per layer: {layer_runs(self.visible_per_layer)}"
+            f"{self.settings}; image tokens per image visible per layer (requested): {layer_runs(self.requested_visible_per_layer)}"
         )
 
     # -- lmms-eval plumbing ------------------------------------------------------------------------
@@ -328,19 +328,19 @@ class LlavaSimignore(lmms):
     def _fastv_args(self) -> dict:
         return {"fastv_layer": self.settings.fastv_layer if self.settings.fastv else None, "fastv_keep": self.fastv_keep}
 
-    def _account(self, batch: list[PromptRequest], inputs, image_tokens: torch.Tensor) -> None:
-        """Record each sample's image tokens and, per layer, its images times the per-image budget of that layer."""
+    def _account(self, batch: list[PromptRequest], inputs, image_tokens: torch.Tensor, seen: engine.ImageTokensSeen) -> None:
+        """Record each sample's image tokens and, per decoder layer, the image tokens that layer computed on and
+        could attend to in the prompt pass, as the engine observed them."""
         for row, request in enumerate(batch):
-            images = int(image_tokens[row]) // self.image_tokens_per_image
-            layers = [images * per_image for per_image in self.visible_per_layer]
+            visible = seen.visible[row].tolist()
             self.accounting.add(
                 doc_id=request.doc_id,
                 task=request.task,
                 prompt_tokens=int(inputs["attention_mask"][row].sum()),
                 image_tokens=int(image_tokens[row]),
-                visible_per_layer=layers,
-                mean_visible=sum(layers) / len(layers),
-                computed_per_layer=[images * per_image for per_image in self.computed_per_layer],
+                visible_per_layer=visible,
+                mean_visible=sum(visible) / len(visible),
+                computed_per_layer=seen.computed[row].tolist(),
             )
 
     def _generate_batch(self, batch: list[PromptRequest], gen_kwargs: dict) -> list[str]:
@@ -355,7 +355,7 @@ class LlavaSimignore(lmms):
                 tails = self.tokenizer.batch_decode(generated[:, -(longest + 2) :], skip_special_tokens=True)
                 return torch.tensor([any(stop in tail for stop in until) for tail in tails], device=generated.device)
 
-        tokens = engine.generate(
+        generation = engine.generate(
             self._model,
             reduced,
             options,
@@ -365,9 +365,9 @@ class LlavaSimignore(lmms):
             stopped=stopped,
             **self._fastv_args(),
         )
-        self._account(batch, inputs, reduced.image_tokens)
+        self._account(batch, inputs, reduced.image_tokens, generation.image_tokens_seen)
         answers = []
-        for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True):
+        for text in self.tokenizer.batch_decode(generation.tokens, skip_special_tokens=True):
             for stop in until:
                 text = text.split(stop)[0]
             answers.append(text)
