@@ -103,7 +103,7 @@ def measure_once(model, processor, settings: ReductionSettings, inputs, texts: l
     texts: Simignore's comparison text per row; image_seeds: one per image in the batch (random choices).
     """
     device = inputs["input_ids"].device
-    fastv_keep = settings.fastv_kept_per_image(engine.image_tokens_per_image(model.config)) if settings.fastv else 0
+    stages = settings.in_llm_stages(engine.image_tokens_per_image(model.config), model.config.text_config.num_hidden_layers)
     with PeakMemory(device) as memory:
         _sync(device)
         started = time.perf_counter()
@@ -113,7 +113,7 @@ def measure_once(model, processor, settings: ReductionSettings, inputs, texts: l
         reduced = engine.apply_pre_llm_stage(model, processor.tokenizer, settings, prompt, texts, image_seeds)
         _sync(device)
         chosen = time.perf_counter()
-        run = engine.LanguageModelRun(model, reduced, fastv_layer=settings.fastv_layer if settings.fastv else None, fastv_keep=fastv_keep)
+        run = engine.LanguageModelRun(model, reduced, prune_stages=stages)
         tokens = run.prefill().argmax(-1)
         _sync(device)
         first_token = time.perf_counter()

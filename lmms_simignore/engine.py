@@ -7,9 +7,10 @@ A prompt travels like this:
   either masked (`apply="mask"`, attention mask 0, sequence unchanged) or dropped (`apply="drop"`,
   removed from the sequence) -- in both cases every kept token keeps its *original* position id
   ->  `LanguageModelRun` (used by `generate` and `continuation_logprobs`): our loop over the decoder
-  layers. With FastV at layer K it ranks the image tokens by layer K-1's attention row of the last
-  prompt token and drops the rest for layers >= K. The reduced prompt is what sits in the KV cache, so
-  ignored and pruned tokens stay invisible for the whole generation, not just the prefill.
+  layers. A pruning stage at layer K (FastV's, or several, PyramidDrop-style) ranks the image tokens
+  still present by layer K-1's attention row of the last prompt token and drops the rest for layers
+  >= K. The reduced prompt is what sits in the KV cache, so ignored and pruned tokens stay invisible
+  for the whole generation, not just the prefill. The image tokens each layer saw are counted there too.
 """
 
 from __future__ import annotations
@@ -346,17 +347,40 @@ def check_in_llm_support(model) -> None:
         )
 
 
+@dataclass
+class _Segment:
+    """Decoder layers [start, end) and the prompt columns they see.
+
+    columns: (B, S) the prompt columns in this segment's sequence (original coordinates, ascending);
+    gather: (B, S) where each of them sits in the previous segment's sequence (None for the first segment);
+    mask: (B, S + t) its 2-D attention mask (t = tokens fed so far); image_columns: (I, M) where each image's
+    tokens sit in this segment's sequence; image_visible: (I, M) which of them are visible;
+    keep: image tokens per image that the stage starting this segment keeps (None for the first segment).
+    """
+
+    start: int
+    end: int
+    keep: int | None = None
+    columns: torch.Tensor | None = None
+    gather: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    image_columns: torch.Tensor | None = None
+    image_visible: torch.Tensor | None = None
+
+
 class LanguageModelRun:
     """Runs the decoder layers of a llava model's language model: the one place a reduction acts inside the LLM.
 
-    Layers [0, K) see the reduced prompt. With FastV at layer K, the prompt pass ranks image tokens by layer
-    K-1's attention row of the last prompt token and layers [K, n) see only the columns it keeps (original
-    position ids kept). The kept set is chosen once, from the prompt, and then fixed: every generated token
-    passes through layers < K with all prompt tokens and through layers >= K with the kept ones, with a KV
-    cache (one entry per token and layer, each layer its own length) or by recomputing the whole sequence.
+    In-LLM pruning stages split the layers into segments. A stage at layer K (`prune_stages=((K, keep), ...)`,
+    or FastV's `fastv_layer=K, fastv_keep=keep`) ranks the image tokens still visible by layer K-1's attention
+    row of the last prompt token and layers >= K (up to the next stage) see only the `keep` per image it keeps
+    (original position ids kept). The kept sets are chosen once, from the prompt, and then fixed: every
+    generated token passes through each segment with that segment's prompt columns, with a KV cache (one entry
+    per token and layer, each layer its own length) or by recomputing the whole sequence.
     """
 
-    def __init__(self, model, prompt: ReducedPrompt, fastv_layer: int | None = None, fastv_keep: int = 0, use_cache: bool = True):
+    def __init__(self, model, prompt: ReducedPrompt, fastv_layer: int | None = None, fastv_keep: int = 0,
+                 use_cache: bool = True, prune_stages: tuple[tuple[int, int], ...] = ()):
         from transformers import DynamicCache
 
         self.language_model = model.model.language_model
@@ -365,22 +389,49 @@ class LanguageModelRun:
         self.prompt = prompt
         num_layers = len(self.language_model.layers)
         if fastv_layer is not None:
+            if prune_stages:
+                raise ValueError("give either fastv_layer/fastv_keep or prune_stages, not both")
             if not 1 <= fastv_layer < num_layers:
                 raise ValueError(f"fastv_layer={fastv_layer} must be in [1, {num_layers - 1}] for {num_layers} decoder layers")
-            check_in_llm_support(model)
             available = int(prompt.image_visible.sum(dim=1).min()) if prompt.image_visible.numel() else fastv_keep
             if fastv_keep > available:
                 raise ValueError(f"fastv_keep={fastv_keep} exceeds the {available} image tokens per image still visible")
-        self.split = num_layers if fastv_layer is None else fastv_layer
-        self.fastv_keep = fastv_keep
+            prune_stages = ((fastv_layer, fastv_keep),)
+        self._check_stages(prune_stages, num_layers)
+        if prune_stages:
+            check_in_llm_support(model)
+        bounds = [0, *(layer for layer, _ in prune_stages), num_layers]
+        keeps = [None, *(keep for _, keep in prune_stages)]
+        self.segments = [_Segment(start, end, keep) for start, end, keep in zip(bounds, bounds[1:], keeps)]
+        first = self.segments[0]
+        first.mask, first.image_columns, first.image_visible = prompt.attention_mask, prompt.image_columns, prompt.image_visible
         self.cache = DynamicCache(config=self.language_model.config) if use_cache else None
         self.embeds = prompt.inputs_embeds  # (B, L, D), prompt + tokens fed so far (kept only without a cache)
         self.positions = prompt.position_ids  # (B, L + t)
-        self.mask_low = prompt.attention_mask  # (B, L + t) what layers < K attend to
-        self.kept_columns: torch.Tensor | None = None  # (B, L2) prompt columns layers >= K see
-        self.mask_high: torch.Tensor | None = None  # (B, L2 + t)
         self.prompt_length = prompt.inputs_embeds.shape[1]
         self.image_tokens_seen: ImageTokensSeen | None = None  # filled by the prompt pass
+
+    def _check_stages(self, stages: tuple[tuple[int, int], ...], num_layers: int) -> None:
+        prompt = self.prompt
+        previous_layer, previous_keep = 0, int(prompt.image_visible.sum(dim=1).min()) if prompt.image_visible.numel() else None
+        for layer, keep in stages:
+            if not previous_layer < layer < num_layers:
+                raise ValueError(f"a pruning stage at layer {layer} must come after layer {previous_layer} and before the "
+                                 f"last of {num_layers} decoder layers (stages: {list(stages)})")
+            if keep < 0 or (previous_keep is not None and keep > previous_keep):
+                raise ValueError(f"the pruning stage at layer {layer} keeps {keep} image tokens per image, but only "
+                                 f"{previous_keep} are visible before it (stages: {list(stages)})")
+            previous_layer, previous_keep = layer, keep
+
+    @property
+    def kept_columns(self) -> torch.Tensor | None:
+        """(B, S) prompt columns (original coordinates) that the last segment's layers see; None without pruning."""
+        return self.segments[-1].columns
+
+    @property
+    def mask_high(self) -> torch.Tensor | None:
+        """(B, S + t) the last segment's attention mask; None without pruning."""
+        return self.segments[-1].mask if len(self.segments) > 1 else None
 
     @torch.inference_mode()
     def prefill(self) -> torch.Tensor:
@@ -395,11 +446,10 @@ class LanguageModelRun:
         new_embeds = self.embedding(tokens)  # (B, t, D)
         offsets = torch.arange(1, count + 1, device=tokens.device)
         new_positions = self.positions[:, -1:] + offsets  # (B, t)
-        ones = self.mask_low.new_ones(tokens.shape[0], count)
+        ones = self.segments[0].mask.new_ones(tokens.shape[0], count)
         self.positions = torch.cat([self.positions, new_positions], dim=1)
-        self.mask_low = torch.cat([self.mask_low, ones], dim=1)
-        if self.mask_high is not None:
-            self.mask_high = torch.cat([self.mask_high, ones], dim=1)
+        for segment in self.segments:
+            segment.mask = torch.cat([segment.mask, ones], dim=1)
         if self.cache is not None:
             hidden = self._forward(new_embeds, new_positions, prompt_pass=False)
         else:
@@ -414,34 +464,26 @@ class LanguageModelRun:
         model = self.language_model
         layers = model.layers
         cache_kwargs = {"cache": self.cache, "use_cache": self.cache is not None}
-        position_embeddings = model.rotary_emb(hidden, position_ids=positions)
-        mask = create_causal_mask(
-            config=model.config, inputs_embeds=hidden, attention_mask=self.mask_low,
-            cache=self.cache, position_ids=positions, layer_idx=0,
-        )
-        if prompt_pass:
-            is_image = self._image_columns_map()  # (B, L)
-            seen = [_image_columns_in(is_image, self.mask_low)] * self.split
-        for index in range(self.split):
-            if prompt_pass and index == self.split - 1 and self.split < len(layers):
-                self._choose_kept_columns(layers[index], hidden, position_embeddings)
-            hidden = layers[index](
-                hidden, attention_mask=mask, position_ids=positions, position_embeddings=position_embeddings, **cache_kwargs
-            )
-        if self.split < len(layers):
-            if prompt_pass or self.cache is None:  # the whole sequence is here: keep the chosen columns
-                generated = torch.arange(self.prompt_length, hidden.shape[1], device=hidden.device)
-                columns = torch.cat([self.kept_columns, generated.expand(hidden.shape[0], -1)], dim=1)  # (B, L2 + t)
-                rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
-                hidden, positions = hidden[rows, columns], positions[rows, columns]
-                if prompt_pass:
-                    seen += [_image_columns_in(is_image.gather(1, columns), self.mask_high)] * (len(layers) - self.split)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+        seen = []
+        previous_length = self.prompt_length  # prompt columns in the previous segment's sequence
+        for number, segment in enumerate(self.segments):
+            if number and (prompt_pass or self.cache is None):  # the whole sequence is here: keep the segment's columns
+                generated = torch.arange(previous_length, hidden.shape[1], device=hidden.device)
+                index = torch.cat([segment.gather, generated.expand(hidden.shape[0], -1)], dim=1)  # (B, S + t)
+                hidden, positions = hidden[rows, index], positions[rows, index]
+            if number:
+                previous_length = segment.gather.shape[1]
             position_embeddings = model.rotary_emb(hidden, position_ids=positions)
             mask = create_causal_mask(
-                config=model.config, inputs_embeds=hidden, attention_mask=self.mask_high,
-                cache=self.cache, position_ids=positions, layer_idx=self.split,
+                config=model.config, inputs_embeds=hidden, attention_mask=segment.mask,
+                cache=self.cache, position_ids=positions, layer_idx=segment.start,
             )
-            for index in range(self.split, len(layers)):
+            if prompt_pass:
+                seen += [_image_columns_in(self._image_columns_map(segment, hidden.shape[1]), segment.mask)] * (segment.end - segment.start)
+            for index in range(segment.start, segment.end):
+                if prompt_pass and index == segment.end - 1 and number + 1 < len(self.segments):
+                    self._choose_next_segment(number + 1, layers[index], hidden, position_embeddings)
                 hidden = layers[index](
                     hidden, attention_mask=mask, position_ids=positions, position_embeddings=position_embeddings, **cache_kwargs
                 )
@@ -449,25 +491,30 @@ class LanguageModelRun:
             self.image_tokens_seen = ImageTokensSeen(*(torch.stack([counts[part] for counts in seen], dim=1) for part in range(2)))
         return model.norm(hidden)
 
-    def _image_columns_map(self) -> torch.Tensor:
-        """(B, L) bool: which prompt columns hold an image token (masked or not)."""
-        prompt = self.prompt
-        is_image = torch.zeros(prompt.attention_mask.shape, dtype=torch.bool, device=prompt.attention_mask.device)
-        is_image[prompt.image_rows[:, None].expand_as(prompt.image_columns), prompt.image_columns] = True
+    def _image_columns_map(self, segment: _Segment, length: int) -> torch.Tensor:
+        """(B, S) bool: which columns of the segment's prompt sequence hold an image token (masked or not)."""
+        is_image = torch.zeros(segment.mask.shape[0], length, dtype=torch.bool, device=segment.mask.device)
+        is_image[self.prompt.image_rows[:, None].expand_as(segment.image_columns), segment.image_columns] = True
         return is_image
 
-    def _choose_kept_columns(self, layer, hidden: torch.Tensor, position_embeddings) -> None:
-        """FastV: keep the image tokens the last prompt token attends to most in `layer` (= layer K-1)."""
-        prompt = self.prompt
-        visible = prompt.attention_mask.bool()  # (B, L)
-        attention = last_token_attention(layer, hidden, position_embeddings, visible)  # (B, H, L)
-        scores = fastv_scores(attention, prompt.image_columns, prompt.image_rows, prompt.image_visible)  # (I, M)
-        chosen = select_top_k(scores, self.fastv_keep)  # (I, K2) indices into M
+    def _choose_next_segment(self, number: int, layer, hidden: torch.Tensor, position_embeddings) -> None:
+        """A pruning stage: keep the image tokens the last prompt token attends to most in `layer` (the last layer
+        before the stage), `keep` per image among those still visible; fill the next segment's columns and mask."""
+        previous, segment = self.segments[number - 1], self.segments[number]
+        image_rows = self.prompt.image_rows
+        visible = previous.mask.bool()  # (B, S), the prompt pass: no generated token yet
+        attention = last_token_attention(layer, hidden, position_embeddings, visible)  # (B, H, S)
+        scores = fastv_scores(attention, previous.image_columns, image_rows, previous.image_visible)  # (I, M)
+        chosen = previous.image_columns.gather(1, select_top_k(scores, segment.keep))  # (I, K) columns, ascending
         keep = visible.clone()
-        keep[prompt.image_rows[:, None].expand_as(prompt.image_columns), prompt.image_columns] = False
-        keep[prompt.image_rows[:, None].expand_as(chosen), prompt.image_columns.gather(1, chosen)] = True
-        self.kept_columns, mask_high, _ = _pack(keep)
-        self.mask_high = mask_high.to(prompt.attention_mask.dtype)
+        keep[image_rows[:, None].expand_as(previous.image_columns), previous.image_columns] = False
+        keep[image_rows[:, None].expand_as(chosen), chosen] = True
+        segment.gather, mask, target = _pack(keep)
+        segment.mask = mask.to(previous.mask.dtype)
+        base = previous.columns if previous.columns is not None else torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
+        segment.columns = base.gather(1, segment.gather)
+        segment.image_columns = target[image_rows[:, None].expand_as(chosen), chosen]  # (I, K) in the new sequence
+        segment.image_visible = torch.ones_like(segment.image_columns, dtype=torch.bool)
 
 
 def _image_columns_in(is_image: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -496,15 +543,17 @@ def generate(
     stopped: Callable[[torch.Tensor], torch.Tensor] | None = None,
     fastv_layer: int | None = None,
     fastv_keep: int = 0,
+    prune_stages: tuple[tuple[int, int], ...] = (),
 ) -> Generation:
-    """Generate after a reduced prompt, optionally with FastV pruning at `fastv_layer`: the new token ids and
-    the image tokens each decoder layer saw.
+    """Generate after a reduced prompt, optionally with FastV pruning at `fastv_layer` or several pruning stages
+    (`prune_stages`, see `LanguageModelRun`): the new token ids and the image tokens each decoder layer saw.
 
     With `use_cache` the prompt is encoded once and each step feeds one token at position
     (last position + 1); without it the whole sequence is recomputed every step (same result, slower).
     `stopped(generated (B, t)) -> (B,) bool` marks rows that hit a stop string.
     """
-    run = LanguageModelRun(model, prompt, fastv_layer=fastv_layer, fastv_keep=fastv_keep, use_cache=use_cache)
+    run = LanguageModelRun(model, prompt, fastv_layer=fastv_layer, fastv_keep=fastv_keep, use_cache=use_cache,
+                           prune_stages=prune_stages)
     device = prompt.inputs_embeds.device
     batch_size = prompt.inputs_embeds.shape[0]
     generator = torch.Generator(device=device).manual_seed(options.seed) if options.do_sample else None
@@ -526,13 +575,14 @@ def generate(
 
 @torch.inference_mode()
 def continuation_logprobs(
-    model, prompt: ReducedPrompt, continuation: torch.Tensor, fastv_layer: int | None = None, fastv_keep: int = 0
+    model, prompt: ReducedPrompt, continuation: torch.Tensor, fastv_layer: int | None = None, fastv_keep: int = 0,
+    prune_stages: tuple[tuple[int, int], ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of `continuation` (B, C) token by token after a reduced prompt (teacher forcing).
 
     Returns (B, C) float32 log-probabilities and (B, C) bool: whether each token was the greedy choice.
     """
-    run = LanguageModelRun(model, prompt, fastv_layer=fastv_layer, fastv_keep=fastv_keep, use_cache=True)
+    run = LanguageModelRun(model, prompt, fastv_layer=fastv_layer, fastv_keep=fastv_keep, use_cache=True, prune_stages=prune_stages)
     first = run.prefill()[:, None]  # (B, 1, V)
     logits = first if continuation.shape[1] == 1 else torch.cat([first, run.feed(continuation[:, :-1])], dim=1)
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, C, V)

@@ -2,7 +2,8 @@
 
 A reduction is a pipeline of at most two stages, spelled with `+` in `reduction=`:
   a *pre-LLM* stage (`simignore` or `random`) chooses image tokens before the first decoder layer,
-  then an *in-LLM* stage (`fastv`) prunes them inside the language model at layer `fastv_layer`.
+  then an *in-LLM* stage prunes them inside the language model: `fastv` at layer `fastv_layer`, or
+  `pdrop` (PyramidDrop) at each of `pdrop_layers`, keeping `pdrop_ratio` of what is left each time.
 So `reduction=simignore+fastv` is the published Simignore recipe; `reduction=fastv` is FastV alone.
 """
 
@@ -15,18 +16,21 @@ from lmms_simignore.reduction.selection import ORDERS
 from lmms_simignore.reduction.simignore import SIMILARITIES
 
 PRE_LLM_STAGES = ("simignore", "random")
-IN_LLM_STAGES = ("fastv",)
-PIPELINES = ("none", "simignore", "random", "fastv", "simignore+fastv", "random+fastv")
+IN_LLM_STAGES = ("fastv", "pdrop")
+PIPELINES = ("none", "simignore", "random", "fastv", "pdrop", "simignore+fastv", "random+fastv", "simignore+pdrop", "random+pdrop")
 TEXT_SOURCES = ("options", "options_lettered", "prompt")
 APPLY_MODES = ("mask", "drop")
 DEFAULT_FASTV_RATIO = 0.5
+DEFAULT_PDROP_RATIO = 0.5  # PyramidDrop's lambda
+PDROP_DEPTHS = (0.25, 0.5, 0.75)  # PyramidDrop's stages after layers 8, 16, 24 of LLaVA-1.5's 32
 
 
 @dataclass(frozen=True)
 class ReductionSettings:
     """What to reduce and how. Budgets are per image.
 
-    reduction:       "none" | "simignore" | "random" | "fastv" | "simignore+fastv" | "random+fastv"
+    reduction:       "none" | "simignore" | "random" | "fastv" | "pdrop" | "simignore+fastv" | "random+fastv" |
+                     "simignore+pdrop" | "random+pdrop"
     keep:            image tokens the pre-LLM stage keeps per image (FastV's budget when it is the only
                      stage): an int count, or a float fraction in [0, 1] (rounded half up)
     ignore:          image tokens ignored per image (int); exactly one of keep / ignore for a pre-LLM stage
@@ -48,6 +52,11 @@ class ReductionSettings:
     fastv_keep:      image tokens FastV keeps per image (int, or fraction of the model's image tokens)
     fastv_ratio:     R: FastV drops this fraction of the model's image tokens (keeps round((1 - R) * N));
                      default 0.5 when no FastV budget is given
+    pdrop_layers:    PyramidDrop's stages, "8/16/24": a stage at L ranks the image tokens still present by the
+                     last prompt token's attention in layer L-1 (mean over heads) and keeps `pdrop_ratio` of
+                     them for layers >= L; default: a quarter, a half and three quarters of the decoder depth
+    pdrop_ratio:     the fraction of the remaining image tokens each PyramidDrop stage keeps (rounded half
+                     up; default 0.5)
     """
 
     reduction: str = "none"
@@ -64,6 +73,8 @@ class ReductionSettings:
     fastv_layer: int = 2
     fastv_keep: int | float | None = None
     fastv_ratio: float | None = None
+    pdrop_layers: str | tuple[int, ...] | None = None
+    pdrop_ratio: float | None = None
 
     def __post_init__(self) -> None:
         _check_choice("reduction", self.reduction, PIPELINES)
@@ -110,6 +121,7 @@ class ReductionSettings:
         ):
             raise ValueError(f"fastv_ratio must be a fraction in [0, 1] of image tokens to drop, got {self.fastv_ratio!r}")
 
+        self._check_pdrop()
         if self.apply == "mask" and self.pre_llm is None and self.reduces:
             raise ValueError(f"apply=mask applies to a pre-LLM stage (simignore, random); reduction={self.reduction} has none")
         defaults = ReductionSettings.__dataclass_fields__
@@ -121,6 +133,34 @@ class ReductionSettings:
                     f"{', '.join(f'{name}={getattr(self, name)}' for name in changed)} only affect simignore; "
                     f"reduction={self.reduction} has no simignore stage"
                 )
+
+    def _check_pdrop(self) -> None:
+        given = [name for name in ("pdrop_layers", "pdrop_ratio") if getattr(self, name) is not None]
+        if not self.pdrop:
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to reduction=pdrop or <stage>+pdrop, not {self.reduction}")
+            return
+        if self.pre_llm is None and (self.keep is not None or self.ignore is not None):
+            raise ValueError("reduction=pdrop is budgeted by pdrop_ratio (the fraction each stage keeps); keep/ignore "
+                             "belong to a pre-LLM stage (simignore+pdrop, random+pdrop)")
+        ratio = self.pdrop_ratio
+        if ratio is not None and (_is_bool(ratio) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1):
+            raise ValueError(f"pdrop_ratio must be a fraction in (0, 1] of the remaining image tokens to keep, got {ratio!r}")
+        layers = self.pdrop_layers
+        if layers is None:
+            return
+        if isinstance(layers, int) and not _is_bool(layers):
+            layers = (layers,)
+        elif isinstance(layers, str):
+            try:
+                layers = tuple(int(part) for part in layers.split("/"))
+            except ValueError:
+                layers = None
+        if not isinstance(layers, (tuple, list)) or not layers or any(_is_bool(x) or not isinstance(x, int) or x < 1 for x in layers) \
+                or list(layers) != sorted(set(layers)):
+            raise ValueError(f"pdrop_layers must be increasing decoder layers >= 1 separated by '/', e.g. 8/16/24; "
+                             f"got {self.pdrop_layers!r}")
+        object.__setattr__(self, "pdrop_layers", tuple(layers))
 
     # -- the pipeline --------------------------------------------------------------------------------
     @property
@@ -139,6 +179,15 @@ class ReductionSettings:
     @property
     def fastv(self) -> bool:
         return "fastv" in self.stages
+
+    @property
+    def pdrop(self) -> bool:
+        return "pdrop" in self.stages
+
+    @property
+    def in_llm(self) -> str | None:
+        """The stage that prunes inside the language model ("fastv" / "pdrop"), if any."""
+        return next((stage for stage in self.stages if stage in IN_LLM_STAGES), None)
 
     @property
     def uses_walk(self) -> bool:
@@ -171,31 +220,59 @@ class ReductionSettings:
             )
         return kept
 
+    def pdrop_stage_layers(self, num_layers: int) -> tuple[int, ...]:
+        """PyramidDrop's stage layers: `pdrop_layers`, or a quarter, a half and three quarters of the depth
+        (8/16/24 of 32; 1/2 of 3), those inside [1, num_layers - 1]."""
+        if self.pdrop_layers is not None:
+            return tuple(self.pdrop_layers)
+        return tuple(sorted({layer for layer in (_round_half_up(depth * num_layers) for depth in PDROP_DEPTHS) if 1 <= layer < num_layers}))
+
+    def in_llm_stages(self, image_tokens: int, num_layers: int) -> tuple[tuple[int, int], ...]:
+        """((layer, image tokens kept per image from that layer on), ...) of the in-LLM stage; () without one."""
+        self.check_layers(num_layers)
+        if self.fastv:
+            return ((self.fastv_layer, self.fastv_kept_per_image(image_tokens)),)
+        if not self.pdrop:
+            return ()
+        ratio = DEFAULT_PDROP_RATIO if self.pdrop_ratio is None else float(self.pdrop_ratio)
+        stages, remaining = [], self.kept_per_image(image_tokens)
+        for layer in self.pdrop_stage_layers(num_layers):
+            remaining = _round_half_up(ratio * remaining)
+            stages.append((layer, remaining))
+        return tuple(stages)
+
     def visible_per_layer(self, image_tokens: int, num_layers: int) -> list[int]:
         """Image tokens per image visible to each decoder layer (the budget that "N tokens" means, layer by layer)."""
-        before = self.kept_per_image(image_tokens)
-        if not self.fastv:
-            return [before] * num_layers
-        self.check_layers(num_layers)
-        after = self.fastv_kept_per_image(image_tokens)
-        return [before] * self.fastv_layer + [after] * (num_layers - self.fastv_layer)
+        visible = [self.kept_per_image(image_tokens)] * num_layers
+        for layer, keep in self.in_llm_stages(image_tokens, num_layers):
+            visible[layer:] = [keep] * (num_layers - layer)
+        return visible
 
     def computed_per_layer(self, image_tokens: int, num_layers: int) -> list[int]:
         """Image tokens per image each decoder layer computes on: the visible ones, except that `apply=mask`
-        leaves the hidden tokens in the sequence (attended to by nobody, still computed) until FastV drops."""
+        leaves the hidden tokens in the sequence (attended to by nobody, still computed) until the first in-LLM
+        stage drops."""
         visible = self.visible_per_layer(image_tokens, num_layers)
         if self.pre_llm is None or self.apply != "mask":
             return visible
-        masked_layers = self.fastv_layer if self.fastv else num_layers
+        stages = self.in_llm_stages(image_tokens, num_layers)
+        masked_layers = stages[0][0] if stages else num_layers
         return [image_tokens] * masked_layers + visible[masked_layers:]
 
     def check_layers(self, num_layers: int) -> None:
-        """FastV's layer must leave at least one layer before and after it."""
+        """An in-LLM stage's layer must leave at least one layer before and after it."""
         if self.fastv and not 1 <= self.fastv_layer < num_layers:
             raise ValueError(
                 f"fastv_layer={self.fastv_layer} is outside the language model's layers: it has {num_layers} "
                 f"decoder layers, so fastv_layer must be in [1, {num_layers - 1}]"
             )
+        if self.pdrop:
+            layers = self.pdrop_stage_layers(num_layers)
+            if not layers:
+                raise ValueError(f"pdrop needs a decoder layer between the first and the last; the model has {num_layers}")
+            if layers[-1] >= num_layers:
+                raise ValueError(f"pdrop_layers={'/'.join(map(str, layers))} is outside the language model's layers: it has "
+                                 f"{num_layers} decoder layers, so each stage must be in [1, {num_layers - 1}]")
 
 
 def _round_half_up(value: float) -> int:

@@ -165,3 +165,23 @@ def test_paper_13b_preset_runs_with_lettered_options_and_step_two(testbed, docs)
     assert len(model.generate_until(simple_requests(docs))) == len(docs)
     records = sorted(model.accounting.records, key=lambda record: record["doc_id"])
     assert [r["visible_per_layer"] for r in records] == [[20, 20, 5]] * 5 + [[0, 0, 0]]  # the last doc has no image
+
+
+def test_pdrop_through_the_lmms_eval_class_prunes_at_each_stage(testbed, docs):
+    """PyramidDrop's default stages on the fixture's 3 layers: after layers 1 and 2, half of what is left."""
+    one = make_model(testbed, docs, reduction="pdrop", batch_size=1)
+    answers = one.generate_until(simple_requests(docs))
+    records = sorted(one.accounting.records, key=lambda record: record["doc_id"])
+    assert [r["visible_per_layer"] for r in records] == [[25, 13, 7]] * 5 + [[0, 0, 0]]
+    assert make_model(testbed, docs, reduction="pdrop", batch_size=4).generate_until(simple_requests(docs)) == answers
+    none = make_model(testbed, docs).generate_until(simple_requests(docs))
+    assert make_model(testbed, docs, reduction="pdrop", pdrop_ratio=1.0).generate_until(simple_requests(docs)) == none
+
+
+def test_simignore_then_pdrop_answers_alike_masked_or_dropped(testbed, docs):
+    args = dict(reduction="simignore+pdrop", keep=12, pdrop_layers="1/2", batch_size=3)
+    masked = make_model(testbed, docs, apply="mask", **args)
+    dropped = make_model(testbed, docs, apply="drop", **args)
+    assert masked.generate_until(simple_requests(docs)) == dropped.generate_until(simple_requests(docs))
+    records = sorted(masked.accounting.records, key=lambda record: record["doc_id"])
+    assert records[0]["visible_per_layer"] == [12, 6, 3] and records[0]["computed_per_layer"] == [25, 6, 3]

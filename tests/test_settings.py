@@ -109,3 +109,50 @@ def test_fastv_layer_must_leave_layers_on_both_sides(layer):
     settings = ReductionSettings(reduction="fastv", fastv_layer=layer)
     with pytest.raises(ValueError, match=r"fastv_layer must be in \[1, 31\]"):
         settings.visible_per_layer(576, 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, image_tokens, layers, stages",
+    [
+        ({"reduction": "pdrop"}, 576, 32, ((8, 288), (16, 144), (24, 72))),  # PyramidDrop's defaults on LLaVA-1.5
+        ({"reduction": "pdrop", "pdrop_layers": "1/2"}, 16, 4, ((1, 8), (2, 4))),  # 16 tokens, lambda 0.5: 8, then 4
+        ({"reduction": "pdrop"}, 64, 4, ((1, 32), (2, 16), (3, 8))),  # the testbed's 4 layers: a stage after each
+        ({"reduction": "pdrop"}, 25, 3, ((1, 13), (2, 7))),  # 3 layers: 0.75 and 2.25 round to 1 and 2; 12.5 -> 13
+        ({"reduction": "pdrop", "pdrop_layers": 16, "pdrop_ratio": 0.25}, 576, 32, ((16, 144),)),
+        ({"reduction": "simignore+pdrop", "keep": 12, "pdrop_layers": "1/2"}, 25, 3, ((1, 6), (2, 3))),
+        ({"reduction": "fastv", "fastv_layer": 2, "fastv_keep": 7}, 25, 3, ((2, 7),)),
+        ({"reduction": "simignore", "keep": 7}, 25, 3, ()),
+    ],
+)
+def test_in_llm_stages_and_what_each_layer_sees(kwargs, image_tokens, layers, stages):
+    settings = ReductionSettings(**kwargs)
+    assert settings.in_llm_stages(image_tokens, layers) == stages
+    visible = settings.visible_per_layer(image_tokens, layers)
+    for layer, keep in stages:
+        assert visible[layer - 1] > keep == visible[layer]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"reduction": "pdrop", "pdrop_layers": "16/8"}, "pdrop_layers must be increasing decoder layers >= 1"),
+        ({"reduction": "pdrop", "pdrop_layers": "8/x"}, "pdrop_layers must be increasing decoder layers >= 1"),
+        ({"reduction": "pdrop", "pdrop_layers": "0/8"}, "pdrop_layers must be increasing decoder layers >= 1"),
+        ({"reduction": "pdrop", "pdrop_ratio": 0}, r"pdrop_ratio must be a fraction in \(0, 1\]"),
+        ({"reduction": "pdrop", "pdrop_ratio": 1.5}, r"pdrop_ratio must be a fraction in \(0, 1\]"),
+        ({"reduction": "fastv", "pdrop_ratio": 0.5}, "pdrop_ratio only apply to reduction=pdrop or <stage>\\+pdrop, not fastv"),
+        ({"reduction": "pdrop", "keep": 8}, "reduction=pdrop is budgeted by pdrop_ratio"),
+        ({"reduction": "pdrop", "apply": "mask"}, "apply=mask applies to a pre-LLM stage"),
+        ({"reduction": "pdrop+fastv"}, "reduction must be one of"),
+    ],
+)
+def test_bad_pdrop_settings_name_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ReductionSettings(**kwargs)
+
+
+def test_pdrop_layers_beyond_the_model_are_refused():
+    with pytest.raises(ValueError, match="pdrop_layers=8/16/24 is outside the language model's layers: it has 16"):
+        ReductionSettings(reduction="pdrop", pdrop_layers="8/16/24").visible_per_layer(576, 16)
+    with pytest.raises(ValueError, match="pdrop needs a decoder layer between the first and the last; the model has 1"):
+        ReductionSettings(reduction="pdrop").visible_per_layer(576, 1)

@@ -79,7 +79,7 @@ class LlavaSimignore(lmms):
     model_args: pretrained (hub id, local folder, or `shipped:shapes-llava`), revision, device, device_map, dtype, quantization, batch_size,
     attn_implementation, use_cache, chat_template, max_new_tokens, seed, token_log, preset, and the
     reduction settings (`ReductionSettings`): reduction, keep, ignore, apply, similarity, text, text_bos,
-    order, simignore_start, simignore_step, fastv_layer, fastv_keep, fastv_ratio.
+    order, simignore_start, simignore_step, fastv_layer, fastv_keep, fastv_ratio, pdrop_layers, pdrop_ratio.
     """
 
     is_simple = True
@@ -118,6 +118,8 @@ class LlavaSimignore(lmms):
         fastv_layer: int = 2,
         fastv_keep: int | float | None = None,
         fastv_ratio: float | None = None,
+        pdrop_layers: str | int | None = None,
+        pdrop_ratio: float | None = None,
         **unknown,
     ) -> None:
         if unknown:
@@ -127,6 +129,7 @@ class LlavaSimignore(lmms):
             reduction=reduction, keep=keep, ignore=ignore, apply=apply, similarity=similarity, text=text,
             text_bos=text_bos, order=order, simignore_start=simignore_start, simignore_step=simignore_step,
             seed=seed, fastv_layer=fastv_layer, fastv_keep=fastv_keep, fastv_ratio=fastv_ratio,
+            pdrop_layers=pdrop_layers, pdrop_ratio=pdrop_ratio,
         )
         if str(dtype) not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
@@ -157,7 +160,7 @@ class LlavaSimignore(lmms):
         # what the settings ask for; the token accounting records what each layer really saw
         self.requested_visible_per_layer = self.settings.visible_per_layer(self.image_tokens_per_image, self.num_layers)
         self.kept_per_image = self.settings.kept_per_image(self.image_tokens_per_image)
-        self.fastv_keep = self.settings.fastv_kept_per_image(self.image_tokens_per_image) if self.settings.fastv else 0
+        self.prune_stages = self.settings.in_llm_stages(self.image_tokens_per_image, self.num_layers)
 
         self._rank, self._world_size, local_rank = _world()
         if device is None:
@@ -182,7 +185,7 @@ class LlavaSimignore(lmms):
             self._model.to(self._device)
         else:
             self._device = self._model.get_input_embeddings().weight.device
-        if self.settings.fastv:
+        if self.settings.in_llm:
             engine.check_in_llm_support(self._model)
         self.processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
         self.processor.tokenizer.padding_side = "left"
@@ -325,8 +328,8 @@ class LlavaSimignore(lmms):
             self._model, self.tokenizer, self.settings, inputs, [request.comparison_text for request in batch], seeds
         )
 
-    def _fastv_args(self) -> dict:
-        return {"fastv_layer": self.settings.fastv_layer if self.settings.fastv else None, "fastv_keep": self.fastv_keep}
+    def _in_llm_args(self) -> dict:
+        return {"prune_stages": self.prune_stages}
 
     def _account(self, batch: list[PromptRequest], inputs, image_tokens: torch.Tensor, seen: engine.ImageTokensSeen) -> None:
         """Record each sample's image tokens and, per decoder layer, the image tokens that layer computed on and
@@ -363,7 +366,7 @@ class LlavaSimignore(lmms):
             pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id,
             use_cache=self.use_cache,
             stopped=stopped,
-            **self._fastv_args(),
+            **self._in_llm_args(),
         )
         self._account(batch, inputs, reduced.image_tokens, generation.image_tokens_seen)
         answers = []
@@ -394,7 +397,7 @@ class LlavaSimignore(lmms):
                 prompt_inputs["pixel_values"] = inputs["pixel_values"]
             reduced = self._reduced_prompt([request], prompt_inputs)
             logprobs, greedy = engine.continuation_logprobs(
-                self._model, reduced, inputs["input_ids"][:, prompt_length:], **self._fastv_args()
+                self._model, reduced, inputs["input_ids"][:, prompt_length:], **self._in_llm_args()
             )
             results.append((float(logprobs.sum()), bool(greedy.all())))
         return results
