@@ -3,7 +3,7 @@
 # command (see lmms_simignore/testbed/shapes-llava/README.md for what each stage is and what it measured).
 # Usage: bash scripts/train-testbed.sh [WORKDIR]   (default: outputs/train-testbed; stages already in
 # WORKDIR, i.e. with their training.json, are kept, so a killed run resumes at the stage it was in).
-# Each stage trains on cuda when available, else on the CPU (about 2 h 40 min on 2 CPU cores in all).
+# Each stage trains on cuda when available, else on the CPU (the stages took 2 h 16 min on 2 CPU cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py="$([ "${VENV:-.venv}" = system ] && echo "${PYTHON:-python3}" || echo "${VENV:-.venv}/bin/python")"
