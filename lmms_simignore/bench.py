@@ -1,8 +1,8 @@
 """`python -m lmms_simignore bench`: latency, throughput and memory of every reduction, against the FLOP ideal.
 
 In one process and on the same prompts, for `none` and each reduction: time to first token (processor
-outputs -> embeddings, token choice, prefill, first logits), the token choice alone (the pre-LLM stage;
-FastV's choice happens inside the prefill), decode tokens/s with the KV cache, end-to-end time per sample,
+outputs -> embeddings, token choice, prefill, first logits), the token choice alone (the pre-LLM stage, or a
+vision-side stage's choice, merge and projection after the tower; in-LLM choices happen inside the prefill), decode tokens/s with the KV cache, end-to-end time per sample,
 and peak memory (CUDA max allocated on GPU; peak RSS on Linux CPUs, reset per measurement). Warm-up runs,
 then repetitions: medians with min-max spread, speed-ups as ratios against `none` of the same run, next to
 the ideal speed-up from `lmms_simignore.flops` for the tokens each layer computes on.
@@ -47,7 +47,8 @@ def kept_tokens(image_tokens: int, fraction: float) -> int:
 
 
 def bench_rows(image_tokens: int, num_layers: int) -> list[BenchRow]:
-    """none, and every method at 50% and 25% of the image tokens."""
+    """none, every method at 50% and 25% of the image tokens, and PyramidDrop with its defaults (lambda 0.5 at a
+    quarter, a half and three quarters of the depth)."""
     fastv_layer = bench_fastv_layer(num_layers)
     rows = [BenchRow("none", ReductionSettings())]
     for fraction in (0.5, 0.25):
@@ -58,8 +59,10 @@ def bench_rows(image_tokens: int, num_layers: int) -> list[BenchRow]:
             BenchRow(f"simignore_mask_{percent}", ReductionSettings(reduction="simignore", keep=keep, apply="mask")),
             BenchRow(f"random_drop_{percent}", ReductionSettings(reduction="random", keep=keep, apply="drop")),
             BenchRow(f"fastv_{percent}", ReductionSettings(reduction="fastv", fastv_layer=fastv_layer, fastv_keep=keep)),
+            BenchRow(f"visionzip_{percent}", ReductionSettings(reduction="visionzip", keep=keep)),
+            BenchRow(f"dart_{percent}", ReductionSettings(reduction="dart", dart_layer=fastv_layer, keep=keep)),
         ]
-    return rows
+    return rows + [BenchRow("pdrop", ReductionSettings(reduction="pdrop"))]
 
 
 class PeakMemory:
@@ -107,13 +110,20 @@ def measure_once(model, processor, settings: ReductionSettings, inputs, texts: l
     with PeakMemory(device) as memory:
         _sync(device)
         started = time.perf_counter()
-        prompt = engine.build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"))
+        if settings.vision is not None:  # the tower runs alone; its choice, merge and projection are the choice
+            tower_states = engine.vision_tower_states(model, inputs["pixel_values"])
+        else:
+            prompt = engine.build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"))
         _sync(device)
         embedded = time.perf_counter()
-        reduced = engine.apply_pre_llm_stage(model, processor.tokenizer, settings, prompt, texts, image_seeds)
+        if settings.vision is not None:
+            reduced = engine.apply_vision_stage(model, settings, inputs, tower_states)
+        else:
+            reduced = engine.apply_pre_llm_stage(model, processor.tokenizer, settings, prompt, texts, image_seeds)
         _sync(device)
         chosen = time.perf_counter()
-        run = engine.LanguageModelRun(model, reduced, prune_stages=stages)
+        run = engine.LanguageModelRun(model, reduced, prune_stages=stages, prune_rule=settings.prune_rule,
+                                      dart_pivots=settings.dart_pivot_count)
         tokens = run.prefill().argmax(-1)
         _sync(device)
         first_token = time.perf_counter()

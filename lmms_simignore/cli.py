@@ -142,6 +142,21 @@ def _probe_tower(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cls_attention(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from lmms_simignore.llava_recipe import cls_attention_on_objects, held_out_questions
+    from lmms_simignore.shipped import resolve_pretrained
+
+    path = resolve_pretrained(args.pretrained)
+    model = LlavaForConditionalGeneration.from_pretrained(path, use_safetensors=True).eval()
+    with torch.inference_mode():
+        report = cls_attention_on_objects(model, AutoProcessor.from_pretrained(path), held_out_questions(args.num_questions))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def _training_arguments(parser: argparse.ArgumentParser, steps: int, batch_size: int, lr: float, seed: int) -> None:
     """The options every testbed recipe stage takes, with that stage's defaults."""
     parser.add_argument("--steps", type=int, default=steps, help="(default: %(default)s)")
@@ -307,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     probe.add_argument("--tower", required=True, help="a pretrain-tower folder")
     probe.add_argument("--layer", type=int, default=-2, help="tower hidden state to read (default: -2, the one LLaVA's projector reads)")
     probe.set_defaults(handler=_probe_tower)
+
+    cls = commands.add_parser("cls-attention", help="per vision layer, how often the patches the CLS token attends to most "
+                              "hold an object (what VisionZip keeps), on held-out shapes images")
+    cls.add_argument("--pretrained", default="shipped:shapes-llava", help="a llava checkpoint (default: %(default)s)")
+    cls.add_argument("--num-questions", type=int, default=300, help="held-out questions, one image each (default: %(default)s)")
+    cls.set_defaults(handler=_cls_attention)
 
     language = commands.add_parser("pretrain-lm", help="pre-train the testbed's language model on scene text (testbed recipe)")
     language.add_argument("--out", required=True, help="folder for the language model, tokenizer and training.json")

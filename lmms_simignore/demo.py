@@ -2,7 +2,7 @@
 
 It generates the model card's held-out split of the shapes benchmark (seed 10000; the first
 `num_questions` of its 1000 questions), evaluates `shipped:shapes-llava` for `none` and every
-reduction at 50%, 25% and 12.5% of its 64 image tokens, and prints accuracy per question type and per
+reduction at 50%, 25% and 12.5% of its 64 image tokens (PyramidDrop with its defaults), and prints accuracy per question type and per
 object count with the image tokens each decoder layer saw. The CI accuracy regression runs the same
 rows on the same split (see `lmms_simignore.regression`).
 """
@@ -29,8 +29,11 @@ def _rows() -> tuple[tuple[str, dict], ...]:
     for keep in BUDGETS:
         rows += [(f"simignore_{keep}", {"reduction": "simignore", "keep": keep}),
                  (f"random_{keep}", {"reduction": "random", "keep": keep}),
-                 (f"fastv_{keep}", {"reduction": "fastv", "fastv_layer": FASTV_LAYER, "fastv_keep": keep})]
+                 (f"visionzip_{keep}", {"reduction": "visionzip", "keep": keep}),
+                 (f"fastv_{keep}", {"reduction": "fastv", "fastv_layer": FASTV_LAYER, "fastv_keep": keep}),
+                 (f"dart_{keep}", {"reduction": "dart", "dart_layer": FASTV_LAYER, "keep": keep})]
     rows += [
+        ("pdrop", {"reduction": "pdrop"}),
         ("simignore_16_prompt", {"reduction": "simignore", "keep": 16, "text": "prompt"}),
         ("simignore_16_mask", {"reduction": "simignore", "keep": 16, "apply": "mask"}),
         ("simignore_32+fastv_8", {"reduction": "simignore+fastv", "keep": 32, "fastv_layer": FASTV_LAYER, "fastv_keep": 8}),
@@ -39,8 +42,9 @@ def _rows() -> tuple[tuple[str, dict], ...]:
     return tuple(rows)
 
 
-# none; Simignore, random and FastV (after layer 2 of 4) at each budget; Simignore comparing with the whole
-# prompt, and applied as an attention mask (must answer as dropping does); two stacked rows.
+# none; Simignore, random, VisionZip (in the vision tower), FastV and DART (both from layer 2 of 4) at each budget;
+# PyramidDrop with its defaults (64 -> 32 -> 16 -> 8 over layers 0-3); Simignore comparing with the whole prompt,
+# and applied as an attention mask (must answer as dropping does); two stacked rows.
 DEMO_ROWS = _rows()
 
 
@@ -105,7 +109,8 @@ def per_count_table(summaries: list[dict], task: str = TASK) -> str:
     return "\n".join(lines)
 
 
-CURVE_METHODS = ("simignore", "random", "fastv")
+CURVE_METHODS = ("simignore", "random", "visionzip", "fastv", "dart")
+IN_LLM_METHODS = ("fastv", "dart")  # all image tokens before FASTV_LAYER, the budget from it on
 
 
 def curve(summaries: list[dict], task: str = TASK) -> dict[str, list[tuple[int, float]]]:
@@ -128,7 +133,7 @@ def curve_table(summaries: list[dict], task: str = TASK) -> str:
 
 
 def plot_curve(summaries: list[dict], path: Path, task: str = TASK) -> None:
-    """Accuracy against the share of image tokens kept (FastV: kept after its layer), `none` dashed, chance dotted."""
+    """Accuracy against the share of image tokens kept (FastV, DART: kept after their layer), `none` dashed, chance dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,7 +144,7 @@ def plot_curve(summaries: list[dict], path: Path, task: str = TASK) -> None:
     figure, axis = plt.subplots(figsize=(6, 4), constrained_layout=True)
     for method, points in curve(summaries, task).items():
         if points:
-            label = f"{method} (from layer {FASTV_LAYER}; all {IMAGE_TOKENS} before)" if method == "fastv" else method
+            label = f"{method} (from layer {FASTV_LAYER}; all {IMAGE_TOKENS} before)" if method in IN_LLM_METHODS else method
             axis.plot([100 * keep / IMAGE_TOKENS for keep, _ in points], [value for _, value in points], marker="o", label=label)
     none = next(s for s in summaries if s["name"] == "none")["all_metrics"][task]["exact_match"]
     axis.axhline(none, linestyle="--", color="grey", linewidth=1, label=f"none (all {IMAGE_TOKENS} tokens)")

@@ -5,12 +5,14 @@ A prompt travels like this:
   scattered into the token embeddings at the image-token positions found from `input_ids`
   ->  `reduce_prompt`: a selection method picks the image tokens to keep, per image; the others are
   either masked (`apply="mask"`, attention mask 0, sequence unchanged) or dropped (`apply="drop"`,
-  removed from the sequence) -- in both cases every kept token keeps its *original* position id
+  removed from the sequence) -- in both cases every kept token keeps its *original* position id.
+  A vision-side stage (`apply_vision_stage`, VisionZip) instead shortens each image inside the tower,
+  before the projector; the shorter image sits where the image was, at contiguous positions.
   ->  `LanguageModelRun` (used by `generate` and `continuation_logprobs`): our loop over the decoder
-  layers. A pruning stage at layer K (FastV's, or several, PyramidDrop-style) ranks the image tokens
-  still present by layer K-1's attention row of the last prompt token and drops the rest for layers
-  >= K. The reduced prompt is what sits in the KV cache, so ignored and pruned tokens stay invisible
-  for the whole generation, not just the prefill. The image tokens each layer saw are counted there too.
+  layers. A pruning stage at layer K (FastV's, several PyramidDrop-style, or DART's) chooses among the
+  image tokens still present from layer K-1 and drops the rest for layers >= K. The reduced prompt is
+  what sits in the KV cache, so ignored and pruned tokens stay invisible for the whole generation, not
+  just the prefill. The image tokens each layer saw are counted there too.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Callable
 import torch
 
 from lmms_simignore.reduction import fastv_scores, pairwise_similarity, random_scores, select_by_order, select_top_k, walk_scores
+from lmms_simignore.reduction.dart import DEFAULT_PIVOTS, dart_choice
+from lmms_simignore.reduction.visionzip import visionzip_tokens
 from lmms_simignore.settings import ReductionSettings
 
 
@@ -34,7 +38,7 @@ class PromptEmbeddings:
     position_ids:   (B, L) RoPE positions (cumulative count of real tokens, as transformers' generate)
     image_positions:(I, N) column of each image token, images in row-major order of the batch
     image_rows:     (I,) batch row of each image
-    image_features: (I, N, D) projector outputs of each image
+    image_features: (I, K, D) projector outputs of each image (K = N, or fewer after a vision-side stage)
     """
 
     inputs_embeds: torch.Tensor
@@ -101,32 +105,42 @@ def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def build_prompt_embeddings(model, input_ids, attention_mask, pixel_values=None) -> PromptEmbeddings:
+def build_prompt_embeddings(model, input_ids, attention_mask, pixel_values=None, image_features=None) -> PromptEmbeddings:
     """Embed a processed batch; image features replace the image tokens found from `input_ids`.
 
     input_ids, attention_mask: (B, L); pixel_values: (I, 3, H, W) or None.
+    image_features: (I, K, D), K <= N, to place instead of the projector outputs (a vision-side stage's image):
+    they fill the first K of each image's N image tokens; the other N - K hold zeros until `reduce_prompt`
+    drops them.
     """
     config = model.config
     inputs_embeds = model.get_input_embeddings()(input_ids)  # (B, L, D)
     is_image = input_ids == config.image_token_id  # (B, L)
-    if pixel_values is not None and pixel_values.shape[0]:
+    placed = image_features is not None
+    if placed:
+        image_features = image_features.to(inputs_embeds.dtype)
+    elif pixel_values is not None and pixel_values.shape[0]:
         features = model.model.get_image_features(pixel_values=pixel_values.to(inputs_embeds.dtype), return_dict=True)
         image_features = torch.stack(list(features.pooler_output)).to(inputs_embeds.dtype)  # (I, N, D)
     else:
         image_features = inputs_embeds.new_zeros(0, image_tokens_per_image(config), inputs_embeds.shape[-1])
-    num_images, tokens_per_image = image_features.shape[:2]
+    num_images, features_per_image = image_features.shape[:2]
     per_row = is_image.sum(dim=1)  # (B,)
-    if int(per_row.sum()) != num_images * tokens_per_image or (per_row % tokens_per_image).any():
+    tokens_per_image = int(per_row.sum()) // num_images if placed and num_images else features_per_image
+    if int(per_row.sum()) != num_images * tokens_per_image or (per_row % tokens_per_image).any() \
+            or features_per_image > tokens_per_image:
         raise ValueError(
             f"input_ids hold {per_row.tolist()} image tokens per row but pixel_values give {num_images} image(s) "
-            f"of {tokens_per_image} tokens; each image needs one block of {tokens_per_image} image tokens"
+            f"of {features_per_image} tokens; each image needs one block of {tokens_per_image} image tokens"
         )
     coordinates = is_image.nonzero()  # (I*N, 2), row-major
     image_positions = coordinates[:, 1].reshape(num_images, tokens_per_image)  # (I, N)
     image_rows = coordinates[::tokens_per_image, 0]  # (I,)
     if num_images:
         inputs_embeds = inputs_embeds.clone()
-        inputs_embeds[image_rows[:, None], image_positions] = image_features
+        if features_per_image < tokens_per_image:
+            inputs_embeds[image_rows[:, None], image_positions] = 0.0
+        inputs_embeds[image_rows[:, None], image_positions[:, :features_per_image]] = image_features
     return PromptEmbeddings(
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
@@ -202,10 +216,85 @@ def apply_pre_llm_stage(
     return reduce_prompt(prompt, kept, settings.apply)
 
 
+def check_vision_stage_support(model) -> None:
+    """A vision-side stage reads the CLS token's attention in the tower's feature layer: it needs a CLIP tower
+    (CLS first) and one feature layer."""
+    config = model.config
+    tower = config.vision_config.model_type
+    if tower != "clip_vision_model":
+        raise ValueError(f"visionzip ranks patches by the CLS token's attention; the vision tower {tower!r} has no CLS "
+                         f"token (supported: clip_vision_model)")
+    if not isinstance(config.vision_feature_layer, int):
+        raise ValueError(f"visionzip needs one vision feature layer; this checkpoint concatenates layers "
+                         f"{config.vision_feature_layer}")
+    if config.vision_feature_layer % (config.vision_config.num_hidden_layers + 1) == 0:
+        raise ValueError("visionzip needs the attention of the feature layer; vision_feature_layer selects the patch "
+                         "embeddings, which have none")
+
+
+def vision_layer_attention(layer, hidden_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CLS row of a CLIP encoder layer's self-attention and its keys, recomputed from the layer's own norm and
+    projections (independent of the attention backend).
+
+    hidden_in: (I, T, D) the layer's input, CLS first.
+    Returns: (I, H, T) float32 softmax attention of the CLS query, and (I, H, T, d) keys.
+    """
+    attention = layer.self_attn
+    images, tokens, _ = hidden_in.shape
+    head_dim = attention.head_dim
+    normed = layer.layer_norm1(hidden_in)  # (I, T, D)
+    query = attention.q_proj(normed[:, :1]).view(images, 1, -1, head_dim).transpose(1, 2)  # (I, H, 1, d)
+    keys = attention.k_proj(normed).view(images, tokens, -1, head_dim).transpose(1, 2)  # (I, H, T, d)
+    scores = (query @ keys.transpose(-1, -2)).squeeze(2).float() * attention.scale  # (I, H, T)
+    return scores.softmax(dim=-1), keys
+
+
+@torch.inference_mode()
+def vision_tower_states(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The vision tower's hidden states of each image: the embeddings, then each encoder layer's output, each (I, T, D)."""
+    dtype = model.get_input_embeddings().weight.dtype
+    return model.model.vision_tower(pixel_values.to(dtype), output_hidden_states=True).hidden_states
+
+
+@torch.inference_mode()
+def visionzip_image_features(model, tower_states: tuple[torch.Tensor, ...], dominant: int, contextual: int) -> torch.Tensor:
+    """The images after VisionZip's vision-side stage, projected into the LLM input space: (I, dominant + contextual, D).
+
+    tower_states: from `vision_tower_states`. The feature layer's CLS attention and keys are recomputed from
+    that layer's parts on the layer's input.
+    """
+    check_vision_stage_support(model)
+    feature_index = model.config.vision_feature_layer % len(tower_states)
+    layer = model.model.vision_tower.encoder.layers[feature_index - 1]
+    cls_attention, keys = vision_layer_attention(layer, tower_states[feature_index - 1])  # (I, H, T), (I, H, T, d)
+    tokens = visionzip_tokens(tower_states[feature_index], cls_attention.sum(dim=1), keys.mean(dim=1), dominant, contextual)
+    return model.model.multi_modal_projector(tokens)  # (I, K, D)
+
+
+def apply_vision_stage(model, settings: ReductionSettings, inputs, tower_states: tuple[torch.Tensor, ...] | None = None) -> "ReducedPrompt":
+    """Processor outputs of a batch -> the prompt after a vision-side stage: each image becomes the K tokens the
+    stage returns, placed where its image tokens were, at contiguous positions (the image is shorter).
+
+    tower_states: the tower's hidden states when already computed (`vision_tower_states`).
+    """
+    pixel_values = inputs.get("pixel_values")
+    features = None
+    if pixel_values is not None and pixel_values.shape[0]:
+        if tower_states is None:
+            tower_states = vision_tower_states(model, pixel_values)
+        dominant, contextual = settings.visionzip_budget(image_tokens_per_image(model.config))
+        features = visionzip_image_features(model, tower_states, dominant, contextual)  # (I, K, D)
+    prompt = build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], pixel_values, image_features=features)
+    kept = torch.arange(prompt.image_features.shape[1], device=prompt.image_positions.device)
+    return reduce_prompt(prompt, kept.expand(prompt.image_positions.shape[0], -1), "drop", positions="contiguous")
+
+
 def prepare_reduced_prompt(
     model, tokenizer, settings: ReductionSettings, inputs, comparison_texts: list[str], image_seeds: list[int]
 ) -> "ReducedPrompt":
-    """Processor outputs of a batch -> the prompt after the pre-LLM stage (what the model classes run)."""
+    """Processor outputs of a batch -> the prompt after the vision-side or pre-LLM stage (what the model classes run)."""
+    if settings.vision is not None:
+        return apply_vision_stage(model, settings, inputs)
     prompt = build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"))
     return apply_pre_llm_stage(model, tokenizer, settings, prompt, comparison_texts, image_seeds)
 
@@ -227,14 +316,18 @@ def _pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return source, mask, target
 
 
-def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str) -> ReducedPrompt:
+def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str, positions: str = "original") -> ReducedPrompt:
     """Hide the image tokens not in `kept` (I, K): by masking them or by dropping them.
 
-    Both modes keep the original position ids of every remaining token, so they compute the same
-    function; "drop" also shrinks the sequence to (B, L') with L' = the longest remaining row.
+    With `positions="original"` every remaining token keeps its original position id, so both modes compute
+    the same function; "drop" also shrinks the sequence to (B, L') with L' = the longest remaining row.
+    `positions="contiguous"` (drop only) renumbers the remaining tokens 0, 1, 2, ... as if the dropped ones
+    had never been in the prompt (a vision-side stage's shorter image).
     """
     if apply not in ("mask", "drop"):
         raise ValueError(f"apply must be 'mask' or 'drop', got {apply!r}")
+    if positions not in ("original", "contiguous") or (positions == "contiguous" and apply != "drop"):
+        raise ValueError(f"positions must be 'original', or 'contiguous' with apply='drop'; got {positions!r} with {apply!r}")
     batch_size = prompt.attention_mask.shape[0]
     device = prompt.attention_mask.device
     visible = prompt.attention_mask.bool().clone()  # (B, L)
@@ -266,7 +359,7 @@ def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str) -> R
     return ReducedPrompt(
         inputs_embeds=prompt.inputs_embeds[rows, source] * mask[..., None].to(prompt.inputs_embeds.dtype),
         attention_mask=mask.to(prompt.attention_mask.dtype),
-        position_ids=prompt.position_ids[rows, source] * mask,
+        position_ids=prompt.position_ids[rows, source] * mask if positions == "original" else default_position_ids(mask),
         image_tokens=image_tokens,
         visible_image_tokens=visible_image_tokens,
         image_rows=prompt.image_rows,
@@ -332,6 +425,21 @@ def last_token_attention(layer, hidden_states: torch.Tensor, position_embeddings
     return scores.softmax(dim=-1)
 
 
+def layer_key_norms(layer, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """L1 norm of each position's key in `layer`'s self-attention (after the rotary embedding, all key heads
+    together), recomputed from the layer's norm and key projection.
+
+    hidden_states: (B, L, D) the layer's input; position_embeddings: (cos, sin), each (B, L, d). Returns (B, L) float32.
+    """
+    attention = layer.self_attn
+    batch, length, _ = hidden_states.shape
+    apply_rotary = importlib.import_module(type(attention).__module__).apply_rotary_pos_emb
+    key = attention.k_proj(layer.input_layernorm(hidden_states)).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    cos, sin = position_embeddings
+    key = apply_rotary(key, key, cos, sin)[0]  # (B, Hkv, L, d)
+    return key.float().abs().sum(dim=(1, 3))
+
+
 def check_in_llm_support(model) -> None:
     """FastV recomputes one attention row from the decoder layer's parts: they must be the Llama-style ones."""
     layer = model.model.language_model.layers[0]
@@ -368,20 +476,29 @@ class _Segment:
     image_visible: torch.Tensor | None = None
 
 
+PRUNE_RULES = ("attention", "dart")
+
+
 class LanguageModelRun:
     """Runs the decoder layers of a llava model's language model: the one place a reduction acts inside the LLM.
 
     In-LLM pruning stages split the layers into segments. A stage at layer K (`prune_stages=((K, keep), ...)`,
-    or FastV's `fastv_layer=K, fastv_keep=keep`) ranks the image tokens still visible by layer K-1's attention
-    row of the last prompt token and layers >= K (up to the next stage) see only the `keep` per image it keeps
-    (original position ids kept). The kept sets are chosen once, from the prompt, and then fixed: every
+    or FastV's `fastv_layer=K, fastv_keep=keep`) chooses, among the image tokens still visible, the `keep` per
+    image that layers >= K (up to the next stage) see, at their original position ids. `prune_rule` says how:
+    "attention" (FastV, PyramidDrop): the most attended by the last prompt token in layer K-1 (mean over heads);
+    "dart": DART's least duplicated tokens, from layer K-1's key norms and output (`dart_pivots` pivots). The kept sets are chosen once, from the prompt, and then fixed: every
     generated token passes through each segment with that segment's prompt columns, with a KV cache (one entry
     per token and layer, each layer its own length) or by recomputing the whole sequence.
     """
 
     def __init__(self, model, prompt: ReducedPrompt, fastv_layer: int | None = None, fastv_keep: int = 0,
-                 use_cache: bool = True, prune_stages: tuple[tuple[int, int], ...] = ()):
+                 use_cache: bool = True, prune_stages: tuple[tuple[int, int], ...] = (), prune_rule: str = "attention",
+                 dart_pivots: int = DEFAULT_PIVOTS):
         from transformers import DynamicCache
+
+        if prune_rule not in PRUNE_RULES:
+            raise ValueError(f"prune_rule must be one of {', '.join(PRUNE_RULES)}; got {prune_rule!r}")
+        self.prune_rule, self.dart_pivots = prune_rule, dart_pivots
 
         self.language_model = model.model.language_model
         self.lm_head = model.lm_head
@@ -482,11 +599,12 @@ class LanguageModelRun:
             if prompt_pass:
                 seen += [_image_columns_in(self._image_columns_map(segment, hidden.shape[1]), segment.mask)] * (segment.end - segment.start)
             for index in range(segment.start, segment.end):
-                if prompt_pass and index == segment.end - 1 and number + 1 < len(self.segments):
-                    self._choose_next_segment(number + 1, layers[index], hidden, position_embeddings)
+                layer_input = hidden
                 hidden = layers[index](
                     hidden, attention_mask=mask, position_ids=positions, position_embeddings=position_embeddings, **cache_kwargs
                 )
+                if prompt_pass and index == segment.end - 1 and number + 1 < len(self.segments):
+                    self._choose_next_segment(number + 1, layers[index], layer_input, hidden, position_embeddings)
         if prompt_pass:
             self.image_tokens_seen = ImageTokensSeen(*(torch.stack([counts[part] for counts in seen], dim=1) for part in range(2)))
         return model.norm(hidden)
@@ -497,15 +615,21 @@ class LanguageModelRun:
         is_image[self.prompt.image_rows[:, None].expand_as(segment.image_columns), segment.image_columns] = True
         return is_image
 
-    def _choose_next_segment(self, number: int, layer, hidden: torch.Tensor, position_embeddings) -> None:
-        """A pruning stage: keep the image tokens the last prompt token attends to most in `layer` (the last layer
-        before the stage), `keep` per image among those still visible; fill the next segment's columns and mask."""
+    def _choose_next_segment(self, number: int, layer, layer_input: torch.Tensor, layer_output: torch.Tensor,
+                             position_embeddings) -> None:
+        """A pruning stage after `layer` (the last layer before the stage; its input and output (B, S, D)): keep
+        `keep` image tokens per image among those still visible, by the run's rule; fill the next segment's
+        columns and mask."""
         previous, segment = self.segments[number - 1], self.segments[number]
         image_rows = self.prompt.image_rows
         visible = previous.mask.bool()  # (B, S), the prompt pass: no generated token yet
-        attention = last_token_attention(layer, hidden, position_embeddings, visible)  # (B, H, S)
-        scores = fastv_scores(attention, previous.image_columns, image_rows, previous.image_visible)  # (I, M)
-        chosen = previous.image_columns.gather(1, select_top_k(scores, segment.keep))  # (I, K) columns, ascending
+        if self.prune_rule == "dart":
+            index = self._dart_choice(previous, layer, layer_input, layer_output, position_embeddings, segment.keep)
+        else:
+            attention = last_token_attention(layer, layer_input, position_embeddings, visible)  # (B, H, S)
+            scores = fastv_scores(attention, previous.image_columns, image_rows, previous.image_visible)  # (I, M)
+            index = select_top_k(scores, segment.keep)
+        chosen = previous.image_columns.gather(1, index)  # (I, K) columns, ascending
         keep = visible.clone()
         keep[image_rows[:, None].expand_as(previous.image_columns), previous.image_columns] = False
         keep[image_rows[:, None].expand_as(chosen), chosen] = True
@@ -515,6 +639,21 @@ class LanguageModelRun:
         segment.columns = base.gather(1, segment.gather)
         segment.image_columns = target[image_rows[:, None].expand_as(chosen), chosen]  # (I, K) in the new sequence
         segment.image_visible = torch.ones_like(segment.image_columns, dtype=torch.bool)
+
+    def _dart_choice(self, previous: _Segment, layer, layer_input, layer_output, position_embeddings, keep: int) -> torch.Tensor:
+        """DART's kept tokens (I, K), indices into `previous.image_columns`: pivots by the L1 norm of `layer`'s keys,
+        similarity of `layer`'s output through the final norm; text = the visible non-image columns after each image."""
+        image_rows, columns = self.prompt.image_rows, previous.image_columns  # (I,), (I, M)
+        key_norms = layer_key_norms(layer, layer_input, position_embeddings)  # (B, S)
+        normed = self.language_model.norm(layer_output)  # (B, S, D)
+        length = normed.shape[1]
+        is_image = self._image_columns_map(previous, length)  # (B, S)
+        after = torch.arange(length, device=normed.device)[None, :] > columns.amax(dim=1, keepdim=True)  # (I, S)
+        text_mask = after & previous.mask[image_rows, :length].bool() & ~is_image[image_rows]  # (I, S)
+        return dart_choice(
+            normed[image_rows[:, None], columns], key_norms[image_rows[:, None], columns], previous.image_visible,
+            normed[image_rows], key_norms[image_rows], text_mask, keep, self.dart_pivots,
+        )
 
 
 def _image_columns_in(is_image: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -544,16 +683,19 @@ def generate(
     fastv_layer: int | None = None,
     fastv_keep: int = 0,
     prune_stages: tuple[tuple[int, int], ...] = (),
+    prune_rule: str = "attention",
+    dart_pivots: int = DEFAULT_PIVOTS,
 ) -> Generation:
     """Generate after a reduced prompt, optionally with FastV pruning at `fastv_layer` or several pruning stages
-    (`prune_stages`, see `LanguageModelRun`): the new token ids and the image tokens each decoder layer saw.
+    (`prune_stages`, `prune_rule`, `dart_pivots`: see `LanguageModelRun`): the new token ids and the image tokens
+    each decoder layer saw.
 
     With `use_cache` the prompt is encoded once and each step feeds one token at position
     (last position + 1); without it the whole sequence is recomputed every step (same result, slower).
     `stopped(generated (B, t)) -> (B,) bool` marks rows that hit a stop string.
     """
     run = LanguageModelRun(model, prompt, fastv_layer=fastv_layer, fastv_keep=fastv_keep, use_cache=use_cache,
-                           prune_stages=prune_stages)
+                           prune_stages=prune_stages, prune_rule=prune_rule, dart_pivots=dart_pivots)
     device = prompt.inputs_embeds.device
     batch_size = prompt.inputs_embeds.shape[0]
     generator = torch.Generator(device=device).manual_seed(options.seed) if options.do_sample else None
@@ -576,13 +718,14 @@ def generate(
 @torch.inference_mode()
 def continuation_logprobs(
     model, prompt: ReducedPrompt, continuation: torch.Tensor, fastv_layer: int | None = None, fastv_keep: int = 0,
-    prune_stages: tuple[tuple[int, int], ...] = (),
+    prune_stages: tuple[tuple[int, int], ...] = (), prune_rule: str = "attention", dart_pivots: int = DEFAULT_PIVOTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of `continuation` (B, C) token by token after a reduced prompt (teacher forcing).
 
     Returns (B, C) float32 log-probabilities and (B, C) bool: whether each token was the greedy choice.
     """
-    run = LanguageModelRun(model, prompt, fastv_layer=fastv_layer, fastv_keep=fastv_keep, use_cache=True, prune_stages=prune_stages)
+    run = LanguageModelRun(model, prompt, fastv_layer=fastv_layer, fastv_keep=fastv_keep, use_cache=True, prune_stages=prune_stages,
+                           prune_rule=prune_rule, dart_pivots=dart_pivots)
     first = run.prefill()[:, None]  # (B, 1, V)
     logits = first if continuation.shape[1] == 1 else torch.cat([first, run.feed(continuation[:, :-1])], dim=1)
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, C, V)

@@ -305,6 +305,30 @@ def word_alignment(model, processor, records: list[dict]) -> dict:
     return report
 
 
+def cls_attention_on_objects(model, processor, records: list[dict], keeps: tuple[int, ...] = (8, 16, 32)) -> dict:
+    """What VisionZip would keep: per vision encoder layer, the share of object patches (at least half covered)
+    among the `keep` patches with the highest CLS attention (summed over heads), against the object share of all
+    patches (what a random choice gets). Recomputed from each layer's own norm and projections."""
+    from lmms_simignore import engine
+    from lmms_simignore.reduction.selection import select_top_k
+
+    pixels = processor.image_processor(images=[r["image"] for r in records], return_tensors="pt")["pixel_values"].to(model.device)
+    states = engine.vision_tower_states(model, pixels)
+    is_object = torch.zeros(len(records), states[0].shape[1] - 1, dtype=torch.bool)  # (B, patches)
+    for row, record in enumerate(records):
+        for obj in scene_objects(record):
+            is_object[row, scenes.covered_patches(obj, min_pixels=COVERED_PIXELS)] = True
+    layers = model.model.vision_tower.encoder.layers
+    report = {"object_share_of_patches": round(is_object.float().mean().item(), 4),
+              "feature_layer": model.config.vision_feature_layer % len(states) - 1, "layers": {}}
+    for index, layer in enumerate(layers):
+        attention, _ = engine.vision_layer_attention(layer, states[index])  # (B, H, T)
+        patches = attention.sum(dim=1)[:, 1:].float().cpu()  # (B, patches), the CLS token's row
+        report["layers"][str(index)] = {f"top_{keep}": round(is_object.gather(1, select_top_k(patches, keep)).float().mean().item(), 4)
+                                        for keep in keeps}
+    return report
+
+
 UNTRAINED_SEEDS = tuple(range(100, 105))
 
 

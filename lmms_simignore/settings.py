@@ -1,9 +1,11 @@
 """The reduction settings of one run: one frozen dataclass, validated on creation.
 
 A reduction is a pipeline of at most two stages, spelled with `+` in `reduction=`:
+  a *vision-side* stage (`visionzip`) shortens each image in the vision tower, before the projector, or
   a *pre-LLM* stage (`simignore` or `random`) chooses image tokens before the first decoder layer,
-  then an *in-LLM* stage prunes them inside the language model: `fastv` at layer `fastv_layer`, or
-  `pdrop` (PyramidDrop) at each of `pdrop_layers`, keeping `pdrop_ratio` of what is left each time.
+  then an *in-LLM* stage prunes them inside the language model: `fastv` at layer `fastv_layer`,
+  `pdrop` (PyramidDrop) at each of `pdrop_layers`, keeping `pdrop_ratio` of what is left each time, or
+  `dart` at `dart_layer`, keeping the tokens least similar to a few pivots.
 So `reduction=simignore+fastv` is the published Simignore recipe; `reduction=fastv` is FastV alone.
 """
 
@@ -12,12 +14,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lmms_simignore.reduction.dart import DEFAULT_LAYER as DART_LAYER
+from lmms_simignore.reduction.dart import DEFAULT_PIVOTS as DART_PIVOTS
 from lmms_simignore.reduction.selection import ORDERS
 from lmms_simignore.reduction.simignore import SIMILARITIES
+from lmms_simignore.reduction.visionzip import split_budget
 
+VISION_STAGES = ("visionzip",)
 PRE_LLM_STAGES = ("simignore", "random")
-IN_LLM_STAGES = ("fastv", "pdrop")
-PIPELINES = ("none", "simignore", "random", "fastv", "pdrop", "simignore+fastv", "random+fastv", "simignore+pdrop", "random+pdrop")
+IN_LLM_STAGES = ("fastv", "pdrop", "dart")
+PIPELINES = ("none", "simignore", "random", "fastv", "pdrop", "simignore+fastv", "random+fastv", "simignore+pdrop", "random+pdrop",
+             "visionzip", "visionzip+pdrop", "dart")
 TEXT_SOURCES = ("options", "options_lettered", "prompt")
 APPLY_MODES = ("mask", "drop")
 DEFAULT_FASTV_RATIO = 0.5
@@ -30,9 +37,10 @@ class ReductionSettings:
     """What to reduce and how. Budgets are per image.
 
     reduction:       "none" | "simignore" | "random" | "fastv" | "pdrop" | "simignore+fastv" | "random+fastv" |
-                     "simignore+pdrop" | "random+pdrop"
-    keep:            image tokens the pre-LLM stage keeps per image (FastV's budget when it is the only
-                     stage): an int count, or a float fraction in [0, 1] (rounded half up)
+                     "simignore+pdrop" | "random+pdrop" | "visionzip" | "visionzip+pdrop" | "dart"
+    keep:            image tokens the pre-LLM or vision-side stage keeps per image (FastV's budget when it is the
+                     only stage): an int count, or a float fraction in [0, 1] (rounded half up); for visionzip,
+                     split into dominant and contextual tokens in VisionZip's proportion (64 = 54 + 10)
     ignore:          image tokens ignored per image (int); exactly one of keep / ignore for a pre-LLM stage
     apply:           how the pre-LLM stage hides tokens: "drop" (remove them, keep the original position
                      ids; real speed-up) | "mask" (attention mask 0, as the paper)
@@ -57,6 +65,10 @@ class ReductionSettings:
                      them for layers >= L; default: a quarter, a half and three quarters of the decoder depth
     pdrop_ratio:     the fraction of the remaining image tokens each PyramidDrop stage keeps (rounded half
                      up; default 0.5)
+    dominant, contextual: visionzip's budget per image instead of keep: the CLS token and the patches it
+                     attends to most (dominant, CLS included), plus the rest merged into `contextual` tokens
+    dart_layer:      DART prunes for layers >= dart_layer, from layer dart_layer - 1's keys and output (default 2)
+    dart_pivots:     DART's pivot tokens per image, half image and half text tokens (default 8); its budget is keep
     """
 
     reduction: str = "none"
@@ -75,6 +87,10 @@ class ReductionSettings:
     fastv_ratio: float | None = None
     pdrop_layers: str | tuple[int, ...] | None = None
     pdrop_ratio: float | None = None
+    dominant: int | None = None
+    contextual: int | None = None
+    dart_layer: int | None = None
+    dart_pivots: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("reduction", self.reduction, PIPELINES)
@@ -89,10 +105,12 @@ class ReductionSettings:
         if not isinstance(self.text_bos, bool):
             raise ValueError(f"text_bos must be true or false, got {self.text_bos!r}")
 
-        if self.pre_llm is None:
+        self._check_vision()
+        self._check_dart()
+        if self.pre_llm is None and self.vision is None and not self.dart:
             if self.keep is not None and self.ignore is not None:
                 raise ValueError(f"give one of keep and ignore, not both (keep={self.keep}, ignore={self.ignore})")
-        elif (self.keep is None) == (self.ignore is None):
+        elif self.pre_llm is not None and (self.keep is None) == (self.ignore is None):
             raise ValueError(
                 f"reduction={self.reduction} needs exactly one of keep=N (or a fraction keep=0.25) and ignore=N "
                 f"for its {self.pre_llm} stage, got keep={self.keep}, ignore={self.ignore}"
@@ -122,6 +140,9 @@ class ReductionSettings:
             raise ValueError(f"fastv_ratio must be a fraction in [0, 1] of image tokens to drop, got {self.fastv_ratio!r}")
 
         self._check_pdrop()
+        if self.apply == "mask" and self.vision is not None:
+            raise ValueError(f"apply=mask cannot express {self.vision}: it merges image tokens into new ones, which only "
+                             f"apply=drop can place in the sequence")
         if self.apply == "mask" and self.pre_llm is None and self.reduces:
             raise ValueError(f"apply=mask applies to a pre-LLM stage (simignore, random); reduction={self.reduction} has none")
         defaults = ReductionSettings.__dataclass_fields__
@@ -134,13 +155,46 @@ class ReductionSettings:
                     f"reduction={self.reduction} has no simignore stage"
                 )
 
+    def _check_dart(self) -> None:
+        given = [name for name in ("dart_layer", "dart_pivots") if getattr(self, name) is not None]
+        if not self.dart:
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to reduction=dart, not {self.reduction}")
+            return
+        if (self.keep is None) == (self.ignore is None):
+            raise ValueError(f"reduction=dart needs exactly one of keep=N (or a fraction keep=0.25) and ignore=N, got "
+                             f"keep={self.keep}, ignore={self.ignore}")
+        for name, low in (("dart_layer", 1), ("dart_pivots", 1)):
+            value = getattr(self, name)
+            if value is not None and (_is_bool(value) or not isinstance(value, int) or value < low):
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+    def _check_vision(self) -> None:
+        given = {name: getattr(self, name) for name in ("dominant", "contextual") if getattr(self, name) is not None}
+        if self.vision is None:
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to reduction=visionzip, not {self.reduction}")
+            return
+        if self.ignore is not None:
+            raise ValueError(f"reduction={self.reduction} is budgeted by keep=N (or dominant= and contextual=), not ignore")
+        if given and (len(given) != 2 or self.keep is not None):
+            raise ValueError(f"reduction={self.reduction} needs either keep=N or both dominant= and contextual=; got "
+                             f"keep={self.keep}, dominant={self.dominant}, contextual={self.contextual}")
+        if not given and self.keep is None:
+            raise ValueError(f"reduction={self.reduction} needs a budget: keep=N (split as VisionZip's 54 + 10 of 64) or "
+                             f"dominant= and contextual=")
+        if given:
+            if _is_bool(self.dominant) or not isinstance(self.dominant, int) or self.dominant < 1:
+                raise ValueError(f"dominant must be an integer >= 1 (the CLS token counts), got {self.dominant!r}")
+            _check_count("contextual", self.contextual)
+
     def _check_pdrop(self) -> None:
         given = [name for name in ("pdrop_layers", "pdrop_ratio") if getattr(self, name) is not None]
         if not self.pdrop:
             if given:
                 raise ValueError(f"{', '.join(given)} only apply to reduction=pdrop or <stage>+pdrop, not {self.reduction}")
             return
-        if self.pre_llm is None and (self.keep is not None or self.ignore is not None):
+        if self.pre_llm is None and self.vision is None and (self.keep is not None or self.ignore is not None):
             raise ValueError("reduction=pdrop is budgeted by pdrop_ratio (the fraction each stage keeps); keep/ignore "
                              "belong to a pre-LLM stage (simignore+pdrop, random+pdrop)")
         ratio = self.pdrop_ratio
@@ -172,6 +226,11 @@ class ReductionSettings:
         return bool(self.stages)
 
     @property
+    def vision(self) -> str | None:
+        """The stage that acts in the vision tower ("visionzip"), if any."""
+        return next((stage for stage in self.stages if stage in VISION_STAGES), None)
+
+    @property
     def pre_llm(self) -> str | None:
         """The stage that acts before the language model ("simignore" / "random"), if any."""
         return next((stage for stage in self.stages if stage in PRE_LLM_STAGES), None)
@@ -185,6 +244,19 @@ class ReductionSettings:
         return "pdrop" in self.stages
 
     @property
+    def dart(self) -> bool:
+        return "dart" in self.stages
+
+    @property
+    def prune_rule(self) -> str:
+        """How the in-LLM stage ranks image tokens (`engine.LanguageModelRun`): "dart" or "attention"."""
+        return "dart" if self.dart else "attention"
+
+    @property
+    def dart_pivot_count(self) -> int:
+        return DART_PIVOTS if self.dart_pivots is None else self.dart_pivots
+
+    @property
     def in_llm(self) -> str | None:
         """The stage that prunes inside the language model ("fastv" / "pdrop"), if any."""
         return next((stage for stage in self.stages if stage in IN_LLM_STAGES), None)
@@ -196,10 +268,25 @@ class ReductionSettings:
 
     # -- budgets -------------------------------------------------------------------------------------
     def kept_per_image(self, image_tokens: int) -> int:
-        """Image tokens per image the LLM sees before any in-LLM stage (all of them without a pre-LLM stage)."""
+        """Image tokens per image the LLM sees before any in-LLM stage (all of them without a pre-LLM or vision stage)."""
+        if self.vision is not None:
+            return sum(self.visionzip_budget(image_tokens))
         if self.pre_llm is None:
             return image_tokens
         return _resolve_budget("keep", self.keep, "ignore", self.ignore, image_tokens)
+
+    def visionzip_budget(self, image_tokens: int) -> tuple[int, int]:
+        """(dominant, contextual) tokens per image for visionzip; together at most the model's image tokens."""
+        if self.vision is None:
+            raise ValueError(f"reduction={self.reduction} has no vision-side stage")
+        if self.keep is not None:
+            dominant, contextual = split_budget(_resolve_budget("keep", self.keep, "", None, image_tokens))
+        else:
+            dominant, contextual = self.dominant, self.contextual
+        if dominant + contextual > image_tokens:
+            raise ValueError(f"visionzip keeps dominant={dominant} + contextual={contextual} tokens per image, more than "
+                             f"the model's {image_tokens} image tokens")
+        return dominant, contextual
 
     def fastv_kept_per_image(self, image_tokens: int) -> int:
         """Image tokens per image FastV keeps for layers >= fastv_layer."""
@@ -207,7 +294,7 @@ class ReductionSettings:
             raise ValueError(f"reduction={self.reduction} has no fastv stage")
         if self.fastv_keep is not None:
             kept = _resolve_budget("fastv_keep", self.fastv_keep, "", None, image_tokens)
-        elif self.pre_llm is None and (self.keep is not None or self.ignore is not None):
+        elif self.pre_llm is None and self.vision is None and (self.keep is not None or self.ignore is not None):
             kept = _resolve_budget("keep", self.keep, "ignore", self.ignore, image_tokens)
         else:
             ratio = DEFAULT_FASTV_RATIO if self.fastv_ratio is None else float(self.fastv_ratio)
@@ -219,6 +306,10 @@ class ReductionSettings:
                 f"are left by {self.pre_llm} (keep={self.keep}, ignore={self.ignore}); lower fastv_keep or raise keep"
             )
         return kept
+
+    @property
+    def dart_stage_layer(self) -> int:
+        return DART_LAYER if self.dart_layer is None else self.dart_layer
 
     def pdrop_stage_layers(self, num_layers: int) -> tuple[int, ...]:
         """PyramidDrop's stage layers: `pdrop_layers`, or a quarter, a half and three quarters of the depth
@@ -232,6 +323,8 @@ class ReductionSettings:
         self.check_layers(num_layers)
         if self.fastv:
             return ((self.fastv_layer, self.fastv_kept_per_image(image_tokens)),)
+        if self.dart:
+            return ((self.dart_stage_layer, _resolve_budget("keep", self.keep, "ignore", self.ignore, image_tokens)),)
         if not self.pdrop:
             return ()
         ratio = DEFAULT_PDROP_RATIO if self.pdrop_ratio is None else float(self.pdrop_ratio)
@@ -265,6 +358,11 @@ class ReductionSettings:
             raise ValueError(
                 f"fastv_layer={self.fastv_layer} is outside the language model's layers: it has {num_layers} "
                 f"decoder layers, so fastv_layer must be in [1, {num_layers - 1}]"
+            )
+        if self.dart and not 1 <= self.dart_stage_layer < num_layers:
+            raise ValueError(
+                f"dart_layer={self.dart_stage_layer} is outside the language model's layers: it has {num_layers} "
+                f"decoder layers, so dart_layer must be in [1, {num_layers - 1}]"
             )
         if self.pdrop:
             layers = self.pdrop_stage_layers(num_layers)

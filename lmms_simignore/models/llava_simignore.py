@@ -79,7 +79,8 @@ class LlavaSimignore(lmms):
     model_args: pretrained (hub id, local folder, or `shipped:shapes-llava`), revision, device, device_map, dtype, quantization, batch_size,
     attn_implementation, use_cache, chat_template, max_new_tokens, seed, token_log, preset, and the
     reduction settings (`ReductionSettings`): reduction, keep, ignore, apply, similarity, text, text_bos,
-    order, simignore_start, simignore_step, fastv_layer, fastv_keep, fastv_ratio, pdrop_layers, pdrop_ratio.
+    order, simignore_start, simignore_step, fastv_layer, fastv_keep, fastv_ratio, pdrop_layers, pdrop_ratio,
+    dominant, contextual (visionzip), dart_layer, dart_pivots.
     """
 
     is_simple = True
@@ -120,6 +121,10 @@ class LlavaSimignore(lmms):
         fastv_ratio: float | None = None,
         pdrop_layers: str | int | None = None,
         pdrop_ratio: float | None = None,
+        dominant: int | None = None,
+        contextual: int | None = None,
+        dart_layer: int | None = None,
+        dart_pivots: int | None = None,
         **unknown,
     ) -> None:
         if unknown:
@@ -129,7 +134,8 @@ class LlavaSimignore(lmms):
             reduction=reduction, keep=keep, ignore=ignore, apply=apply, similarity=similarity, text=text,
             text_bos=text_bos, order=order, simignore_start=simignore_start, simignore_step=simignore_step,
             seed=seed, fastv_layer=fastv_layer, fastv_keep=fastv_keep, fastv_ratio=fastv_ratio,
-            pdrop_layers=pdrop_layers, pdrop_ratio=pdrop_ratio,
+            pdrop_layers=pdrop_layers, pdrop_ratio=pdrop_ratio, dominant=dominant, contextual=contextual,
+            dart_layer=dart_layer, dart_pivots=dart_pivots,
         )
         if str(dtype) not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
@@ -187,6 +193,8 @@ class LlavaSimignore(lmms):
             self._device = self._model.get_input_embeddings().weight.device
         if self.settings.in_llm:
             engine.check_in_llm_support(self._model)
+        if self.settings.vision is not None:
+            engine.check_vision_stage_support(self._model)
         self.processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
         self.processor.tokenizer.padding_side = "left"
         self.pretrained = pretrained
@@ -329,7 +337,8 @@ class LlavaSimignore(lmms):
         )
 
     def _in_llm_args(self) -> dict:
-        return {"prune_stages": self.prune_stages}
+        return {"prune_stages": self.prune_stages, "prune_rule": self.settings.prune_rule,
+                "dart_pivots": self.settings.dart_pivot_count}
 
     def _account(self, batch: list[PromptRequest], inputs, image_tokens: torch.Tensor, seen: engine.ImageTokensSeen) -> None:
         """Record each sample's image tokens and, per decoder layer, the image tokens that layer computed on and

@@ -1,0 +1,95 @@
+"""VisionZip (Yang et al., CVPR 2025): reduce the image on the vision side, before the projector.
+
+In the vision tower's feature layer (LLaVA-1.5: layer -2), the *dominant* tokens are the CLS token and the
+patches the CLS token attends to most (attention summed over heads); the CLS token counts toward `dominant`.
+The remaining patches are merged into `contextual` tokens: every (remaining // contextual)-th remaining token
+is a target, each other remaining token joins the target whose key (averaged over heads, L2-normalised) is
+most cosine-similar, and a contextual token is its target's hidden state plus the mean of the hidden states
+that joined it. The image then is [dominant tokens in their original order, contextual tokens]: a shorter
+image, which the LLM sees at contiguous positions, as VisionZip's own LLaVA code feeds it.
+
+This module holds the pure tensor functions; `engine` recomputes the tower's attention and keys and
+places the result in the prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmms_simignore.reduction.selection import select_top_k
+
+# VisionZip's LLaVA-1.5 budgets (dominant, contextual): 192 -> (162, 30), 128 -> (108, 20), 64 -> (54, 10),
+# i.e. 5/32 of the retained tokens are contextual.
+CONTEXTUAL_SHARE = 5 / 32
+
+
+def split_budget(retained: int) -> tuple[int, int]:
+    """(dominant, contextual) for `retained` tokens per image, in VisionZip's published proportion
+    (64 -> 54 + 10, 128 -> 108 + 20, 192 -> 162 + 30); at least the CLS token is dominant."""
+    if retained < 1:
+        raise ValueError(f"visionzip keeps at least the CLS token: retained tokens must be >= 1, got {retained}")
+    contextual = min(int(retained * CONTEXTUAL_SHARE + 0.5), retained - 1)
+    return retained - contextual, contextual
+
+
+def dominant_indices(cls_attention: torch.Tensor, dominant: int) -> torch.Tensor:
+    """The CLS token (index 0) and the `dominant - 1` patches with the highest CLS attention, ascending.
+
+    cls_attention: (I, T) attention of the CLS query over the T tower tokens (CLS first), summed over heads.
+    Ties go to the lower index. Returns: (I, dominant) int64.
+    """
+    if not 1 <= dominant <= cls_attention.shape[1]:
+        raise ValueError(f"dominant must be in [1, {cls_attention.shape[1]}] (the CLS token and the patches), got {dominant}")
+    scores = cls_attention.float().clone()
+    scores[:, 0] = float("inf")  # the CLS token is always kept
+    return select_top_k(scores, dominant)
+
+
+def merge_contextual(hidden: torch.Tensor, keys: torch.Tensor, contextual: int) -> torch.Tensor:
+    """Merge R remaining tokens into `contextual` tokens.
+
+    hidden: (I, R, D) the remaining tokens' hidden states; keys: (I, R, d) their keys, averaged over heads.
+    Targets are the tokens 0, s, 2s, ... (s = max(1, R // contextual)), the first `contextual` of them; every
+    other token joins its most cosine-similar target (ties: the earlier target), and a contextual token is the
+    target's hidden state + the mean of those that joined it (+ 0 when none did).
+    Returns: (I, contextual, D).
+    """
+    images, remaining, _ = hidden.shape
+    if not 0 <= contextual <= remaining:
+        raise ValueError(f"contextual must be in [0, {remaining}] (the tokens left after the dominant ones), got {contextual}")
+    if contextual == 0:
+        return hidden[:, :0]
+    step = max(1, remaining // contextual)
+    targets = torch.arange(0, remaining, step, device=hidden.device)[:contextual]  # (C,)
+    is_target = torch.zeros(remaining, dtype=torch.bool, device=hidden.device)
+    is_target[targets] = True
+    others = (~is_target).nonzero().squeeze(1)  # (R - C,)
+    normalised = F.normalize(keys.float(), dim=-1)  # (I, R, d)
+    similarity = normalised[:, others] @ normalised[:, targets].transpose(1, 2)  # (I, R - C, C)
+    assignment = F.one_hot(similarity.argmax(dim=-1), contextual).to(hidden.dtype)  # (I, R - C, C)
+    counts = assignment.sum(dim=1).clamp(min=1)[..., None]  # (I, C, 1)
+    joined = assignment.transpose(1, 2) @ hidden[:, others]  # (I, C, D) sums of the joined hidden states
+    return hidden[:, targets] + joined / counts
+
+
+def visionzip_tokens(
+    hidden: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int
+) -> torch.Tensor:
+    """The image after VisionZip: dominant tokens (original order) then contextual tokens.
+
+    hidden: (I, T, D) the feature layer's hidden states, CLS first; cls_attention: (I, T) the CLS row of that
+    layer's attention, summed over heads; keys: (I, T, d) that layer's keys averaged over heads.
+    Returns: (I, dominant + contextual, D).
+    """
+    kept = dominant_indices(cls_attention, dominant)  # (I, dominant)
+    images, tokens, _ = hidden.shape
+    rest = torch.ones(images, tokens, dtype=torch.bool, device=hidden.device)
+    rest[torch.arange(images, device=hidden.device)[:, None], kept] = False
+    remaining = tokens - dominant
+    rest_index = rest.nonzero()[:, 1].reshape(images, remaining)  # (I, R), ascending
+    gather = rest_index[..., None]
+    merged = merge_contextual(hidden.gather(1, gather.expand(-1, -1, hidden.shape[-1])),
+                              keys.gather(1, gather.expand(-1, -1, keys.shape[-1])), contextual)  # (I, C, D)
+    dominant_hidden = hidden.gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1]))  # (I, dominant, D)
+    return torch.cat([dominant_hidden, merged], dim=1)
