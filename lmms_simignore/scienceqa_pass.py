@@ -8,7 +8,8 @@ in tokens of the model's own tokenizer from the assumptions below. `data=` a loc
 LLaVA-1.5 prompt either way; the report gives the prompt lengths it measured.
 
 Each pass answers every prompt with one token (the answer letter, as the published runs decode it), through
-`LlavaSimignore.generate_until`: image loading and preprocessing, batching, the token choice, prefill.
+`LlavaSimignore.generate_until`: image loading and preprocessing, batching, the token choice, prefill. The rows
+take turns piece by piece (`time_pass`), so a speed-up is a median of ratios measured side by side.
 """
 
 from __future__ import annotations
@@ -140,18 +141,33 @@ def _quantiles(values: list[int]) -> dict:
             "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], "max": ordered[-1]}
 
 
-def time_pass(pretrained: str | Path, docs: list[dict], batch_sizes: tuple[int, ...], device: torch.device, dtype: str,
-              attn_implementation: str | None = None, progress=print, on_result=None) -> dict:
-    """Seconds for one pass over `docs` per (batch size, row), with speed-ups against `none` at the same batch size;
-    `on_result(report)` after each row (the report so far), so that a long run stopped part-way keeps its rows.
+def _chunks(count: int, batch_size: int, chunks: int) -> list[range]:
+    """`count` prompts in about `chunks` consecutive pieces, each a whole number of batches."""
+    size = max(batch_size, math.ceil(count / chunks / batch_size) * batch_size)
+    return [range(start, min(start + size, count)) for start in range(0, count, size)]
 
-    A model is loaded per row, as a user's run would; two batches of warm-up precede each timed pass.
+
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def time_pass(pretrained: str | Path, docs: list[dict], batch_sizes: tuple[int, ...], device: torch.device, dtype: str,
+              attn_implementation: str | None = None, progress=print, on_result=None, chunks: int = 16) -> dict:
+    """Seconds for one pass over `docs` per (batch size, row), with speed-ups against `none` at the same batch size;
+    `on_result(report)` after each batch size (the report so far), so that a long run stopped part-way keeps them.
+
+    The rows are interleaved: the prompts are cut into about `chunks` pieces, and each piece is answered by every
+    row in turn (the order rotating from piece to piece) before the next piece, so that load from elsewhere on
+    the machine falls on all rows alike. A row's seconds are the sum over the pieces; its speed-up is the median
+    of the per-piece ratios none / row, with their min and max. One model is loaded per batch size and the rows
+    switch its settings; two batches of warm-up per row precede the timing.
     """
     from transformers import AutoConfig
 
     from lmms_simignore import engine
     from lmms_simignore.accounting import TokenAccounting
     from lmms_simignore.models.llava_simignore import LlavaSimignore
+    from lmms_simignore.settings import ReductionSettings
 
     task, split = "scienceqa_img_sized", "test"
     requests = _requests(docs, task, split)
@@ -162,37 +178,54 @@ def time_pass(pretrained: str | Path, docs: list[dict], batch_sizes: tuple[int, 
     report: dict = {"prompts": len(docs), "image_tokens": image_tokens, "max_new_tokens": 1, "batch_sizes": list(batch_sizes),
                     "results": results}
     for batch_size in batch_sizes:
-        baseline = None
+        model = LlavaSimignore(pretrained=str(pretrained), device=str(device), dtype=dtype, batch_size=batch_size,
+                               attn_implementation=attn_implementation)
+        model.task_dict = {task: {split: docs}}
+        settings = {row: ReductionSettings(**model_args) for row, model_args in rows.items()}
+        for row in rows:  # warm-up
+            model.use_settings(settings[row])
+            model.generate_until(requests[: 2 * batch_size])
+        pieces = _chunks(len(requests), batch_size, chunks)
+        seconds = {row: [] for row in rows}
+        answers = {row: [] for row in rows}
+        accounting = {row: TokenAccounting() for row in rows}
+        peak = {row: 0 for row in rows}
+        names = list(rows)
+        for number, piece in enumerate(pieces):
+            for row in names[number % len(names):] + names[: number % len(names)]:
+                model.use_settings(settings[row])
+                model.accounting = accounting[row]
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                started = time.perf_counter()
+                answers[row] += model.generate_until([requests[index] for index in piece])
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                    peak[row] = max(peak[row], torch.cuda.max_memory_allocated(device))
+                seconds[row].append(time.perf_counter() - started)
+        # prompt lengths as the processor built them (text tokens plus the expanded image tokens)
+        report.setdefault("prompt_tokens", _quantiles([record["prompt_tokens"] for record in accounting["none"].records]))
+        finished = []
         for row, model_args in rows.items():
-            model = LlavaSimignore(pretrained=str(pretrained), device=str(device), dtype=dtype, batch_size=batch_size,
-                                   attn_implementation=attn_implementation, **model_args)
-            model.task_dict = {task: {split: docs}}
-            model.generate_until(requests[: 2 * batch_size])  # warm-up
-            model.accounting = TokenAccounting()  # the timed pass only
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            started = time.perf_counter()
-            answers = model.generate_until(requests)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - started
-            baseline = baseline or seconds
-            # prompt lengths as the processor built them (text tokens plus the expanded image tokens)
-            report.setdefault("prompt_tokens", _quantiles([record["prompt_tokens"] for record in model.accounting.records]))
-            results.append({
-                "row": row, "batch_size": batch_size, "model_args": model_args, "seconds": seconds,
-                "prompts_per_s": len(requests) / seconds, "speedup": baseline / seconds,
-                "answered": sum(bool(answer) for answer in answers),
-                "mean_visible_image_tokens": model.accounting.mean_visible(),
-                "peak_cuda_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            total = sum(seconds[row])
+            ratios = _spread([base / own for base, own in zip(seconds["none"], seconds[row])])
+            finished.append({
+                "row": row, "batch_size": batch_size, "model_args": model_args, "seconds": total,
+                "prompts_per_s": len(requests) / total, "speedup": ratios["median"], "speedup_spread": ratios,
+                "pieces": len(pieces), "answered": sum(bool(answer) for answer in answers[row]),
+                "mean_visible_image_tokens": accounting[row].mean_visible(),
+                "peak_cuda_memory_bytes": peak[row] if device.type == "cuda" else None,
             })
-            progress(f"  pass batch {batch_size} {row}: {seconds:.1f} s ({len(requests) / seconds:.1f} prompts/s, "
-                     f"{baseline / seconds:.2f}x)")
-            if on_result:
-                on_result(report)
-            del model
-            release_memory(device)
+        results += finished  # a batch size is recorded whole: its rows were measured side by side
+        for result in finished:
+            spread = result["speedup_spread"]
+            progress(f"  pass batch {batch_size} {result['row']}: {result['seconds']:.1f} s ({result['prompts_per_s']:.1f} "
+                     f"prompts/s, {spread['median']:.2f}x, per piece {spread['min']:.2f}-{spread['max']:.2f})")
+        if on_result:
+            on_result(report)
+        del model
+        release_memory(device)
     return report
 
 
@@ -211,12 +244,13 @@ def markdown(report: dict) -> list[str]:
     lines = [f"## ScienceQA-IMG-sized pass: {report['prompts']} prompts on {report['model']}, one output token", "",
              f"Prompt tokens (text + {report['image_tokens']} image tokens): mean {tokens['mean']:.0f}, median {tokens['median']:.0f}, "
              f"p90 {tokens['p90']}, max {tokens['max']}; {report['source']}. Through `LlavaSimignore.generate_until` "
-             "(image preprocessing, batching, token choice, prefill), one timed pass per row after two batches of warm-up.", "",
-             "| batch | row | seconds | prompts/s | speed-up vs none | mean image tokens per layer | peak GPU memory GiB |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+             "(image preprocessing, batching, token choice, prefill), after two batches of warm-up per row; the rows take "
+             "turns piece by piece, and the speed-up is the median of the per-piece ratios (min-max in brackets).", "",
+             "| batch | row | seconds | prompts/s | speed-up vs none | pieces | mean image tokens per layer | peak GPU memory GiB |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for result in report["results"]:
-        visible, memory = result["mean_visible_image_tokens"], result["peak_cuda_memory_bytes"]
+        visible, memory, spread = result["mean_visible_image_tokens"], result["peak_cuda_memory_bytes"], result["speedup_spread"]
         lines.append(f"| {result['batch_size']} | {result['row']} | {result['seconds']:.1f} | {result['prompts_per_s']:.1f} | "
-                     f"{result['speedup']:.2f} | {'-' if visible is None else f'{visible:.0f}'} | "
-                     f"{'-' if memory is None else f'{memory / 2**30:.1f}'} |")
+                     f"{result['speedup']:.2f} ({spread['min']:.2f}-{spread['max']:.2f}) | {result['pieces']} | "
+                     f"{'-' if visible is None else f'{visible:.0f}'} | {'-' if memory is None else f'{memory / 2**30:.1f}'} |")
     return lines + [""]

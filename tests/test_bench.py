@@ -39,6 +39,9 @@ def test_quick_bench_writes_every_row_with_its_flop_ideal(tmp_path):
     assert all(r["answered"] == 8 for r in timed["results"])
     assert [r["mean_visible_image_tokens"] for r in timed["results"][:3]] == [576, 288, 384]
     assert all(r["speedup"] == 1.0 for r in timed["results"] if r["row"] == "none")
+    # the rows took turns piece by piece: batch 1 in 8 pieces of one prompt, batch 4 in 2 pieces of four
+    assert [r["pieces"] for r in timed["results"]] == [8, 8, 8, 2, 2, 2]
+    assert all(r["speedup_spread"]["min"] <= r["speedup"] <= r["speedup_spread"]["max"] for r in timed["results"])
     assert 576 + 40 < timed["prompt_tokens"]["median"] <= timed["prompt_tokens"]["max"]
     assert "## ScienceQA-IMG-sized pass: 8 prompts on paper-shaped" in (tmp_path / "bench.md").read_text()
     assert "## Against the targets (CPU)" in (tmp_path / "bench.md").read_text()
@@ -100,13 +103,15 @@ def test_a_bench_stopped_part_way_keeps_the_rows_it_finished(tmp_path):
 
     from lmms_simignore.bench import run_bench
 
-    def stop_at_the_second_pass_row(line):
-        if line.startswith("  pass batch 1 simignore_drop_288"):
+    def stop_at_the_second_batch_size(line):
+        if line.startswith("  pass batch 4 none"):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_bench(tmp_path, quick=True, echo=stop_at_the_second_pass_row)
+        run_bench(tmp_path, quick=True, echo=stop_at_the_second_batch_size)
     report = json.loads((tmp_path / "bench.json").read_text())
     assert list(report["models"]) == ["testbed"] and len(report["models"]["testbed"]["rows"]) == 14
-    assert [(r["batch_size"], r["row"]) for r in report["scienceqa_pass"]["results"]] == [(1, "none")]
-    assert "| 1 | none |" in (tmp_path / "bench.md").read_text()
+    # batch size 1 is kept whole (its rows were measured side by side); nothing of batch size 4
+    assert [(r["batch_size"], r["row"]) for r in report["scienceqa_pass"]["results"]] == [
+        (1, "none"), (1, "simignore_drop_288"), (1, "fastv_288")]
+    assert "| 1 | fastv_288 |" in (tmp_path / "bench.md").read_text()

@@ -130,7 +130,7 @@ class LlavaSimignore(lmms):
         if unknown:
             allowed = [name for name in inspect.signature(LlavaSimignore._setup).parameters if name not in ("self", "unknown")]
             raise ValueError(f"llava_simignore got unknown model_args {sorted(unknown)}; allowed: preset, {', '.join(allowed)}")
-        self.settings = ReductionSettings(
+        settings = ReductionSettings(
             reduction=reduction, keep=keep, ignore=ignore, apply=apply, similarity=similarity, text=text,
             text_bos=text_bos, order=order, simignore_start=simignore_start, simignore_step=simignore_step,
             seed=seed, fastv_layer=fastv_layer, fastv_keep=fastv_keep, fastv_ratio=fastv_ratio,
@@ -163,10 +163,7 @@ class LlavaSimignore(lmms):
             )
         self.image_tokens_per_image = engine.image_tokens_per_image(config)
         self.num_layers = config.text_config.num_hidden_layers
-        # what the settings ask for; the token accounting records what each layer really saw
-        self.requested_visible_per_layer = self.settings.visible_per_layer(self.image_tokens_per_image, self.num_layers)
-        self.kept_per_image = self.settings.kept_per_image(self.image_tokens_per_image)
-        self.prune_stages = self.settings.in_llm_stages(self.image_tokens_per_image, self.num_layers)
+        self._check_settings(settings)
 
         self._rank, self._world_size, local_rank = _world()
         if device is None:
@@ -191,10 +188,7 @@ class LlavaSimignore(lmms):
             self._model.to(self._device)
         else:
             self._device = self._model.get_input_embeddings().weight.device
-        if self.settings.in_llm:
-            engine.check_in_llm_support(self._model)
-        if self.settings.vision is not None:
-            engine.check_vision_stage_support(self._model)
+        self.use_settings(settings)
         self.processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
         self.processor.tokenizer.padding_side = "left"
         self.pretrained = pretrained
@@ -204,6 +198,23 @@ class LlavaSimignore(lmms):
             f"llava_simignore: {pretrained} on {self._device}, {self.image_tokens_per_image} image tokens per image, "
             f"{self.settings}; image tokens per image visible per layer (requested): {layer_runs(self.requested_visible_per_layer)}"
         )
+
+    def _check_settings(self, settings: ReductionSettings) -> None:
+        """Budgets and layers against the checkpoint's geometry (before the weights load)."""
+        settings.visible_per_layer(self.image_tokens_per_image, self.num_layers)
+
+    def use_settings(self, settings: ReductionSettings) -> None:
+        """Reduce with `settings` from now on (the loaded model stays; the speed pass switches rows this way)."""
+        self._check_settings(settings)
+        if settings.in_llm:
+            engine.check_in_llm_support(self._model)
+        if settings.vision is not None:
+            engine.check_vision_stage_support(self._model)
+        self.settings = settings
+        # what the settings ask for; the token accounting records what each layer really saw
+        self.requested_visible_per_layer = settings.visible_per_layer(self.image_tokens_per_image, self.num_layers)
+        self.kept_per_image = settings.kept_per_image(self.image_tokens_per_image)
+        self.prune_stages = settings.in_llm_stages(self.image_tokens_per_image, self.num_layers)
 
     # -- lmms-eval plumbing ------------------------------------------------------------------------
     @property
