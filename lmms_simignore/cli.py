@@ -13,20 +13,20 @@ from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from lmms_simignore.demo import run_demo
+    from lmms_simignore.evaluation.demo import run_demo
 
     run_demo(args.workdir, num_questions=args.num_questions, batch_size=args.batch_size, echo=lambda line: print(line, flush=True))
     return 0
 
 
 def _regression(args: argparse.Namespace) -> int:
-    from lmms_simignore.regression import run_regression
+    from lmms_simignore.evaluation.regression import run_regression
 
     return run_regression(args.expected, args.workdir, update=args.update, echo=lambda line: print(line, flush=True))
 
 
 def _selfcheck(args: argparse.Namespace) -> int:
-    from lmms_simignore.selfcheck import run_selfcheck
+    from lmms_simignore.evaluation.selfcheck import run_selfcheck
 
     return run_selfcheck(args.workdir, lock_path=args.lock, echo=lambda line: print(line, flush=True))
 
@@ -45,9 +45,7 @@ def _lock(args: argparse.Namespace) -> int:
 
 
 def _fixtures(args: argparse.Namespace) -> int:
-    from lmms_simignore.fixtures import build_offline_testbed
-
-    from lmms_simignore.fixtures import PAPER_SHAPED, TinyLlavaShape
+    from lmms_simignore.testbed.tiny import PAPER_SHAPED, TinyLlavaShape, build_offline_testbed
 
     shape = PAPER_SHAPED if args.paper_shaped else TinyLlavaShape()
     paths = build_offline_testbed(args.directory, num_docs=args.num_docs, seed=args.seed, shape=shape)
@@ -64,7 +62,7 @@ PROTOCOLS = {
 
 
 def _make_task(args: argparse.Namespace) -> int:
-    from lmms_simignore.fixtures import write_local_task
+    from lmms_simignore.local_data import write_local_task
 
     template, default_name = PROTOCOLS[args.protocol]
     try:
@@ -75,7 +73,7 @@ def _make_task(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from lmms_simignore.sweep import load_config, run_sweep
+    from lmms_simignore.evaluation.sweep import load_config, run_sweep
 
     overrides = {}
     for item in args.set:
@@ -87,12 +85,12 @@ def _sweep(args: argparse.Namespace) -> int:
     include_path = Path(args.include_path).resolve() if args.include_path else None
     extra = ("--limit", str(args.limit)) if args.limit is not None else ()
     output = args.output or str(Path("outputs") / config.name)
-    from lmms_simignore.sweep import default_processes
+    from lmms_simignore.evaluation.sweep import default_processes
 
     processes = args.processes if args.processes is not None else default_processes()
     run_sweep(config, output, include_path=include_path, extra_args=extra, dry_run=args.dry_run, processes=processes)
     if not args.dry_run:
-        from lmms_simignore.leaderboard import write_leaderboard
+        from lmms_simignore.evaluation.leaderboard import write_leaderboard
 
         write_leaderboard(output, echo=lambda line: None)
         print(f"leaderboard: {Path(output) / 'leaderboard.md'} (.csv, .png)")
@@ -100,7 +98,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _leaderboard(args: argparse.Namespace) -> int:
-    from lmms_simignore.leaderboard import write_leaderboard
+    from lmms_simignore.evaluation.leaderboard import write_leaderboard
 
     try:
         write_leaderboard(args.directory)
@@ -110,8 +108,8 @@ def _leaderboard(args: argparse.Namespace) -> int:
 
 
 def _shapes_task(args: argparse.Namespace) -> int:
-    from lmms_simignore.demo import HELD_OUT_QUESTIONS, TASK
-    from lmms_simignore.shapes import HELD_OUT_SEED, write_shapes_task
+    from lmms_simignore.evaluation.demo import HELD_OUT_QUESTIONS, TASK
+    from lmms_simignore.testbed.shapes import HELD_OUT_SEED, write_shapes_task
 
     if args.held_out:
         if args.seed is not None or args.name is not None:
@@ -126,7 +124,7 @@ def _shapes_task(args: argparse.Namespace) -> int:
 
 
 def _pretrain_tower(args: argparse.Namespace) -> int:
-    from lmms_simignore.tower_pretraining import pretrain_tower
+    from lmms_simignore.testbed.tower_pretraining import pretrain_tower
 
     summary = pretrain_tower(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              eval_every=args.eval_every, region_weight=args.region_weight, device=_device(args),
@@ -136,7 +134,7 @@ def _pretrain_tower(args: argparse.Namespace) -> int:
 
 
 def _probe_tower(args: argparse.Namespace) -> int:
-    from lmms_simignore.tower_pretraining import probe_tower
+    from lmms_simignore.testbed.tower_pretraining import probe_tower
 
     print(json.dumps(probe_tower(args.tower, layer=args.layer), indent=2))
     return 0
@@ -146,8 +144,8 @@ def _cls_attention(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from lmms_simignore.llava_recipe import cls_attention_on_objects, held_out_questions
     from lmms_simignore.shipped import resolve_pretrained
+    from lmms_simignore.testbed.llava_recipe import cls_attention_on_objects, held_out_questions
 
     path = resolve_pretrained(args.pretrained)
     model = LlavaForConditionalGeneration.from_pretrained(path, use_safetensors=True).eval()
@@ -174,7 +172,7 @@ def _device(args: argparse.Namespace) -> str:
 
 
 def _pretrain_lm(args: argparse.Namespace) -> int:
-    from lmms_simignore.llava_recipe import pretrain_language_model
+    from lmms_simignore.testbed.llava_recipe import pretrain_language_model
 
     summary = pretrain_language_model(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                       eval_every=args.eval_every, device=_device(args), log=lambda line: print(line, flush=True))
@@ -183,7 +181,7 @@ def _pretrain_lm(args: argparse.Namespace) -> int:
 
 
 def _align_projector(args: argparse.Namespace) -> int:
-    from lmms_simignore.llava_recipe import align_projector
+    from lmms_simignore.testbed.llava_recipe import align_projector
 
     summary = align_projector(args.out, args.tower, args.lm, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                               seed=args.seed, eval_every=args.eval_every, device=_device(args),
@@ -193,7 +191,7 @@ def _align_projector(args: argparse.Namespace) -> int:
 
 
 def _tune_instructions(args: argparse.Namespace) -> int:
-    from lmms_simignore.llava_recipe import tune_instructions
+    from lmms_simignore.testbed.llava_recipe import tune_instructions
 
     summary = tune_instructions(args.out, args.init_from, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                 seed=args.seed, eval_every=args.eval_every, mix=tuple(args.mix.split(",")),
@@ -203,7 +201,7 @@ def _tune_instructions(args: argparse.Namespace) -> int:
 
 
 def _redundancy(args: argparse.Namespace) -> int:
-    from lmms_simignore.redundancy import run_redundancy
+    from lmms_simignore.testbed.redundancy import run_redundancy
 
     run_redundancy(args.out, pretrained=args.pretrained, num_questions=args.num_questions, seed=args.seed,
                    echo=lambda line: print(line, flush=True))
@@ -211,7 +209,7 @@ def _redundancy(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from lmms_simignore.bench import run_bench
+    from lmms_simignore.bench.speed import run_bench
 
     try:
         batch_sizes = tuple(int(size) for size in args.pass_batch_sizes.split(","))
@@ -385,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks.set_defaults(handler=_tasks_dir)
 
     args = parser.parse_args(argv)
-    from lmms_simignore.runs import LmmsEvalFailed
+    from lmms_simignore.evaluation.runs import LmmsEvalFailed
 
     try:
         return args.handler(args)

@@ -14,11 +14,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lmms_simignore.reduction.dart import DEFAULT_LAYER as DART_LAYER
-from lmms_simignore.reduction.dart import DEFAULT_PIVOTS as DART_PIVOTS
-from lmms_simignore.reduction.selection import ORDERS
-from lmms_simignore.reduction.simignore import SIMILARITIES
-from lmms_simignore.reduction.visionzip import split_budget
+from lmms_simignore.methods.dart import DEFAULT_LAYER as DART_LAYER, DEFAULT_PIVOTS as DART_PIVOTS
+from lmms_simignore.methods.selection import ORDERS
+from lmms_simignore.methods.simignore import SIMILARITIES
+from lmms_simignore.methods.visionzip import split_budget
 
 VISION_STAGES = ("visionzip",)
 PRE_LLM_STAGES = ("simignore", "random")

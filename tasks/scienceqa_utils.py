@@ -51,6 +51,21 @@ LLAVA_SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+# The vicuna_v1 conversation as a chat template, in the spirit of the llava-1.5-hf processors: images first, then text.
+# Handles both plain-string content (lmms-eval "simple" models) and typed content lists ("chat" models);
+# a system message, if the conversation starts with one, replaces the default system prompt.
+LLAVA_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}" '{{ "' + LLAVA_SYSTEM_PROMPT + ' " }}' "{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}"
+    "{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] + ' ' }}{% endif %}{% endfor %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
 LLAVA_OPTION_LETTERS = "ABCDE"  # the letters LLaVA's ScienceQA evaluation accepts
 LLAVA_ANSWER_SENTENCE = re.compile(r"The answer is ([A-Z]).")
 

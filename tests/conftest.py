@@ -14,7 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def testbed(tmp_path_factory):
     """Paths of the tiny model folder, the parquet split and the task folder."""
-    from lmms_simignore.fixtures import build_offline_testbed
+    from lmms_simignore.testbed.tiny import build_offline_testbed
 
     return build_offline_testbed(tmp_path_factory.mktemp("testbed"), num_docs=12, seed=0)
 

@@ -49,7 +49,7 @@ def test_quick_bench_writes_every_row_with_its_flop_ideal(tmp_path):
 
 def test_the_targets_are_judged_on_the_worst_row():
     """Hand-made numbers: the worst drop row decides the FLOP-ideal target, the worst choice share the 1% target."""
-    from lmms_simignore.bench import against_targets
+    from lmms_simignore.bench.speed import against_targets
 
     def row(vs_ideal, share):
         return {"prefill_speedup_vs_ideal": vs_ideal, "choice_share_of_prefill": share}
@@ -90,8 +90,8 @@ def test_bad_pass_arguments_are_refused_before_any_compute(tmp_path):
 def test_wrapper_overhead_compares_the_same_answers_with_the_builtin_llava_hf():
     import torch
 
-    from lmms_simignore.bench import wrapper_overhead
-    from lmms_simignore.shapes import HELD_OUT_SEED, shapes_records
+    from lmms_simignore.bench.speed import wrapper_overhead
+    from lmms_simignore.testbed.shapes import HELD_OUT_SEED, shapes_records
 
     report = wrapper_overhead(shapes_records(6, seed=HELD_OUT_SEED), torch.device("cpu"), repeats=1, progress=lambda line: None)
     assert report["same_answers"] is True and report["prompts"] == 6
@@ -101,7 +101,7 @@ def test_wrapper_overhead_compares_the_same_answers_with_the_builtin_llava_hf():
 def test_a_bench_stopped_part_way_keeps_the_rows_it_finished(tmp_path):
     import pytest
 
-    from lmms_simignore.bench import run_bench
+    from lmms_simignore.bench.speed import run_bench
 
     def stop_at_the_second_batch_size(line):
         if line.startswith("  pass batch 4 none"):

@@ -9,7 +9,7 @@ from test_model import make_model, simple_requests
 from test_model_reductions import docs  # noqa: F401  (a fixture)
 
 from lmms_simignore import engine
-from lmms_simignore.reduction.dart import dart_choice
+from lmms_simignore.methods.dart import dart_choice
 from lmms_simignore.settings import ReductionSettings
 
 # six image tokens in 2-D; token 1 has the largest key norm (the image pivot), the text's first token the largest

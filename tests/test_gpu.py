@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.fixture(scope="session")
 def testbed(tmp_path_factory):
     """Only the tiny model (GPU machines need not have the data stack installed)."""
-    from lmms_simignore.fixtures import build_tiny_llava
+    from lmms_simignore.testbed.tiny import build_tiny_llava
 
     return {"model": build_tiny_llava(tmp_path_factory.mktemp("gpu_testbed") / "tiny-llava")}
 
@@ -78,7 +78,7 @@ def test_bfloat16_fastv_generation_runs(testbed, processor, cuda_batch):
 
 def test_nf4_weights_work_with_fastv(testbed, processor, cuda_batch):
     pytest.importorskip("bitsandbytes")
-    from lmms_simignore.quantization import nf4_quantization_config
+    from lmms_simignore.models.quantization import nf4_quantization_config
 
     inputs, _ = cuda_batch
     quantized = load(testbed, quantization_config=nf4_quantization_config(torch.device("cuda")), device_map={"": "cuda"}, dtype=torch.float16)
@@ -110,8 +110,8 @@ def test_bench_runs_the_llava7b_shape_in_fp16_with_sdpa(tmp_path):
 
 def test_every_testbed_recipe_stage_trains_on_cuda(tmp_path):
     """A few steps of each stage on the GPU: the recipe's device handling, and the stages' hand-over on disk."""
-    from lmms_simignore import llava_recipe
-    from lmms_simignore.tower_pretraining import pretrain_tower
+    from lmms_simignore.testbed import llava_recipe
+    from lmms_simignore.testbed.tower_pretraining import pretrain_tower
 
     quiet = dict(log=lambda line: None, device="cuda")
     tower = pretrain_tower(tmp_path / "tower", steps=2, batch_size=8, eval_every=2, held_out_size=8, **quiet)

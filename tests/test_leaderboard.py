@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmms_simignore.flops import DecoderShape, layer_flops, prefill_flops, sample_prefill_flops
+from lmms_simignore.bench.flops import DecoderShape, layer_flops, prefill_flops, sample_prefill_flops
+from lmms_simignore.evaluation.sweep import load_config, row_runs
 from lmms_simignore.settings import ReductionSettings
-from lmms_simignore.sweep import load_config, row_runs
 
 TESTBED = Path(__file__).resolve().parents[1] / "configs" / "testbed.yaml"
 LIMIT = ("--limit", "40")
@@ -102,7 +102,7 @@ def test_leaderboard_lists_every_row_with_tokens_flops_and_provenance(finished_s
 def test_reported_figures_stay_in_their_own_labelled_column(finished_sweep, tmp_path):
     import shutil
 
-    from lmms_simignore.leaderboard import write_leaderboard
+    from lmms_simignore.evaluation.leaderboard import write_leaderboard
 
     copy = shutil.copytree(finished_sweep, tmp_path / "copy")
     (copy / "reported.json").write_text(json.dumps({"none": {"value": 99.9, "source": "a paper"}}))
@@ -119,33 +119,41 @@ def test_leaderboard_command_refuses_a_folder_without_finished_rows(tmp_path):
     assert completed.returncode != 0 and "no finished rows" in completed.stderr
 
 
+def three_rows(tmp_path, names=("none", "simignore_8", "fastv_8")):
+    """The testbed config cut down to a few of its rows (the same split and arguments)."""
+    config = yaml.safe_load(TESTBED.read_text())
+    config["rows"] = [row for row in config["rows"] if row["name"] in names]
+    path = tmp_path / "rows.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, [row["name"] for row in config["rows"]]
+
+
 def test_a_killed_sweep_resumes_to_the_same_leaderboard(finished_sweep, tmp_path):
     output = tmp_path / "killed"
-    command = [sys.executable, "-m", "lmms_simignore", "sweep", str(TESTBED), "--output", str(output), *LIMIT]
+    config, names = three_rows(tmp_path)
+    command = [sys.executable, "-m", "lmms_simignore", "sweep", str(config), "--output", str(output), *LIMIT]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     # wait until the second row is half-written, then kill the whole process group mid-row
-    while not ((output / ROWS[0] / "provenance.json").exists() and (output / f"{ROWS[1]}.partial").exists()):
+    while not ((output / names[0] / "provenance.json").exists() and (output / f"{names[1]}.partial").exists()):
         assert process.poll() is None and time.time() < deadline, "the sweep ended before it could be killed"
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert not (output / ROWS[1]).exists()  # the half-written row is not taken for a finished one
-    first_row_results = sorted((output / ROWS[0]).rglob("*_results.json"))
+    assert not (output / names[1]).exists()  # the half-written row is not taken for a finished one
+    first_row_results = sorted((output / names[0]).rglob("*_results.json"))
 
-    resumed = sweep(TESTBED, output)
+    resumed = sweep(config, output)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"[1/{len(ROWS)}] {ROWS[0]}: done, reading" in resumed.stdout
-    assert sorted((output / ROWS[0]).rglob("*_results.json")) == first_row_results  # not run again
+    assert f"[1/{len(names)}] {names[0]}: done, reading" in resumed.stdout
+    assert sorted((output / names[0]).rglob("*_results.json")) == first_row_results  # not run again
     assert not list(output.glob("*.partial"))
-    assert comparable(read_csv(output / "leaderboard.csv")) == comparable(read_csv(finished_sweep / "leaderboard.csv"))
+    whole = [row for row in read_csv(finished_sweep / "leaderboard.csv") if row["row"] in names]
+    assert comparable(read_csv(output / "leaderboard.csv")) == comparable(whole)  # as the uninterrupted sweep
 
 
 def test_two_processes_evaluate_every_doc_once_with_the_one_process_scores(finished_sweep, tmp_path):
-    config = yaml.safe_load(TESTBED.read_text())
-    config["rows"] = [row for row in config["rows"] if row["name"] in ("none", "fastv_8")]
-    path = tmp_path / "two_rows.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path, _ = three_rows(tmp_path, names=("none", "fastv_8"))
     completed = sweep(path, tmp_path / "two", "--processes", "2")
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "x 2 processes" in completed.stdout

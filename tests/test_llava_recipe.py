@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lmms_simignore import llava_recipe, scenes, shapes
-from lmms_simignore.scenes import PlacedObject
+from lmms_simignore.testbed import llava_recipe, scenes, shapes
+from lmms_simignore.testbed.scenes import PlacedObject
 
 LEFT = PlacedObject("red", "circle", "large", 2, 20)  # (colour, shape, size, left, top)
 RIGHT = PlacedObject("blue", "square", "small", 44, 30)
@@ -87,7 +87,7 @@ def test_a_dialogue_is_the_stage_2_prompt_with_the_description_in_place_of_the_i
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     """Every stage for a few steps: tower -> language model -> stage 1 -> stage 2."""
-    from lmms_simignore.tower_pretraining import pretrain_tower
+    from lmms_simignore.testbed.tower_pretraining import pretrain_tower
 
     root = tmp_path_factory.mktemp("recipe")
     quiet = dict(log=lambda line: None)

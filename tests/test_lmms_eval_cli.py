@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from lmms_simignore.runs import EvalRun, LmmsEvalFailed, argument_changes, read_samples, reuse_state, run_lmms_eval
+from lmms_simignore.evaluation.runs import EvalRun, LmmsEvalFailed, argument_changes, read_samples, reuse_state, run_lmms_eval
 
 TASK = "scienceqa_img_local"
 

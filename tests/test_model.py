@@ -6,9 +6,9 @@ import pytest
 import torch
 from lmms_eval.api.instance import Instance
 
-from lmms_simignore.fixtures import scienceqa_like_records
 from lmms_simignore.models.llava_simignore import LlavaSimignore, LlavaSimignoreChat
 from lmms_simignore.tasks import scienceqa_utils
+from lmms_simignore.testbed.tiny import scienceqa_like_records
 
 TASK, SPLIT = "sqa_fixture", "test"
 PROMPT_KWARGS = {"pre_prompt": "", "post_prompt": "\nAnswer with the option's letter from the given choices directly."}
@@ -114,7 +114,7 @@ def test_chat_class_answers_like_the_simple_class_on_the_same_prompt(testbed, do
 def test_llava_protocol_messages_give_one_system_prompt_then_the_user_turn(testbed, docs):
     from functools import partial
 
-    from lmms_simignore.fixtures import SYSTEM_PROMPT
+    from lmms_simignore.testbed.tiny import SYSTEM_PROMPT
 
     chat = make_model(testbed, docs, model_class=LlavaSimignoreChat, reduction="simignore", keep=10)
     custom = "You are a careful grader."

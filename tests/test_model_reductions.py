@@ -4,10 +4,10 @@ import pytest
 from lmms_eval.api.instance import Instance
 from test_model import PROMPT_KWARGS, SPLIT, TASK, make_model, simple_requests
 
-from lmms_simignore.fixtures import scienceqa_like_records
 from lmms_simignore.models.llava_simignore import LlavaSimignore
-from lmms_simignore.presets import PRESETS, resolve_model_args
+from lmms_simignore.models.presets import PRESETS, resolve_model_args
 from lmms_simignore.tasks import scienceqa_utils
+from lmms_simignore.testbed.tiny import scienceqa_like_records
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_bad_combinations_fail_before_loading_weights(testbed, tmp_path, model_a
 def test_published_7b_text_and_walk_choose_what_the_pure_functions_say(testbed, docs):
     """text_bos prepends BOS to the option text; simignore_start=1 walks the sorted pairs from the second."""
     from lmms_simignore import engine
-    from lmms_simignore.reduction import pairwise_similarity, select_top_k, walk_scores
+    from lmms_simignore.methods import pairwise_similarity, select_top_k, walk_scores
 
     model = make_model(testbed, docs, reduction="simignore", keep=10, text_bos=True, simignore_start=1)
     request = model._prompt_request(simple_requests(docs)[0].args)

@@ -39,7 +39,7 @@ def test_wheel_registers_the_lmms_eval_model(wheel):
     entry_points_txt = next(name for name in wheel.namelist() if name.endswith("entry_points.txt"))
     text = wheel.read(entry_points_txt).decode()
     assert "[lmms_eval.models]" in text
-    assert "llava_simignore = lmms_simignore.registration:llava_simignore_manifest" in text
+    assert "llava_simignore = lmms_simignore.models.registration:llava_simignore_manifest" in text
 
 
 def test_installed_entry_point_resolves_both_classes():

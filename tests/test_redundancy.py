@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from lmms_simignore.redundancy import gini, participation_ratio, stable_rank, token_measures
+from lmms_simignore.testbed.redundancy import gini, participation_ratio, stable_rank, token_measures
 
 
 def test_stable_rank_counts_orthogonal_tokens_of_equal_norm():

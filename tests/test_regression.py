@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from lmms_simignore.demo import DEMO_ROWS, TASK
-from lmms_simignore.regression import REGRESSION_QUESTIONS, differences, regression_record
-from lmms_simignore.shapes import OPTIONS
+from lmms_simignore.evaluation.demo import DEMO_ROWS, TASK
+from lmms_simignore.evaluation.regression import REGRESSION_QUESTIONS, differences, regression_record
 from lmms_simignore.shipped import shipped_model_dir
+from lmms_simignore.testbed.shapes import OPTIONS
 
 EXPECTED = Path(__file__).parent / "expected" / "shapes_regression.json"
 

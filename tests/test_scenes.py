@@ -5,8 +5,8 @@ import random
 import numpy
 import pytest
 
-from lmms_simignore import shapes
-from lmms_simignore.scenes import (IMAGE_SIZE, PATCH, PATCHES_PER_SIDE, RGB, PlacedObject, caption, covered_patches,
+from lmms_simignore.testbed import shapes
+from lmms_simignore.testbed.scenes import (IMAGE_SIZE, PATCH, PATCHES_PER_SIDE, RGB, PlacedObject, caption, covered_patches,
                                    draw_scene, random_scene)
 
 

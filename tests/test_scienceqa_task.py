@@ -6,9 +6,9 @@ import sys
 import pytest
 import yaml
 
-from lmms_simignore.fixtures import scienceqa_like_records
-from lmms_simignore.tasks import scienceqa_utils
 from lmms_simignore.shipped import tasks_dir
+from lmms_simignore.tasks import scienceqa_utils
+from lmms_simignore.testbed.tiny import scienceqa_like_records
 
 BUILTIN_KWARGS = {"format": "default", "pre_prompt": "", "post_prompt": "\nAnswer with the option's letter from the given choices directly."}
 

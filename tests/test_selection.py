@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmms_simignore.reduction import random_scores, sample_seed, select_by_order, select_top_k, similarity_scores, walk_scores
+from lmms_simignore.methods import random_scores, sample_seed, select_by_order, select_top_k, similarity_scores, walk_scores
 
 
 def test_top_k_returns_the_best_tokens_in_sequence_order():

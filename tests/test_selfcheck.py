@@ -11,8 +11,8 @@ from importlib.metadata import version
 
 import pytest
 
-from lmms_simignore.runs import first_error_line
-from lmms_simignore.selfcheck import diagnose, distribution_of, failing_module
+from lmms_simignore.evaluation.runs import first_error_line
+from lmms_simignore.evaluation.selfcheck import diagnose, distribution_of, failing_module
 
 BLOCK_FILELOCK_API = '''
 import importlib, importlib.abc, pkgutil, sys
@@ -104,7 +104,7 @@ def test_the_diagnosis_names_the_package_its_version_and_the_locked_one():
 
 
 def test_the_diagnosis_of_a_broken_torchvision_says_to_remove_it(monkeypatch):
-    from lmms_simignore import selfcheck
+    from lmms_simignore.evaluation import selfcheck
 
     monkeypatch.setattr(selfcheck, "distribution_of", lambda module: "torchvision")
     monkeypatch.setattr(selfcheck, "installed_version", lambda distribution: "0.28.0")
@@ -114,7 +114,7 @@ def test_the_diagnosis_of_a_broken_torchvision_says_to_remove_it(monkeypatch):
 
 
 def test_a_local_version_label_is_not_taken_for_a_different_version(monkeypatch):
-    from lmms_simignore import selfcheck
+    from lmms_simignore.evaluation import selfcheck
 
     monkeypatch.setattr(selfcheck, "distribution_of", lambda module: "torch")
     monkeypatch.setattr(selfcheck, "installed_version", lambda distribution: "2.13.0+cpu")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lmms_simignore import scenes, shapes
+from lmms_simignore.testbed import scenes, shapes
 
 
 def test_same_seed_same_questions_and_pixels():
@@ -92,8 +92,8 @@ def test_the_held_out_task_a_user_writes_is_the_one_the_main_job_evaluates(tmp_p
 
     import pandas
 
-    from lmms_simignore.demo import TASK, demo_config
-    from lmms_simignore.sweep import _shapes_task_dir
+    from lmms_simignore.evaluation.demo import TASK, demo_config
+    from lmms_simignore.evaluation.sweep import _shapes_task_dir
 
     subprocess.run([sys.executable, "-m", "lmms_simignore", "shapes-task", "--held-out", "--num-questions", "6", "--out",
                     str(tmp_path / "user")], check=True, capture_output=True, timeout=300)

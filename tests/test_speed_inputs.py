@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from lmms_simignore.fixtures import build_processor, build_tokenizer, write_scienceqa_like_parquet
-from lmms_simignore.llava_shapes import llava15_config
-from lmms_simignore.scienceqa_pass import CHOICE_COUNTS, QUESTION_TOKENS, WORDS, local_docs, pass_rows, synthetic_docs
+from lmms_simignore.bench.llava_shapes import llava15_config
+from lmms_simignore.bench.scienceqa_pass import CHOICE_COUNTS, QUESTION_TOKENS, WORDS, local_docs, pass_rows, synthetic_docs
+from lmms_simignore.testbed.tiny import build_processor, build_tokenizer, write_scienceqa_like_parquet
 
 
 @pytest.mark.parametrize("name, billions, decimals", [("llava7b-shape", 7.06, 2), ("llava13b-shape", 13.4, 1)])
@@ -76,7 +76,7 @@ def test_pass_rows_halve_the_image_tokens_before_and_inside_the_llm():
 
 def test_random_llava15_checkpoint_is_written_in_the_asked_dtype_and_loads_through_the_model_class(tmp_path, monkeypatch):
     """The writer used for the 7B/13B shapes, on a narrowed shape (same code path, small enough for a CPU)."""
-    from lmms_simignore import llava_shapes
+    from lmms_simignore.bench import llava_shapes
     from lmms_simignore.models.llava_simignore import LlavaSimignore
 
     monkeypatch.setitem(llava_shapes.LLAMA_DECODERS, "llava7b-shape", {

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lmms_simignore.sweep import format_model_args, load_config, row_runs, run_sweep
+from lmms_simignore.evaluation.sweep import format_model_args, load_config, row_runs, run_sweep
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -42,7 +42,7 @@ def test_bad_configs_are_refused_with_the_reason(tmp_path, text, message):
 
 @pytest.fixture(scope="module")
 def paper_shaped_testbed(tmp_path_factory):
-    from lmms_simignore.fixtures import PAPER_SHAPED, build_offline_testbed
+    from lmms_simignore.testbed.tiny import PAPER_SHAPED, build_offline_testbed
 
     return build_offline_testbed(tmp_path_factory.mktemp("paper_shaped"), num_docs=4, seed=0, shape=PAPER_SHAPED)
 
@@ -89,10 +89,10 @@ def geometry() -> dict[str, tuple[int, int]]:
     """The image-token geometry of each config's model: (image tokens per image, decoder layers), from its config."""
     from transformers import AutoConfig
 
+    from lmms_simignore.bench.llava_shapes import HUB_IDS, llava15_config
     from lmms_simignore.engine import image_tokens_per_image
-    from lmms_simignore.fixtures import build_tokenizer
-    from lmms_simignore.llava_shapes import HUB_IDS, llava15_config
     from lmms_simignore.shipped import resolve_pretrained
+    from lmms_simignore.testbed.tiny import build_tokenizer
 
     configs = {hub_id: llava15_config(name, build_tokenizer()) for name, hub_id in HUB_IDS.items()}
     configs["shipped:shapes-llava"] = AutoConfig.from_pretrained(resolve_pretrained("shipped:shapes-llava"))
@@ -105,7 +105,7 @@ def test_every_row_of_every_config_is_a_valid_reduction_for_its_model(config_pat
     """Checked before any run: the settings parse and the budgets fit the model (as the model would refuse them)."""
     import dataclasses
 
-    from lmms_simignore.presets import resolve_model_args
+    from lmms_simignore.models.presets import resolve_model_args
     from lmms_simignore.settings import ReductionSettings
 
     config = load_config(config_path)

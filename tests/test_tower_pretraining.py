@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lmms_simignore.tower_pretraining import OBJECT_PHRASES, info_nce, object_regions, phrase_loss, pretrain_tower, region_states
+from lmms_simignore.testbed.tower_pretraining import OBJECT_PHRASES, info_nce, object_regions, phrase_loss, pretrain_tower, region_states
 
 
 def test_info_nce_on_a_hand_computed_pair():
@@ -62,7 +62,7 @@ def test_the_saved_tower_loads_as_a_clip_vision_model_and_embeds_as_trained(shor
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPTextModel, CLIPVisionModel
 
-    from lmms_simignore.tower_pretraining import HELD_OUT_SCENES_SEED, encode_batch, scene_batch
+    from lmms_simignore.testbed.tower_pretraining import HELD_OUT_SCENES_SEED, encode_batch, scene_batch
 
     out, summary = short_run
     vision, text = CLIPVisionModel.from_pretrained(out / "vision").eval(), CLIPTextModel.from_pretrained(out / "text").eval()
@@ -106,8 +106,8 @@ class _PatchFeatures(torch.nn.Module):
 
 
 def test_the_linear_probe_reads_what_the_patch_tokens_carry_and_nothing_else():
-    from lmms_simignore.tower_pretraining import probe_object_attributes
-    from lmms_simignore.llava_recipe import shapes_image_processor
+    from lmms_simignore.testbed.tower_pretraining import probe_object_attributes
+    from lmms_simignore.testbed.tower_pretraining import shapes_image_processor
 
     processor = shapes_image_processor(64)
     colours = probe_object_attributes(_PatchFeatures(colours=True), processor, train_scenes=200, test_scenes=100)

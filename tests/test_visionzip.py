@@ -10,7 +10,7 @@ from test_model import make_model, simple_requests
 from test_model_reductions import docs  # noqa: F401  (a fixture)
 
 from lmms_simignore import engine
-from lmms_simignore.reduction.visionzip import dominant_indices, merge_contextual, split_budget, visionzip_tokens
+from lmms_simignore.methods.visionzip import dominant_indices, merge_contextual, split_budget, visionzip_tokens
 from lmms_simignore.settings import ReductionSettings
 
 ZIP_8 = ReductionSettings(reduction="visionzip", dominant=6, contextual=2)

@@ -7,7 +7,6 @@ requests and decodes answers. All token selection and generation happens in `lmm
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from dataclasses import dataclass
 
@@ -19,10 +18,10 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
 from lmms_simignore import engine
-from lmms_simignore.accounting import TokenAccounting, layer_runs
-from lmms_simignore.presets import resolve_model_args
-from lmms_simignore.quantization import nf4_quantization_config
-from lmms_simignore.reduction import sample_seed
+from lmms_simignore.engine.accounting import TokenAccounting, layer_runs
+from lmms_simignore.methods import sample_seed
+from lmms_simignore.models.presets import resolve_model_args
+from lmms_simignore.models.quantization import nf4_quantization_config
 from lmms_simignore.settings import ReductionSettings
 from lmms_simignore.shipped import resolve_pretrained
 
@@ -279,29 +278,27 @@ class LlavaSimignore(lmms):
 
     # -- generation ----------------------------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        """Answer every request; batches group equal generation settings and similar prompt lengths.
+        """Answer every request; batches group equal generation settings and similar prompt lengths (lmms-eval's
+        `Collator`, longest prompts first, as the built-in models batch).
 
         Prompts and images are prepared batch by batch, so memory does not grow with the task size.
         """
-        arguments = [request.args for request in requests]
-        groups: dict[str, list[int]] = {}
-        for index, args in enumerate(arguments):
-            groups.setdefault(json.dumps(self._request_gen_kwargs(args), sort_keys=True, default=str), []).append(index)
-        answers: list[str | None] = [None] * len(requests)
+        from lmms_eval.utils import Collator
+
+        collator = Collator([request.args for request in requests], sort_fn=lambda args: -len(str(args[0])),
+                            group_fn=self._request_gen_kwargs, grouping=True)
+        answers = []
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc="llava_simignore")
-        for indices in groups.values():
-            gen_kwargs = dict(self._request_gen_kwargs(arguments[indices[0]]))
-            indices = sorted(indices, key=lambda i: (-len(str(arguments[i][0])), i))
-            for start in range(0, len(indices), self.batch_size):
-                batch = indices[start : start + self.batch_size]
-                prepared = [self._prompt_request(arguments[i]) for i in batch]
-                for index, answer in zip(batch, self._generate_batch(prepared, gen_kwargs)):
-                    answers[index] = answer
-                    self.cache_hook.add_partial("generate_until", (arguments[index][0], gen_kwargs), answer)
-                progress.update(len(batch))
+        for batch in collator.get_batched(n=self.batch_size):
+            gen_kwargs = dict(self._request_gen_kwargs(batch[0]))
+            prepared = [self._prompt_request(args) for args in batch]
+            for args, answer in zip(batch, self._generate_batch(prepared, gen_kwargs)):
+                answers.append(answer)
+                self.cache_hook.add_partial("generate_until", (args[0], gen_kwargs), answer)
+            progress.update(len(batch))
         progress.close()
         self._report_accounting()
-        return answers
+        return collator.get_original(answers)
 
     def _report_accounting(self) -> None:
         logger.info(f"llava_simignore token accounting: {self.accounting.summary()}")

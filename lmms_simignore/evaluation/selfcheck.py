@@ -16,8 +16,8 @@ from dataclasses import replace
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
+from lmms_simignore.evaluation.runs import LmmsEvalFailed
 from lmms_simignore.lockfile import NOT_LOCKED, canonical_name, installed_version, read_lock
-from lmms_simignore.runs import LmmsEvalFailed
 
 SELFCHECK_QUESTIONS = 2
 SELFCHECK_ROW = "simignore_32+fastv_8"  # one of the main job's rows: both kinds of stage
@@ -74,8 +74,8 @@ def diagnose(error_line: str | None, lock: dict[str, str] | None) -> list[str]:
 def run_selfcheck(workdir: str | Path = "outputs/selfcheck", lock_path: str | Path | None = None, echo=print) -> int:
     """Evaluate the selfcheck row through lmms-eval afresh in `workdir` (its log stays there); 0 when it
     answered every question, 1 otherwise, with a diagnosis."""
-    from lmms_simignore.demo import demo_config
-    from lmms_simignore.sweep import run_sweep
+    from lmms_simignore.evaluation.demo import demo_config
+    from lmms_simignore.evaluation.sweep import run_sweep
 
     config = demo_config(SELFCHECK_QUESTIONS, batch_size=SELFCHECK_QUESTIONS)
     config = replace(config, name="selfcheck", rows=tuple(row for row in config.rows if row.name == SELFCHECK_ROW))

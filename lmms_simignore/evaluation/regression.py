@@ -14,7 +14,7 @@ import math
 import tempfile
 from pathlib import Path
 
-from lmms_simignore.demo import DEMO_ROWS, HELD_OUT_QUESTIONS, HELD_OUT_SEED, MODEL, TASK, run_demo
+from lmms_simignore.evaluation.demo import DEMO_ROWS, HELD_OUT_QUESTIONS, HELD_OUT_SEED, MODEL, TASK, run_demo
 
 REGRESSION_QUESTIONS = HELD_OUT_QUESTIONS  # the main job's whole split: lmms-eval's start-up, not the questions, dominates
 UPDATE_COMMAND = "python -m lmms_simignore regression --update"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmms_simignore.reduction.selection import select_top_k
+from lmms_simignore.methods.selection import select_top_k
 
 # VisionZip's LLaVA-1.5 budgets (dominant, contextual): 192 -> (162, 30), 128 -> (108, 20), 64 -> (54, 10),
 # i.e. 5/32 of the retained tokens are contextual.

@@ -35,9 +35,16 @@ from pathlib import Path
 
 import torch
 
-from lmms_simignore import scenes, shapes
+from lmms_simignore.testbed import scenes, shapes
 
 HELD_OUT_SCENES_SEED = shapes.HELD_OUT_SEED + 1
+
+
+def shapes_image_processor(image_size: int = scenes.IMAGE_SIZE):
+    """`image_size` px in and out (no resize or crop effect), CLIP's normalisation: what the testbed models read."""
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 REGION_LAYER = -2  # the tower hidden state that LLaVA's projector reads (vision_feature_layer)
 OBJECT_KINDS = tuple((size, colour, shape) for size in scenes.SIZES for colour in scenes.COLOURS for shape in scenes.SHAPES)
 OBJECT_PHRASES = tuple(scenes.phrase(scenes.PlacedObject(colour, shape, size, 0, 0)) for size, colour, shape in OBJECT_KINDS)
@@ -101,7 +108,7 @@ def command_line(command: str) -> str:
 
 def build_caption_tokenizer(seed: int = 0):
     """A byte-level BPE tokenizer trained on captions of scenes drawn from `seed`."""
-    from lmms_simignore.fixtures import build_tokenizer
+    from lmms_simignore.testbed.tiny import build_tokenizer
 
     return build_tokenizer(vocab_size=300, corpus=captions_of(scene_batch(2000, seed=seed, draw=False)))
 
@@ -269,7 +276,6 @@ def pretrain_tower(output_dir: str | Path, steps: int = 1500, batch_size: int = 
         raise ValueError(f"batch_size must be at least 2 (a contrastive batch needs negatives), got {batch_size}")
     output_dir = Path(output_dir)
     torch.manual_seed(seed)
-    from lmms_simignore.llava_recipe import shapes_image_processor
 
     tokenizer, image_processor = build_caption_tokenizer(seed), shapes_image_processor(scenes.IMAGE_SIZE)
     model = ContrastivePair(tokenizer).to(device).train()

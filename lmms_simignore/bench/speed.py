@@ -5,11 +5,11 @@ outputs -> embeddings, token choice, prefill, first logits), the token choice al
 vision-side stage's choice, merge and projection after the tower; in-LLM choices happen inside the prefill), decode tokens/s with the KV cache, end-to-end time per sample,
 and peak memory (CUDA max allocated on GPU; peak RSS on Linux CPUs, reset per measurement). Warm-up runs,
 then repetitions: medians with min-max spread, speed-ups as ratios against `none` of the same run, next to
-the ideal speed-up from `lmms_simignore.flops` for the tokens each layer computes on.
+the ideal speed-up from `lmms_simignore.bench.flops` for the tokens each layer computes on.
 
 Models: the shipped testbed, `paper-shaped` (LLaVA-1.5's 576 image tokens in 6 narrow layers, for CPUs), and
-random-weight models with the exact shapes of LLaVA-1.5-7B and -13B (`lmms_simignore.llava_shapes`; fp16 and sdpa
-on a GPU). Timing does not depend on weight values. A ScienceQA-IMG-sized pass (`lmms_simignore.scienceqa_pass`)
+random-weight models with the exact shapes of LLaVA-1.5-7B and -13B (`lmms_simignore.bench.llava_shapes`; fp16 and sdpa
+on a GPU). Timing does not depend on weight values. A ScienceQA-IMG-sized pass (`lmms_simignore.bench.scienceqa_pass`)
 times 2017 prompts through the lmms-eval model class for none, Simignore (drop) and FastV at two batch sizes.
 """
 
@@ -19,50 +19,17 @@ import json
 import platform
 import statistics
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from lmms_simignore import engine, scienceqa_pass
-from lmms_simignore.flops import DecoderShape, sample_prefill_flops
+from lmms_simignore import engine
+from lmms_simignore.bench import scienceqa_pass
+from lmms_simignore.bench.flops import DecoderShape, sample_prefill_flops
+from lmms_simignore.bench.rows import bench_rows
+from lmms_simignore.markdown import table
 from lmms_simignore.settings import ReductionSettings
-
-
-@dataclass(frozen=True)
-class BenchRow:
-    name: str
-    settings: ReductionSettings
-
-
-def bench_fastv_layer(num_layers: int) -> int:
-    """FastV's layer in the benchmarks: 2 (its paper's K), or 1 for models too shallow for that."""
-    return 2 if num_layers > 2 else 1
-
-
-def kept_tokens(image_tokens: int, fraction: float) -> int:
-    """The benchmarks' budget: `fraction` of the image tokens, at least one."""
-    return max(1, round(image_tokens * fraction))
-
-
-def bench_rows(image_tokens: int, num_layers: int) -> list[BenchRow]:
-    """none, every method at 50% and 25% of the image tokens, and PyramidDrop with its defaults (lambda 0.5 at a
-    quarter, a half and three quarters of the depth)."""
-    fastv_layer = bench_fastv_layer(num_layers)
-    rows = [BenchRow("none", ReductionSettings())]
-    for fraction in (0.5, 0.25):
-        keep = kept_tokens(image_tokens, fraction)
-        percent = int(fraction * 100)
-        rows += [
-            BenchRow(f"simignore_drop_{percent}", ReductionSettings(reduction="simignore", keep=keep, apply="drop")),
-            BenchRow(f"simignore_mask_{percent}", ReductionSettings(reduction="simignore", keep=keep, apply="mask")),
-            BenchRow(f"random_drop_{percent}", ReductionSettings(reduction="random", keep=keep, apply="drop")),
-            BenchRow(f"fastv_{percent}", ReductionSettings(reduction="fastv", fastv_layer=fastv_layer, fastv_keep=keep)),
-            BenchRow(f"visionzip_{percent}", ReductionSettings(reduction="visionzip", keep=keep)),
-            BenchRow(f"dart_{percent}", ReductionSettings(reduction="dart", dart_layer=fastv_layer, keep=keep)),
-        ]
-    return rows + [BenchRow("pdrop", ReductionSettings(reduction="pdrop"))]
 
 
 class PeakMemory:
@@ -158,11 +125,11 @@ def bench_model(model, processor, records: list[dict], batch_size: int, warmup: 
                 progress=print) -> dict:
     """Every bench row on the first `batch_size` records; medians, spread, ratios against none and the FLOP ideal.
 
-    The ideal counts the decoder layers only (`lmms_simignore.flops`), so it is compared with the LLM prefill
+    The ideal counts the decoder layers only (`lmms_simignore.bench.flops`), so it is compared with the LLM prefill
     (from the reduced prompt to the first logits); time to first token adds the vision tower and the choice.
     """
     from lmms_simignore.models.llava_simignore import options_text
-    from lmms_simignore.llava_recipe import encode  # the shapes prompt format
+    from lmms_simignore.testbed.llava_recipe import encode  # the shapes prompt format
 
     device = next(model.parameters()).device
     batch = records[:batch_size]
@@ -217,7 +184,7 @@ def wrapper_overhead(records: list[dict], device: torch.device, repeats: int, ma
     from lmms_simignore.models.llava_simignore import LlavaSimignore
     from lmms_simignore.shipped import shipped_model_dir
     from lmms_simignore.tasks.scienceqa_utils import doc_to_visual
-    from lmms_simignore.llava_recipe import prompt_text
+    from lmms_simignore.testbed.llava_recipe import prompt_text
 
     task, split = "bench_shapes", "test"
     gen_kwargs = {"max_new_tokens": max_new_tokens, "temperature": 0, "do_sample": False}
@@ -271,27 +238,28 @@ def markdown(report: dict) -> str:
     if "wrapper_overhead" in report:
         overhead = report["wrapper_overhead"]
         lines += ["## Wrapper overhead: `reduction=none` against the built-in `llava_hf` (testbed model, batch 1)", "",
-                  "| model class | seconds per pass of " + str(overhead["prompts"]) + " prompts (min-max) |", "|---|---:|"]
-        for name, summary in overhead["seconds"].items():
-            lines.append(f"| {name} | {summary['median']:.2f} ({summary['min']:.2f}-{summary['max']:.2f}) |")
+                  table(["model class", f"seconds per pass of {overhead['prompts']} prompts (min-max)"],
+                        [[name, f"{summary['median']:.2f} ({summary['min']:.2f}-{summary['max']:.2f})"]
+                         for name, summary in overhead["seconds"].items()], align="lr")]
         lines += ["", f"Overhead {100 * overhead['overhead']:+.1f}%; identical answers: {overhead['same_answers']}.", ""]
     for name, model_report in report["models"].items():
         lines += [f"## {name}: {model_report['image_tokens']} image tokens, {model_report['layers']} layers, batch {model_report['batch_size']}, "
-                  f"{report['settings']['repeats']} repeats after {report['settings']['warmup']} warm-up", "",
-                  "| row | time to first token ms | LLM prefill ms (min-max) | prefill speed-up | ideal (FLOPs) | measured / ideal "
-                  "| choice ms | choice / prefill | decode tok/s | peak memory MiB |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"{report['settings']['repeats']} repeats after {report['settings']['warmup']} warm-up", ""]
+        body = []
         for row, result in model_report["rows"].items():
             prefill = result["prefill_s"]
             memory = result["peak_memory_bytes"]["median"] / 2**20 if result["peak_memory_bytes"] else None
             decode = result["decode_tokens_per_s"]["median"] if result["decode_tokens_per_s"] else None
-            lines.append(
-                f"| {row} | {result['ttft_s']['median'] * 1000:.1f} | {prefill['median'] * 1000:.1f} ({prefill['min'] * 1000:.1f}-{prefill['max'] * 1000:.1f}) | "
-                f"{result['prefill_speedup']:.2f} | {result['ideal_prefill_speedup']:.2f} | {result['prefill_speedup_vs_ideal']:.2f} | "
-                f"{result['choice_s']['median'] * 1000:.2f} | {100 * result['choice_share_of_prefill']:.1f}% | "
-                f"{'-' if decode is None else f'{decode:.0f}'} | {'-' if memory is None else f'{memory:.0f}'} |"
-            )
-        lines.append("")
+            body.append([
+                row, f"{result['ttft_s']['median'] * 1000:.1f}",
+                f"{prefill['median'] * 1000:.1f} ({prefill['min'] * 1000:.1f}-{prefill['max'] * 1000:.1f})",
+                f"{result['prefill_speedup']:.2f}", f"{result['ideal_prefill_speedup']:.2f}", f"{result['prefill_speedup_vs_ideal']:.2f}",
+                f"{result['choice_s']['median'] * 1000:.2f}", f"{100 * result['choice_share_of_prefill']:.1f}%",
+                "-" if decode is None else f"{decode:.0f}", "-" if memory is None else f"{memory:.0f}",
+            ])
+        header = ["row", "time to first token ms", "LLM prefill ms (min-max)", "prefill speed-up", "ideal (FLOPs)", "measured / ideal",
+                  "choice ms", "choice / prefill", "decode tok/s", "peak memory MiB"]
+        lines += [table(header, body, align="l" + "r" * 9), ""]
     if "scienceqa_pass" in report:
         lines += scienceqa_pass.markdown(report["scienceqa_pass"])
     return "\n".join(lines + against_targets(report))
@@ -304,22 +272,22 @@ TARGETS = {"drop_vs_ideal": 0.9, "choice_share": 0.01, "wrapper_overhead": 0.02}
 def against_targets(report: dict) -> list[str]:
     """Markdown lines: each model's worst drop-mode measured/ideal and worst choice share, and the wrapper's overhead."""
     where = report["machine"].get("gpu") or "CPU"
-    lines = [f"## Against the targets ({where})", "", "| target | measured | met |", "|---|---|---|"]
+    body = []
     for name, model_report in report["models"].items():
         rows = model_report["rows"]
         drop = {row: result["prefill_speedup_vs_ideal"] for row, result in rows.items() if "_drop_" in row}
         worst_drop = min(drop, key=drop.get)
-        lines.append(f"| {name}: drop-mode prefill speed-up >= {TARGETS['drop_vs_ideal']} x ideal | worst {drop[worst_drop]:.2f} "
-                     f"({worst_drop}) | {'yes' if drop[worst_drop] >= TARGETS['drop_vs_ideal'] else 'no'} |")
+        body.append([f"{name}: drop-mode prefill speed-up >= {TARGETS['drop_vs_ideal']} x ideal", f"worst {drop[worst_drop]:.2f} ({worst_drop})",
+                     "yes" if drop[worst_drop] >= TARGETS["drop_vs_ideal"] else "no"])
         share = {row: result["choice_share_of_prefill"] for row, result in rows.items() if row != "none"}
         worst_share = max(share, key=share.get)
-        lines.append(f"| {name}: token choice <= {TARGETS['choice_share']:.0%} of prefill | worst {share[worst_share]:.1%} "
-                     f"({worst_share}) | {'yes' if share[worst_share] <= TARGETS['choice_share'] else 'no'} |")
+        body.append([f"{name}: token choice <= {TARGETS['choice_share']:.0%} of prefill", f"worst {share[worst_share]:.1%} ({worst_share})",
+                     "yes" if share[worst_share] <= TARGETS["choice_share"] else "no"])
     if "wrapper_overhead" in report:
         overhead = report["wrapper_overhead"]["overhead"]
-        lines.append(f"| wrapper overhead <= {TARGETS['wrapper_overhead']:.0%} against `llava_hf` | {overhead:+.1%} | "
-                     f"{'yes' if overhead <= TARGETS['wrapper_overhead'] else 'no'} |")
-    return lines + [""]
+        body.append([f"wrapper overhead <= {TARGETS['wrapper_overhead']:.0%} against `llava_hf`", f"{overhead:+.1%}",
+                     "yes" if overhead <= TARGETS["wrapper_overhead"] else "no"])
+    return [f"## Against the targets ({where})", "", *table(["target", "measured", "met"], body).split("\n"), ""]
 
 
 BENCH_MODELS = ("testbed", "paper-shaped", "llava7b-shape", "llava13b-shape")
@@ -341,10 +309,10 @@ def bench_checkpoint(name: str, workdir: Path, device: torch.device, dtype: torc
     if (folder / "config.json").exists():
         return folder
     if name == "paper-shaped":
-        from lmms_simignore.fixtures import PAPER_SHAPED, build_tiny_llava
+        from lmms_simignore.testbed.tiny import PAPER_SHAPED, build_tiny_llava
 
         return build_tiny_llava(folder, shape=PAPER_SHAPED)
-    from lmms_simignore.llava_shapes import write_random_llava15
+    from lmms_simignore.bench.llava_shapes import write_random_llava15
 
     return write_random_llava15(name, folder, device, dtype)
 
@@ -373,7 +341,7 @@ def run_bench(out_dir: str | Path, models: tuple[str, ...] | None = None, quick:
     llava7b-shape on a GPU); write bench.json and bench.md into `out_dir`."""
     import tempfile
 
-    from lmms_simignore import shapes
+    from lmms_simignore.testbed import shapes
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     models = tuple(models or default_models(device))
@@ -384,7 +352,7 @@ def run_bench(out_dir: str | Path, models: tuple[str, ...] | None = None, quick:
     if pass_prompts < 0 or not pass_batch_sizes or any(size < 1 for size in pass_batch_sizes):
         raise ValueError(f"--pass-prompts must be >= 0 and --pass-batch-sizes positive; got {pass_prompts}, {pass_batch_sizes}")
     if pass_data is not None:
-        from lmms_simignore.fixtures import check_local_data
+        from lmms_simignore.local_data import check_local_data
 
         check_local_data(pass_data)
     if quick:
@@ -422,7 +390,7 @@ def run_bench(out_dir: str | Path, models: tuple[str, ...] | None = None, quick:
                 from transformers import AutoTokenizer
 
                 docs = scienceqa_pass.synthetic_docs(AutoTokenizer.from_pretrained(folder), pass_prompts)
-                source = "text lengths drawn from the assumed ScienceQA-IMG distribution (lmms_simignore/scienceqa_pass.py)"
+                source = "text lengths drawn from the assumed ScienceQA-IMG distribution (lmms_simignore/bench/scienceqa_pass.py)"
             else:
                 docs = scienceqa_pass.local_docs(pass_data, pass_prompts)
                 source = f"questions of {Path(pass_data).name}"

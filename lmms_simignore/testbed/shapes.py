@@ -12,8 +12,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from lmms_simignore import scenes
-from lmms_simignore.scenes import COLOURS, SHAPES
+from lmms_simignore.testbed import scenes
+from lmms_simignore.testbed.scenes import COLOURS, SHAPES
 
 YES_NO = ("yes", "no")
 MAX_OBJECTS = 6
@@ -112,7 +112,7 @@ def write_shapes_task(out_dir: str | Path, num_questions: int = 500, seed: int =
 
     from datasets import Dataset, Features, Image, Sequence, Value
 
-    from lmms_simignore.fixtures import write_local_task
+    from lmms_simignore.local_data import write_local_task
 
     out_dir = Path(out_dir)
     records = shapes_records(num_questions, seed=seed, max_objects=max_objects)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmms_simignore.reduction.selection import select_top_k
+from lmms_simignore.methods.selection import select_top_k
 
 DEFAULT_PIVOTS = 8
 DEFAULT_LAYER = 2

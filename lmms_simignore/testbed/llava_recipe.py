@@ -28,11 +28,12 @@ from pathlib import Path
 
 import torch
 
-from lmms_simignore import scenes, shapes
-from lmms_simignore.fixtures import CHAT_TEMPLATE, SYSTEM_PROMPT
+from lmms_simignore.tasks.scienceqa_utils import LLAVA_CHAT_TEMPLATE as CHAT_TEMPLATE
+from lmms_simignore.tasks.scienceqa_utils import LLAVA_SYSTEM_PROMPT as SYSTEM_PROMPT
 from lmms_simignore.tasks.scienceqa_utils import POST_PROMPT
-from lmms_simignore.tower_pretraining import (TRAINING_SEEDS_FROM, CosineAdamW, captions_of, check_folder, check_positive,
-                                              command_line, scene_batch, scene_objects)
+from lmms_simignore.testbed import scenes, shapes
+from lmms_simignore.testbed.tower_pretraining import (TRAINING_SEEDS_FROM, CosineAdamW, captions_of, check_folder, check_positive,
+                                                      command_line, scene_batch, scene_objects, shapes_image_processor)
 
 ALIGNMENT_SEED = shapes.HELD_OUT_SEED + 2  # held-out scenes for the alignment measurement
 CAPTION_SEED = shapes.HELD_OUT_SEED + 3  # held-out scenes for the stage-1 caption loss
@@ -48,13 +49,6 @@ def shapes_corpus() -> list[str]:
                       f"Is the {colour} {shape} left of the {colour} {shape}? How many objects are there?"]
     lines += [" ".join(shapes.COLOURS), " ".join(shapes.SHAPES), " ".join(shapes.COUNTS), "yes no"]
     return lines * 4
-
-
-def shapes_image_processor(image_size: int = scenes.IMAGE_SIZE):
-    """`image_size` px in and out (no resize or crop effect), CLIP's normalisation: what the testbed models read."""
-    from transformers import CLIPImageProcessorPil
-
-    return CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
 def prompt_text(record: dict) -> str:
@@ -147,7 +141,7 @@ def scene_dialogue(record: dict, rng: random.Random, tokenizer) -> str:
 
 def recipe_tokenizer(seed: int = 0):
     """One byte-level BPE tokenizer for every stage: the shapes prompts plus scene text from `seed`."""
-    from lmms_simignore.fixtures import build_tokenizer
+    from lmms_simignore.testbed.tiny import build_tokenizer
     rng = random.Random(seed)
     return build_tokenizer(vocab_size=600, corpus=shapes_corpus() + [scene_text(r, rng) for r in scene_batch(2000, seed=seed, draw=False)])
 
@@ -310,7 +304,7 @@ def cls_attention_on_objects(model, processor, records: list[dict], keeps: tuple
     among the `keep` patches with the highest CLS attention (summed over heads), against the object share of all
     patches (what a random choice gets). Recomputed from each layer's own norm and projections."""
     from lmms_simignore import engine
-    from lmms_simignore.reduction.selection import select_top_k
+    from lmms_simignore.methods.selection import select_top_k
 
     pixels = processor.image_processor(images=[r["image"] for r in records], return_tensors="pt")["pixel_values"].to(model.device)
     states = engine.vision_tower_states(model, pixels)

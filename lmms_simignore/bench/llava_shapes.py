@@ -59,7 +59,7 @@ def write_random_llava15(name: str, output_dir: str | Path, device: torch.device
     """
     from transformers import LlavaForConditionalGeneration
 
-    from lmms_simignore.fixtures import build_processor, build_tokenizer
+    from lmms_simignore.testbed.tiny import build_processor, build_tokenizer
 
     output_dir = Path(output_dir)
     tokenizer = build_tokenizer()

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 
+from lmms_simignore.bench.rows import bench_fastv_layer, kept_tokens
+from lmms_simignore.markdown import table
+
 SCIENCEQA_IMG_TEST_QUESTIONS = 2017
 
 # Assumed text lengths, in tokens (not measured from the data): a quarter of the questions have no context (maps),
@@ -96,7 +99,7 @@ def local_docs(data: str | Path, num_docs: int) -> list[dict]:
     """The first `num_docs` questions with an image of a local test split (parquet file or save_to_disk folder)."""
     from datasets import Dataset, load_from_disk
 
-    from lmms_simignore.fixtures import check_local_data
+    from lmms_simignore.local_data import check_local_data
 
     path = check_local_data(data)
     dataset = load_from_disk(str(path))["test"] if path.is_dir() else Dataset.from_parquet(str(path))
@@ -112,7 +115,6 @@ def local_docs(data: str | Path, num_docs: int) -> list[dict]:
 def pass_rows(image_tokens: int, num_layers: int) -> dict[str, dict]:
     """none, Simignore dropping half the image tokens before the LLM, FastV keeping half after its layer
     (the budgets and FastV layer of the benchmark's 50% rows)."""
-    from lmms_simignore.bench import bench_fastv_layer, kept_tokens
 
     half = kept_tokens(image_tokens, 0.5)
     return {
@@ -165,7 +167,7 @@ def time_pass(pretrained: str | Path, docs: list[dict], batch_sizes: tuple[int, 
     from transformers import AutoConfig
 
     from lmms_simignore import engine
-    from lmms_simignore.accounting import TokenAccounting
+    from lmms_simignore.engine.accounting import TokenAccounting
     from lmms_simignore.models.llava_simignore import LlavaSimignore
     from lmms_simignore.settings import ReductionSettings
 
@@ -245,12 +247,12 @@ def markdown(report: dict) -> list[str]:
              f"Prompt tokens (text + {report['image_tokens']} image tokens): mean {tokens['mean']:.0f}, median {tokens['median']:.0f}, "
              f"p90 {tokens['p90']}, max {tokens['max']}; {report['source']}. Through `LlavaSimignore.generate_until` "
              "(image preprocessing, batching, token choice, prefill), after two batches of warm-up per row; the rows take "
-             "turns piece by piece, and the speed-up is the median of the per-piece ratios (min-max in brackets).", "",
-             "| batch | row | seconds | prompts/s | speed-up vs none | pieces | mean image tokens per layer | peak GPU memory GiB |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "turns piece by piece, and the speed-up is the median of the per-piece ratios (min-max in brackets).", ""]
+    body = []
     for result in report["results"]:
         visible, memory, spread = result["mean_visible_image_tokens"], result["peak_cuda_memory_bytes"], result["speedup_spread"]
-        lines.append(f"| {result['batch_size']} | {result['row']} | {result['seconds']:.1f} | {result['prompts_per_s']:.1f} | "
-                     f"{result['speedup']:.2f} ({spread['min']:.2f}-{spread['max']:.2f}) | {result['pieces']} | "
-                     f"{'-' if visible is None else f'{visible:.0f}'} | {'-' if memory is None else f'{memory / 2**30:.1f}'} |")
-    return lines + [""]
+        body.append([result["batch_size"], result["row"], f"{result['seconds']:.1f}", f"{result['prompts_per_s']:.1f}",
+                     f"{result['speedup']:.2f} ({spread['min']:.2f}-{spread['max']:.2f})", result["pieces"],
+                     "-" if visible is None else f"{visible:.0f}", "-" if memory is None else f"{memory / 2**30:.1f}"])
+    header = ["batch", "row", "seconds", "prompts/s", "speed-up vs none", "pieces", "mean image tokens per layer", "peak GPU memory GiB"]
+    return lines + [table(header, body, align="rlrrrrrr"), ""]

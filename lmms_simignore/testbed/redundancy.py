@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from lmms_simignore.markdown import table
+
 METRICS = ("stable_rank", "participation_ratio", "gini_of_norms")
 DEFINITIONS = {  # written into every report
     "stable_rank": "||X||_F^2 / ||X||_2^2 = sum_i s_i^2 / s_max^2 (s: singular values of X, uncentred); "
@@ -65,7 +67,7 @@ def image_token_states(model, processor, records: list[dict], batch_size: int = 
 
     Image positions are read from the input ids (the processor's image token), never assumed.
     """
-    from lmms_simignore.llava_recipe import encode
+    from lmms_simignore.testbed.llava_recipe import encode
 
     image_token_id = model.config.image_token_id
     layers = model.model.language_model.layers
@@ -148,8 +150,8 @@ def run_redundancy(out_dir: str | Path, pretrained: str = "shipped:shapes-llava"
     """Measure on generated shapes questions (default: the held-out seed); write redundancy.json and redundancy.png."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from lmms_simignore import shapes
     from lmms_simignore.shipped import resolve_pretrained
+    from lmms_simignore.testbed import shapes
 
     if num_questions < 1:
         raise ValueError(f"num_questions must be at least 1, got {num_questions}")
@@ -173,12 +175,8 @@ def redundancy_table(report: dict) -> str:
     """Markdown: per layer, each measure's mean for the fewest and the most objects."""
     counts = list(report["per_object_count"])
     low, high = counts[0], counts[-1]
-    header = "| layer | " + " | ".join(f"{metric} ({low} -> {high} objects)" for metric in METRICS) + " |"
-    lines = [header, "|---|" + "---:|" * len(METRICS)]
-    for layer, name in enumerate(report["layers"]):
-        cells = [
-            f"{report['per_object_count'][low][metric]['mean'][layer]:.2f} -> {report['per_object_count'][high][metric]['mean'][layer]:.2f}"
-            for metric in METRICS
-        ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    header = ["layer", *(f"{metric} ({low} -> {high} objects)" for metric in METRICS)]
+    body = [[name, *(f"{report['per_object_count'][low][metric]['mean'][layer]:.2f} -> "
+                     f"{report['per_object_count'][high][metric]['mean'][layer]:.2f}" for metric in METRICS)]
+            for layer, name in enumerate(report["layers"])]
+    return table(header, body, align="l" + "r" * len(METRICS))

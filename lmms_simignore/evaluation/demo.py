@@ -4,16 +4,17 @@ It generates the model card's held-out split of the shapes benchmark (seed 10000
 `num_questions` of its 1000 questions), evaluates `shipped:shapes-llava` for `none` and every
 reduction at 50%, 25% and 12.5% of its 64 image tokens (PyramidDrop with its defaults), and prints accuracy per question type and per
 object count with the image tokens each decoder layer saw. The CI accuracy regression runs the same
-rows on the same split (see `lmms_simignore.regression`).
+rows on the same split (see `lmms_simignore.evaluation.regression`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from lmms_simignore.shapes import HELD_OUT_SEED, MAX_OBJECTS, QUESTION_TYPES
-from lmms_simignore.accounting import layer_runs
-from lmms_simignore.sweep import SweepConfig, SweepRow, run_sweep
+from lmms_simignore.engine.accounting import layer_runs
+from lmms_simignore.evaluation.sweep import SweepConfig, SweepRow, run_sweep
+from lmms_simignore.markdown import table
+from lmms_simignore.testbed.shapes import HELD_OUT_SEED, MAX_OBJECTS, QUESTION_TYPES
 
 MODEL = "shipped:shapes-llava"
 TASK = "shapes_heldout"
@@ -88,25 +89,23 @@ def _cell(metrics: dict, name: str) -> str:
 def per_type_table(summaries: list[dict], task: str = TASK) -> str:
     """Markdown: overall and per-type accuracy, image tokens per decoder layer, answers equal to the first row."""
     header = ["row", "overall", *QUESTION_TYPES, "image tokens per layer", "mean", "answers = " + summaries[0]["name"]]
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(QUESTION_TYPES) + 1) + "---|---:|---:|"]
+    body = []
     reference = summaries[0]["answers"][task]
     for summary in summaries:
         metrics = summary["all_metrics"][task]
         same = sum(a == b for a, b in zip(summary["answers"][task], reference))
         cells = [summary["name"], _cell(metrics, "exact_match"), *(_cell(metrics, f"acc_{t}") for t in QUESTION_TYPES)]
         cells += [layer_runs([round(v, 1) for v in summary["visible_per_layer"]]), f"{summary['mean_visible']:.1f}", f"{same}/{len(reference)}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return table(header, body, align="l" + "r" * (len(QUESTION_TYPES) + 1) + "lrr")
 
 
 def per_count_table(summaries: list[dict], task: str = TASK) -> str:
     """Markdown: accuracy by the number of objects in the image (the benchmark's difficulty axis)."""
     counts = range(1, MAX_OBJECTS + 1)
-    lines = ["| row | " + " | ".join(f"{n} object{'s' * (n > 1)}" for n in counts) + " |", "|---|" + "---:|" * len(counts)]
-    for summary in summaries:
-        metrics = summary["all_metrics"][task]
-        lines.append(f"| {summary['name']} | " + " | ".join(_cell(metrics, f"acc_objects_{n}") for n in counts) + " |")
-    return "\n".join(lines)
+    header = ["row", *(f"{n} object{'s' * (n > 1)}" for n in counts)]
+    body = [[summary["name"], *(_cell(summary["all_metrics"][task], f"acc_objects_{n}") for n in counts)] for summary in summaries]
+    return table(header, body, align="l" + "r" * len(counts))
 
 
 CURVE_METHODS = ("simignore", "random", "visionzip", "fastv", "dart")
@@ -123,13 +122,11 @@ def curve(summaries: list[dict], task: str = TASK) -> dict[str, list[tuple[int, 
 def curve_table(summaries: list[dict], task: str = TASK) -> str:
     """Markdown: overall accuracy of each method at 50%, 25% and 12.5% of the image tokens, and `none`."""
     none = next(s for s in summaries if s["name"] == "none")["all_metrics"][task]["exact_match"]
-    lines = ["| method | " + " | ".join(f"{keep} of {IMAGE_TOKENS} ({keep / IMAGE_TOKENS:.1%})" for keep in BUDGETS) + " |",
-             "|---|" + "---:|" * len(BUDGETS)]
-    for method, points in curve(summaries, task).items():
-        by_keep = dict(points)
-        lines.append(f"| {method} | " + " | ".join(f"{by_keep[keep]:.3f}" if keep in by_keep else "-" for keep in BUDGETS) + " |")
-    lines.append(f"| none (all {IMAGE_TOKENS}) | " + " | ".join(f"{none:.3f}" for _ in BUDGETS) + " |")
-    return "\n".join(lines)
+    header = ["method", *(f"{keep} of {IMAGE_TOKENS} ({keep / IMAGE_TOKENS:.1%})" for keep in BUDGETS)]
+    body = [[method, *(f"{dict(points)[keep]:.3f}" if keep in dict(points) else "-" for keep in BUDGETS)]
+            for method, points in curve(summaries, task).items()]
+    body.append([f"none (all {IMAGE_TOKENS})", *(f"{none:.3f}" for _ in BUDGETS)])
+    return table(header, body, align="l" + "r" * len(BUDGETS))
 
 
 def plot_curve(summaries: list[dict], path: Path, task: str = TASK) -> None:
@@ -139,7 +136,7 @@ def plot_curve(summaries: list[dict], path: Path, task: str = TASK) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lmms_simignore.shapes import OPTIONS
+    from lmms_simignore.testbed.shapes import OPTIONS
 
     figure, axis = plt.subplots(figsize=(6, 4), constrained_layout=True)
     for method, points in curve(summaries, task).items():

@@ -3,7 +3,7 @@
 A row is a folder that `runs.run_lmms_eval` finished (it holds `provenance.json` and lmms-eval's results);
 half-written rows (`*.partial`) are never read. Per row: the main metric and its breakdowns, the image tokens
 each decoder layer saw and their average, the prefill FLOPs relative to the `reduction=none` row of the same
-model and task (`lmms_simignore.flops`), wall time, and where the numbers come from.
+model and task (`lmms_simignore.bench.flops`), wall time, and where the numbers come from.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import csv
 import json
 from pathlib import Path
 
-from lmms_simignore.accounting import TokenAccounting, layer_runs
-from lmms_simignore.runs import PROVENANCE, find_results
-from lmms_simignore.sweep import main_metric, task_metrics
+from lmms_simignore.engine.accounting import TokenAccounting, layer_runs
+from lmms_simignore.evaluation.runs import PROVENANCE, find_results
+from lmms_simignore.evaluation.sweep import main_metric, task_metrics
+from lmms_simignore.markdown import table
 
 
 def parse_model_args(model_args: str) -> dict[str, str]:
@@ -34,7 +35,7 @@ def _decoder_shape(pretrained: str, cache: dict):
     if pretrained not in cache:
         from transformers import AutoConfig
 
-        from lmms_simignore.flops import DecoderShape
+        from lmms_simignore.bench.flops import DecoderShape
         from lmms_simignore.shipped import resolve_pretrained
 
         try:
@@ -46,7 +47,7 @@ def _decoder_shape(pretrained: str, cache: dict):
 
 def collect_rows(directory: str | Path) -> list[dict]:
     """Every finished row under `directory` (sorted by folder), one entry per (row, task)."""
-    from lmms_simignore.flops import sample_prefill_flops
+    from lmms_simignore.bench.flops import sample_prefill_flops
 
     directory = Path(directory)
     shapes: dict = {}
@@ -110,7 +111,7 @@ def markdown(rows: list[dict]) -> str:
     with_reported = any(row["reported"] for row in rows)
     header = ["row", "method", "task", "metric", "value", *breakdowns, "image tokens per layer", "mean / total", "prefill FLOPs vs none", "wall s"]
     header += ["reported (published, not measured here)"] if with_reported else []
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     for row in rows:
         cells = [row["row"], row["method"], row["task"], row["metric"], f"{row['value']:.4f}"]
         cells += [f"{row['breakdown'][name]:.3f}" if name in row["breakdown"] else "-" for name in breakdowns]
@@ -119,8 +120,9 @@ def markdown(rows: list[dict]) -> str:
                   "-" if row["flops_vs_baseline"] is None else f"{row['flops_vs_baseline']:.3f}", f"{row['wall_s']:.0f}"]
         if with_reported:
             cells.append(f"{row['reported']['value']} ({row['reported']['source']})" if row["reported"] else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Provenance", "", "| row | date | git commit | lmms-simignore | lmms-eval | transformers | torch | command |", "|---|---|---|---|---|---|---|---|"]
+        body.append(cells)
+    lines = [table(header, body), "", "Provenance", ""]
+    provenance = []
     seen = set()
     for row in rows:
         if row["row"] in seen:
@@ -128,10 +130,11 @@ def markdown(rows: list[dict]) -> str:
         seen.add(row["row"])
         p = row["provenance"]
         versions = p["versions"]
-        lines.append(f"| {row['row']} | {p['date']} | {p['git_commit'][:12]}{'+dirty' if p['git_commit'].endswith('+dirty') else ''} | "
-                     f"{versions['lmms-simignore']} | {versions['lmms-eval']} | {versions['transformers']} | {versions['torch']} | "
-                     f"`{' '.join(p['command'])}` |")
-    return "\n".join(lines)
+        provenance.append([row["row"], p["date"], f"{p['git_commit'][:12]}{'+dirty' if p['git_commit'].endswith('+dirty') else ''}",
+                           versions["lmms-simignore"], versions["lmms-eval"], versions["transformers"], versions["torch"],
+                           f"`{' '.join(p['command'])}`"])
+    header = ["row", "date", "git commit", "lmms-simignore", "lmms-eval", "transformers", "torch", "command"]
+    return "\n".join(lines + [table(header, provenance)])
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

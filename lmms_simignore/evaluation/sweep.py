@@ -27,8 +27,9 @@ from pathlib import Path
 
 import yaml
 
-from lmms_simignore.accounting import TokenAccounting, layer_runs
-from lmms_simignore.runs import RUN_DIR, EvalRun, read_samples, reuse_state, run_lmms_eval
+from lmms_simignore.engine.accounting import TokenAccounting, layer_runs
+from lmms_simignore.evaluation.runs import RUN_DIR, EvalRun, read_samples, reuse_state, run_lmms_eval
+from lmms_simignore.markdown import table
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ def markdown_table(summaries: list[dict]) -> str:
     tasks = list(summaries[0]["metrics"])
     header = ["row"] + [f"{task} {summaries[0]['metrics'][task][0]}" for task in tasks]
     header += ["image tokens per layer", "mean visible", "answers = first row"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     reference = summaries[0]["answers"]
     for summary in summaries:
         same = sum(a == b for task in tasks for a, b in zip(summary["answers"][task], reference[task]))
@@ -198,13 +199,13 @@ def markdown_table(summaries: list[dict]) -> str:
         cells = [summary["name"]] + [f"{summary['metrics'][task][1]:.4f}" for task in tasks]
         per_layer = layer_runs([round(v, 1) for v in summary["visible_per_layer"]]) if summary["visible_per_layer"] else "-"
         cells += [per_layer, f"{summary['mean_visible']:.1f} / {summary['image_tokens']:.0f}", f"{same}/{total}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return table(header, body)
 
 
 def _shapes_task_dir(spec: dict, tasks_dir: Path, write: bool) -> Path:
     """Generate the config's shapes split once (same spec, same data) and return the folder for --include_path."""
-    from lmms_simignore.shapes import HELD_OUT_SEED, write_shapes_task
+    from lmms_simignore.testbed.shapes import HELD_OUT_SEED, write_shapes_task
 
     name = spec.get("name", "shapes_heldout")
     if write and not (tasks_dir / f"{name}.yaml").exists():

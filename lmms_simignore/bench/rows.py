@@ -1,0 +1,42 @@
+"""What the speed benchmark times: its rows (none and every method at 50% and 25% of the image tokens) and budgets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmms_simignore.settings import ReductionSettings
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    name: str
+    settings: ReductionSettings
+
+
+def bench_fastv_layer(num_layers: int) -> int:
+    """FastV's layer in the benchmarks: 2 (its paper's K), or 1 for models too shallow for that."""
+    return 2 if num_layers > 2 else 1
+
+
+def kept_tokens(image_tokens: int, fraction: float) -> int:
+    """The benchmarks' budget: `fraction` of the image tokens, at least one."""
+    return max(1, round(image_tokens * fraction))
+
+
+def bench_rows(image_tokens: int, num_layers: int) -> list[BenchRow]:
+    """none, every method at 50% and 25% of the image tokens, and PyramidDrop with its defaults (lambda 0.5 at a
+    quarter, a half and three quarters of the depth)."""
+    fastv_layer = bench_fastv_layer(num_layers)
+    rows = [BenchRow("none", ReductionSettings())]
+    for fraction in (0.5, 0.25):
+        keep = kept_tokens(image_tokens, fraction)
+        percent = int(fraction * 100)
+        rows += [
+            BenchRow(f"simignore_drop_{percent}", ReductionSettings(reduction="simignore", keep=keep, apply="drop")),
+            BenchRow(f"simignore_mask_{percent}", ReductionSettings(reduction="simignore", keep=keep, apply="mask")),
+            BenchRow(f"random_drop_{percent}", ReductionSettings(reduction="random", keep=keep, apply="drop")),
+            BenchRow(f"fastv_{percent}", ReductionSettings(reduction="fastv", fastv_layer=fastv_layer, fastv_keep=keep)),
+            BenchRow(f"visionzip_{percent}", ReductionSettings(reduction="visionzip", keep=keep)),
+            BenchRow(f"dart_{percent}", ReductionSettings(reduction="dart", dart_layer=fastv_layer, keep=keep)),
+        ]
+    return rows + [BenchRow("pdrop", ReductionSettings(reduction="pdrop"))]

@@ -1,0 +1,96 @@
+"""Attention quantities recomputed from a layer's own parts (norm, projections, rotary embedding), so that they do not
+depend on the attention backend the model runs with; and which layers we know how to read."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+
+def last_token_attention(layer, hidden_states: torch.Tensor, position_embeddings, key_visible: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of each row's last position over all columns, per head, in `layer`'s self-attention.
+
+    Recomputed from the layer's own norm, query/key projections and rotary embedding, so the result does
+    not depend on the attention backend (eager, sdpa, flash) the model runs with.
+    hidden_states: (B, L, D) the layer's input; position_embeddings: (cos, sin), each (B, L, d);
+    key_visible: (B, L) bool, the columns the last position may attend to.
+    Returns: (B, H, L) float32.
+    """
+    attention = layer.self_attn
+    batch, length, _ = hidden_states.shape
+    head_dim = attention.head_dim
+    apply_rotary = importlib.import_module(type(attention).__module__).apply_rotary_pos_emb
+    normed = layer.input_layernorm(hidden_states)  # (B, L, D)
+    query = attention.q_proj(normed[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)  # (B, H, 1, d)
+    key = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)  # (B, Hkv, L, d)
+    cos, sin = position_embeddings
+    query = apply_rotary(query, query, cos[:, -1:], sin[:, -1:])[0]
+    key = apply_rotary(key, key, cos, sin)[0]
+    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # (B, H, L, d), grouped-query heads
+    scores = (query @ key.transpose(-1, -2)).squeeze(2).float() * attention.scaling  # (B, H, L)
+    scores = scores.masked_fill(~key_visible[:, None, :], float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+def layer_key_norms(layer, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """L1 norm of each position's key in `layer`'s self-attention (after the rotary embedding, all key heads
+    together), recomputed from the layer's norm and key projection.
+
+    hidden_states: (B, L, D) the layer's input; position_embeddings: (cos, sin), each (B, L, d). Returns (B, L) float32.
+    """
+    attention = layer.self_attn
+    batch, length, _ = hidden_states.shape
+    apply_rotary = importlib.import_module(type(attention).__module__).apply_rotary_pos_emb
+    key = attention.k_proj(layer.input_layernorm(hidden_states)).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    cos, sin = position_embeddings
+    key = apply_rotary(key, key, cos, sin)[0]  # (B, Hkv, L, d)
+    return key.float().abs().sum(dim=(1, 3))
+
+
+def vision_layer_attention(layer, hidden_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CLS row of a CLIP encoder layer's self-attention and its keys, recomputed from the layer's own norm and
+    projections (independent of the attention backend).
+
+    hidden_in: (I, T, D) the layer's input, CLS first.
+    Returns: (I, H, T) float32 softmax attention of the CLS query, and (I, H, T, d) keys.
+    """
+    attention = layer.self_attn
+    images, tokens, _ = hidden_in.shape
+    head_dim = attention.head_dim
+    normed = layer.layer_norm1(hidden_in)  # (I, T, D)
+    query = attention.q_proj(normed[:, :1]).view(images, 1, -1, head_dim).transpose(1, 2)  # (I, H, 1, d)
+    keys = attention.k_proj(normed).view(images, tokens, -1, head_dim).transpose(1, 2)  # (I, H, T, d)
+    scores = (query @ keys.transpose(-1, -2)).squeeze(2).float() * attention.scale  # (I, H, T)
+    return scores.softmax(dim=-1), keys
+
+
+def check_in_llm_support(model) -> None:
+    """FastV recomputes one attention row from the decoder layer's parts: they must be the Llama-style ones."""
+    layer = model.model.language_model.layers[0]
+    attention = getattr(layer, "self_attn", None)
+    needed = {"input_layernorm": layer, "self_attn.q_proj": attention, "self_attn.k_proj": attention}
+    missing = [name for name, owner in needed.items() if owner is None or not hasattr(owner, name.split(".")[-1])]
+    if attention is not None and not hasattr(importlib.import_module(type(attention).__module__), "apply_rotary_pos_emb"):
+        missing.append("apply_rotary_pos_emb")
+    if missing:
+        raise ValueError(
+            f"fastv needs Llama-style decoder layers (input_layernorm, q_proj, k_proj, rotary embedding); "
+            f"{type(layer).__name__} lacks {', '.join(missing)}"
+        )
+
+
+def check_vision_stage_support(model) -> None:
+    """A vision-side stage reads the CLS token's attention in the tower's feature layer: it needs a CLIP tower
+    (CLS first) and one feature layer."""
+    config = model.config
+    tower = config.vision_config.model_type
+    if tower != "clip_vision_model":
+        raise ValueError(f"visionzip ranks patches by the CLS token's attention; the vision tower {tower!r} has no CLS "
+                         f"token (supported: clip_vision_model)")
+    if not isinstance(config.vision_feature_layer, int):
+        raise ValueError(f"visionzip needs one vision feature layer; this checkpoint concatenates layers "
+                         f"{config.vision_feature_layer}")
+    if config.vision_feature_layer % (config.vision_config.num_hidden_layers + 1) == 0:
+        raise ValueError("visionzip needs the attention of the feature layer; vision_feature_layer selects the patch "
+                         "embeddings, which have none")
