@@ -6,6 +6,8 @@ A reduction is a pipeline of at most two stages, spelled with `+` in `reduction=
   then an *in-LLM* stage prunes them inside the language model: `fastv` at layer `fastv_layer`,
   `pdrop` (PyramidDrop) at each of `pdrop_layers`, keeping `pdrop_ratio` of what is left each time, or
   `dart` at `dart_layer`, keeping the tokens least similar to a few pivots.
+`visiondrop` is both: VisionZip's stage in the tower, then stages inside the LLM that keep the image tokens
+the image attends to most and merge the rest.
 So `reduction=simignore+fastv` is the published Simignore recipe; `reduction=fastv` is FastV alone.
 """
 
@@ -17,13 +19,15 @@ from dataclasses import dataclass
 from lmms_simignore.methods.dart import DEFAULT_LAYER as DART_LAYER, DEFAULT_PIVOTS as DART_PIVOTS
 from lmms_simignore.methods.selection import ORDERS
 from lmms_simignore.methods.simignore import SIMILARITIES
+from lmms_simignore.methods.visiondrop import DEFAULT_SCHEDULE as VISIONDROP_SCHEDULE
+from lmms_simignore.methods.visiondrop import scaled_schedule
 from lmms_simignore.methods.visionzip import split_budget
 
-VISION_STAGES = ("visionzip",)
+VISION_STAGES = ("visionzip", "visiondrop")
 PRE_LLM_STAGES = ("simignore", "random")
-IN_LLM_STAGES = ("fastv", "pdrop", "dart")
+IN_LLM_STAGES = ("fastv", "pdrop", "dart", "visiondrop")
 PIPELINES = ("none", "simignore", "random", "fastv", "pdrop", "simignore+fastv", "random+fastv", "simignore+pdrop", "random+pdrop",
-             "visionzip", "visionzip+pdrop", "dart")
+             "visionzip", "visionzip+pdrop", "dart", "visiondrop")
 TEXT_SOURCES = ("options", "options_lettered", "prompt")
 APPLY_MODES = ("mask", "drop")
 DEFAULT_FASTV_RATIO = 0.5
@@ -36,7 +40,7 @@ class ReductionSettings:
     """What to reduce and how. Budgets are per image.
 
     reduction:       "none" | "simignore" | "random" | "fastv" | "pdrop" | "simignore+fastv" | "random+fastv" |
-                     "simignore+pdrop" | "random+pdrop" | "visionzip" | "visionzip+pdrop" | "dart"
+                     "simignore+pdrop" | "random+pdrop" | "visionzip" | "visionzip+pdrop" | "dart" | "visiondrop"
     keep:            image tokens the pre-LLM or vision-side stage keeps per image (FastV's budget when it is the
                      only stage): an int count, or a float fraction in [0, 1] (rounded half up); for visionzip,
                      split into dominant and contextual tokens in VisionZip's proportion (64 = 54 + 10)
@@ -68,6 +72,10 @@ class ReductionSettings:
                      attends to most (dominant, CLS included), plus the rest merged into `contextual` tokens
     dart_layer:      DART prunes for layers >= dart_layer, from layer dart_layer - 1's keys and output (default 2)
     dart_pivots:     DART's pivot tokens per image, half image and half text tokens (default 8); its budget is keep
+    visiondrop_schedule: "42+6/30+5/22+4/16+3": dominant+contextual tokens per image of VisionDrop's vision stage,
+                     then of each LLM stage (default: its code's schedule, an average of 32 over LLaVA-1.5's
+                     layers); `keep=N` instead scales that schedule to an average of N
+    visiondrop_layers: the LLM stages' layers, "8/16/24"; default a quarter, a half and three quarters of the depth
     """
 
     reduction: str = "none"
@@ -90,6 +98,8 @@ class ReductionSettings:
     contextual: int | None = None
     dart_layer: int | None = None
     dart_pivots: int | None = None
+    visiondrop_schedule: str | tuple[tuple[int, int], ...] | None = None
+    visiondrop_layers: str | tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_choice("reduction", self.reduction, PIPELINES)
@@ -106,6 +116,7 @@ class ReductionSettings:
 
         self._check_vision()
         self._check_dart()
+        self._check_visiondrop()
         if self.pre_llm is None and self.vision is None and not self.dart:
             if self.keep is not None and self.ignore is not None:
                 raise ValueError(f"give one of keep and ignore, not both (keep={self.keep}, ignore={self.ignore})")
@@ -168,8 +179,27 @@ class ReductionSettings:
             if value is not None and (_is_bool(value) or not isinstance(value, int) or value < low):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
+    def _check_visiondrop(self) -> None:
+        given = [name for name in ("visiondrop_schedule", "visiondrop_layers") if getattr(self, name) is not None]
+        if self.reduction != "visiondrop":
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to reduction=visiondrop, not {self.reduction}")
+            return
+        if self.keep is not None and self.visiondrop_schedule is not None:
+            raise ValueError("reduction=visiondrop takes keep=N (the published schedule scaled to an average of N) or "
+                             "visiondrop_schedule=, not both")
+        if self.visiondrop_schedule is not None:
+            object.__setattr__(self, "visiondrop_schedule", _parse_schedule(self.visiondrop_schedule))
+        if self.visiondrop_layers is not None:
+            object.__setattr__(self, "visiondrop_layers", _parse_layers("visiondrop_layers", self.visiondrop_layers))
+
     def _check_vision(self) -> None:
         given = {name: getattr(self, name) for name in ("dominant", "contextual") if getattr(self, name) is not None}
+        if self.reduction == "visiondrop":
+            if given or self.ignore is not None:
+                raise ValueError("reduction=visiondrop is budgeted by keep=N or visiondrop_schedule=, not "
+                                 f"{', '.join([*given, *(['ignore'] if self.ignore is not None else [])])}")
+            return
         if self.vision is None:
             if given:
                 raise ValueError(f"{', '.join(given)} only apply to reduction=visionzip, not {self.reduction}")
@@ -248,8 +278,8 @@ class ReductionSettings:
 
     @property
     def prune_rule(self) -> str:
-        """How the in-LLM stage ranks image tokens (`engine.LanguageModelRun`): "dart" or "attention"."""
-        return "dart" if self.dart else "attention"
+        """How the in-LLM stage ranks image tokens (`engine.LanguageModelRun`): "dart", "visiondrop" or "attention"."""
+        return "dart" if self.dart else "visiondrop" if self.reduction == "visiondrop" else "attention"
 
     @property
     def dart_pivot_count(self) -> int:
@@ -274,11 +304,27 @@ class ReductionSettings:
             return image_tokens
         return _resolve_budget("keep", self.keep, "ignore", self.ignore, image_tokens)
 
+    def visiondrop_schedule_resolved(self) -> tuple[tuple[int, int], ...]:
+        """VisionDrop's ((dominant, contextual) of the vision stage, then of each LLM stage)."""
+        if self.visiondrop_schedule is not None:
+            return tuple(self.visiondrop_schedule)
+        if self.keep is not None:
+            if isinstance(self.keep, float):
+                raise ValueError("reduction=visiondrop takes keep=N as an average number of image tokens per layer, not a fraction")
+            return scaled_schedule(self.keep)
+        return VISIONDROP_SCHEDULE
+
+    def merge_counts(self) -> tuple[int, ...]:
+        """Contextual (merged) tokens per image made by each in-LLM stage (VisionDrop); () for the other methods."""
+        return tuple(contextual for _, contextual in self.visiondrop_schedule_resolved()[1:]) if self.reduction == "visiondrop" else ()
+
     def visionzip_budget(self, image_tokens: int) -> tuple[int, int]:
-        """(dominant, contextual) tokens per image for visionzip; together at most the model's image tokens."""
+        """(dominant, contextual) tokens per image of the vision stage; together at most the model's image tokens."""
         if self.vision is None:
             raise ValueError(f"reduction={self.reduction} has no vision-side stage")
-        if self.keep is not None:
+        if self.reduction == "visiondrop":
+            dominant, contextual = self.visiondrop_schedule_resolved()[0]
+        elif self.keep is not None:
             dominant, contextual = split_budget(_resolve_budget("keep", self.keep, "", None, image_tokens))
         else:
             dominant, contextual = self.dominant, self.contextual
@@ -310,12 +356,18 @@ class ReductionSettings:
     def dart_stage_layer(self) -> int:
         return DART_LAYER if self.dart_layer is None else self.dart_layer
 
+    def visiondrop_stage_layers(self, num_layers: int) -> tuple[int, ...]:
+        """VisionDrop's LLM stage layers: `visiondrop_layers`, or a quarter, a half and three quarters of the depth."""
+        if self.visiondrop_layers is not None:
+            return tuple(self.visiondrop_layers)
+        return _depth_layers(num_layers)
+
     def pdrop_stage_layers(self, num_layers: int) -> tuple[int, ...]:
         """PyramidDrop's stage layers: `pdrop_layers`, or a quarter, a half and three quarters of the depth
         (8/16/24 of 32; 1/2 of 3), those inside [1, num_layers - 1]."""
         if self.pdrop_layers is not None:
             return tuple(self.pdrop_layers)
-        return tuple(sorted({layer for layer in (_round_half_up(depth * num_layers) for depth in PDROP_DEPTHS) if 1 <= layer < num_layers}))
+        return _depth_layers(num_layers)
 
     def in_llm_stages(self, image_tokens: int, num_layers: int) -> tuple[tuple[int, int], ...]:
         """((layer, image tokens kept per image from that layer on), ...) of the in-LLM stage; () without one."""
@@ -324,6 +376,13 @@ class ReductionSettings:
             return ((self.fastv_layer, self.fastv_kept_per_image(image_tokens)),)
         if self.dart:
             return ((self.dart_stage_layer, _resolve_budget("keep", self.keep, "ignore", self.ignore, image_tokens)),)
+        if self.reduction == "visiondrop":
+            schedule, layers = self.visiondrop_schedule_resolved(), self.visiondrop_stage_layers(num_layers)
+            if len(layers) != len(schedule) - 1:
+                raise ValueError(f"visiondrop has {len(schedule) - 1} LLM stages in its schedule "
+                                 f"({'/'.join(f'{d}+{c}' for d, c in schedule)}) but {len(layers)} stage layers "
+                                 f"({'/'.join(map(str, layers))}); give as many of each")
+            return tuple((layer, dominant + contextual) for layer, (dominant, contextual) in zip(layers, schedule[1:]))
         if not self.pdrop:
             return ()
         ratio = DEFAULT_PDROP_RATIO if self.pdrop_ratio is None else float(self.pdrop_ratio)
@@ -363,6 +422,11 @@ class ReductionSettings:
                 f"dart_layer={self.dart_stage_layer} is outside the language model's layers: it has {num_layers} "
                 f"decoder layers, so dart_layer must be in [1, {num_layers - 1}]"
             )
+        if self.reduction == "visiondrop":
+            layers = self.visiondrop_stage_layers(num_layers)
+            if not layers or layers[-1] >= num_layers:
+                raise ValueError(f"visiondrop_layers={'/'.join(map(str, layers))} must be decoder layers in [1, {num_layers - 1}] "
+                                 f"(the model has {num_layers})")
         if self.pdrop:
             layers = self.pdrop_stage_layers(num_layers)
             if not layers:
@@ -374,6 +438,42 @@ class ReductionSettings:
 
 def _round_half_up(value: float) -> int:
     return math.floor(value + 0.5)
+
+
+def _depth_layers(num_layers: int) -> tuple[int, ...]:
+    """A quarter, a half and three quarters of the decoder depth (8/16/24 of 32; 1/2/3 of 4; 1/2 of 3)."""
+    return tuple(sorted({layer for layer in (_round_half_up(depth * num_layers) for depth in PDROP_DEPTHS) if 1 <= layer < num_layers}))
+
+
+def _parse_layers(name: str, layers) -> tuple[int, ...]:
+    """'8/16/24' (or an int, or a tuple) -> (8, 16, 24), increasing layers >= 1."""
+    if isinstance(layers, int) and not _is_bool(layers):
+        layers = (layers,)
+    elif isinstance(layers, str):
+        try:
+            layers = tuple(int(part) for part in layers.split("/"))
+        except ValueError:
+            layers = None
+    if not isinstance(layers, (tuple, list)) or not layers or any(_is_bool(x) or not isinstance(x, int) or x < 1 for x in layers) \
+            or list(layers) != sorted(set(layers)):
+        raise ValueError(f"{name} must be increasing decoder layers >= 1 separated by '/', e.g. 8/16/24; got {layers!r}")
+    return tuple(layers)
+
+
+def _parse_schedule(schedule) -> tuple[tuple[int, int], ...]:
+    """'42+6/30+5/22+4/16+3' -> ((42, 6), (30, 5), (22, 4), (16, 3)): at least two stages, dominant >= 1, contextual
+    >= 0, and no stage keeping more than the one before."""
+    try:
+        stages = tuple(tuple(int(x) for x in part.split("+")) for part in schedule.split("/")) if isinstance(schedule, str) \
+            else tuple(tuple(part) for part in schedule)
+    except (ValueError, TypeError, AttributeError):
+        stages = ()
+    totals = [sum(stage) for stage in stages]
+    if len(stages) < 2 or any(len(stage) != 2 or stage[0] < 1 or stage[1] < 0 for stage in stages) \
+            or totals != sorted(totals, reverse=True):
+        raise ValueError(f"visiondrop_schedule must be dominant+contextual per stage, the vision stage first, each stage "
+                         f"keeping at most what the one before kept, e.g. 42+6/30+5/22+4/16+3; got {schedule!r}")
+    return stages
 
 
 def _resolve_budget(keep_name: str, keep, ignore_name: str, ignore, image_tokens: int) -> int:

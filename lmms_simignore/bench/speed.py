@@ -90,7 +90,7 @@ def measure_once(model, processor, settings: ReductionSettings, inputs, texts: l
         _sync(device)
         chosen = time.perf_counter()
         run = engine.LanguageModelRun(model, reduced, prune_stages=stages, prune_rule=settings.prune_rule,
-                                      dart_pivots=settings.dart_pivot_count)
+                                      dart_pivots=settings.dart_pivot_count, merge_counts=settings.merge_counts())
         tokens = run.prefill().argmax(-1)
         _sync(device)
         first_token = time.perf_counter()

@@ -33,6 +33,37 @@ def last_token_attention(layer, hidden_states: torch.Tensor, position_embeddings
     return scores.softmax(dim=-1)
 
 
+def attention_from_queries(layer, hidden_states: torch.Tensor, position_embeddings, query_rows: torch.Tensor,
+                           query_columns: torch.Tensor, key_visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of chosen positions over their row in `layer`'s self-attention, causal (a query sees the
+    columns up to its own) and restricted to `key_visible`, recomputed from the layer's norm, projections and
+    rotary embedding.
+
+    hidden_states: (B, L, D) the layer's input; position_embeddings: (cos, sin), each (B, L, d);
+    query_rows: (I,) and query_columns: (I, M) the queries; key_visible: (B, L) bool.
+    Returns: (I, H, M, L) float32 weights, and (I, Hkv, L, d) the row's keys after the rotary embedding.
+    """
+    attention = layer.self_attn
+    head_dim = attention.head_dim
+    apply_rotary = importlib.import_module(type(attention).__module__).apply_rotary_pos_emb
+    normed = layer.input_layernorm(hidden_states)[query_rows]  # (I, L, D)
+    images, length, _ = normed.shape
+    cos, sin = (part[query_rows] for part in position_embeddings)  # (I, L, d) each
+
+    def at_queries(tensor):  # (I, L, X) -> (I, M, X)
+        return tensor.gather(1, query_columns[..., None].expand(-1, -1, tensor.shape[-1]))
+
+    query = attention.q_proj(at_queries(normed)).view(images, query_columns.shape[1], -1, head_dim).transpose(1, 2)  # (I, H, M, d)
+    key = attention.k_proj(normed).view(images, length, -1, head_dim).transpose(1, 2)  # (I, Hkv, L, d)
+    query = apply_rotary(query, query, at_queries(cos), at_queries(sin))[0]
+    key = apply_rotary(key, key, cos, sin)[0]
+    grouped = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # (I, H, L, d)
+    scores = (query @ grouped.transpose(-1, -2)).float() * attention.scaling  # (I, H, M, L)
+    columns = torch.arange(length, device=scores.device)
+    allowed = key_visible[query_rows][:, None, :] & (columns[None, None, :] <= query_columns[..., None])  # (I, M, L)
+    return scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1), key
+
+
 def layer_key_norms(layer, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
     """L1 norm of each position's key in `layer`'s self-attention (after the rotary embedding, all key heads
     together), recomputed from the layer's norm and key projection.

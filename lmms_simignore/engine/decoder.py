@@ -8,10 +8,12 @@ from typing import Callable
 
 import torch
 
-from lmms_simignore.engine.attention import check_in_llm_support, last_token_attention, layer_key_norms
+from lmms_simignore.engine.attention import attention_from_queries, check_in_llm_support, last_token_attention, layer_key_norms
 from lmms_simignore.engine.prompt import ReducedPrompt, left_pack
 from lmms_simignore.methods import fastv_scores, select_top_k
 from lmms_simignore.methods.dart import DEFAULT_PIVOTS, dart_choice
+from lmms_simignore.methods.visiondrop import received_attention
+from lmms_simignore.methods.visionzip import contextual_plan, merge_into_targets
 
 
 @dataclass
@@ -60,6 +62,21 @@ def _next_tokens(logits: torch.Tensor, options: DecodingOptions, generator: torc
 
 
 @dataclass
+class _Merge:
+    """How a merging stage builds its contextual tokens from the previous segment's sequence (one per target).
+
+    rest_columns: (I, R) the image tokens not kept as dominant, in the previous segment's sequence; targets: (C,)
+    which of them are the targets; assignment: (I, R, C) which target each other one joins; target_columns:
+    (I, C) where the targets sit in the new segment's sequence.
+    """
+
+    rest_columns: torch.Tensor
+    targets: torch.Tensor
+    assignment: torch.Tensor
+    target_columns: torch.Tensor | None = None
+
+
+@dataclass
 class _Segment:
     """Decoder layers [start, end) and the prompt columns they see.
 
@@ -78,9 +95,10 @@ class _Segment:
     mask: torch.Tensor | None = None
     image_columns: torch.Tensor | None = None
     image_visible: torch.Tensor | None = None
+    merge: _Merge | None = None
 
 
-PRUNE_RULES = ("attention", "dart")
+PRUNE_RULES = ("attention", "dart", "visiondrop")
 
 
 class LanguageModelRun:
@@ -90,19 +108,27 @@ class LanguageModelRun:
     or FastV's `fastv_layer=K, fastv_keep=keep`) chooses, among the image tokens still visible, the `keep` per
     image that layers >= K (up to the next stage) see, at their original position ids. `prune_rule` says how:
     "attention" (FastV, PyramidDrop): the most attended by the last prompt token in layer K-1 (mean over heads);
-    "dart": DART's least duplicated tokens, from layer K-1's key norms and output (`dart_pivots` pivots). The kept sets are chosen once, from the prompt, and then fixed: every
+    "dart": DART's least duplicated tokens, from layer K-1's key norms and output (`dart_pivots` pivots);
+    "visiondrop": the image tokens the image attends to most in layer K (its parts on layer K-1's output),
+    and `merge_counts[i]` of the `keep` are contextual tokens merged from the rest (at their target's position). The kept sets are chosen once, from the prompt, and then fixed: every
     generated token passes through each segment with that segment's prompt columns, with a KV cache (one entry
     per token and layer, each layer its own length) or by recomputing the whole sequence.
     """
 
     def __init__(self, model, prompt: ReducedPrompt, fastv_layer: int | None = None, fastv_keep: int = 0,
                  use_cache: bool = True, prune_stages: tuple[tuple[int, int], ...] = (), prune_rule: str = "attention",
-                 dart_pivots: int = DEFAULT_PIVOTS):
+                 dart_pivots: int = DEFAULT_PIVOTS, merge_counts: tuple[int, ...] = ()):
         from transformers import DynamicCache
 
         if prune_rule not in PRUNE_RULES:
             raise ValueError(f"prune_rule must be one of {', '.join(PRUNE_RULES)}; got {prune_rule!r}")
-        self.prune_rule, self.dart_pivots = prune_rule, dart_pivots
+        merging = prune_rule == "visiondrop"
+        if (merging and len(merge_counts) != len(prune_stages)) or (not merging and merge_counts):
+            raise ValueError(f"merge_counts (one per stage) go with prune_rule='visiondrop' only; got {merge_counts} for "
+                             f"{len(prune_stages)} stage(s) and rule {prune_rule!r}")
+        if any(not 0 <= contextual <= keep for contextual, (_, keep) in zip(merge_counts, prune_stages)):
+            raise ValueError(f"each stage's merge count must be in [0, its keep]; got {merge_counts} for {list(prune_stages)}")
+        self.prune_rule, self.dart_pivots, self.merge_counts = prune_rule, dart_pivots, tuple(merge_counts)
 
         self.language_model = model.model.language_model
         self.lm_head = model.lm_head
@@ -192,7 +218,10 @@ class LanguageModelRun:
             if number and (prompt_pass or self.cache is None):  # the whole sequence is here: keep the segment's columns
                 generated = torch.arange(previous_length, hidden.shape[1], device=hidden.device)
                 index = torch.cat([segment.gather, generated.expand(hidden.shape[0], -1)], dim=1)  # (B, S + t)
-                hidden, positions = hidden[rows, index], positions[rows, index]
+                gathered = hidden[rows, index]
+                if segment.merge is not None:
+                    gathered = self._merged(hidden, gathered, segment.merge)
+                hidden, positions = gathered, positions[rows, index]
             if number:
                 previous_length = segment.gather.shape[1]
             position_embeddings = model.rotary_emb(hidden, position_ids=positions)
@@ -229,6 +258,8 @@ class LanguageModelRun:
         visible = previous.mask.bool()  # (B, S), the prompt pass: no generated token yet
         if self.prune_rule == "dart":
             index = self._dart_choice(previous, layer, layer_input, layer_output, position_embeddings, segment.keep)
+        elif self.prune_rule == "visiondrop":
+            index = self._visiondrop_choice(number, layer_output, position_embeddings, visible)
         else:
             attention = last_token_attention(layer, layer_input, position_embeddings, visible)  # (B, H, S)
             scores = fastv_scores(attention, previous.image_columns, image_rows, previous.image_visible)  # (I, M)
@@ -243,6 +274,41 @@ class LanguageModelRun:
         segment.columns = base.gather(1, segment.gather)
         segment.image_columns = target[image_rows[:, None].expand_as(chosen), chosen]  # (I, K) in the new sequence
         segment.image_visible = torch.ones_like(segment.image_columns, dtype=torch.bool)
+        if segment.merge is not None:
+            target_columns = segment.merge.rest_columns[:, segment.merge.targets]  # (I, C) in the previous sequence
+            segment.merge.target_columns = target[image_rows[:, None].expand_as(target_columns), target_columns]
+
+    def _visiondrop_choice(self, number: int, layer_output: torch.Tensor, position_embeddings, visible: torch.Tensor) -> torch.Tensor:
+        """VisionDrop's kept tokens (I, K), indices into the previous segment's image columns: the dominant ones by the
+        attention they receive from the image's tokens in the next layer, and the targets of the contextual merge
+        (the plan goes into the segment, to be applied wherever the whole sequence passes)."""
+        previous, segment = self.segments[number - 1], self.segments[number]
+        contextual = self.merge_counts[number - 1]
+        image_rows, columns = self.prompt.image_rows, previous.image_columns  # (I,), (I, M)
+        if not columns.numel():
+            return columns[:, : segment.keep]
+        next_layer = self.language_model.layers[segment.start]
+        weights, keys = attention_from_queries(next_layer, layer_output, position_embeddings, image_rows, columns, visible)
+        heads, tokens = weights.shape[1], columns.shape[1]
+        on_images = weights.gather(3, columns[:, None, None, :].expand(-1, heads, tokens, -1))  # (I, H, M, M)
+        dominant = select_top_k(received_attention(on_images, previous.image_visible), segment.keep - contextual)  # (I, d)
+        rest_flags = previous.image_visible.clone()
+        rest_flags.scatter_(1, dominant, False)
+        rest = rest_flags.nonzero()[:, 1].reshape(columns.shape[0], -1)  # (I, R) ascending
+        metric = keys.float().mean(dim=1)  # (I, L, d): the keys after the rotary embedding, averaged over heads
+        metric = metric.gather(1, columns.gather(1, rest)[..., None].expand(-1, -1, metric.shape[-1]))  # (I, R, d)
+        targets, assignment = contextual_plan(metric, contextual)
+        segment.merge = _Merge(rest_columns=columns.gather(1, rest), targets=targets, assignment=assignment)
+        return torch.sort(torch.cat([dominant, rest[:, targets]], dim=1), dim=1).values
+
+    def _merged(self, previous_hidden: torch.Tensor, hidden: torch.Tensor, merge: _Merge) -> torch.Tensor:
+        """`hidden` (B, S, D), the new segment's gathered sequence, with each target replaced by its contextual token
+        built from `previous_hidden` (B, S_prev, D)."""
+        image_rows = self.prompt.image_rows[:, None]
+        contextual = merge_into_targets(previous_hidden[image_rows, merge.rest_columns], merge.targets, merge.assignment)
+        hidden = hidden.clone()
+        hidden[image_rows, merge.target_columns] = contextual.to(hidden.dtype)
+        return hidden
 
     def _dart_choice(self, previous: _Segment, layer, layer_input, layer_output, position_embeddings, keep: int) -> torch.Tensor:
         """DART's kept tokens (I, K), indices into `previous.image_columns`: pivots by the L1 norm of `layer`'s keys,
@@ -289,9 +355,10 @@ def generate(
     prune_stages: tuple[tuple[int, int], ...] = (),
     prune_rule: str = "attention",
     dart_pivots: int = DEFAULT_PIVOTS,
+    merge_counts: tuple[int, ...] = (),
 ) -> Generation:
     """Generate after a reduced prompt, optionally with FastV pruning at `fastv_layer` or several pruning stages
-    (`prune_stages`, `prune_rule`, `dart_pivots`: see `LanguageModelRun`): the new token ids and the image tokens
+    (`prune_stages`, `prune_rule`, `dart_pivots`, `merge_counts`: see `LanguageModelRun`): the new token ids and the image tokens
     each decoder layer saw.
 
     With `use_cache` the prompt is encoded once and each step feeds one token at position
@@ -299,7 +366,7 @@ def generate(
     `stopped(generated (B, t)) -> (B,) bool` marks rows that hit a stop string.
     """
     run = LanguageModelRun(model, prompt, fastv_layer=fastv_layer, fastv_keep=fastv_keep, use_cache=use_cache,
-                           prune_stages=prune_stages, prune_rule=prune_rule, dart_pivots=dart_pivots)
+                           prune_stages=prune_stages, prune_rule=prune_rule, dart_pivots=dart_pivots, merge_counts=merge_counts)
     device = prompt.inputs_embeds.device
     batch_size = prompt.inputs_embeds.shape[0]
     generator = torch.Generator(device=device).manual_seed(options.seed) if options.do_sample else None
@@ -323,13 +390,14 @@ def generate(
 def continuation_logprobs(
     model, prompt: ReducedPrompt, continuation: torch.Tensor, fastv_layer: int | None = None, fastv_keep: int = 0,
     prune_stages: tuple[tuple[int, int], ...] = (), prune_rule: str = "attention", dart_pivots: int = DEFAULT_PIVOTS,
+    merge_counts: tuple[int, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of `continuation` (B, C) token by token after a reduced prompt (teacher forcing).
 
     Returns (B, C) float32 log-probabilities and (B, C) bool: whether each token was the greedy choice.
     """
     run = LanguageModelRun(model, prompt, fastv_layer=fastv_layer, fastv_keep=fastv_keep, use_cache=True, prune_stages=prune_stages,
-                           prune_rule=prune_rule, dart_pivots=dart_pivots)
+                           prune_rule=prune_rule, dart_pivots=dart_pivots, merge_counts=merge_counts)
     first = run.prefill()[:, None]  # (B, 1, V)
     logits = first if continuation.shape[1] == 1 else torch.cat([first, run.feed(continuation[:, :-1])], dim=1)
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, C, V)

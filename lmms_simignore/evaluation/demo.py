@@ -32,7 +32,8 @@ def _rows() -> tuple[tuple[str, dict], ...]:
                  (f"random_{keep}", {"reduction": "random", "keep": keep}),
                  (f"visionzip_{keep}", {"reduction": "visionzip", "keep": keep}),
                  (f"fastv_{keep}", {"reduction": "fastv", "fastv_layer": FASTV_LAYER, "fastv_keep": keep}),
-                 (f"dart_{keep}", {"reduction": "dart", "dart_layer": FASTV_LAYER, "keep": keep})]
+                 (f"dart_{keep}", {"reduction": "dart", "dart_layer": FASTV_LAYER, "keep": keep}),
+                 (f"visiondrop_{keep}", {"reduction": "visiondrop", "keep": keep})]
     rows += [
         ("pdrop", {"reduction": "pdrop"}),
         ("simignore_16_prompt", {"reduction": "simignore", "keep": 16, "text": "prompt"}),
@@ -43,7 +44,8 @@ def _rows() -> tuple[tuple[str, dict], ...]:
     return tuple(rows)
 
 
-# none; Simignore, random, VisionZip (in the vision tower), FastV and DART (both from layer 2 of 4) at each budget;
+# none; Simignore, random, VisionZip (in the vision tower), FastV and DART (both from layer 2 of 4) at each budget,
+# VisionDrop at each budget as its average over layers (its published schedule scaled);
 # PyramidDrop with its defaults (64 -> 32 -> 16 -> 8 over layers 0-3); Simignore comparing with the whole prompt,
 # and applied as an attention mask (must answer as dropping does); two stacked rows.
 DEMO_ROWS = _rows()
@@ -108,7 +110,7 @@ def per_count_table(summaries: list[dict], task: str = TASK) -> str:
     return table(header, body, align="l" + "r" * len(counts))
 
 
-CURVE_METHODS = ("simignore", "random", "visionzip", "fastv", "dart")
+CURVE_METHODS = ("simignore", "random", "visionzip", "visiondrop", "fastv", "dart")
 IN_LLM_METHODS = ("fastv", "dart")  # all image tokens before FASTV_LAYER, the budget from it on
 
 

@@ -46,31 +46,40 @@ def dominant_indices(cls_attention: torch.Tensor, dominant: int) -> torch.Tensor
     return select_top_k(scores, dominant)
 
 
-def merge_contextual(hidden: torch.Tensor, keys: torch.Tensor, contextual: int) -> torch.Tensor:
-    """Merge R remaining tokens into `contextual` tokens.
+def contextual_plan(keys: torch.Tensor, contextual: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of R remaining tokens become the `contextual` targets, and which target each other token joins.
 
-    hidden: (I, R, D) the remaining tokens' hidden states; keys: (I, R, d) their keys, averaged over heads.
-    Targets are the tokens 0, s, 2s, ... (s = max(1, R // contextual)), the first `contextual` of them; every
-    other token joins its most cosine-similar target (ties: the earlier target), and a contextual token is the
-    target's hidden state + the mean of those that joined it (+ 0 when none did).
-    Returns: (I, contextual, D).
+    keys: (I, R, d) the remaining tokens' keys, averaged over heads. Targets are the tokens 0, s, 2s, ...
+    (s = max(1, R // contextual)), the first `contextual` of them; every other token joins its most
+    cosine-similar target (ties: the earlier target).
+    Returns: targets (C,) indices into R, and assignment (I, R, C) one-hot (all zero on the targets' rows).
     """
-    images, remaining, _ = hidden.shape
+    images, remaining, _ = keys.shape
     if not 0 <= contextual <= remaining:
         raise ValueError(f"contextual must be in [0, {remaining}] (the tokens left after the dominant ones), got {contextual}")
-    if contextual == 0:
-        return hidden[:, :0]
-    step = max(1, remaining // contextual)
-    targets = torch.arange(0, remaining, step, device=hidden.device)[:contextual]  # (C,)
-    is_target = torch.zeros(remaining, dtype=torch.bool, device=hidden.device)
-    is_target[targets] = True
-    others = (~is_target).nonzero().squeeze(1)  # (R - C,)
+    targets = torch.arange(0, remaining, max(1, remaining // max(contextual, 1)), device=keys.device)[:contextual]  # (C,)
     normalised = F.normalize(keys.float(), dim=-1)  # (I, R, d)
-    similarity = normalised[:, others] @ normalised[:, targets].transpose(1, 2)  # (I, R - C, C)
-    assignment = F.one_hot(similarity.argmax(dim=-1), contextual).to(hidden.dtype)  # (I, R - C, C)
+    similarity = normalised @ normalised[:, targets].transpose(1, 2)  # (I, R, C)
+    assignment = F.one_hot(similarity.argmax(dim=-1), contextual).float() if contextual else similarity  # (I, R, C)
+    assignment[:, targets] = 0.0  # a target does not join another
+    return targets, assignment
+
+
+def merge_into_targets(hidden: torch.Tensor, targets: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
+    """Contextual tokens (I, C, D): each target's hidden state + the mean of the hidden states that joined it
+    (+ 0 when none did). hidden: (I, R, D); targets, assignment: from `contextual_plan`."""
     counts = assignment.sum(dim=1).clamp(min=1)[..., None]  # (I, C, 1)
-    joined = assignment.transpose(1, 2) @ hidden[:, others]  # (I, C, D) sums of the joined hidden states
-    return hidden[:, targets] + joined / counts
+    joined = assignment.transpose(1, 2).to(hidden.dtype) @ hidden  # (I, C, D) sums of the joined hidden states
+    return hidden[:, targets] + joined / counts.to(hidden.dtype)
+
+
+def merge_contextual(hidden: torch.Tensor, keys: torch.Tensor, contextual: int) -> torch.Tensor:
+    """Merge R remaining tokens into `contextual` tokens (`contextual_plan`, then `merge_into_targets`).
+
+    hidden: (I, R, D) the remaining tokens' hidden states; keys: (I, R, d) their keys, averaged over heads.
+    Returns: (I, contextual, D).
+    """
+    return merge_into_targets(hidden, *contextual_plan(keys, contextual))
 
 
 def visionzip_tokens(

@@ -79,7 +79,7 @@ class LlavaSimignore(lmms):
     attn_implementation, use_cache, chat_template, max_new_tokens, seed, token_log, preset, and the
     reduction settings (`ReductionSettings`): reduction, keep, ignore, apply, similarity, text, text_bos,
     order, simignore_start, simignore_step, fastv_layer, fastv_keep, fastv_ratio, pdrop_layers, pdrop_ratio,
-    dominant, contextual (visionzip), dart_layer, dart_pivots.
+    dominant, contextual (visionzip), dart_layer, dart_pivots, visiondrop_schedule, visiondrop_layers.
     """
 
     is_simple = True
@@ -124,6 +124,8 @@ class LlavaSimignore(lmms):
         contextual: int | None = None,
         dart_layer: int | None = None,
         dart_pivots: int | None = None,
+        visiondrop_schedule: str | None = None,
+        visiondrop_layers: str | int | None = None,
         **unknown,
     ) -> None:
         if unknown:
@@ -134,7 +136,8 @@ class LlavaSimignore(lmms):
             text_bos=text_bos, order=order, simignore_start=simignore_start, simignore_step=simignore_step,
             seed=seed, fastv_layer=fastv_layer, fastv_keep=fastv_keep, fastv_ratio=fastv_ratio,
             pdrop_layers=pdrop_layers, pdrop_ratio=pdrop_ratio, dominant=dominant, contextual=contextual,
-            dart_layer=dart_layer, dart_pivots=dart_pivots,
+            dart_layer=dart_layer, dart_pivots=dart_pivots, visiondrop_schedule=visiondrop_schedule,
+            visiondrop_layers=visiondrop_layers,
         )
         if str(dtype) not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
@@ -346,7 +349,7 @@ class LlavaSimignore(lmms):
 
     def _in_llm_args(self) -> dict:
         return {"prune_stages": self.prune_stages, "prune_rule": self.settings.prune_rule,
-                "dart_pivots": self.settings.dart_pivot_count}
+                "dart_pivots": self.settings.dart_pivot_count, "merge_counts": self.settings.merge_counts()}
 
     def _account(self, batch: list[PromptRequest], inputs, image_tokens: torch.Tensor, seen: engine.ImageTokensSeen) -> None:
         """Record each sample's image tokens and, per decoder layer, the image tokens that layer computed on and
