@@ -15,8 +15,8 @@ def test_quick_bench_writes_every_row_with_its_flop_ideal(tmp_path):
     assert (testbed["image_tokens"], testbed["layers"]) == (64, 4)
     rows = testbed["rows"]
     assert list(rows) == ["none", "simignore_drop_50", "simignore_mask_50", "random_drop_50", "fastv_50", "visionzip_50",
-                          "dart_50", "simignore_drop_25", "simignore_mask_25", "random_drop_25", "fastv_25", "visionzip_25",
-                          "dart_25", "pdrop"]
+                          "dart_50", "visiondrop_50", "simignore_drop_25", "simignore_mask_25", "random_drop_25", "fastv_25",
+                          "visionzip_25", "dart_25", "visiondrop_25", "pdrop"]
     # what each layer computes on, and the ideal speed-up that follows from it
     assert rows["none"]["computed_per_layer"] == [64] * 4 and rows["none"]["ideal_prefill_speedup"] == 1.0
     assert rows["simignore_mask_50"]["computed_per_layer"] == [64] * 4 and rows["simignore_mask_50"]["ideal_prefill_speedup"] == 1.0
@@ -24,6 +24,7 @@ def test_quick_bench_writes_every_row_with_its_flop_ideal(tmp_path):
     assert rows["fastv_25"]["computed_per_layer"] == [64, 64, 16, 16]
     assert rows["dart_25"]["computed_per_layer"] == [64, 64, 16, 16] and rows["visionzip_25"]["computed_per_layer"] == [16] * 4
     assert rows["pdrop"]["computed_per_layer"] == [64, 32, 16, 8]
+    assert rows["visiondrop_25"]["computed_per_layer"] == [24, 18, 13, 10]  # its schedule scaled to an average of 16
     assert rows["visionzip_25"]["ideal_prefill_speedup"] == rows["simignore_drop_25"]["ideal_prefill_speedup"]
     assert 1.0 < rows["fastv_50"]["ideal_prefill_speedup"] < rows["simignore_drop_50"]["ideal_prefill_speedup"] < rows["simignore_drop_25"]["ideal_prefill_speedup"]
     for result in rows.values():
@@ -110,7 +111,7 @@ def test_a_bench_stopped_part_way_keeps_the_rows_it_finished(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_bench(tmp_path, quick=True, echo=stop_at_the_second_batch_size)
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert list(report["models"]) == ["testbed"] and len(report["models"]["testbed"]["rows"]) == 14
+    assert list(report["models"]) == ["testbed"] and len(report["models"]["testbed"]["rows"]) == 16
     # batch size 1 is kept whole (its rows were measured side by side); nothing of batch size 4
     assert [(r["batch_size"], r["row"]) for r in report["scienceqa_pass"]["results"]] == [
         (1, "none"), (1, "simignore_drop_288"), (1, "fastv_288")]

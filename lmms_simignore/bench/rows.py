@@ -38,5 +38,6 @@ def bench_rows(image_tokens: int, num_layers: int) -> list[BenchRow]:
             BenchRow(f"fastv_{percent}", ReductionSettings(reduction="fastv", fastv_layer=fastv_layer, fastv_keep=keep)),
             BenchRow(f"visionzip_{percent}", ReductionSettings(reduction="visionzip", keep=keep)),
             BenchRow(f"dart_{percent}", ReductionSettings(reduction="dart", dart_layer=fastv_layer, keep=keep)),
+            BenchRow(f"visiondrop_{percent}", ReductionSettings(reduction="visiondrop", keep=keep)),  # keep: its average
         ]
     return rows + [BenchRow("pdrop", ReductionSettings(reduction="pdrop"))]
