@@ -229,21 +229,8 @@ class ReductionSettings:
         ratio = self.pdrop_ratio
         if ratio is not None and (_is_bool(ratio) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1):
             raise ValueError(f"pdrop_ratio must be a fraction in (0, 1] of the remaining image tokens to keep, got {ratio!r}")
-        layers = self.pdrop_layers
-        if layers is None:
-            return
-        if isinstance(layers, int) and not _is_bool(layers):
-            layers = (layers,)
-        elif isinstance(layers, str):
-            try:
-                layers = tuple(int(part) for part in layers.split("/"))
-            except ValueError:
-                layers = None
-        if not isinstance(layers, (tuple, list)) or not layers or any(_is_bool(x) or not isinstance(x, int) or x < 1 for x in layers) \
-                or list(layers) != sorted(set(layers)):
-            raise ValueError(f"pdrop_layers must be increasing decoder layers >= 1 separated by '/', e.g. 8/16/24; "
-                             f"got {self.pdrop_layers!r}")
-        object.__setattr__(self, "pdrop_layers", tuple(layers))
+        if self.pdrop_layers is not None:
+            object.__setattr__(self, "pdrop_layers", _parse_layers("pdrop_layers", self.pdrop_layers))
 
     # -- the pipeline --------------------------------------------------------------------------------
     @property
@@ -299,7 +286,7 @@ class ReductionSettings:
     def kept_per_image(self, image_tokens: int) -> int:
         """Image tokens per image the LLM sees before any in-LLM stage (all of them without a pre-LLM or vision stage)."""
         if self.vision is not None:
-            return sum(self.visionzip_budget(image_tokens))
+            return sum(self.vision_budget(image_tokens))
         if self.pre_llm is None:
             return image_tokens
         return _resolve_budget("keep", self.keep, "ignore", self.ignore, image_tokens)
@@ -318,7 +305,7 @@ class ReductionSettings:
         """Contextual (merged) tokens per image made by each in-LLM stage (VisionDrop); () for the other methods."""
         return tuple(contextual for _, contextual in self.visiondrop_schedule_resolved()[1:]) if self.reduction == "visiondrop" else ()
 
-    def visionzip_budget(self, image_tokens: int) -> tuple[int, int]:
+    def vision_budget(self, image_tokens: int) -> tuple[int, int]:
         """(dominant, contextual) tokens per image of the vision stage; together at most the model's image tokens."""
         if self.vision is None:
             raise ValueError(f"reduction={self.reduction} has no vision-side stage")
@@ -445,8 +432,9 @@ def _depth_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({layer for layer in (_round_half_up(depth * num_layers) for depth in PDROP_DEPTHS) if 1 <= layer < num_layers}))
 
 
-def _parse_layers(name: str, layers) -> tuple[int, ...]:
+def _parse_layers(name: str, given) -> tuple[int, ...]:
     """'8/16/24' (or an int, or a tuple) -> (8, 16, 24), increasing layers >= 1."""
+    layers = given
     if isinstance(layers, int) and not _is_bool(layers):
         layers = (layers,)
     elif isinstance(layers, str):
@@ -456,7 +444,7 @@ def _parse_layers(name: str, layers) -> tuple[int, ...]:
             layers = None
     if not isinstance(layers, (tuple, list)) or not layers or any(_is_bool(x) or not isinstance(x, int) or x < 1 for x in layers) \
             or list(layers) != sorted(set(layers)):
-        raise ValueError(f"{name} must be increasing decoder layers >= 1 separated by '/', e.g. 8/16/24; got {layers!r}")
+        raise ValueError(f"{name} must be increasing decoder layers >= 1 separated by '/', e.g. 8/16/24; got {given!r}")
     return tuple(layers)
 
 

@@ -4,7 +4,7 @@
 import pytest
 import torch
 from test_engine import run
-from test_fastv import padded_batch, unreduced  # noqa: F401  (padded_batch is a fixture)
+from test_fastv import padded_batch, row_alone, unreduced  # noqa: F401  (padded_batch is a fixture)
 from test_model import make_model, simple_requests
 from test_model_reductions import docs  # noqa: F401  (a fixture)
 
@@ -115,11 +115,7 @@ def test_cached_decoding_equals_recomputation_and_a_batch_answers_like_its_rows(
     cached = run(tiny_model, processor, reduced, **args)
     assert cached.tolist() == run(tiny_model, processor, reduced, use_cache=False, **args).tolist()
     for row in range(2):
-        real = inputs["attention_mask"][row].bool()
-        single_inputs = {"input_ids": inputs["input_ids"][row: row + 1][:, real],
-                         "attention_mask": inputs["attention_mask"][row: row + 1][:, real],
-                         "pixel_values": inputs["pixel_values"][row: row + 1]}
-        single = run(tiny_model, processor, unreduced(tiny_model, single_inputs), **args)
+        single = run(tiny_model, processor, unreduced(tiny_model, row_alone(inputs, row)), **args)
         assert single[0].tolist() == cached[row, : single.shape[1]].tolist()
 
 

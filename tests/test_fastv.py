@@ -22,6 +22,13 @@ def padded_batch(processor):
     return inputs, ["red blue", "green blue yellow"]
 
 
+def row_alone(inputs, row):
+    """Row `row` of a left-padded one-image-per-row batch as its own batch, without the padding."""
+    real = inputs["attention_mask"][row].bool()
+    return {"input_ids": inputs["input_ids"][row : row + 1][:, real], "attention_mask": inputs["attention_mask"][row : row + 1][:, real],
+            "pixel_values": inputs["pixel_values"][row : row + 1]}
+
+
 def unreduced(model, inputs):
     prompt = engine.build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
     return engine.reduce_prompt(prompt, engine.choose_kept_image_tokens(NONE, prompt.image_features), "drop")
@@ -131,12 +138,7 @@ def test_each_row_keeps_its_own_tokens_and_answers_as_alone(tiny_model, processo
     batch_reduced = unreduced(tiny_model, inputs)
     batched = run(tiny_model, processor, batch_reduced, fastv_layer=1, fastv_keep=6)
     for row in range(2):
-        single_inputs = {
-            "input_ids": inputs["input_ids"][row : row + 1][:, inputs["attention_mask"][row].bool()],
-            "attention_mask": inputs["attention_mask"][row : row + 1][:, inputs["attention_mask"][row].bool()],
-            "pixel_values": inputs["pixel_values"][row : row + 1],
-        }
-        single = run(tiny_model, processor, unreduced(tiny_model, single_inputs), fastv_layer=1, fastv_keep=6)
+        single = run(tiny_model, processor, unreduced(tiny_model, row_alone(inputs, row)), fastv_layer=1, fastv_keep=6)
         assert single[0].tolist() == batched[row, : single.shape[1]].tolist()
 
 

@@ -4,7 +4,7 @@ a stage at layer K keeps, per image, the image tokens still present that layer K
 import pytest
 import torch
 from test_engine import GREEDY_8, run
-from test_fastv import padded_batch, unreduced  # noqa: F401  (padded_batch is a fixture)
+from test_fastv import padded_batch, row_alone, unreduced  # noqa: F401  (padded_batch is a fixture)
 
 from lmms_simignore import engine
 
@@ -98,11 +98,7 @@ def test_cached_decoding_equals_recomputation_and_a_batch_answers_like_its_rows(
     recomputed = run(tiny_model, processor, reduced, use_cache=False, prune_stages=TWO_STAGES)
     assert cached.shape[1] > 1 and cached.tolist() == recomputed.tolist()
     for row in range(2):
-        real = inputs["attention_mask"][row].bool()
-        single_inputs = {"input_ids": inputs["input_ids"][row : row + 1][:, real],
-                         "attention_mask": inputs["attention_mask"][row : row + 1][:, real],
-                         "pixel_values": inputs["pixel_values"][row : row + 1]}
-        single = run(tiny_model, processor, unreduced(tiny_model, single_inputs), prune_stages=TWO_STAGES)
+        single = run(tiny_model, processor, unreduced(tiny_model, row_alone(inputs, row)), prune_stages=TWO_STAGES)
         assert single[0].tolist() == cached[row, : single.shape[1]].tolist()
 
 

@@ -6,6 +6,7 @@ import types
 import pytest
 import torch
 from test_engine import chat, encode, images, run
+from test_fastv import row_alone
 from test_model import make_model, simple_requests
 from test_model_reductions import docs  # noqa: F401  (a fixture)
 
@@ -120,10 +121,7 @@ def test_cached_decoding_equals_recomputation_and_a_batch_its_rows(tiny_model, p
     cached = run(tiny_model, processor, reduced)
     assert torch.equal(cached, run(tiny_model, processor, reduced, use_cache=False))
     for row in range(2):
-        single = {key: value[row: row + 1] for key, value in two_rows.items()}
-        single["attention_mask"] = single["attention_mask"][:, single["attention_mask"][0].bool()]
-        single["input_ids"] = single["input_ids"][:, two_rows["attention_mask"][row].bool()]
-        alone = engine.prepare_reduced_prompt(tiny_model, processor.tokenizer, ZIP_8, single, [""], [])
+        alone = engine.prepare_reduced_prompt(tiny_model, processor.tokenizer, ZIP_8, row_alone(two_rows, row), [""], [])
         assert run(tiny_model, processor, alone)[0].tolist() == cached[row].tolist()
 
 
@@ -151,7 +149,7 @@ def test_bad_visionzip_settings_are_refused(kwargs, message):
 
 def test_a_budget_beyond_the_image_is_refused():
     with pytest.raises(ValueError, match="more than the model's 25 image tokens"):
-        ReductionSettings(reduction="visionzip", dominant=20, contextual=6).visionzip_budget(25)
+        ReductionSettings(reduction="visionzip", dominant=20, contextual=6).vision_budget(25)
 
 
 def test_towers_without_a_cls_token_are_refused_by_name():

@@ -97,7 +97,7 @@ def apply_vision_stage(model, settings: ReductionSettings, inputs, tower_states:
     if pixel_values is not None and pixel_values.shape[0]:
         if tower_states is None:
             tower_states = vision_tower_states(model, pixel_values)
-        dominant, contextual = settings.visionzip_budget(image_tokens_per_image(model.config))
+        dominant, contextual = settings.vision_budget(image_tokens_per_image(model.config))
         features = visionzip_image_features(model, tower_states, dominant, contextual)  # (I, K, D)
     prompt = build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], pixel_values, image_features=features)
     kept = torch.arange(prompt.image_features.shape[1], device=prompt.image_positions.device)

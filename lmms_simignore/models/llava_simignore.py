@@ -165,7 +165,7 @@ class LlavaSimignore(lmms):
             )
         self.image_tokens_per_image = engine.image_tokens_per_image(config)
         self.num_layers = config.text_config.num_hidden_layers
-        self._check_settings(settings)
+        settings.visible_per_layer(self.image_tokens_per_image, self.num_layers)  # budgets and layers, before any download
 
         self._rank, self._world_size, local_rank = _world()
         if device is None:
@@ -201,20 +201,17 @@ class LlavaSimignore(lmms):
             f"{self.settings}; image tokens per image visible per layer (requested): {layer_runs(self.requested_visible_per_layer)}"
         )
 
-    def _check_settings(self, settings: ReductionSettings) -> None:
-        """Budgets and layers against the checkpoint's geometry (before the weights load)."""
-        settings.visible_per_layer(self.image_tokens_per_image, self.num_layers)
-
     def use_settings(self, settings: ReductionSettings) -> None:
         """Reduce with `settings` from now on (the loaded model stays; the speed pass switches rows this way)."""
-        self._check_settings(settings)
+        # what the settings ask for (raises on budgets or layers the model cannot take); the token accounting
+        # records what each layer really saw
+        requested = settings.visible_per_layer(self.image_tokens_per_image, self.num_layers)
         if settings.in_llm:
             engine.check_in_llm_support(self._model)
         if settings.vision is not None:
             engine.check_vision_stage_support(self._model)
         self.settings = settings
-        # what the settings ask for; the token accounting records what each layer really saw
-        self.requested_visible_per_layer = settings.visible_per_layer(self.image_tokens_per_image, self.num_layers)
+        self.requested_visible_per_layer = requested
         self.kept_per_image = settings.kept_per_image(self.image_tokens_per_image)
         self.prune_stages = settings.in_llm_stages(self.image_tokens_per_image, self.num_layers)
 
