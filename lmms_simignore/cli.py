@@ -81,7 +81,10 @@ def _sweep(args: argparse.Namespace) -> int:
             raise SystemExit(f"--set {item!r}: expected key=value")
         key, value = item.split("=", 1)
         overrides[key] = value
-    config = load_config(args.config, overrides=overrides, tasks=args.tasks)
+    try:
+        config = load_config(args.config, overrides=overrides, tasks=args.tasks, only_rows=args.rows)
+    except ValueError as error:
+        raise SystemExit(str(error))
     include_path = Path(args.include_path).resolve() if args.include_path else None
     extra = ("--limit", str(args.limit)) if args.limit is not None else ()
     output = args.output or str(Path("outputs") / config.name)
@@ -277,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--include_path", "--include-path", dest="include_path", help="lmms-eval --include_path for task YAMLs outside lmms-eval")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model_arg for every row, over the config's (repeatable)")
     sweep.add_argument("--limit", type=int, help="lmms-eval --limit: only the first N docs per task")
+    sweep.add_argument("--rows", metavar="NAME,NAME", help="run only these rows of the config (default: all)")
     sweep.add_argument("--dry-run", action="store_true", help="print the lmms-eval commands, run nothing")
     sweep.add_argument("--processes", type=int, help="processes per row (accelerate launch when > 1; default: one per visible GPU, else 1)")
     sweep.set_defaults(handler=_sweep)

@@ -29,6 +29,7 @@ IN_LLM_STAGES = ("fastv", "pdrop", "dart", "visiondrop")
 PIPELINES = ("none", "simignore", "random", "fastv", "pdrop", "simignore+fastv", "random+fastv", "simignore+pdrop", "random+pdrop",
              "visionzip", "visionzip+pdrop", "dart", "visiondrop")
 TEXT_SOURCES = ("options", "options_lettered", "prompt")
+STAGE_POSITIONS = ("original", "repacked")
 APPLY_MODES = ("mask", "drop")
 DEFAULT_FASTV_RATIO = 0.5
 DEFAULT_PDROP_RATIO = 0.5  # PyramidDrop's lambda
@@ -65,7 +66,8 @@ class ReductionSettings:
                      default 0.5 when no FastV budget is given
     pdrop_layers:    PyramidDrop's stages, "8/16/24": a stage at L ranks the image tokens still present by the
                      last prompt token's attention in layer L-1 (mean over heads) and keeps `pdrop_ratio` of
-                     them for layers >= L; default: a quarter, a half and three quarters of the decoder depth
+                     them for layers >= L; or fractions of the depth, "0.25/0.5/0.75" (each layer = fraction x
+                     depth, rounded half up, at least 1); default 0.25/0.5/0.75 (8/16/24 of LLaVA-1.5's 32 layers)
     pdrop_ratio:     the fraction of the remaining image tokens each PyramidDrop stage keeps (rounded half
                      up; default 0.5)
     dominant, contextual: visionzip's budget per image instead of keep: the CLS token and the patches it
@@ -75,7 +77,11 @@ class ReductionSettings:
     visiondrop_schedule: "42+6/30+5/22+4/16+3": dominant+contextual tokens per image of VisionDrop's vision stage,
                      then of each LLM stage (default: its code's schedule, an average of 32 over LLaVA-1.5's
                      layers); `keep=N` instead scales that schedule to an average of N
-    visiondrop_layers: the LLM stages' layers, "8/16/24"; default a quarter, a half and three quarters of the depth
+    visiondrop_layers: the LLM stages' layers, "8/16/24", or fractions of the depth as pdrop_layers; default
+                     0.25/0.5/0.75
+    stage_positions: the position ids of the tokens left after an in-LLM stage: "original" (their own; FastV's and
+                     DART's code) | "repacked" (each drops by the number of tokens the stage dropped before it, so
+                     they sit at consecutive positions; PyramidDrop's and VisionDrop's code); default: the method's
     """
 
     reduction: str = "none"
@@ -92,14 +98,15 @@ class ReductionSettings:
     fastv_layer: int = 2
     fastv_keep: int | float | None = None
     fastv_ratio: float | None = None
-    pdrop_layers: str | tuple[int, ...] | None = None
+    pdrop_layers: str | tuple[int, ...] | tuple[float, ...] | None = None
     pdrop_ratio: float | None = None
     dominant: int | None = None
     contextual: int | None = None
     dart_layer: int | None = None
     dart_pivots: int | None = None
     visiondrop_schedule: str | tuple[tuple[int, int], ...] | None = None
-    visiondrop_layers: str | tuple[int, ...] | None = None
+    visiondrop_layers: str | tuple[int, ...] | tuple[float, ...] | None = None
+    stage_positions: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("reduction", self.reduction, PIPELINES)
@@ -150,6 +157,11 @@ class ReductionSettings:
             raise ValueError(f"fastv_ratio must be a fraction in [0, 1] of image tokens to drop, got {self.fastv_ratio!r}")
 
         self._check_pdrop()
+        if self.stage_positions is not None:
+            _check_choice("stage_positions", self.stage_positions, STAGE_POSITIONS)
+            if self.in_llm is None:
+                raise ValueError(f"stage_positions applies to a stage inside the language model ({', '.join(IN_LLM_STAGES)}); "
+                                 f"reduction={self.reduction} has none")
         if self.apply == "mask" and self.vision is not None:
             raise ValueError(f"apply=mask cannot express {self.vision}: it merges image tokens into new ones, which only "
                              f"apply=drop can place in the sequence")
@@ -273,6 +285,18 @@ class ReductionSettings:
         return DART_PIVOTS if self.dart_pivots is None else self.dart_pivots
 
     @property
+    def positions_after_stages(self) -> str:
+        """`stage_positions`, or the method's own: "repacked" for PyramidDrop and VisionDrop, else "original"."""
+        if self.stage_positions is not None:
+            return self.stage_positions
+        return "repacked" if self.pdrop or self.reduction == "visiondrop" else "original"
+
+    def in_llm_options(self) -> dict:
+        """How `engine.LanguageModelRun` prunes, besides the stages themselves (`in_llm_stages`)."""
+        return {"prune_rule": self.prune_rule, "dart_pivots": self.dart_pivot_count, "merge_counts": self.merge_counts(),
+                "stage_positions": self.positions_after_stages}
+
+    @property
     def in_llm(self) -> str | None:
         """The stage that prunes inside the language model ("fastv" / "pdrop"), if any."""
         return next((stage for stage in self.stages if stage in IN_LLM_STAGES), None)
@@ -346,14 +370,14 @@ class ReductionSettings:
     def visiondrop_stage_layers(self, num_layers: int) -> tuple[int, ...]:
         """VisionDrop's LLM stage layers: `visiondrop_layers`, or a quarter, a half and three quarters of the depth."""
         if self.visiondrop_layers is not None:
-            return tuple(self.visiondrop_layers)
+            return _resolve_layers("visiondrop_layers", self.visiondrop_layers, num_layers)
         return _depth_layers(num_layers)
 
     def pdrop_stage_layers(self, num_layers: int) -> tuple[int, ...]:
         """PyramidDrop's stage layers: `pdrop_layers`, or a quarter, a half and three quarters of the depth
         (8/16/24 of 32; 1/2 of 3), those inside [1, num_layers - 1]."""
         if self.pdrop_layers is not None:
-            return tuple(self.pdrop_layers)
+            return _resolve_layers("pdrop_layers", self.pdrop_layers, num_layers)
         return _depth_layers(num_layers)
 
     def in_llm_stages(self, image_tokens: int, num_layers: int) -> tuple[tuple[int, int], ...]:
@@ -432,20 +456,36 @@ def _depth_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({layer for layer in (_round_half_up(depth * num_layers) for depth in PDROP_DEPTHS) if 1 <= layer < num_layers}))
 
 
-def _parse_layers(name: str, given) -> tuple[int, ...]:
-    """'8/16/24' (or an int, or a tuple) -> (8, 16, 24), increasing layers >= 1."""
+def _parse_layers(name: str, given) -> tuple[int, ...] | tuple[float, ...]:
+    """'8/16/24' (or an int, or a tuple) -> (8, 16, 24), increasing decoder layers >= 1; '0.25/0.5/0.75' -> (0.25, 0.5,
+    0.75), increasing fractions of the depth in (0, 1) (resolved per model by `_resolve_layers`)."""
     layers = given
-    if isinstance(layers, int) and not _is_bool(layers):
+    if isinstance(layers, (int, float)) and not _is_bool(layers):
         layers = (layers,)
     elif isinstance(layers, str):
         try:
-            layers = tuple(int(part) for part in layers.split("/"))
+            layers = tuple(float(part) if "." in part else int(part) for part in layers.split("/"))
         except ValueError:
             layers = None
-    if not isinstance(layers, (tuple, list)) or not layers or any(_is_bool(x) or not isinstance(x, int) or x < 1 for x in layers) \
-            or list(layers) != sorted(set(layers)):
-        raise ValueError(f"{name} must be increasing decoder layers >= 1 separated by '/', e.g. 8/16/24; got {given!r}")
+    valid = isinstance(layers, (tuple, list)) and bool(layers) and list(layers) == sorted(set(layers)) and (
+        all(isinstance(x, int) and not _is_bool(x) and x >= 1 for x in layers)
+        or all(isinstance(x, float) and 0 < x < 1 for x in layers))
+    if not valid:
+        raise ValueError(f"{name} must be increasing decoder layers >= 1 separated by '/', e.g. 8/16/24, or increasing "
+                         f"fractions of the depth, e.g. 0.25/0.5/0.75; got {given!r}")
     return tuple(layers)
+
+
+def _resolve_layers(name: str, layers: tuple, num_layers: int) -> tuple[int, ...]:
+    """Layers as given, or fractions of the depth as layers: round half up, at least 1 (0.25/0.5/0.75 of 32 -> 8/16/24,
+    of 6 -> 2/3/5); refuses fractions that land on the same layer."""
+    if all(isinstance(x, int) for x in layers):
+        return tuple(layers)
+    resolved = tuple(max(1, _round_half_up(fraction * num_layers)) for fraction in layers)
+    if list(resolved) != sorted(set(resolved)):
+        raise ValueError(f"{name}={'/'.join(map(str, layers))} gives layers {'/'.join(map(str, resolved))} on this "
+                         f"{num_layers}-layer language model; each stage needs its own layer")
+    return resolved
 
 
 def _parse_schedule(schedule) -> tuple[tuple[int, int], ...]:

@@ -120,6 +120,10 @@ def test_fastv_layer_must_leave_layers_on_both_sides(layer):
         ({"reduction": "pdrop"}, 25, 3, ((1, 13), (2, 7))),  # 3 layers: 0.75 and 2.25 round to 1 and 2; 12.5 -> 13
         ({"reduction": "pdrop", "pdrop_layers": 16, "pdrop_ratio": 0.25}, 576, 32, ((16, 144),)),
         ({"reduction": "simignore+pdrop", "keep": 12, "pdrop_layers": "1/2"}, 25, 3, ((1, 6), (2, 3))),
+        # fractions of the depth: layers 2/8/16 of 32 on 32 layers, and on the paper-shaped fixture's 6 (0.375 -> 1)
+        ({"reduction": "pdrop", "pdrop_layers": "0.0625/0.25/0.5"}, 576, 32, ((2, 288), (8, 144), (16, 72))),
+        ({"reduction": "pdrop", "pdrop_layers": "0.0625/0.25/0.5"}, 576, 6, ((1, 288), (2, 144), (3, 72))),
+        ({"reduction": "pdrop", "pdrop_layers": 0.5}, 64, 4, ((2, 32),)),
         ({"reduction": "fastv", "fastv_layer": 2, "fastv_keep": 7}, 25, 3, ((2, 7),)),
         ({"reduction": "simignore", "keep": 7}, 25, 3, ()),
     ],
@@ -138,6 +142,8 @@ def test_in_llm_stages_and_what_each_layer_sees(kwargs, image_tokens, layers, st
         ({"reduction": "pdrop", "pdrop_layers": "16/8"}, "pdrop_layers must be increasing decoder layers >= 1"),
         ({"reduction": "pdrop", "pdrop_layers": "8/x"}, "pdrop_layers must be increasing decoder layers >= 1"),
         ({"reduction": "pdrop", "pdrop_layers": "0/8"}, "pdrop_layers must be increasing decoder layers >= 1"),
+        ({"reduction": "pdrop", "pdrop_layers": "0.25/8"}, "or increasing fractions of the depth, e.g. 0.25/0.5/0.75; got '0.25/8'"),
+        ({"reduction": "pdrop", "pdrop_layers": "0.5/1.5"}, "or increasing fractions of the depth"),
         ({"reduction": "pdrop", "pdrop_ratio": 0}, r"pdrop_ratio must be a fraction in \(0, 1\]"),
         ({"reduction": "pdrop", "pdrop_ratio": 1.5}, r"pdrop_ratio must be a fraction in \(0, 1\]"),
         ({"reduction": "fastv", "pdrop_ratio": 0.5}, "pdrop_ratio only apply to reduction=pdrop or <stage>\\+pdrop, not fastv"),
@@ -149,6 +155,13 @@ def test_in_llm_stages_and_what_each_layer_sees(kwargs, image_tokens, layers, st
 def test_bad_pdrop_settings_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ReductionSettings(**kwargs)
+
+
+def test_fractions_of_the_depth_that_land_on_one_layer_are_refused():
+    settings = ReductionSettings(reduction="visiondrop", keep=16, visiondrop_layers="0.3/0.35/0.75")
+    assert settings.visiondrop_stage_layers(32) == (10, 11, 24)
+    with pytest.raises(ValueError, match="visiondrop_layers=0.3/0.35/0.75 gives layers 1/1/3 on this 4-layer language model"):
+        settings.in_llm_stages(64, 4)
 
 
 def test_pdrop_layers_beyond_the_model_are_refused():

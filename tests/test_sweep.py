@@ -84,6 +84,32 @@ def test_attribution_config_runs_end_to_end_offline(paper_shaped_testbed, tmp_pa
     assert f"token_log={tmp_path / 'attribution' / 'random_keep144.partial'}/tokens.jsonl" in printed[-1]
 
 
+PEER_ROWS_OFFLINE = ("visionzip_64", "dart_64", "pdrop_64", "visiondrop_64")  # the methods attribution.yaml lacks
+
+
+def test_peer_rows_run_offline_on_the_paper_shaped_model(paper_shaped_testbed, tmp_path):
+    """configs/peers.yaml as written (stage layers as fractions of the depth) on a 6-layer toy with 576 image
+    tokens, through the real lmms-eval CLI: the image tokens each layer saw, counted from the runs."""
+    config = load_config(CONFIGS / "peers.yaml", overrides={"pretrained": str(paper_shaped_testbed["model"])},
+                         tasks="scienceqa_img_local", only_rows=",".join(PEER_ROWS_OFFLINE))
+    summaries = run_sweep(config, tmp_path / "peers", include_path=paper_shaped_testbed["tasks"], extra_args=("--limit", "2"),
+                          echo=lambda line: None)
+    assert {summary["name"]: summary["visible_per_layer"] for summary in summaries} == {
+        "visionzip_64": [64] * 6,
+        "dart_64": [576] * 2 + [64] * 4,
+        "pdrop_64": [576, 109, 21, 4, 4, 4],  # layers 2/8/16 of 32 are 1/2/3 of 6
+        "visiondrop_64": [96, 96, 70, 52, 52, 38],  # 84+12 in the tower, then 60+10, 44+8, 32+6 after layers 2/3/5 of 6
+    }
+    assert all(len(summary["answers"]["scienceqa_img_local"]) == 2 for summary in summaries)
+
+
+def test_a_sweep_can_run_some_of_its_rows(tmp_path):
+    config = load_config(CONFIGS / "peers.yaml", only_rows="dart_64,baseline")
+    assert [row.name for row in config.rows] == ["baseline", "dart_64"]  # the config's order
+    with pytest.raises(ValueError, match="no row named dart_65; the rows are baseline, simignore_192"):
+        load_config(CONFIGS / "peers.yaml", only_rows="dart_64,dart_65")
+
+
 @pytest.fixture(scope="module")
 def geometry() -> dict[str, tuple[int, int]]:
     """The image-token geometry of each config's model: (image tokens per image, decoder layers), from its config."""
@@ -128,6 +154,23 @@ def test_paper_tables_name_the_published_budgets():
         "fastv_192": 67.3, "fastv_128": 60.2, "fastv_64": 51.1}
     table1 = load_config(CONFIGS / "table1.yaml")
     assert [row.reported["value"] for row in table1.rows] == [65.15, 68.02, 72.09, 73.23]
+
+
+def test_peer_rows_keep_what_their_name_says_on_llava_1_5(geometry):
+    """N tokens: N in every layer, except FastV and DART (all 576 in layers 0-1, as their papers count) and the
+    multi-stage methods, whose average over the 32 layers is N (within a token)."""
+    from lmms_simignore.settings import ReductionSettings
+
+    image_tokens, layers = geometry["llava-hf/llava-1.5-7b-hf"]
+    for row in load_config(CONFIGS / "peers.yaml").rows[1:]:
+        method, budget = row.name.rsplit("_", 1)
+        visible = ReductionSettings(**row.model_args).visible_per_layer(image_tokens, layers)
+        if method in ("fastv", "dart"):
+            assert visible == [576] * 2 + [int(budget)] * 30, row.name
+        elif method in ("pdrop", "visiondrop"):
+            assert abs(sum(visible) / layers - int(budget)) < 1 and len(set(visible)) == 4, row.name
+        else:
+            assert visible == [int(budget)] * layers, row.name
 
 
 def test_a_reported_figure_needs_its_value_and_source(tmp_path):

@@ -89,8 +89,7 @@ def measure_once(model, processor, settings: ReductionSettings, inputs, texts: l
             reduced = engine.apply_pre_llm_stage(model, processor.tokenizer, settings, prompt, texts, image_seeds)
         _sync(device)
         chosen = time.perf_counter()
-        run = engine.LanguageModelRun(model, reduced, prune_stages=stages, prune_rule=settings.prune_rule,
-                                      dart_pivots=settings.dart_pivot_count, merge_counts=settings.merge_counts())
+        run = engine.LanguageModelRun(model, reduced, prune_stages=stages, **settings.in_llm_options())
         tokens = run.prefill().argmax(-1)
         _sync(device)
         first_token = time.perf_counter()

@@ -84,7 +84,9 @@ class _Segment:
     gather: (B, S) where each of them sits in the previous segment's sequence (None for the first segment);
     mask: (B, S + t) its 2-D attention mask (t = tokens fed so far); image_columns: (I, M) where each image's
     tokens sit in this segment's sequence; image_visible: (I, M) which of them are visible;
-    keep: image tokens per image that the stage starting this segment keeps (None for the first segment).
+    keep: image tokens per image that the stage starting this segment keeps (None for the first segment);
+    shift: (B, S) with repacked positions, how many tokens the stage starting this segment dropped before each
+    prompt column (its position drops by that much); dropped: (B, 1) all it dropped (generated tokens shift by it).
     """
 
     start: int
@@ -96,9 +98,12 @@ class _Segment:
     image_columns: torch.Tensor | None = None
     image_visible: torch.Tensor | None = None
     merge: _Merge | None = None
+    shift: torch.Tensor | None = None
+    dropped: torch.Tensor | None = None
 
 
 PRUNE_RULES = ("attention", "dart", "visiondrop")
+STAGE_POSITIONS = ("original", "repacked")
 
 
 class LanguageModelRun:
@@ -110,18 +115,25 @@ class LanguageModelRun:
     "attention" (FastV, PyramidDrop): the most attended by the last prompt token in layer K-1 (mean over heads);
     "dart": DART's least duplicated tokens, from layer K-1's key norms and output (`dart_pivots` pivots);
     "visiondrop": the image tokens the image attends to most in layer K (its parts on layer K-1's output),
-    and `merge_counts[i]` of the `keep` are contextual tokens merged from the rest (at their target's position). The kept sets are chosen once, from the prompt, and then fixed: every
-    generated token passes through each segment with that segment's prompt columns, with a KV cache (one entry
-    per token and layer, each layer its own length) or by recomputing the whole sequence.
+    and `merge_counts[i]` of the `keep` are contextual tokens merged from the rest (in their target's place).
+    `stage_positions="repacked"` closes the ranks instead (PyramidDrop's and VisionDrop's code): from a stage on, a
+    token's position id drops by the number of tokens the stage dropped before it, and generated tokens by all it
+    dropped, so the tokens left sit at consecutive positions (gaps left by a pre-LLM stage stay). The kept sets
+    are chosen once, from the prompt, and then fixed: every generated token passes through each segment with that
+    segment's prompt columns, with a KV cache (one entry per token and layer, each layer its own length) or by
+    recomputing the whole sequence.
     """
 
     def __init__(self, model, prompt: ReducedPrompt, fastv_layer: int | None = None, fastv_keep: int = 0,
                  use_cache: bool = True, prune_stages: tuple[tuple[int, int], ...] = (), prune_rule: str = "attention",
-                 dart_pivots: int = DEFAULT_PIVOTS, merge_counts: tuple[int, ...] = ()):
+                 dart_pivots: int = DEFAULT_PIVOTS, merge_counts: tuple[int, ...] = (), stage_positions: str = "original"):
         from transformers import DynamicCache
 
         if prune_rule not in PRUNE_RULES:
             raise ValueError(f"prune_rule must be one of {', '.join(PRUNE_RULES)}; got {prune_rule!r}")
+        if stage_positions not in STAGE_POSITIONS:
+            raise ValueError(f"stage_positions must be one of {', '.join(STAGE_POSITIONS)}; got {stage_positions!r}")
+        self.repack = stage_positions == "repacked"
         merging = prune_rule == "visiondrop"
         if (merging and len(merge_counts) != len(prune_stages)) or (not merging and merge_counts):
             raise ValueError(f"merge_counts (one per stage) go with prune_rule='visiondrop' only; got {merge_counts} for "
@@ -222,6 +234,11 @@ class LanguageModelRun:
                 if segment.merge is not None:
                     gathered = self._merged(hidden, gathered, segment.merge)
                 hidden, positions = gathered, positions[rows, index]
+                if self.repack:
+                    shift = torch.cat([segment.shift, segment.dropped.expand(-1, index.shape[1] - segment.shift.shape[1])], dim=1)
+                    positions = positions - shift
+            elif number and self.repack:  # generated tokens only, through the cache
+                positions = positions - segment.dropped
             if number:
                 previous_length = segment.gather.shape[1]
             position_embeddings = model.rotary_emb(hidden, position_ids=positions)
@@ -269,6 +286,10 @@ class LanguageModelRun:
         keep[image_rows[:, None].expand_as(previous.image_columns), previous.image_columns] = False
         keep[image_rows[:, None].expand_as(chosen), chosen] = True
         segment.gather, mask, target = left_pack(keep)
+        if self.repack:
+            dropped = visible & ~keep  # (B, S): what this stage removed (masked and padding columns were not there)
+            segment.shift = dropped.long().cumsum(dim=1).gather(1, segment.gather)  # (B, S')
+            segment.dropped = dropped.long().sum(dim=1, keepdim=True)  # (B, 1)
         segment.mask = mask.to(previous.mask.dtype)
         base = previous.columns if previous.columns is not None else torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
         segment.columns = base.gather(1, segment.gather)
@@ -356,9 +377,10 @@ def generate(
     prune_rule: str = "attention",
     dart_pivots: int = DEFAULT_PIVOTS,
     merge_counts: tuple[int, ...] = (),
+    stage_positions: str = "original",
 ) -> Generation:
     """Generate after a reduced prompt, optionally with FastV pruning at `fastv_layer` or several pruning stages
-    (`prune_stages`, `prune_rule`, `dart_pivots`, `merge_counts`: see `LanguageModelRun`): the new token ids and the image tokens
+    (`prune_stages`, `prune_rule`, `dart_pivots`, `merge_counts`, `stage_positions`: see `LanguageModelRun`): the new token ids and the image tokens
     each decoder layer saw.
 
     With `use_cache` the prompt is encoded once and each step feeds one token at position
@@ -366,7 +388,8 @@ def generate(
     `stopped(generated (B, t)) -> (B,) bool` marks rows that hit a stop string.
     """
     run = LanguageModelRun(model, prompt, fastv_layer=fastv_layer, fastv_keep=fastv_keep, use_cache=use_cache,
-                           prune_stages=prune_stages, prune_rule=prune_rule, dart_pivots=dart_pivots, merge_counts=merge_counts)
+                           prune_stages=prune_stages, prune_rule=prune_rule, dart_pivots=dart_pivots, merge_counts=merge_counts,
+                           stage_positions=stage_positions)
     device = prompt.inputs_embeds.device
     batch_size = prompt.inputs_embeds.shape[0]
     generator = torch.Generator(device=device).manual_seed(options.seed) if options.do_sample else None
@@ -390,14 +413,14 @@ def generate(
 def continuation_logprobs(
     model, prompt: ReducedPrompt, continuation: torch.Tensor, fastv_layer: int | None = None, fastv_keep: int = 0,
     prune_stages: tuple[tuple[int, int], ...] = (), prune_rule: str = "attention", dart_pivots: int = DEFAULT_PIVOTS,
-    merge_counts: tuple[int, ...] = (),
+    merge_counts: tuple[int, ...] = (), stage_positions: str = "original",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of `continuation` (B, C) token by token after a reduced prompt (teacher forcing).
 
     Returns (B, C) float32 log-probabilities and (B, C) bool: whether each token was the greedy choice.
     """
     run = LanguageModelRun(model, prompt, fastv_layer=fastv_layer, fastv_keep=fastv_keep, use_cache=True, prune_stages=prune_stages,
-                           prune_rule=prune_rule, dart_pivots=dart_pivots, merge_counts=merge_counts)
+                           prune_rule=prune_rule, dart_pivots=dart_pivots, merge_counts=merge_counts, stage_positions=stage_positions)
     first = run.prefill()[:, None]  # (B, 1, V)
     logits = first if continuation.shape[1] == 1 else torch.cat([first, run.feed(continuation[:, :-1])], dim=1)
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, C, V)

@@ -51,8 +51,9 @@ class SweepConfig:
     shapes_task: dict | None = None  # {name, questions, seed}: generate this shapes split for the rows (offline testbed)
 
 
-def load_config(path: str | Path, overrides: dict | None = None, tasks: str | None = None) -> SweepConfig:
-    """Read a sweep YAML; `overrides` replace model_args in every row (e.g. a local `pretrained`), `tasks` the tasks."""
+def load_config(path: str | Path, overrides: dict | None = None, tasks: str | None = None, only_rows: str | None = None) -> SweepConfig:
+    """Read a sweep YAML; `overrides` replace model_args in every row (e.g. a local `pretrained`), `tasks` the tasks,
+    `only_rows` ("name,name") keeps those rows (in the config's order)."""
     path = Path(path)
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or not data["rows"]:
@@ -78,6 +79,13 @@ def load_config(path: str | Path, overrides: dict | None = None, tasks: str | No
         if reported is not None and (not isinstance(reported, dict) or set(reported) != {"value", "source"}):
             raise ValueError(f"{path}: row {row['name']!r}: reported must be {{value: number, source: text}}, got {reported!r}")
         rows.append(SweepRow(str(row["name"]), dict(row.get("model_args") or {}), reported))
+    if only_rows is not None:
+        wanted = [name.strip() for name in str(only_rows).split(",") if name.strip()]
+        missing = [name for name in wanted if name not in seen]
+        if not wanted or missing:
+            raise ValueError(f"{path}: --rows {only_rows!r}: no row named {', '.join(missing) or '(none given)'}; "
+                             f"the rows are {', '.join(row.name for row in rows)}")
+        rows = [row for row in rows if row.name in wanted]
     if not (tasks or data.get("tasks")):
         raise ValueError(f"{path}: give `tasks:` in the config or --tasks")
     return SweepConfig(

@@ -79,7 +79,7 @@ class LlavaSimignore(lmms):
     attn_implementation, use_cache, chat_template, max_new_tokens, seed, token_log, preset, and the
     reduction settings (`ReductionSettings`): reduction, keep, ignore, apply, similarity, text, text_bos,
     order, simignore_start, simignore_step, fastv_layer, fastv_keep, fastv_ratio, pdrop_layers, pdrop_ratio,
-    dominant, contextual (visionzip), dart_layer, dart_pivots, visiondrop_schedule, visiondrop_layers.
+    dominant, contextual (visionzip), dart_layer, dart_pivots, visiondrop_schedule, visiondrop_layers, stage_positions.
     """
 
     is_simple = True
@@ -126,6 +126,7 @@ class LlavaSimignore(lmms):
         dart_pivots: int | None = None,
         visiondrop_schedule: str | None = None,
         visiondrop_layers: str | int | None = None,
+        stage_positions: str | None = None,
         **unknown,
     ) -> None:
         if unknown:
@@ -137,7 +138,7 @@ class LlavaSimignore(lmms):
             seed=seed, fastv_layer=fastv_layer, fastv_keep=fastv_keep, fastv_ratio=fastv_ratio,
             pdrop_layers=pdrop_layers, pdrop_ratio=pdrop_ratio, dominant=dominant, contextual=contextual,
             dart_layer=dart_layer, dart_pivots=dart_pivots, visiondrop_schedule=visiondrop_schedule,
-            visiondrop_layers=visiondrop_layers,
+            visiondrop_layers=visiondrop_layers, stage_positions=stage_positions,
         )
         if str(dtype) not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
@@ -345,8 +346,7 @@ class LlavaSimignore(lmms):
         )
 
     def _in_llm_args(self) -> dict:
-        return {"prune_stages": self.prune_stages, "prune_rule": self.settings.prune_rule,
-                "dart_pivots": self.settings.dart_pivot_count, "merge_counts": self.settings.merge_counts()}
+        return {"prune_stages": self.prune_stages, **self.settings.in_llm_options()}
 
     def _account(self, batch: list[PromptRequest], inputs, image_tokens: torch.Tensor, seen: engine.ImageTokensSeen) -> None:
         """Record each sample's image tokens and, per decoder layer, the image tokens that layer computed on and
