@@ -51,7 +51,27 @@ def _fixtures(args: argparse.Namespace) -> int:
     paths = build_offline_testbed(args.directory, num_docs=args.num_docs, seed=args.seed, shape=shape)
     for name, path in paths.items():
         print(f"{name}: {path}")
+    if args.mipha:
+        _fixtures_mipha(args)
     return 0
+
+
+def _convert_mipha(args: argparse.Namespace) -> int:
+    from lmms_simignore.models.mipha import convert_mipha
+
+    try:
+        convert_mipha(args.src, args.out, vision_config_file=args.vision_config)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"convert-mipha: {error}")
+    print(f"evaluate with: lmms-eval --model llava_simignore --model_args pretrained={args.out} ...")
+    return 0
+
+
+def _fixtures_mipha(args: argparse.Namespace) -> None:
+    from lmms_simignore.testbed.tiny_mipha import build_tiny_mipha
+
+    print(f"mipha: {build_tiny_mipha(Path(args.directory) / 'tiny-mipha', seed=args.seed)} (released layout; convert with "
+          f"--vision-config tiny_siglip.json from that folder)")
 
 
 # make-task --protocol -> (shipped recipe, default task name)
@@ -271,7 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     fixtures.add_argument(
         "--paper-shaped", action="store_true", help="576 image tokens and 6 decoder layers, so the paper's budgets run as is"
     )
+    fixtures.add_argument("--mipha", action="store_true", help="also a tiny random Mipha checkpoint in the released layout (tiny-mipha/)")
     fixtures.set_defaults(handler=_fixtures)
+
+    mipha = commands.add_parser("convert-mipha", help="convert a Mipha checkpoint (Phi-2 + SigLIP) into transformers' Llava classes")
+    mipha.add_argument("src", help="a folder in Mipha's released layout (config.json model_type mipha_phi, safetensors shards)")
+    mipha.add_argument("out", help="the converted folder, for --model_args pretrained=OUT")
+    mipha.add_argument("--vision-config", help="a SiglipVisionConfig JSON, for a tower config.json only names "
+                       "(built in: google/siglip-so400m-patch14-384)")
+    mipha.set_defaults(handler=_convert_mipha)
 
     sweep = commands.add_parser("sweep", help="run every row of a config through lmms-eval and print one table")
     sweep.add_argument("config", help="sweep YAML (see configs/)")

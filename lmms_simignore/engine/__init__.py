@@ -12,24 +12,25 @@ A prompt travels like this:
   layers. A pruning stage at layer K (FastV's, several PyramidDrop-style, or DART's) chooses among the
   image tokens still present from layer K-1 and drops the rest for layers >= K. The reduced prompt is
   what sits in the KV cache, so ignored and pruned tokens stay invisible for the whole generation, not
-  just the prefill. The image tokens each layer saw are counted there too.
+  just the prefill. The image tokens each layer saw are counted there too. It runs the language model
+  families in `families.py` (Llama, Phi) and refuses the others by name.
 """
 
 
 from lmms_simignore.engine.accounting import TokenAccounting, layer_runs
-from lmms_simignore.engine.attention import (check_in_llm_support, check_vision_stage_support, last_token_attention,
-                                             layer_key_norms, vision_layer_attention)
+from lmms_simignore.engine.attention import check_vision_stage_support, last_token_attention, layer_key_norms, vision_layer_attention
 from lmms_simignore.engine.decoder import (PRUNE_RULES, DecodingOptions, Generation, ImageTokensSeen, LanguageModelRun,
                                            _next_tokens, continuation_logprobs, generate)
+from lmms_simignore.engine.families import DECODER_FAMILIES, check_model_support, final_norm
 from lmms_simignore.engine.prompt import (PromptEmbeddings, ReducedPrompt, build_prompt_embeddings, default_position_ids,
                                           embed_texts, image_tokens_per_image, reduce_prompt)
 from lmms_simignore.engine.stages import (apply_pre_llm_stage, apply_vision_stage, choose_kept_image_tokens, prepare_reduced_prompt,
                                           vision_tower_states, visionzip_image_features)
 
 __all__ = [
-    "PRUNE_RULES", "DecodingOptions", "Generation", "ImageTokensSeen", "LanguageModelRun", "PromptEmbeddings", "ReducedPrompt",
-    "TokenAccounting", "apply_pre_llm_stage", "apply_vision_stage", "build_prompt_embeddings", "check_in_llm_support",
+    "DECODER_FAMILIES", "PRUNE_RULES", "DecodingOptions", "Generation", "ImageTokensSeen", "LanguageModelRun", "PromptEmbeddings", "ReducedPrompt",
+    "TokenAccounting", "apply_pre_llm_stage", "apply_vision_stage", "build_prompt_embeddings", "check_model_support",
     "check_vision_stage_support", "choose_kept_image_tokens", "continuation_logprobs", "default_position_ids", "embed_texts",
-    "generate", "image_tokens_per_image", "last_token_attention", "layer_key_norms", "layer_runs", "prepare_reduced_prompt",
+    "final_norm", "generate", "image_tokens_per_image", "last_token_attention", "layer_key_norms", "layer_runs", "prepare_reduced_prompt",
     "reduce_prompt", "vision_layer_attention", "vision_tower_states", "visionzip_image_features",
 ]

@@ -8,6 +8,15 @@ import importlib
 import torch
 
 
+def rotate(tensor: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention) -> torch.Tensor:
+    """`tensor` (B, H, L, d) queries or keys with the rotary embedding applied by `attention`'s own module function, on
+    the first cos.shape[-1] dims of each head (all of them, or a partial share as Phi's) and the rest passed through."""
+    apply_rotary = importlib.import_module(type(attention).__module__).apply_rotary_pos_emb
+    rotary = cos.shape[-1]
+    rotated = apply_rotary(tensor[..., :rotary], tensor[..., :rotary], cos, sin)[0]
+    return torch.cat([rotated, tensor[..., rotary:]], dim=-1)
+
+
 def last_token_attention(layer, hidden_states: torch.Tensor, position_embeddings, key_visible: torch.Tensor) -> torch.Tensor:
     """Softmax attention of each row's last position over all columns, per head, in `layer`'s self-attention.
 
@@ -20,13 +29,12 @@ def last_token_attention(layer, hidden_states: torch.Tensor, position_embeddings
     attention = layer.self_attn
     batch, length, _ = hidden_states.shape
     head_dim = attention.head_dim
-    apply_rotary = importlib.import_module(type(attention).__module__).apply_rotary_pos_emb
     normed = layer.input_layernorm(hidden_states)  # (B, L, D)
     query = attention.q_proj(normed[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)  # (B, H, 1, d)
     key = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)  # (B, Hkv, L, d)
     cos, sin = position_embeddings
-    query = apply_rotary(query, query, cos[:, -1:], sin[:, -1:])[0]
-    key = apply_rotary(key, key, cos, sin)[0]
+    query = rotate(query, cos[:, -1:], sin[:, -1:], attention)
+    key = rotate(key, cos, sin, attention)
     key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # (B, H, L, d), grouped-query heads
     scores = (query @ key.transpose(-1, -2)).squeeze(2).float() * attention.scaling  # (B, H, L)
     scores = scores.masked_fill(~key_visible[:, None, :], float("-inf"))
@@ -45,7 +53,6 @@ def attention_from_queries(layer, hidden_states: torch.Tensor, position_embeddin
     """
     attention = layer.self_attn
     head_dim = attention.head_dim
-    apply_rotary = importlib.import_module(type(attention).__module__).apply_rotary_pos_emb
     normed = layer.input_layernorm(hidden_states)[query_rows]  # (I, L, D)
     images, length, _ = normed.shape
     cos, sin = (part[query_rows] for part in position_embeddings)  # (I, L, d) each
@@ -55,8 +62,8 @@ def attention_from_queries(layer, hidden_states: torch.Tensor, position_embeddin
 
     query = attention.q_proj(at_queries(normed)).view(images, query_columns.shape[1], -1, head_dim).transpose(1, 2)  # (I, H, M, d)
     key = attention.k_proj(normed).view(images, length, -1, head_dim).transpose(1, 2)  # (I, Hkv, L, d)
-    query = apply_rotary(query, query, at_queries(cos), at_queries(sin))[0]
-    key = apply_rotary(key, key, cos, sin)[0]
+    query = rotate(query, at_queries(cos), at_queries(sin), attention)
+    key = rotate(key, cos, sin, attention)
     grouped = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # (I, H, L, d)
     scores = (query @ grouped.transpose(-1, -2)).float() * attention.scaling  # (I, H, M, L)
     columns = torch.arange(length, device=scores.device)
@@ -72,10 +79,9 @@ def layer_key_norms(layer, hidden_states: torch.Tensor, position_embeddings) -> 
     """
     attention = layer.self_attn
     batch, length, _ = hidden_states.shape
-    apply_rotary = importlib.import_module(type(attention).__module__).apply_rotary_pos_emb
     key = attention.k_proj(layer.input_layernorm(hidden_states)).view(batch, length, -1, attention.head_dim).transpose(1, 2)
     cos, sin = position_embeddings
-    key = apply_rotary(key, key, cos, sin)[0]  # (B, Hkv, L, d)
+    key = rotate(key, cos, sin, attention)  # (B, Hkv, L, d)
     return key.float().abs().sum(dim=(1, 3))
 
 
@@ -94,21 +100,6 @@ def vision_layer_attention(layer, hidden_in: torch.Tensor) -> tuple[torch.Tensor
     keys = attention.k_proj(normed).view(images, tokens, -1, head_dim).transpose(1, 2)  # (I, H, T, d)
     scores = (query @ keys.transpose(-1, -2)).squeeze(2).float() * attention.scale  # (I, H, T)
     return scores.softmax(dim=-1), keys
-
-
-def check_in_llm_support(model) -> None:
-    """FastV recomputes one attention row from the decoder layer's parts: they must be the Llama-style ones."""
-    layer = model.model.language_model.layers[0]
-    attention = getattr(layer, "self_attn", None)
-    needed = {"input_layernorm": layer, "self_attn.q_proj": attention, "self_attn.k_proj": attention}
-    missing = [name for name, owner in needed.items() if owner is None or not hasattr(owner, name.split(".")[-1])]
-    if attention is not None and not hasattr(importlib.import_module(type(attention).__module__), "apply_rotary_pos_emb"):
-        missing.append("apply_rotary_pos_emb")
-    if missing:
-        raise ValueError(
-            f"fastv needs Llama-style decoder layers (input_layernorm, q_proj, k_proj, rotary embedding); "
-            f"{type(layer).__name__} lacks {', '.join(missing)}"
-        )
 
 
 def check_vision_stage_support(model) -> None:

@@ -8,7 +8,8 @@ from typing import Callable
 
 import torch
 
-from lmms_simignore.engine.attention import attention_from_queries, check_in_llm_support, last_token_attention, layer_key_norms
+from lmms_simignore.engine.attention import attention_from_queries, last_token_attention, layer_key_norms
+from lmms_simignore.engine.families import check_model_support
 from lmms_simignore.engine.prompt import ReducedPrompt, left_pack
 from lmms_simignore.methods import fastv_scores, select_top_k
 from lmms_simignore.methods.dart import DEFAULT_PIVOTS, dart_choice
@@ -142,7 +143,9 @@ class LanguageModelRun:
             raise ValueError(f"each stage's merge count must be in [0, its keep]; got {merge_counts} for {list(prune_stages)}")
         self.prune_rule, self.dart_pivots, self.merge_counts = prune_rule, dart_pivots, tuple(merge_counts)
 
+        self.family = check_model_support(model.config)
         self.language_model = model.model.language_model
+        self.final_norm = getattr(self.language_model, self.family.final_norm)
         self.lm_head = model.lm_head
         self.embedding = model.get_input_embeddings()
         self.prompt = prompt
@@ -157,8 +160,6 @@ class LanguageModelRun:
                 raise ValueError(f"fastv_keep={fastv_keep} exceeds the {available} image tokens per image still visible")
             prune_stages = ((fastv_layer, fastv_keep),)
         self._check_stages(prune_stages, num_layers)
-        if prune_stages:
-            check_in_llm_support(model)
         bounds = [0, *(layer for layer, _ in prune_stages), num_layers]
         keeps = [None, *(keep for _, keep in prune_stages)]
         self.segments = [_Segment(start, end, keep) for start, end, keep in zip(bounds, bounds[1:], keeps)]
@@ -257,7 +258,7 @@ class LanguageModelRun:
                     self._choose_next_segment(number + 1, layers[index], layer_input, hidden, position_embeddings)
         if prompt_pass:
             self.image_tokens_seen = ImageTokensSeen(*(torch.stack([counts[part] for counts in seen], dim=1) for part in range(2)))
-        return model.norm(hidden)
+        return self.final_norm(hidden)
 
     def _image_columns_map(self, segment: _Segment, length: int) -> torch.Tensor:
         """(B, S) bool: which columns of the segment's prompt sequence hold an image token (masked or not)."""
@@ -336,7 +337,7 @@ class LanguageModelRun:
         similarity of `layer`'s output through the final norm; text = the visible non-image columns after each image."""
         image_rows, columns = self.prompt.image_rows, previous.image_columns  # (I,), (I, M)
         key_norms = layer_key_norms(layer, layer_input, position_embeddings)  # (B, S)
-        normed = self.language_model.norm(layer_output)  # (B, S, D)
+        normed = self.final_norm(layer_output)  # (B, S, D)
         length = normed.shape[1]
         is_image = self._image_columns_map(previous, length)  # (B, S)
         after = torch.arange(length, device=normed.device)[None, :] > columns.amax(dim=1, keepdim=True)  # (I, S)

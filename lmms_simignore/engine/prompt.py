@@ -54,14 +54,16 @@ class ReducedPrompt:
 
 
 def image_tokens_per_image(config) -> int:
-    """Image tokens one image becomes in a llava-hf config (576 for LLaVA-1.5: 24x24 CLIP patches).
+    """Image tokens one image becomes in a llava-hf config, as transformers' Llava computes them (576 for LLaVA-1.5:
+    24x24 CLIP patches; 729 for a SigLIP so400m tower under the "full" strategy).
 
-    CLIP towers prepend a CLS token, which the "default" feature strategy drops; SigLIP-style towers have none.
+    CLIP towers prepend a CLS token, SigLIP towers have none; the "default" feature strategy drops the first token
+    either way (the CLS token, or a real SigLIP patch).
     """
     vision = config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
     has_cls = vision.model_type == "clip_vision_model"
-    return patches + int(has_cls and config.vision_feature_select_strategy == "full")
+    return patches + int(has_cls) - int(config.vision_feature_select_strategy == "default")
 
 
 def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

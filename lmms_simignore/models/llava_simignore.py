@@ -20,6 +20,7 @@ from lmms_eval.api.model import lmms
 from lmms_simignore import engine
 from lmms_simignore.engine.accounting import TokenAccounting, layer_runs
 from lmms_simignore.methods import sample_seed
+from lmms_simignore.models.mipha import attach_head_bias, converted_folder, is_mipha_folder
 from lmms_simignore.models.presets import resolve_model_args
 from lmms_simignore.models.quantization import nf4_quantization_config
 from lmms_simignore.settings import ReductionSettings
@@ -158,12 +159,15 @@ class LlavaSimignore(lmms):
         from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
         pretrained = resolve_pretrained(str(pretrained))
+        if is_mipha_folder(pretrained):  # a Mipha checkpoint in its released layout: converted once, then loaded
+            pretrained = str(converted_folder(pretrained))
         config = AutoConfig.from_pretrained(pretrained, revision=revision)
         if config.model_type != "llava":
             raise ValueError(
                 f"llava_simignore hosts LlavaForConditionalGeneration checkpoints (model_type 'llava'); "
                 f"pretrained={pretrained!r} has model_type {config.model_type!r}"
             )
+        engine.check_model_support(config)
         self.image_tokens_per_image = engine.image_tokens_per_image(config)
         self.num_layers = config.text_config.num_hidden_layers
         settings.visible_per_layer(self.image_tokens_per_image, self.num_layers)  # budgets and layers, before any download
@@ -187,6 +191,7 @@ class LlavaSimignore(lmms):
             use_safetensors=True,
             **load_kwargs,
         ).eval()
+        attach_head_bias(self._model, pretrained)  # converted Mipha checkpoints: the head's bias
         if not device_map:
             self._model.to(self._device)
         else:
@@ -207,8 +212,6 @@ class LlavaSimignore(lmms):
         # what the settings ask for (raises on budgets or layers the model cannot take); the token accounting
         # records what each layer really saw
         requested = settings.visible_per_layer(self.image_tokens_per_image, self.num_layers)
-        if settings.in_llm:
-            engine.check_in_llm_support(self._model)
         if settings.vision is not None:
             engine.check_vision_stage_support(self._model)
         self.settings = settings

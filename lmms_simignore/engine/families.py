@@ -1,0 +1,59 @@
+"""The model families our layer loop knows: the language models whose decoder layers it runs and reads, and the vision
+towers whose tokens it counts. Each is tested against transformers' own forward and eager attention; anything else is
+refused by name before any compute, never run approximately."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DecoderFamily:
+    """What differs between the supported decoders, as far as our loop is concerned.
+
+    final_norm: the language model's norm after the last layer. Everything else the loop uses is common to them: each
+    layer's `input_layernorm`, `self_attn.q_proj`/`k_proj` (rotary embedding on the first `cos.shape[-1]` dims of each
+    head: all of them for Llama, Phi's partial share), one causal mask for every layer, no step between the embedding
+    and the first layer other than dropout.
+    """
+
+    name: str
+    final_norm: str
+
+
+DECODER_FAMILIES = {
+    "llama": DecoderFamily("llama", final_norm="norm"),  # LLaVA-1.5 (Vicuna)
+    "phi": DecoderFamily("phi", final_norm="final_layernorm"),  # Mipha-3B (Phi-2): partial rotary, parallel attention + MLP
+}
+VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
+
+
+def decoder_family(text) -> DecoderFamily:
+    """The family of a language model's config; refuses the ones the loop would run wrongly."""
+    family = DECODER_FAMILIES.get(text.model_type)
+    if family is None:
+        raise ValueError(
+            f"the language model of this checkpoint is {text.model_type!r}, which llava_simignore does not run: its loop "
+            f"over the decoder layers is checked for {', '.join(DECODER_FAMILIES)} only (others differ in ways it would "
+            f"miss: query/key norms, sliding-window layers, embedding scaling)"
+        )
+    if family.name == "phi" and getattr(text, "qk_layernorm", False):
+        raise ValueError("a Phi language model with qk_layernorm=true normalises queries and keys per head, which the "
+                         "loop's attention rows do not; this checkpoint is refused")
+    return family
+
+
+def check_model_support(config) -> DecoderFamily:
+    """Refuse, by name, a llava config whose language model or vision tower the engine does not handle."""
+    tower = config.vision_config.model_type
+    if tower not in VISION_TOWERS:
+        raise ValueError(
+            f"the vision tower of this checkpoint is {tower!r}; llava_simignore handles towers with a fixed number of "
+            f"tokens per image: {', '.join(VISION_TOWERS)} (a tower with a variable number, such as pixtral's, is refused)"
+        )
+    return decoder_family(config.text_config)
+
+
+def final_norm(language_model):
+    """The norm applied after a language model's last decoder layer (`model.norm`, Phi's `final_layernorm`)."""
+    return getattr(language_model, decoder_family(language_model.config).final_norm)
