@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = commands.add_parser("bench", help="latency, throughput and memory of every reduction against the FLOP ideal")
     bench.add_argument("--out", default="benchmarks/results/latest", help="folder for bench.json and bench.md (default: %(default)s)")
-    bench.add_argument("--models", help="comma-separated: testbed, paper-shaped, llava7b-shape, llava13b-shape "
+    bench.add_argument("--models", help="comma-separated: testbed, paper-shaped, llava7b-shape, llava13b-shape, mipha3b-shape "
                        "(default: testbed,paper-shaped on a CPU; testbed,llava7b-shape on a GPU)")
     bench.add_argument("--quick", action="store_true", help="smoke run: testbed only, batch 2, 1 warm-up, 2 repeats, 2 decode tokens; "
                        "a pass of 8 prompts on paper-shaped at batch 1 and 4")

@@ -116,3 +116,29 @@ def test_a_bench_stopped_part_way_keeps_the_rows_it_finished(tmp_path):
     assert [(r["batch_size"], r["row"]) for r in report["scienceqa_pass"]["results"]] == [
         (1, "none"), (1, "simignore_drop_288"), (1, "fastv_288")]
     assert "| 1 | fastv_288 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_the_mipha_shape_benches_every_method_its_siglip_tower_allows(tmp_path, monkeypatch):
+    """Mipha-3B's shape, narrowed to run on a CPU: its rows (no VisionZip/VisionDrop: SigLIP has no CLS token) and what
+    each of its layers computed on, through the head with its bias."""
+    import torch
+
+    from lmms_simignore.bench import llava_shapes
+    from lmms_simignore.bench.speed import _resized, bench_model, load_bench_model
+    from lmms_simignore.models import mipha
+    from lmms_simignore.testbed import shapes
+
+    for key, value in {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 64, "num_attention_heads": 4,
+                       "num_key_value_heads": 4}.items():
+        monkeypatch.setitem(llava_shapes.PHI_2, key, value)
+    for key, value in {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 32, "num_attention_heads": 2,
+                       "image_size": 56}.items():
+        monkeypatch.setitem(mipha.SIGLIP_SO400M_384, key, value)
+    folder = llava_shapes.write_random_shape("mipha3b-shape", tmp_path / "mipha", torch.device("cpu"), torch.float32)
+    model, processor = load_bench_model(folder, torch.device("cpu"), torch.float32)
+    assert model.lm_head.bias is not None
+    records = _resized(shapes.shapes_records(2, seed=shapes.HELD_OUT_SEED), processor)
+    report = bench_model(model, processor, records, 2, 0, 1, 2, progress=lambda line: None)
+    assert report["image_tokens"] == 16 and not any(name.startswith("vision") for name in report["rows"])
+    assert report["rows"]["fastv_25"]["computed_per_layer"] == [16, 16, 4, 4]
+    assert report["rows"]["pdrop"]["computed_per_layer"] == [16, 8, 4, 2]

@@ -123,7 +123,7 @@ def test_reported_figures_stay_in_their_own_labelled_column(finished_sweep, tmp_
     measured = next(row for row in rows if row["row"] == "none")
     assert measured["value"] != 99.9 and measured["reported"] == {"value": 99.9, "source": "a paper"}
     markdown = (copy / "leaderboard.md").read_text()
-    assert "reported (published, not measured here)" in markdown and "99.9 (a paper)" in markdown
+    assert "reported (published, not measured here)" in markdown and "99.9 (a paper; protocol unknown)" in markdown
     assert {row["row"]: row["reported_value"] for row in read_csv(copy / "leaderboard.csv")}["none"] == "99.9"
 
 

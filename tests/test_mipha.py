@@ -276,3 +276,27 @@ def test_the_pipeline_runs_on_mipha_through_the_model_class(mipha, model_args, p
 def test_vision_side_stages_are_refused_on_a_siglip_tower(mipha):
     with pytest.raises(ValueError, match="'siglip_vision_model' has no CLS token"):
         LlavaSimignore(pretrained=str(mipha["out"]), reduction="visionzip", keep=12)
+
+
+def test_the_hub_id_of_a_mipha_checkpoint_downloads_its_safetensors_and_converts_them(tmp_path, monkeypatch):
+    """zhumj34/Mipha-3B (served here by a fake hub from a local released folder): config.json first, then only
+    safetensors, JSON and tokenizer files; then converted once like a folder."""
+    import huggingface_hub
+
+    src = build_tiny_mipha(tmp_path / "hub", layout="nested")
+    asked = []
+
+    def hf_hub_download(repo_id, filename, revision=None, **kwargs):
+        asked.append(("file", repo_id, filename))
+        return str(src / filename)
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        asked.append(("snapshot", repo_id, tuple(allow_patterns)))
+        return str(src)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setenv("LMMS_SIMIGNORE_CACHE", str(tmp_path / "cache"))
+    model = LlavaSimignore(pretrained="zhumj34/Mipha-3B", dtype="float32")
+    assert asked == [("file", "zhumj34/Mipha-3B", "config.json"), ("snapshot", "zhumj34/Mipha-3B", ("*.json", "*.safetensors", "*.txt"))]
+    assert model.model.config.text_config.model_type == "phi" and model.model.lm_head.bias is not None

@@ -236,3 +236,28 @@ def test_hub_ids_and_folders_pass_through_unchanged(tmp_path):
 
     assert resolve_pretrained("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"
     assert resolve_pretrained(str(tmp_path)) == str(tmp_path)
+
+
+def test_a_task_asking_for_square_images_gets_them_padded_with_the_processor_mean(testbed, docs):
+    """image_aspect_ratio=pad (the LLaVA-protocol task's generation kwarg): each non-square image is centred on a square
+    of the processor's mean colour before processing (the llava-hf processor would crop it), exactly as feeding images
+    padded beforehand."""
+    import numpy as np
+    from PIL import Image
+
+    wide = [dict(doc, image=doc["image"].crop((0, 0, 48, 30)) if doc["image"] is not None else None) for doc in docs]
+    model = make_model(testbed, wide)
+    colour = tuple(int(mean * 255) for mean in model.processor.image_processor.image_mean)  # CLIP's (122, 116, 104)
+
+    def padded_by_hand(image):
+        square = Image.new("RGB", (48, 48), colour)
+        square.paste(image, (0, 9))
+        return square
+
+    by_hand = [dict(doc, image=padded_by_hand(doc["image"]) if doc["image"] is not None else None) for doc in wide]
+    squared = model._squared([model._prompt_request(request.args) for request in simple_requests(wide)], "pad")
+    assert all(np.array_equal(np.asarray(request.images[0]), np.asarray(doc["image"])) for request, doc in zip(squared, by_hand) if request.images)
+    padded_answers = model.generate_until(simple_requests(wide, image_aspect_ratio="pad"))
+    assert padded_answers == make_model(testbed, by_hand).generate_until(simple_requests(by_hand))
+    with pytest.raises(ValueError, match="image_aspect_ratio must be one of original, pad; got 'stretch'"):
+        model.generate_until(simple_requests(wide, image_aspect_ratio="stretch"))

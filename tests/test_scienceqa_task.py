@@ -169,6 +169,7 @@ def test_make_task_llava_protocol_on_a_save_to_disk_copy_loads_offline(testbed, 
     messages = task.doc_to_messages(docs[0])
     assert messages[0] == {"role": "system", "content": [{"type": "text", "text": VICUNA_SYSTEM}]}
     assert task.config.generation_kwargs["max_new_tokens"] == 1024
+    assert task.config.generation_kwargs["image_aspect_ratio"] == "pad"  # the official evaluation squares each image
 
 
 def test_make_task_refuses_a_save_to_disk_folder_without_a_test_split(testbed, tmp_path):

@@ -32,6 +32,47 @@ def test_llava15_shape_processor_expands_one_image_into_576_tokens():
     assert int((inputs["input_ids"] == config.image_token_id).sum()) == 576
 
 
+def test_mipha3b_shape_has_the_published_parameter_count():
+    """zhumj34/Mipha-3B's card says 3.22B parameters: Phi-2 (2.78B with its head's bias), SigLIP so400m's tower and the
+    projector, plus the tower's attention-pooling head (15.2M), which the checkpoint carries and the conversion drops
+    (features come from layer -2; the head never runs)."""
+    from transformers import LlavaForConditionalGeneration, SiglipVisionConfig, SiglipVisionModel
+
+    from lmms_simignore.bench.llava_shapes import mipha3b_config
+    from lmms_simignore.models.mipha import SIGLIP_SO400M_384
+
+    config = mipha3b_config(build_tokenizer())
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+        tower_with_head = SiglipVisionModel(SiglipVisionConfig(**{k: v for k, v in SIGLIP_SO400M_384.items() if k != "model_type"}))
+    converted = sum(p.numel() for p in model.parameters()) + config.text_config.vocab_size  # + the head's bias
+    pooling_head = sum(p.numel() for p in tower_with_head.head.parameters())
+    assert round(converted / 1e9, 2) == 3.20 and round((converted + pooling_head) / 1e9, 2) == 3.22
+    language_model = sum(p.numel() for p in model.model.language_model.parameters()) + model.lm_head.weight.numel() + 51200
+    assert round(language_model / 1e9, 2) == 2.78  # microsoft/phi-2
+    attention = model.model.language_model.layers[0].self_attn
+    assert config.image_seq_length == 729 and (attention.head_dim, attention.rotary_ndims) == (80, 32)
+
+
+def test_mipha3b_shape_processor_pads_and_expands_one_image_into_729_tokens(tmp_path, monkeypatch):
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from lmms_simignore.bench import llava_shapes
+
+    monkeypatch.setitem(llava_shapes.PHI_2, "num_hidden_layers", 1)  # the processor is the point, not the weights
+    monkeypatch.setitem(llava_shapes.PHI_2, "hidden_size", 64)
+    monkeypatch.setitem(llava_shapes.PHI_2, "intermediate_size", 64)
+    monkeypatch.setitem(llava_shapes.PHI_2, "num_attention_heads", 4)
+    monkeypatch.setitem(llava_shapes.PHI_2, "num_key_value_heads", 4)
+    folder = llava_shapes.write_random_shape("mipha3b-shape", tmp_path / "mipha", torch.device("cpu"), torch.bfloat16)
+    processor = AutoProcessor.from_pretrained(folder)
+    inputs = processor(images=[Image.new("RGB", (500, 380), (255, 0, 0))], text="<image>\nWhich?", return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, 384, 384)
+    assert int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum()) == 729
+    assert inputs["pixel_values"][0, :, 0, 0].tolist() != inputs["pixel_values"][0, :, 192, 192].tolist()  # padded rows on top
+
+
 def test_unknown_llava15_shape_is_refused():
     with pytest.raises(ValueError, match="unknown LLaVA-1.5 shape 'llava70b-shape'; allowed: llava7b-shape, llava13b-shape"):
         llava15_config("llava70b-shape", build_tokenizer())
@@ -83,7 +124,7 @@ def test_random_llava15_checkpoint_is_written_in_the_asked_dtype_and_loads_throu
         "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4})
     monkeypatch.setattr(llava_shapes, "CLIP_VIT_L_336", {**llava_shapes.CLIP_VIT_L_336, "hidden_size": 32, "intermediate_size": 64,
                                                          "num_hidden_layers": 2, "num_attention_heads": 2, "projection_dim": 32})
-    folder = llava_shapes.write_random_llava15("llava7b-shape", tmp_path / "shape", torch.device("cpu"), torch.bfloat16)
+    folder = llava_shapes.write_random_shape("llava7b-shape", tmp_path / "shape", torch.device("cpu"), torch.bfloat16)
     assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
     model = LlavaSimignore(pretrained=str(folder), dtype="auto", reduction="simignore", keep=288, apply="drop")
     assert model.model.dtype == torch.bfloat16 and model.image_tokens_per_image == 576

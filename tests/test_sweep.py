@@ -24,7 +24,7 @@ def test_rows_override_shared_args_and_set_overrides_everything(tmp_path):
     assert "preset=simignore_paper_7b,quantization=nf4" in runs["paper_preset"].model_args  # --set beats the row
     command = runs["simignore_mask"].command()
     assert command[command.index("--model_args") + 1].endswith(f"token_log={tmp_path / 'simignore_mask'}/tokens.jsonl")
-    assert command[command.index("--tasks") + 1] == "scienceqa_img"
+    assert command[command.index("--tasks") + 1] == "scienceqa_img_llava"
 
 
 @pytest.mark.parametrize(
@@ -115,12 +115,12 @@ def geometry() -> dict[str, tuple[int, int]]:
     """The image-token geometry of each config's model: (image tokens per image, decoder layers), from its config."""
     from transformers import AutoConfig
 
-    from lmms_simignore.bench.llava_shapes import HUB_IDS, llava15_config
+    from lmms_simignore.bench.llava_shapes import HUB_IDS, shape_config
     from lmms_simignore.engine import image_tokens_per_image
     from lmms_simignore.shipped import resolve_pretrained
     from lmms_simignore.testbed.tiny import build_tokenizer
 
-    configs = {hub_id: llava15_config(name, build_tokenizer()) for name, hub_id in HUB_IDS.items()}
+    configs = {hub_id: shape_config(name, build_tokenizer()) for name, hub_id in HUB_IDS.items()}
     configs["shipped:shapes-llava"] = AutoConfig.from_pretrained(resolve_pretrained("shipped:shapes-llava"))
     return {model: (image_tokens_per_image(config), config.text_config.num_hidden_layers) for model, config in configs.items()}
 
@@ -153,7 +153,7 @@ def test_paper_tables_name_the_published_budgets():
     assert {row.name: row.reported["value"] for row in peers.rows if row.reported and row.name.startswith("fastv")} == {
         "fastv_192": 67.3, "fastv_128": 60.2, "fastv_64": 51.1}
     table1 = load_config(CONFIGS / "table1.yaml")
-    assert [row.reported["value"] for row in table1.rows] == [65.15, 68.02, 72.09, 73.23]
+    assert [row.reported["value"] for row in table1.rows] == [65.15, 68.02, 72.09, 73.23, 70.40, 70.85]
 
 
 def test_peer_rows_keep_what_their_name_says_on_llava_1_5(geometry):
@@ -173,11 +173,34 @@ def test_peer_rows_keep_what_their_name_says_on_llava_1_5(geometry):
             assert visible == [int(budget)] * layers, row.name
 
 
-def test_a_reported_figure_needs_its_value_and_source(tmp_path):
+@pytest.mark.parametrize("reported", ["{value: 1.0}", "{value: 1.0, source: a paper}", "{value: 1.0, source: a paper, protocol: vqa}"])
+def test_a_reported_figure_needs_its_value_source_and_protocol(tmp_path, reported):
     path = tmp_path / "bad.yaml"
-    path.write_text("tasks: t\nrows: [{name: a, reported: {value: 1.0}}]\n")
-    with pytest.raises(ValueError, match="reported must be"):
+    path.write_text(f"tasks: t\nrows: [{{name: a, reported: {reported}}}]\n")
+    with pytest.raises(ValueError, match="reported must be \\{value: number, source: text, protocol: llava \\| lmms-eval \\| unknown\\}"):
         load_config(path)
+
+
+@pytest.mark.parametrize("config_path", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.stem)
+def test_every_published_figure_is_compared_with_a_run_of_its_protocol(config_path):
+    """Simignore's figures (LLaVA's evaluation scripts) with scienceqa_img_llava; figures of an unstated protocol with
+    any; and Simignore's tables and the attribution run its protocol even without a figure on every row."""
+    from lmms_simignore.evaluation.sweep import task_protocol
+
+    config = load_config(config_path)
+    ran = {task_protocol(task) for task in config.tasks.split(",")}
+    for row in config.rows:
+        if row.reported is not None and row.reported["protocol"] != "unknown":
+            assert row.reported["protocol"] in ran, row.name
+    if config.name in ("table1", "table2", "table3", "table4", "attribution"):
+        assert ran == {"llava"}
+
+
+def test_a_sweep_says_when_a_figure_is_compared_with_another_protocol(tmp_path):
+    config = load_config(CONFIGS / "table1.yaml", tasks="scienceqa_img_local")
+    lines = []
+    run_sweep(config, tmp_path, dry_run=True, echo=lines.append)
+    assert "note: row llava7b_baseline is compared with a figure measured with LLaVA's evaluation scripts, but runs scienceqa_img_local" in lines
 
 
 @pytest.mark.parametrize("flag", ["--include_path", "--include-path"])

@@ -23,9 +23,10 @@ def kept_tokens(image_tokens: int, fraction: float) -> int:
     return max(1, round(image_tokens * fraction))
 
 
-def bench_rows(image_tokens: int, num_layers: int) -> list[BenchRow]:
+def bench_rows(image_tokens: int, num_layers: int, cls_token: bool = True) -> list[BenchRow]:
     """none, every method at 50% and 25% of the image tokens, and PyramidDrop with its defaults (lambda 0.5 at a
-    quarter, a half and three quarters of the depth)."""
+    quarter, a half and three quarters of the depth); without a CLS token in the tower (SigLIP), no VisionZip or
+    VisionDrop rows (they rank by the CLS token's attention)."""
     fastv_layer = bench_fastv_layer(num_layers)
     rows = [BenchRow("none", ReductionSettings())]
     for fraction in (0.5, 0.25):
@@ -40,4 +41,6 @@ def bench_rows(image_tokens: int, num_layers: int) -> list[BenchRow]:
             BenchRow(f"dart_{percent}", ReductionSettings(reduction="dart", dart_layer=fastv_layer, keep=keep)),
             BenchRow(f"visiondrop_{percent}", ReductionSettings(reduction="visiondrop", keep=keep)),  # keep: its average
         ]
+    if not cls_token:
+        rows = [row for row in rows if row.settings.vision is None]
     return rows + [BenchRow("pdrop", ReductionSettings(reduction="pdrop"))]

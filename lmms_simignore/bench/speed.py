@@ -139,7 +139,7 @@ def bench_model(model, processor, records: list[dict], batch_size: int, warmup: 
     num_layers = model.config.text_config.num_hidden_layers
     shape = DecoderShape.from_text_config(model.config.text_config)
     prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-    rows = bench_rows(image_tokens, num_layers)
+    rows = bench_rows(image_tokens, num_layers, cls_token=model.config.vision_config.model_type == "clip_vision_model")
     for _ in range(warmup):  # warm every path before any measurement
         for row in rows:
             measure_once(model, processor, row.settings, inputs, texts, image_seeds, decode_tokens)
@@ -289,7 +289,7 @@ def against_targets(report: dict) -> list[str]:
     return [f"## Against the targets ({where})", "", *table(["target", "measured", "met"], body).split("\n"), ""]
 
 
-BENCH_MODELS = ("testbed", "paper-shaped", "llava7b-shape", "llava13b-shape")
+BENCH_MODELS = ("testbed", "paper-shaped", "llava7b-shape", "llava13b-shape", "mipha3b-shape")
 
 
 def default_models(device: torch.device) -> tuple[str, ...]:
@@ -311,17 +311,20 @@ def bench_checkpoint(name: str, workdir: Path, device: torch.device, dtype: torc
         from lmms_simignore.testbed.tiny import PAPER_SHAPED, build_tiny_llava
 
         return build_tiny_llava(folder, shape=PAPER_SHAPED)
-    from lmms_simignore.bench.llava_shapes import write_random_llava15
+    from lmms_simignore.bench.llava_shapes import write_random_shape
 
-    return write_random_llava15(name, folder, device, dtype)
+    return write_random_shape(name, folder, device, dtype)
 
 
 def load_bench_model(folder: Path, device: torch.device, dtype: torch.dtype):
     """Model (straight onto `device`, sdpa attention) and processor of a bench checkpoint folder."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    from lmms_simignore.models.mipha import attach_head_bias
+
     model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", use_safetensors=True,
                                                           device_map=str(device))
+    attach_head_bias(model, folder)  # Mipha's head has a bias
     return model.eval(), AutoProcessor.from_pretrained(folder)
 
 
@@ -409,5 +412,6 @@ def run_bench(out_dir: str | Path, models: tuple[str, ...] | None = None, quick:
 
 def _resized(records: list[dict], processor) -> list[dict]:
     """The shapes images at the model's input size (the image processor would resize them anyway)."""
-    size = processor.image_processor.crop_size["height"]
+    image_processor = processor.image_processor
+    size = (image_processor.crop_size if image_processor.do_center_crop else image_processor.size)["height"]
     return [{**record, "image": record["image"].resize((size, size))} for record in records]

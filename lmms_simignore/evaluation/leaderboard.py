@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lmms_simignore.engine.accounting import TokenAccounting, layer_runs
 from lmms_simignore.evaluation.runs import PROVENANCE, find_results
-from lmms_simignore.evaluation.sweep import main_metric, task_metrics
+from lmms_simignore.evaluation.sweep import main_metric, protocol_label, task_metrics
 from lmms_simignore.markdown import table
 
 
@@ -119,7 +119,8 @@ def markdown(rows: list[dict]) -> str:
                   f"{row['mean_visible']:.1f} / {row['image_tokens']:.0f}",
                   "-" if row["flops_vs_baseline"] is None else f"{row['flops_vs_baseline']:.3f}", f"{row['wall_s']:.0f}"]
         if with_reported:
-            cells.append(f"{row['reported']['value']} ({row['reported']['source']})" if row["reported"] else "-")
+            cells.append(f"{row['reported']['value']} ({row['reported']['source']}; {protocol_label(row['reported'])})"
+                         if row["reported"] else "-")
         body.append(cells)
     lines = [table(header, body), "", "Provenance", ""]
     provenance = []
@@ -140,7 +141,7 @@ def markdown(rows: list[dict]) -> str:
 def write_csv(rows: list[dict], path: Path) -> None:
     breakdowns = sorted({name for row in rows for name in row["breakdown"]})
     fields = ["row", "method", "model", "task", "metric", "value", *breakdowns, "image_tokens", "mean_visible", "visible_per_layer",
-              "prefill_flops", "flops_vs_baseline", "wall_s", "reported_value", "reported_source", "date", "git_commit", "lmms_simignore", "lmms_eval", "transformers", "torch", "command"]
+              "prefill_flops", "flops_vs_baseline", "wall_s", "reported_value", "reported_source", "reported_protocol", "date", "git_commit", "lmms_simignore", "lmms_eval", "transformers", "torch", "command"]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
@@ -153,6 +154,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
                 "visible_per_layer": " ".join(f"{v:g}" for v in row["visible_per_layer"]),
                 "reported_value": row["reported"]["value"] if row["reported"] else "",
                 "reported_source": row["reported"]["source"] if row["reported"] else "",
+                "reported_protocol": protocol_label(row["reported"]) if row["reported"] else "",
                 "date": p["date"], "git_commit": p["git_commit"], "lmms_simignore": p["versions"]["lmms-simignore"],
                 "lmms_eval": p["versions"]["lmms-eval"], "transformers": p["versions"]["transformers"], "torch": p["versions"]["torch"],
                 "command": " ".join(p["command"]),

@@ -32,11 +32,28 @@ from lmms_simignore.evaluation.runs import RUN_DIR, EvalRun, read_samples, reuse
 from lmms_simignore.markdown import table
 
 
+# How a published figure was measured: LLaVA's own evaluation scripts (our scienceqa_img_llava task), lmms-eval's
+# scienceqa_img, or not stated by its source.
+REPORTED_PROTOCOLS = ("llava", "lmms-eval", "unknown")
+PROTOCOL_TASKS = {"llava": "scienceqa_img_llava", "lmms-eval": "scienceqa_img"}
+
+
+def task_protocol(task: str) -> str | None:
+    """The ScienceQA-IMG protocol a task name stands for (a local copy included), or None for other tasks."""
+    if task.startswith("scienceqa_img_llava"):
+        return "llava"
+    return "lmms-eval" if task.startswith("scienceqa_img") else None
+
+
+def protocol_label(reported: dict) -> str:
+    return {"llava": "LLaVA's evaluation scripts", "lmms-eval": "lmms-eval's scienceqa_img"}.get(reported.get("protocol"), "protocol unknown")
+
+
 @dataclass(frozen=True)
 class SweepRow:
     name: str
     model_args: dict
-    reported: dict | None = None  # a published figure for this row ({value, source}); shown apart, never as measured
+    reported: dict | None = None  # a published figure ({value, source, protocol}); shown apart, never as measured
 
 
 @dataclass(frozen=True)
@@ -76,8 +93,10 @@ def load_config(path: str | Path, overrides: dict | None = None, tasks: str | No
         if unknown_row_keys:
             raise ValueError(f"{path}: row {row['name']!r} has unknown keys {sorted(unknown_row_keys)}; allowed: name, model_args, reported")
         reported = row.get("reported")
-        if reported is not None and (not isinstance(reported, dict) or set(reported) != {"value", "source"}):
-            raise ValueError(f"{path}: row {row['name']!r}: reported must be {{value: number, source: text}}, got {reported!r}")
+        if reported is not None and (not isinstance(reported, dict) or set(reported) != {"value", "source", "protocol"}
+                                     or reported["protocol"] not in REPORTED_PROTOCOLS):
+            raise ValueError(f"{path}: row {row['name']!r}: reported must be {{value: number, source: text, protocol: "
+                             f"{' | '.join(REPORTED_PROTOCOLS)}}} (how the figure was measured), got {reported!r}")
         rows.append(SweepRow(str(row["name"]), dict(row.get("model_args") or {}), reported))
     if only_rows is not None:
         wanted = [name.strip() for name in str(only_rows).split(",") if name.strip()]
@@ -238,6 +257,11 @@ def run_sweep(
             raise ValueError("a config with shapes_task generates its own task folder; do not pass --include_path too")
         include_path = _shapes_task_dir(config.shapes_task, output_dir / "tasks", write=not dry_run)
     runs = row_runs(config, output_dir, include_path, extra_args, processes=processes)
+    ran = {task_protocol(task) for task in config.tasks.split(",")}
+    for row in config.rows:  # a published figure is compared with a run of its own protocol, or the user is told
+        if row.reported is not None and row.reported["protocol"] in PROTOCOL_TASKS and row.reported["protocol"] not in ran:
+            echo(f"note: row {row.name} is compared with a figure measured with {protocol_label(row.reported)}, "
+                 f"but runs {config.tasks}")
     if dry_run:
         for run in runs:
             echo(" ".join(run.command()))

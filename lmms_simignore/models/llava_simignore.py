@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from lmms_eval.api.model import lmms
 from lmms_simignore import engine
 from lmms_simignore.engine.accounting import TokenAccounting, layer_runs
 from lmms_simignore.methods import sample_seed
-from lmms_simignore.models.mipha import attach_head_bias, converted_folder, is_mipha_folder
+from lmms_simignore.models.mipha import attach_head_bias, converted_folder, hub_mipha_snapshot, is_mipha_folder
 from lmms_simignore.models.presets import resolve_model_args
 from lmms_simignore.models.quantization import nf4_quantization_config
 from lmms_simignore.settings import ReductionSettings
@@ -41,7 +42,10 @@ VICUNA_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 DTYPES = {"auto": "auto", "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-KNOWN_GEN_KWARGS = {"until", "max_new_tokens", "temperature", "top_p", "num_beams", "do_sample"}
+KNOWN_GEN_KWARGS = {"until", "max_new_tokens", "temperature", "top_p", "num_beams", "do_sample", "image_aspect_ratio"}
+# image_aspect_ratio (a task's generation_kwargs, LLaVA's name for it): "pad" squares each image with the processor's
+# mean colour before it is processed, as LLaVA's and Mipha's own evaluations do; "original" leaves it to the processor
+IMAGE_ASPECT_RATIOS = ("original", "pad")
 QUANTIZATIONS = ("none", "nf4")
 
 
@@ -159,8 +163,9 @@ class LlavaSimignore(lmms):
         from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
         pretrained = resolve_pretrained(str(pretrained))
+        pretrained = str(hub_mipha_snapshot(pretrained, revision) or pretrained)
         if is_mipha_folder(pretrained):  # a Mipha checkpoint in its released layout: converted once, then loaded
-            pretrained = str(converted_folder(pretrained))
+            pretrained, revision = str(converted_folder(pretrained)), "main"
         config = AutoConfig.from_pretrained(pretrained, revision=revision)
         if config.model_type != "llava":
             raise ValueError(
@@ -295,7 +300,7 @@ class LlavaSimignore(lmms):
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc="llava_simignore")
         for batch in collator.get_batched(n=self.batch_size):
             gen_kwargs = dict(self._request_gen_kwargs(batch[0]))
-            prepared = [self._prompt_request(args) for args in batch]
+            prepared = self._squared([self._prompt_request(args) for args in batch], gen_kwargs.get("image_aspect_ratio"))
             for args, answer in zip(batch, self._generate_batch(prepared, gen_kwargs)):
                 answers.append(answer)
                 self.cache_hook.add_partial("generate_until", (args[0], gen_kwargs), answer)
@@ -303,6 +308,15 @@ class LlavaSimignore(lmms):
         progress.close()
         self._report_accounting()
         return collator.get_original(answers)
+
+    def _squared(self, batch: list[PromptRequest], aspect: str | None) -> list[PromptRequest]:
+        """With image_aspect_ratio=pad, each image padded to a square (centred) with the image processor's mean colour."""
+        if aspect in (None, "original"):
+            return batch
+        if aspect not in IMAGE_ASPECT_RATIOS:
+            raise ValueError(f"generation kwarg image_aspect_ratio must be one of {', '.join(IMAGE_ASPECT_RATIOS)}; got {aspect!r}")
+        colour = tuple(int(mean * 255) for mean in self.processor.image_processor.image_mean)
+        return [dataclasses.replace(request, images=[pad_to_square(image, colour) for image in request.images]) for request in batch]
 
     def _report_accounting(self) -> None:
         logger.info(f"llava_simignore token accounting: {self.accounting.summary()}")
@@ -456,6 +470,19 @@ class LlavaSimignoreChat(LlavaSimignore):
             for part in message["content"] if part.get("type") == "text"
         )
         return PromptRequest(prompt, images, self._comparison_text(doc, user_text, task), doc_id, task)
+
+
+def pad_to_square(image, colour: tuple[int, ...]):
+    """`image` centred on a square canvas of its longer side filled with `colour` (LLaVA's `expand2square`)."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), colour)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
 
 
 def _check_images(visuals, task: str, doc_id: int) -> list:

@@ -38,6 +38,22 @@ def is_mipha_folder(path: str | Path) -> bool:
     return config.is_file() and json.loads(config.read_text()).get("model_type") == "mipha_phi"
 
 
+def hub_mipha_snapshot(pretrained: str, revision: str = "main") -> Path | None:
+    """A hub id whose config.json says `mipha_phi` (zhumj34/Mipha-3B): its released files, downloaded (safetensors,
+    JSON and tokenizer files only; no pickled weights). None for anything else, which transformers then loads or refuses."""
+    if Path(pretrained).exists() or pretrained.count("/") != 1:
+        return None
+    import huggingface_hub
+
+    try:
+        config = json.loads(Path(huggingface_hub.hf_hub_download(pretrained, "config.json", revision=revision)).read_text())
+    except (OSError, ValueError):  # unreachable or no such file: transformers' own loading reports it
+        return None
+    if config.get("model_type") != "mipha_phi":
+        return None
+    return Path(huggingface_hub.snapshot_download(pretrained, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+
+
 def read_mipha_config(src: Path, vision_config_file: str | Path | None = None) -> dict:
     """The parts of a Mipha config.json the conversion needs: Phi sizes, the vision tower (flat `mm_*` keys or a nested
     `vision_config` block), the projector and the image aspect rule. Refuses anything else with what was expected."""
@@ -125,11 +141,8 @@ def llava_key(mipha_key: str) -> str | None:
 
 def convert_mipha(src: str | Path, out: str | Path, vision_config_file: str | Path | None = None, echo=print) -> Path:
     """Convert the Mipha folder `src` into a llava-hf-style folder `out` (safetensors only); returns `out`."""
-    from transformers import (AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, LlavaImageProcessorPil,
-                              LlavaProcessor, PhiConfig, SiglipVisionConfig)
     from safetensors.torch import save_file
-
-    from lmms_simignore.tasks.scienceqa_utils import LLAVA_CHAT_TEMPLATE
+    from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, PhiConfig, SiglipVisionConfig
 
     src, out = Path(src), Path(out)
     settings = read_mipha_config(src, vision_config_file)
@@ -188,17 +201,7 @@ def convert_mipha(src: str | Path, out: str | Path, vision_config_file: str | Pa
     siglip = json.loads((src / "preprocessor_config.json").read_text()) if (src / "preprocessor_config.json").is_file() else None
     if siglip is None or "Siglip" not in str(siglip.get("image_processor_type", "")):
         raise ValueError(f"{src}: expected SigLIP's preprocessor_config.json (image_processor_type SiglipImageProcessor)")
-    size = siglip.get("size") or {"height": vision_config.image_size, "width": vision_config.image_size}
-    image_processor = LlavaImageProcessorPil(
-        do_pad=settings["pad_to_square"], do_resize=siglip.get("do_resize", True), size={"height": size["height"], "width": size["width"]},
-        resample=siglip.get("resample", 3), do_center_crop=False, do_rescale=siglip.get("do_rescale", True),
-        rescale_factor=siglip.get("rescale_factor", 1 / 255), do_normalize=siglip.get("do_normalize", True),
-        image_mean=siglip.get("image_mean", [0.5, 0.5, 0.5]), image_std=siglip.get("image_std", [0.5, 0.5, 0.5]),
-        do_convert_rgb=True,
-    )
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
-                   vision_feature_select_strategy="full", num_additional_image_tokens=0, chat_template=LLAVA_CHAT_TEMPLATE,
-                   image_token=IMAGE_TOKEN).save_pretrained(out)
+    mipha_processor(tokenizer, vision_config.patch_size, siglip, settings["pad_to_square"]).save_pretrained(out)
     echo(f"converted {src} -> {out}: Phi {text_config.num_hidden_layers} layers, SigLIP {vision_config.num_hidden_layers} "
          f"layers, {image_tokens} image tokens per image, {IMAGE_TOKEN} = {image_token_id}, end of text = {eos}")
     return out
@@ -234,6 +237,26 @@ def converted_folder(src: str | Path, cache_dir: str | Path | None = None) -> Pa
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def mipha_processor(tokenizer, patch_size: int, siglip: dict, pad_to_square: bool = True):
+    """A `LlavaProcessor` that prepares images as Mipha's evaluation does: padded to a square with the mean colour
+    (`do_pad`), then SigLIP's preprocessing (`siglip`: its preprocessor_config.json: resize to size, rescale, normalise);
+    every patch one token; Mipha's prompt."""
+    from transformers import LlavaImageProcessorPil, LlavaProcessor
+
+    from lmms_simignore.tasks.scienceqa_utils import LLAVA_CHAT_TEMPLATE
+
+    size = siglip["size"]
+    image_processor = LlavaImageProcessorPil(
+        do_pad=pad_to_square, do_resize=siglip.get("do_resize", True), size={"height": size["height"], "width": size["width"]},
+        resample=siglip.get("resample", 3), do_center_crop=False, do_rescale=siglip.get("do_rescale", True),
+        rescale_factor=siglip.get("rescale_factor", 1 / 255), do_normalize=siglip.get("do_normalize", True),
+        image_mean=siglip.get("image_mean", [0.5, 0.5, 0.5]), image_std=siglip.get("image_std", [0.5, 0.5, 0.5]), do_convert_rgb=True,
+    )
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                          vision_feature_select_strategy="full", num_additional_image_tokens=0, chat_template=LLAVA_CHAT_TEMPLATE,
+                          image_token=IMAGE_TOKEN)
 
 
 def attach_head_bias(model, pretrained: str | Path) -> None:
