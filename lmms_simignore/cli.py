@@ -231,6 +231,17 @@ def _redundancy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _infoflow(args: argparse.Namespace) -> int:
+    from lmms_simignore.evaluation.infoflow import run_infoflow
+
+    try:
+        run_infoflow(args.out, pretrained=args.pretrained, num_questions=args.num_questions, seed=args.seed, data=args.data,
+                     reduction=args.reduction, echo=lambda line: print(line, flush=True))
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"infoflow: {error}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from lmms_simignore.bench.speed import run_bench
 
@@ -392,6 +403,16 @@ def main(argv: list[str] | None = None) -> int:
     redundancy.add_argument("--num-questions", type=int, default=600, help="generated shapes questions, one image each (default: %(default)s)")
     redundancy.add_argument("--seed", type=int, help="generator seed (default: the held-out seed, 10000)")
     redundancy.set_defaults(handler=_redundancy)
+
+    infoflow = commands.add_parser("infoflow", help="per decoder layer, the last prompt token's attention to each image token "
+                                   "and its share on image vs text, without and with a reduction (PNG + JSON)")
+    infoflow.add_argument("--out", default="outputs/infoflow", help="folder for infoflow.json and the PNGs (default: %(default)s)")
+    infoflow.add_argument("--pretrained", default="shipped:shapes-llava", help="a llava checkpoint (default: %(default)s)")
+    infoflow.add_argument("--data", help="a local ScienceQA-IMG test split (parquet or save_to_disk folder) instead of shapes questions")
+    infoflow.add_argument("--num-questions", type=int, default=64, help="samples, one image each (default: %(default)s)")
+    infoflow.add_argument("--seed", type=int, help="shapes generator seed (default: the held-out seed, 10000)")
+    infoflow.add_argument("--reduction", metavar="KEY=VALUE,...", help="also measure with this reduction, e.g. reduction=simignore,keep=16")
+    infoflow.set_defaults(handler=_infoflow)
 
     bench = commands.add_parser("bench", help="latency, throughput and memory of every reduction against the FLOP ideal")
     bench.add_argument("--out", default="benchmarks/results/latest", help="folder for bench.json and bench.md (default: %(default)s)")

@@ -95,7 +95,7 @@ def synthetic_docs(tokenizer, num_docs: int = SCIENCEQA_IMG_TEST_QUESTIONS, seed
     return docs
 
 
-def local_docs(data: str | Path, num_docs: int) -> list[dict]:
+def local_docs(data: str | Path, num_docs: int, argument: str = "--pass-data") -> list[dict]:
     """The first `num_docs` questions with an image of a local test split (parquet file or save_to_disk folder)."""
     from datasets import Dataset, load_from_disk
 
@@ -105,10 +105,10 @@ def local_docs(data: str | Path, num_docs: int) -> list[dict]:
     dataset = load_from_disk(str(path))["test"] if path.is_dir() else Dataset.from_parquet(str(path))
     missing = {"question", "choices", "hint", "image"} - set(dataset.column_names)
     if missing:
-        raise ValueError(f"--pass-data {data}: the split lacks ScienceQA columns {sorted(missing)}")
+        raise ValueError(f"{argument} {data}: the split lacks ScienceQA columns {sorted(missing)}")
     docs = [doc for doc in dataset if doc["image"] is not None][:num_docs]
     if not docs:
-        raise ValueError(f"--pass-data {data}: no question with an image")
+        raise ValueError(f"{argument} {data}: no question with an image")
     return docs
 
 

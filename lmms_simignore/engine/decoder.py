@@ -122,12 +122,15 @@ class LanguageModelRun:
     dropped, so the tokens left sit at consecutive positions (gaps left by a pre-LLM stage stay). The kept sets
     are chosen once, from the prompt, and then fixed: every generated token passes through each segment with that
     segment's prompt columns, with a KV cache (one entry per token and layer, each layer its own length) or by
-    recomputing the whole sequence.
+    recomputing the whole sequence. `observe`, if given, sees every layer's input in the prompt pass: (layer index,
+    layer, its input (B, S, D), rotary (cos, sin), the visible columns (B, S) bool, their prompt columns (B, S), which
+    are image tokens (B, S) bool).
     """
 
     def __init__(self, model, prompt: ReducedPrompt, fastv_layer: int | None = None, fastv_keep: int = 0,
                  use_cache: bool = True, prune_stages: tuple[tuple[int, int], ...] = (), prune_rule: str = "attention",
-                 dart_pivots: int = DEFAULT_PIVOTS, merge_counts: tuple[int, ...] = (), stage_positions: str = "original"):
+                 dart_pivots: int = DEFAULT_PIVOTS, merge_counts: tuple[int, ...] = (), stage_positions: str = "original",
+                 observe: Callable | None = None):
         from transformers import DynamicCache
 
         if prune_rule not in PRUNE_RULES:
@@ -135,6 +138,7 @@ class LanguageModelRun:
         if stage_positions not in STAGE_POSITIONS:
             raise ValueError(f"stage_positions must be one of {', '.join(STAGE_POSITIONS)}; got {stage_positions!r}")
         self.repack = stage_positions == "repacked"
+        self.observe = observe  # observe(index, layer, layer_input, position_embeddings, mask, columns, is_image) in the prompt pass
         merging = prune_rule == "visiondrop"
         if (merging and len(merge_counts) != len(prune_stages)) or (not merging and merge_counts):
             raise ValueError(f"merge_counts (one per stage) go with prune_rule='visiondrop' only; got {merge_counts} for "
@@ -251,6 +255,11 @@ class LanguageModelRun:
                 seen += [_image_columns_in(self._image_columns_map(segment, hidden.shape[1]), segment.mask)] * (segment.end - segment.start)
             for index in range(segment.start, segment.end):
                 layer_input = hidden
+                if prompt_pass and self.observe is not None:
+                    columns = segment.columns if segment.columns is not None else \
+                        torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1)
+                    self.observe(index, layers[index], hidden, position_embeddings, segment.mask.bool(), columns,
+                                 self._image_columns_map(segment, hidden.shape[1]))
                 hidden = layers[index](
                     hidden, attention_mask=mask, position_ids=positions, position_embeddings=position_embeddings, **cache_kwargs
                 )
