@@ -242,6 +242,17 @@ def _infoflow(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clusters(args: argparse.Namespace) -> int:
+    from lmms_simignore.evaluation.clusters import run_clusters
+
+    try:
+        run_clusters(args.out, k=args.k, pretrained=args.pretrained, num_questions=args.num_questions, seed=args.seed,
+                     kmeans_seed=args.kmeans_seed, echo=lambda line: print(line, flush=True))
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"clusters: {error}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from lmms_simignore.bench.speed import run_bench
 
@@ -413,6 +424,16 @@ def main(argv: list[str] | None = None) -> int:
     infoflow.add_argument("--seed", type=int, help="shapes generator seed (default: the held-out seed, 10000)")
     infoflow.add_argument("--reduction", metavar="KEY=VALUE,...", help="also measure with this reduction, e.g. reduction=simignore,keep=16")
     infoflow.set_defaults(handler=_infoflow)
+
+    clusters = commands.add_parser("clusters", help="k-means over image tokens: each cluster's size, similarity to the text and the "
+                                   "accuracy when it is ignored (Simignore's Table 5)")
+    clusters.add_argument("--out", default="outputs/clusters", help="folder for clusters.json and clusters.png (default: %(default)s)")
+    clusters.add_argument("--k", type=int, default=8, help="clusters (default: %(default)s)")
+    clusters.add_argument("--pretrained", default="shipped:shapes-llava", help="a llava checkpoint (default: %(default)s)")
+    clusters.add_argument("--num-questions", type=int, default=200, help="generated shapes questions, one image each (default: %(default)s)")
+    clusters.add_argument("--seed", type=int, help="shapes generator seed (default: the held-out seed, 10000)")
+    clusters.add_argument("--kmeans-seed", type=int, default=0, help="k-means++ seeding (default: %(default)s)")
+    clusters.set_defaults(handler=_clusters)
 
     bench = commands.add_parser("bench", help="latency, throughput and memory of every reduction against the FLOP ideal")
     bench.add_argument("--out", default="benchmarks/results/latest", help="folder for bench.json and bench.md (default: %(default)s)")

@@ -150,7 +150,8 @@ def left_pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str, positions: str = "original") -> ReducedPrompt:
-    """Hide the image tokens not in `kept` (I, K): by masking them or by dropping them.
+    """Hide the image tokens not in `kept` (I, K indices, or (I, N) bool flags: with "mask", any number per image):
+    by masking them or by dropping them.
 
     With `positions="original"` every remaining token keeps its original position id, so both modes compute
     the same function; "drop" also shrinks the sequence to (B, L') with L' = the longest remaining row.
@@ -166,14 +167,21 @@ def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str, posi
     visible = prompt.attention_mask.bool().clone()  # (B, L)
     num_images, tokens_per_image = prompt.image_positions.shape
     image_index = torch.arange(num_images, device=device)[:, None]  # (I, 1)
-    kept_flags = torch.zeros(num_images, tokens_per_image, dtype=torch.bool, device=device)  # (I, N)
-    kept_flags[image_index, kept] = True
+    if kept.dtype == torch.bool:  # (I, N) flags: any number per image, for masking
+        if apply != "mask" and num_images and len(set(kept.sum(dim=1).tolist())) > 1:
+            raise ValueError("kept flags with a different number of tokens per image can only be masked (apply='mask')")
+        kept_flags = kept.clone()
+        if apply == "drop":  # the same number per image: as indices
+            kept = kept_flags.nonzero()[:, 1].reshape(num_images, -1) if num_images else kept_flags.new_zeros(0, 0, dtype=torch.long)
+    else:
+        kept_flags = torch.zeros(num_images, tokens_per_image, dtype=torch.bool, device=device)  # (I, N)
+        kept_flags[image_index, kept] = True
     if num_images:
         rows = prompt.image_rows[:, None].expand(-1, tokens_per_image)  # (I, N)
         visible[rows[~kept_flags], prompt.image_positions[~kept_flags]] = False
     images_per_row = torch.bincount(prompt.image_rows, minlength=batch_size)  # (B,)
     image_tokens = images_per_row * tokens_per_image  # (B,)
-    visible_image_tokens = images_per_row * kept.shape[1]  # (B,)
+    visible_image_tokens = torch.zeros(batch_size, dtype=torch.long, device=device).index_add_(0, prompt.image_rows, kept_flags.sum(dim=1))  # (B,)
 
     if apply == "mask":
         return ReducedPrompt(
