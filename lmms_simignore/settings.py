@@ -33,7 +33,8 @@ STAGE_POSITIONS = ("original", "repacked")
 APPLY_MODES = ("mask", "drop")
 DEFAULT_FASTV_RATIO = 0.5
 DEFAULT_PDROP_RATIO = 0.5  # PyramidDrop's lambda
-PDROP_DEPTHS = (0.25, 0.5, 0.75)  # PyramidDrop's stages after layers 8, 16, 24 of LLaVA-1.5's 32
+PDROP_DEPTHS = (0.25, 0.5, 0.75)
+AUTO_MARGIN = 0.2  # keep=auto: within 0.2 cosine similarity of the image's best token  # PyramidDrop's stages after layers 8, 16, 24 of LLaVA-1.5's 32
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,9 @@ class ReductionSettings:
                      "simignore+pdrop" | "random+pdrop" | "visionzip" | "visionzip+pdrop" | "dart" | "visiondrop"
     keep:            image tokens the pre-LLM or vision-side stage keeps per image (FastV's budget when it is the
                      only stage): an int count, or a float fraction in [0, 1] (rounded half up); for visionzip,
-                     split into dominant and contextual tokens in VisionZip's proportion (64 = 54 + 10)
+                     split into dominant and contextual tokens in VisionZip's proportion (64 = 54 + 10); "auto"
+                     (reduction=simignore): per image, every token whose score is within `auto_margin` of the best
+    auto_margin:     keep=auto's margin on the cosine similarity (default 0.2)
     ignore:          image tokens ignored per image (int); exactly one of keep / ignore for a pre-LLM stage
     apply:           how the pre-LLM stage hides tokens: "drop" (remove them, keep the original position
                      ids; real speed-up) | "mask" (attention mask 0, as the paper)
@@ -85,7 +88,7 @@ class ReductionSettings:
     """
 
     reduction: str = "none"
-    keep: int | float | None = None
+    keep: int | float | str | None = None
     ignore: int | None = None
     apply: str = "drop"
     similarity: str = "cosine"
@@ -107,6 +110,7 @@ class ReductionSettings:
     visiondrop_schedule: str | tuple[tuple[int, int], ...] | None = None
     visiondrop_layers: str | tuple[int, ...] | tuple[float, ...] | None = None
     stage_positions: str | None = None
+    auto_margin: float | None = None
 
     def __post_init__(self) -> None:
         _check_choice("reduction", self.reduction, PIPELINES)
@@ -134,7 +138,12 @@ class ReductionSettings:
             )
         if not self.reduces and (self.keep is not None or self.ignore is not None):
             raise ValueError("keep/ignore have no effect with reduction=none; drop them or choose a reduction")
-        _check_count_or_fraction("keep", self.keep)
+        if self.adaptive:
+            self._check_adaptive()
+        else:
+            if self.auto_margin is not None:
+                raise ValueError(f"auto_margin applies to keep=auto only, not keep={self.keep}")
+            _check_count_or_fraction("keep", self.keep)
         _check_count("ignore", self.ignore)
 
         fastv_budgets = {
@@ -176,6 +185,16 @@ class ReductionSettings:
                     f"{', '.join(f'{name}={getattr(self, name)}' for name in changed)} only affect simignore; "
                     f"reduction={self.reduction} has no simignore stage"
                 )
+
+    def _check_adaptive(self) -> None:
+        if self.reduction != "simignore":
+            raise ValueError(f"keep=auto is Simignore's adaptive budget (from each image's similarity scores): it needs "
+                             f"reduction=simignore alone, got reduction={self.reduction}")
+        if self.order != "unimportant" or self.uses_walk:
+            raise ValueError("keep=auto keeps the tokens closest to the text: it takes neither order= nor the published walk")
+        margin = self.margin
+        if _is_bool(margin) or not isinstance(margin, (int, float)) or margin < 0:
+            raise ValueError(f"auto_margin must be a non-negative number (a cosine-similarity margin), got {self.auto_margin!r}")
 
     def _check_dart(self) -> None:
         given = [name for name in ("dart_layer", "dart_pivots") if getattr(self, name) is not None]
@@ -306,9 +325,21 @@ class ReductionSettings:
         """Whether simignore ranks by the published walk over sorted pairs instead of each token's best similarity."""
         return (self.simignore_start, self.simignore_step) != (0, 1)
 
+    @property
+    def adaptive(self) -> bool:
+        """keep=auto: the number of kept tokens is chosen per image."""
+        return self.keep == "auto"
+
+    @property
+    def margin(self) -> float:
+        return AUTO_MARGIN if self.auto_margin is None else self.auto_margin
+
     # -- budgets -------------------------------------------------------------------------------------
     def kept_per_image(self, image_tokens: int) -> int:
-        """Image tokens per image the LLM sees before any in-LLM stage (all of them without a pre-LLM or vision stage)."""
+        """Image tokens per image the LLM sees before any in-LLM stage (all of them without a pre-LLM or vision stage;
+        with keep=auto, the most it may keep: each image's own count is observed)."""
+        if self.adaptive:
+            return image_tokens
         if self.vision is not None:
             return sum(self.vision_budget(image_tokens))
         if self.pre_llm is None:

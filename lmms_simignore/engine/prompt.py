@@ -167,12 +167,18 @@ def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str, posi
     visible = prompt.attention_mask.bool().clone()  # (B, L)
     num_images, tokens_per_image = prompt.image_positions.shape
     image_index = torch.arange(num_images, device=device)[:, None]  # (I, 1)
-    if kept.dtype == torch.bool:  # (I, N) flags: any number per image, for masking
-        if apply != "mask" and num_images and len(set(kept.sum(dim=1).tolist())) > 1:
-            raise ValueError("kept flags with a different number of tokens per image can only be masked (apply='mask')")
+    kept_slots = None  # (I, K) which entries of `kept` are real, when images keep different numbers
+    if kept.dtype == torch.bool:  # (I, N) flags: any number per image (at least one each when dropping)
         kept_flags = kept.clone()
-        if apply == "drop":  # the same number per image: as indices
-            kept = kept_flags.nonzero()[:, 1].reshape(num_images, -1) if num_images else kept_flags.new_zeros(0, 0, dtype=torch.long)
+        if apply == "drop":  # as indices, padded to the largest count with each image's last kept token
+            counts = kept_flags.sum(dim=1)
+            if num_images and int(counts.min()) < 1:
+                raise ValueError("dropping needs at least one kept token per image")
+            width = int(counts.max()) if num_images else 0
+            order = torch.sort((~kept_flags).to(torch.int8), dim=1, stable=True).indices[:, :width]  # kept ones first, ascending
+            kept_slots = torch.arange(width, device=device)[None, :] < counts[:, None]
+            last = order.gather(1, (counts - 1).clamp(min=0)[:, None]).expand_as(order)
+            kept = torch.where(kept_slots, order, last)
     else:
         kept_flags = torch.zeros(num_images, tokens_per_image, dtype=torch.bool, device=device)  # (I, N)
         kept_flags[image_index, kept] = True
@@ -205,5 +211,5 @@ def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str, posi
         visible_image_tokens=visible_image_tokens,
         image_rows=prompt.image_rows,
         image_columns=image_columns,
-        image_visible=torch.ones_like(image_columns, dtype=torch.bool),
+        image_visible=torch.ones_like(image_columns, dtype=torch.bool) if kept_slots is None else kept_slots,
     )

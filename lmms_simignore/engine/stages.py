@@ -8,6 +8,7 @@ import torch
 from lmms_simignore.engine.attention import check_vision_stage_support, vision_layer_attention
 from lmms_simignore.engine.prompt import PromptEmbeddings, ReducedPrompt, build_prompt_embeddings, embed_texts, image_tokens_per_image, reduce_prompt
 from lmms_simignore.methods import pairwise_similarity, random_scores, select_by_order, walk_scores
+from lmms_simignore.methods.selection import within_margin_of_best
 from lmms_simignore.methods.visionzip import visionzip_tokens
 from lmms_simignore.settings import ReductionSettings
 
@@ -19,7 +20,8 @@ def choose_kept_image_tokens(
     text_mask: torch.Tensor | None = None,
     image_seeds: list[int] | None = None,
 ) -> torch.Tensor:
-    """Indices (I, K) into each image's N tokens that the pre-LLM stage keeps; K from the settings' budget.
+    """Indices (I, K) into each image's N tokens that the pre-LLM stage keeps; K from the settings' budget (with
+    keep=auto, (I, N) bool flags: each image its own number).
 
     image_features: (I, N, D); text_embeds: (I, T, D) and text_mask: (I, T), the text of each image's row
     (simignore only); image_seeds: one seed per image (random choices only).
@@ -29,6 +31,11 @@ def choose_kept_image_tokens(
     device = image_features.device
     if num_images == 0:  # no image in the batch: nothing to choose
         return torch.zeros(0, keep, dtype=torch.long, device=device)
+    if settings.adaptive:  # (I, N) flags: each image keeps its own number
+        if text_embeds is None or text_mask is None:
+            raise ValueError("simignore needs the text embeddings of each image's row")
+        scores = pairwise_similarity(image_features, text_embeds, text_mask, settings.similarity).amax(dim=-1)  # (I, N)
+        return within_margin_of_best(scores, settings.margin)
     if settings.pre_llm is None or keep == tokens_per_image:
         return torch.arange(tokens_per_image, device=device).expand(num_images, -1)
     random_choice = settings.pre_llm == "random" or settings.order == "random"

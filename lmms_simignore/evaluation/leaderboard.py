@@ -24,10 +24,13 @@ def parse_model_args(model_args: str) -> dict[str, str]:
 
 
 def method_name(args: dict[str, str]) -> str:
-    """The method a row runs: its preset, else its reduction (default none), with `apply=mask` marked."""
+    """The method a row runs: its preset, else its reduction (default none), with `apply=mask` and an adaptive budget
+    (keep=auto: its own line in the accuracy-tokens plot) marked."""
     if "preset" in args:
         return f"preset {args['preset']}"
     method = args.get("reduction", "none")
+    if args.get("keep") == "auto":
+        method = f"{method} keep=auto"
     return f"{method} (mask)" if args.get("apply") == "mask" and method != "none" else method
 
 

@@ -46,3 +46,14 @@ def select_by_order(scores: torch.Tensor, keep: int, order: str = "unimportant")
         top = (keep + 1) // 2
         chosen = torch.cat([ranking[:, :top], ranking[:, ranking.shape[1] - (keep - top) :]], dim=1)
     return torch.sort(chosen, dim=1).values  # (B, keep)
+
+
+def within_margin_of_best(scores: torch.Tensor, margin: float) -> torch.Tensor:
+    """An adaptive budget: keep every token whose score is within `margin` of the image's best one.
+
+    scores: (I, N), higher = keep first. Returns (I, N) bool; the best token is always kept, and an image whose
+    scores are close together keeps more tokens than one with a few clear winners.
+    """
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    return scores >= scores.amax(dim=1, keepdim=True) - margin

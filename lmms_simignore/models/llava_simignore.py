@@ -6,9 +6,9 @@ requests and decodes answers. All token selection and generation happens in `lmm
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -84,7 +84,8 @@ class LlavaSimignore(lmms):
     attn_implementation, use_cache, chat_template, max_new_tokens, seed, token_log, preset, and the
     reduction settings (`ReductionSettings`): reduction, keep, ignore, apply, similarity, text, text_bos,
     order, simignore_start, simignore_step, fastv_layer, fastv_keep, fastv_ratio, pdrop_layers, pdrop_ratio,
-    dominant, contextual (visionzip), dart_layer, dart_pivots, visiondrop_schedule, visiondrop_layers, stage_positions.
+    dominant, contextual (visionzip), dart_layer, dart_pivots, visiondrop_schedule, visiondrop_layers, stage_positions,
+    auto_margin.
     """
 
     is_simple = True
@@ -111,7 +112,7 @@ class LlavaSimignore(lmms):
         seed: int = 0,
         token_log: str | None = None,
         reduction: str = "none",
-        keep: int | float | None = None,
+        keep: int | float | str | None = None,
         ignore: int | None = None,
         apply: str = "drop",
         similarity: str = "cosine",
@@ -132,6 +133,7 @@ class LlavaSimignore(lmms):
         visiondrop_schedule: str | None = None,
         visiondrop_layers: str | int | None = None,
         stage_positions: str | None = None,
+        auto_margin: float | None = None,
         **unknown,
     ) -> None:
         if unknown:
@@ -143,7 +145,7 @@ class LlavaSimignore(lmms):
             seed=seed, fastv_layer=fastv_layer, fastv_keep=fastv_keep, fastv_ratio=fastv_ratio,
             pdrop_layers=pdrop_layers, pdrop_ratio=pdrop_ratio, dominant=dominant, contextual=contextual,
             dart_layer=dart_layer, dart_pivots=dart_pivots, visiondrop_schedule=visiondrop_schedule,
-            visiondrop_layers=visiondrop_layers, stage_positions=stage_positions,
+            visiondrop_layers=visiondrop_layers, stage_positions=stage_positions, auto_margin=auto_margin,
         )
         if str(dtype) not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
