@@ -167,3 +167,22 @@ def test_two_processes_evaluate_every_doc_once_with_the_one_process_scores(finis
         samples = next((tmp_path / "two" / row["row"]).rglob("*_samples_shapes_heldout.jsonl")).read_text().splitlines()
         assert sorted(json.loads(line)["doc_id"] for line in samples) == list(range(40))
         assert len(list((tmp_path / "two" / row["row"]).glob("tokens.jsonl.rank*"))) == 2
+
+
+def test_tokens_by_object_count_come_from_the_generated_split_and_each_samples_count(tmp_path):
+    """doc 0 and 2 have 1 object, doc 1 has 3: the per-count means of what each sample kept (mean over layers)."""
+    import pyarrow
+    import pyarrow.parquet
+
+    from lmms_simignore.engine.accounting import TokenAccounting
+    from lmms_simignore.evaluation.leaderboard import _tokens_by_objects
+
+    data = tmp_path / "split.parquet"
+    pyarrow.parquet.write_table(pyarrow.table({"num_objects": [1, 3, 1]}), data)
+    (tmp_path / "shapes_x.yaml").write_text(json.dumps({"dataset_kwargs": {"data_files": {"test": str(data)}}}))
+    accounting = TokenAccounting()
+    for doc_id, kept in ((0, [4, 4]), (1, [10, 6]), (2, [6, 6])):
+        accounting.add(doc_id=doc_id, task="shapes_x", prompt_tokens=90, image_tokens=64, visible_per_layer=kept,
+                       mean_visible=sum(kept) / 2, computed_per_layer=kept)
+    assert _tokens_by_objects(tmp_path, "shapes_x", accounting) == {"1": 5.0, "3": 8.0}
+    assert _tokens_by_objects(tmp_path, "scienceqa_img", accounting) is None  # no generated split: not a shapes task

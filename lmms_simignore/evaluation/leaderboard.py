@@ -83,6 +83,7 @@ def collect_rows(directory: str | Path) -> list[dict]:
                 "visible_per_layer": accounting.visible_per_layer(),
                 "mean_visible": accounting.mean_visible(),
                 "prefill_flops": flops,
+                "tokens_by_objects": _tokens_by_objects(directory / "tasks", task, accounting),
                 "wall_s": provenance["wall_s"],
                 "provenance": provenance,
             })
@@ -99,6 +100,29 @@ def collect_rows(directory: str | Path) -> list[dict]:
         usable = baseline is not None and baseline["prefill_flops"] and row["prefill_flops"] is not None
         row["flops_vs_baseline"] = row["prefill_flops"] / baseline["prefill_flops"] if usable else None
     return rows
+
+
+def _tokens_by_objects(tasks_dir: Path, task: str, accounting: TokenAccounting) -> dict[str, float] | None:
+    """For a shapes task the sweep generated (its parquet under `tasks_dir`): the image tokens each sample kept (mean
+    over layers), averaged per object count; None for other tasks."""
+    task_yaml = tasks_dir / f"{task}.yaml"
+    if not task_yaml.is_file():
+        return None
+    files = json.loads(task_yaml.read_text()).get("dataset_kwargs", {}).get("data_files", {})
+    data = Path(files.get("test", "")) if isinstance(files, dict) else None
+    if data is None or not data.is_file():
+        return None
+    import pyarrow.parquet as parquet
+
+    columns = parquet.read_table(data, columns=None).column_names
+    if "num_objects" not in columns:
+        return None
+    objects = parquet.read_table(data, columns=["num_objects"]).column("num_objects").to_pylist()
+    kept: dict[int, list[float]] = {}
+    for record in accounting.with_images:
+        if record.get("task") == task and record["doc_id"] < len(objects):
+            kept.setdefault(objects[record["doc_id"]], []).append(record["mean_visible"])
+    return {str(count): sum(values) / len(values) for count, values in sorted(kept.items())} or None
 
 
 def _breakdown_columns(rows: list[dict]) -> list[str]:
@@ -125,7 +149,15 @@ def markdown(rows: list[dict]) -> str:
             cells.append(f"{row['reported']['value']} ({row['reported']['source']}; {protocol_label(row['reported'])})"
                          if row["reported"] else "-")
         body.append(cells)
-    lines = [table(header, body), "", "Provenance", ""]
+    lines = [table(header, body), ""]
+    adaptive = [row for row in rows if row["tokens_by_objects"] and len({round(v, 1) for v in row["tokens_by_objects"].values()}) > 1]
+    if adaptive:  # budgets that vary with the image: how many tokens crowded images got
+        counts = sorted({int(count) for row in adaptive for count in row["tokens_by_objects"]})
+        by_count = [[row["row"], *(f"{row['tokens_by_objects'][str(n)]:.1f}" if str(n) in row["tokens_by_objects"] else "-" for n in counts)]
+                    for row in adaptive]
+        lines += ["Image tokens kept per image (mean over layers) by the number of objects in the image", "",
+                  table(["row", *(f"{n} object{'s' * (n > 1)}" for n in counts)], by_count, align="l" + "r" * len(counts)), ""]
+    lines += ["Provenance", ""]
     provenance = []
     seen = set()
     for row in rows:
@@ -144,7 +176,7 @@ def markdown(rows: list[dict]) -> str:
 def write_csv(rows: list[dict], path: Path) -> None:
     breakdowns = sorted({name for row in rows for name in row["breakdown"]})
     fields = ["row", "method", "model", "task", "metric", "value", *breakdowns, "image_tokens", "mean_visible", "visible_per_layer",
-              "prefill_flops", "flops_vs_baseline", "wall_s", "reported_value", "reported_source", "reported_protocol", "date", "git_commit", "lmms_simignore", "lmms_eval", "transformers", "torch", "command"]
+              "prefill_flops", "flops_vs_baseline", "wall_s", "tokens_by_objects", "reported_value", "reported_source", "reported_protocol", "date", "git_commit", "lmms_simignore", "lmms_eval", "transformers", "torch", "command"]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
@@ -158,6 +190,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
                 "reported_value": row["reported"]["value"] if row["reported"] else "",
                 "reported_source": row["reported"]["source"] if row["reported"] else "",
                 "reported_protocol": protocol_label(row["reported"]) if row["reported"] else "",
+                "tokens_by_objects": json.dumps(row["tokens_by_objects"]) if row["tokens_by_objects"] else "",
                 "date": p["date"], "git_commit": p["git_commit"], "lmms_simignore": p["versions"]["lmms-simignore"],
                 "lmms_eval": p["versions"]["lmms-eval"], "transformers": p["versions"]["transformers"], "torch": p["versions"]["torch"],
                 "command": " ".join(p["command"]),
