@@ -247,7 +247,7 @@ def _clusters(args: argparse.Namespace) -> int:
 
     try:
         run_clusters(args.out, k=args.k, pretrained=args.pretrained, num_questions=args.num_questions, seed=args.seed,
-                     kmeans_seed=args.kmeans_seed, echo=lambda line: print(line, flush=True))
+                     kmeans_seed=args.kmeans_seed, data=args.data, echo=lambda line: print(line, flush=True))
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"clusters: {error}")
     return 0
@@ -432,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     clusters.add_argument("--pretrained", default="shipped:shapes-llava", help="a llava checkpoint (default: %(default)s)")
     clusters.add_argument("--num-questions", type=int, default=200, help="generated shapes questions, one image each (default: %(default)s)")
     clusters.add_argument("--seed", type=int, help="shapes generator seed (default: the held-out seed, 10000)")
+    clusters.add_argument("--data", help="a local ScienceQA-IMG test split (parquet or save_to_disk folder) instead of shapes questions")
     clusters.add_argument("--kmeans-seed", type=int, default=0, help="k-means++ seeding (default: %(default)s)")
     clusters.set_defaults(handler=_clusters)
 

@@ -37,8 +37,11 @@ def test_flags_mask_any_number_of_tokens_per_image_like_indices_do(tiny_model, p
     uneven = flags.clone()
     uneven[0, 10] = True
     assert engine.reduce_prompt(prompt, uneven, "mask").visible_image_tokens.tolist() == [5, 4]
-    with pytest.raises(ValueError, match="can only be masked"):
-        engine.reduce_prompt(prompt, uneven, "drop")
+    empty = flags.clone()
+    empty[1] = False
+    assert engine.reduce_prompt(prompt, empty, "mask").visible_image_tokens.tolist() == [4, 0]  # masking may hide a whole image
+    with pytest.raises(ValueError, match="dropping needs at least one kept token per image"):
+        engine.reduce_prompt(prompt, empty, "drop")
 
 
 def test_accuracy_with_every_token_is_the_models_own_accuracy():
@@ -71,3 +74,16 @@ def test_clusters_runs_on_the_testbed(tmp_path):
     assert [entry["mean_similarity"] for entry in clusters] == sorted(entry["mean_similarity"] for entry in clusters)
     assert all(entry["change"] == pytest.approx(entry["accuracy_without"] - report["accuracy_all_tokens"]) for entry in clusters)
     assert (tmp_path / "clusters.png").stat().st_size > 0 and "| cluster | share of tokens |" in completed.stdout
+
+
+def test_clusters_and_infoflow_take_a_local_scienceqa_split(testbed, tmp_path):
+    """--data: the questions with an image of a ScienceQA-IMG-shaped parquet (11 of its 12), on a tiny LLaVA."""
+    from lmms_simignore.evaluation.clusters import run_clusters
+    from lmms_simignore.evaluation.infoflow import run_infoflow
+
+    report = run_clusters(tmp_path / "clusters", k=2, pretrained=str(testbed["model"]), num_questions=20, data=str(testbed["data"]),
+                          echo=lambda line: None)
+    assert (report["images"], report["image_tokens"], report["questions"]["count"]) == (11, 25, 11)
+    flow = run_infoflow(tmp_path / "flow", pretrained=str(testbed["model"]), num_questions=4, data=str(testbed["data"]),
+                        echo=lambda line: None)
+    assert (flow["samples"], flow["image_tokens"], len(flow["flows"]["none"]["image_share"]["mean"])) == (4, 25, 3)

@@ -1,6 +1,6 @@
 """Clusters of image tokens and what each is worth to the answers (Simignore's Table 5, "spy" tokens), on a model:
 
-    python -m lmms_simignore clusters [--k 8] [--pretrained shipped:shapes-llava] [--num-questions 200] --out DIR
+    python -m lmms_simignore clusters [--k 8] [--pretrained shipped:shapes-llava] [--data SQA.parquet] --out DIR
 
 k-means over the projected image tokens of every image of the questions; per cluster, its share of the tokens and
 their mean Simignore score (best cosine similarity to the answer options' embeddings); then the accuracy when the
@@ -48,17 +48,24 @@ def kmeans(points: torch.Tensor, k: int, seed: int = 0, iterations: int = 100) -
     return labels, centroids
 
 
-@torch.inference_mode()
-def image_tokens_and_scores(model, processor, records: list[dict], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(I, N, D) projected image tokens of each record's image and (I, N) their Simignore scores (best cosine
-    similarity to the embeddings of the record's answer options, joined by spaces)."""
-    from lmms_simignore.models.llava_simignore import options_text
+def _shapes_prompts(processor):
     from lmms_simignore.testbed.llava_recipe import encode
 
+    return lambda batch: encode(processor, batch, with_answers=False)
+
+
+@torch.inference_mode()
+def image_tokens_and_scores(model, processor, records: list[dict], batch_size: int = 64, prompts=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(I, N, D) projected image tokens of each record's image and (I, N) their Simignore scores (best cosine
+    similarity to the embeddings of the record's answer options, joined by spaces). `prompts(batch)` makes the
+    processor inputs (default: the shapes prompt)."""
+    from lmms_simignore.models.llava_simignore import options_text
+
+    prompts = prompts or _shapes_prompts(processor)
     features, scores = [], []
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
-        inputs = encode(processor, batch, with_answers=False)
+        inputs = prompts(batch)
         prompt = engine.build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
         ids = [processor.tokenizer(options_text(record["choices"], "options"), add_special_tokens=False).input_ids for record in batch]
         text, mask = engine.embed_texts(model, ids)
@@ -68,15 +75,14 @@ def image_tokens_and_scores(model, processor, records: list[dict], batch_size: i
 
 
 @torch.inference_mode()
-def accuracy_with_kept(model, processor, records: list[dict], kept: torch.Tensor, batch_size: int = 64) -> float:
+def accuracy_with_kept(model, processor, records: list[dict], kept: torch.Tensor, batch_size: int = 64, prompts=None) -> float:
     """Accuracy of the first answer token (the option letter) with only the image tokens flagged in `kept` (I, N)
     visible (masked, original positions)."""
-    from lmms_simignore.testbed.llava_recipe import encode
-
+    prompts = prompts or _shapes_prompts(processor)
     correct = 0
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
-        inputs = encode(processor, batch, with_answers=False)
+        inputs = prompts(batch)
         prompt = engine.build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
         reduced = engine.reduce_prompt(prompt, kept[start : start + len(batch)], "mask")
         predicted = engine.LanguageModelRun(model, reduced).prefill().argmax(dim=-1)
@@ -85,17 +91,17 @@ def accuracy_with_kept(model, processor, records: list[dict], kept: torch.Tensor
     return correct / len(records)
 
 
-def cluster_report(model, processor, records: list[dict], k: int, seed: int = 0) -> dict:
+def cluster_report(model, processor, records: list[dict], k: int, seed: int = 0, prompts=None) -> dict:
     """Per cluster: share of the tokens, mean Simignore score, accuracy with it ignored and the change from all tokens."""
-    features, scores = image_tokens_and_scores(model, processor, records)
+    features, scores = image_tokens_and_scores(model, processor, records, prompts=prompts)
     images, tokens, _ = features.shape
     labels, _ = kmeans(features.reshape(images * tokens, -1), k, seed=seed)
     labels = labels.reshape(images, tokens)
-    everything = accuracy_with_kept(model, processor, records, torch.ones(images, tokens, dtype=torch.bool))
+    everything = accuracy_with_kept(model, processor, records, torch.ones(images, tokens, dtype=torch.bool), prompts=prompts)
     clusters = []
     for cluster in range(k):
         members = labels == cluster
-        without = accuracy_with_kept(model, processor, records, ~members)
+        without = accuracy_with_kept(model, processor, records, ~members, prompts=prompts)
         clusters.append({"cluster": cluster, "share": members.float().mean().item(),
                          "images_touched": int(members.any(dim=1).sum()), "mean_similarity": scores[members].mean().item(),
                          "accuracy_without": without, "change": without - everything})
@@ -136,8 +142,9 @@ def cluster_table(report: dict) -> str:
 
 
 def run_clusters(out_dir: str | Path, k: int = 8, pretrained: str = "shipped:shapes-llava", num_questions: int = 200,
-                 seed: int | None = None, kmeans_seed: int = 0, echo=print) -> dict:
-    """The cluster study on generated shapes questions (default: the held-out seed); writes clusters.json and .png."""
+                 seed: int | None = None, kmeans_seed: int = 0, data: str | None = None, echo=print) -> dict:
+    """The cluster study on generated shapes questions (default: the held-out seed) or the ScienceQA-IMG split `data`;
+    writes clusters.json and clusters.png."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from lmms_simignore.models.mipha import attach_head_bias
@@ -153,9 +160,15 @@ def run_clusters(out_dir: str | Path, k: int = 8, pretrained: str = "shipped:sha
     model = LlavaForConditionalGeneration.from_pretrained(path, use_safetensors=True).eval()
     attach_head_bias(model, path)
     processor = AutoProcessor.from_pretrained(path)
-    records = shapes.shapes_records(num_questions, seed=seed)
-    report = {"model": pretrained, "questions": {"seed": seed, "count": num_questions},
-              **cluster_report(model, processor, records, k, seed=kmeans_seed)}
+    processor.tokenizer.padding_side = "left"
+    if data is None:
+        records, prompts, source = shapes.shapes_records(num_questions, seed=seed), None, {"seed": seed, "count": num_questions}
+    else:
+        from lmms_simignore.evaluation.infoflow import scienceqa_samples
+
+        records, prompts = scienceqa_samples(data, num_questions, processor)
+        source = {"data": str(data), "count": len(records)}
+    report = {"model": pretrained, "questions": source, **cluster_report(model, processor, records, k, seed=kmeans_seed, prompts=prompts)}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "clusters.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -182,7 +182,7 @@ def run_infoflow(out_dir: str | Path, pretrained: str = "shipped:shapes-llava", 
         records = shapes.shapes_records(num_questions, seed=seed)
         source = {"shapes": {"seed": seed, "questions": num_questions}}
     else:
-        records, prompts = _scienceqa(data, num_questions, processor)
+        records, prompts = scienceqa_samples(data, num_questions, processor)
         source = {"data": str(data), "questions": len(records)}
     flows_by_name = {name: flows(model, processor, records, value, prompts=prompts) for name, value in settings.items()}
     report = {"model": pretrained, **source, "samples": len(records), "image_tokens": engine.image_tokens_per_image(model.config),
@@ -196,7 +196,7 @@ def run_infoflow(out_dir: str | Path, pretrained: str = "shipped:shapes-llava", 
     return report
 
 
-def _scienceqa(data: str, num_questions: int, processor):
+def scienceqa_samples(data: str, num_questions: int, processor):
     """The first questions with an image of a local ScienceQA-IMG copy, and their prompts (lmms-eval's scienceqa_img)."""
     from lmms_simignore.bench.scienceqa_pass import local_docs
     from lmms_simignore.tasks.scienceqa_utils import doc_to_text
