@@ -131,7 +131,7 @@ def plot(report: dict, flows_by_name: dict[str, Flow], out_dir: Path, samples: i
         share.legend(fontsize=7)
         for layer in range(layers):
             axis = axes[row][layer + 1]
-            axis.imshow(torch.tensor(flow["mean_grid"][layer]).reshape(side, side), cmap="viridis")
+            axis.imshow(torch.tensor(flow["mean_grid"][layer]).reshape(side, side).numpy(), cmap="viridis")
             axis.set_title(f"{name}, layer {layer}", fontsize=9)
             axis.axis("off")
     figure.suptitle(f"Attention of the last prompt token to the image ({report['samples']} samples, mean over heads)")
@@ -145,7 +145,7 @@ def plot(report: dict, flows_by_name: dict[str, Flow], out_dir: Path, samples: i
         for sample in range(shown):
             for layer in range(layers):
                 axis = axes[block * shown + sample][layer]
-                axis.imshow(flows_by_name[name].grid[sample, layer].reshape(side, side), cmap="viridis")
+                axis.imshow(flows_by_name[name].grid[sample, layer].reshape(side, side).numpy(), cmap="viridis")
                 axis.set_title(f"{name} #{sample} L{layer}", fontsize=7)
                 axis.axis("off")
     figure.savefig(out_dir / "infoflow_samples.png", dpi=110)
