@@ -165,15 +165,12 @@ def _probe_tower(args: argparse.Namespace) -> int:
 
 def _cls_attention(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from lmms_simignore.shipped import resolve_pretrained
+    from lmms_simignore.models.mipha import load_llava
     from lmms_simignore.testbed.llava_recipe import cls_attention_on_objects, held_out_questions
 
-    path = resolve_pretrained(args.pretrained)
-    model = LlavaForConditionalGeneration.from_pretrained(path, use_safetensors=True).eval()
+    model, processor = load_llava(args.pretrained)
     with torch.inference_mode():
-        report = cls_attention_on_objects(model, AutoProcessor.from_pretrained(path), held_out_questions(args.num_questions))
+        report = cls_attention_on_objects(model, processor, held_out_questions(args.num_questions))
     print(json.dumps(report, indent=2))
     return 0
 

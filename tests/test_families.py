@@ -5,6 +5,7 @@ and eager attention; every other family refused by name before any compute."""
 import pytest
 import torch
 from PIL import Image
+from test_fastv import unreduced
 
 from lmms_simignore import engine
 from lmms_simignore.models.mipha import attach_head_bias, convert_mipha
@@ -43,11 +44,6 @@ def phi_batch(phi_llava):
     inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
     assert (inputs["attention_mask"][0] == 0).any()
     return inputs
-
-
-def unreduced(model, inputs, apply="drop"):
-    prompt = engine.build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
-    return engine.reduce_prompt(prompt, engine.choose_kept_image_tokens(NONE, prompt.image_features), apply)
 
 
 def greedy(model, processor, reduced, use_cache=True, **stages):

@@ -128,12 +128,12 @@ def test_mipha_evaluates_through_lmms_eval_with_the_reference_answers(mipha, ref
                   model_args=f"pretrained={mipha['out']},reduction=simignore,keep=0.75,dtype=float32,max_new_tokens=6")
     run_lmms_eval(run, timeout=600)
     samples = read_samples(tmp_path / "run", "scienceqa_img_llava_local")
-    from lmms_simignore.tasks.scienceqa_utils import doc_to_text
+    from lmms_simignore.tasks.scienceqa_utils import POST_PROMPT, doc_to_text
 
-    kwargs = {"pre_prompt": "", "post_prompt": "\nAnswer with the option's letter from the given choices directly."}
+    kwargs = {"pre_prompt": "", "post_prompt": POST_PROMPT}
     for sample, record in zip(samples, records):
         expected, _ = reference_answer(reference, record["image"], doc_to_text(record, kwargs), max_new_tokens=6,
-                                       keep=27, options_text=" ".join(record["choices"]))
+                                       keep=round(0.75 * IMAGE_TOKENS), options_text=" ".join(record["choices"]))
         assert sample["filtered_resps"] == expected
 
 
@@ -254,11 +254,11 @@ def test_a_folder_that_is_not_mipha_is_refused_with_what_was_expected(testbed, t
 
 
 @pytest.mark.parametrize("model_args, per_layer", [
-    (dict(reduction="fastv", fastv_layer=1, fastv_keep=12), [36, 12, 12]),
-    (dict(reduction="pdrop"), [36, 18, 9]),  # 3 layers: stages after a quarter and a half of the depth (layers 1, 2)
-    (dict(reduction="dart", keep=12), [36, 36, 12]),
+    (dict(reduction="fastv", fastv_layer=1, fastv_keep=12), [IMAGE_TOKENS, 12, 12]),
+    (dict(reduction="pdrop"), [IMAGE_TOKENS, 18, 9]),  # 3 layers: stages after a quarter and a half of the depth (layers 1, 2)
+    (dict(reduction="dart", keep=12), [IMAGE_TOKENS, IMAGE_TOKENS, 12]),
     (dict(reduction="simignore+fastv", keep=27, fastv_layer=2, fastv_keep=9), [27, 27, 9]),
-    (dict(reduction="random", keep=20, apply="mask"), [36, 36, 36]),  # masked tokens are still computed
+    (dict(reduction="random", keep=20, apply="mask"), [IMAGE_TOKENS] * 3),  # masked tokens are still computed
 ], ids=["fastv", "pdrop", "dart", "simignore+fastv", "random-mask"])
 def test_the_pipeline_runs_on_mipha_through_the_model_class(mipha, model_args, per_layer):
     """Answers for a batch equal the answers one by one, and each layer computed on the counted image tokens."""

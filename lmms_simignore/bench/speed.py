@@ -318,14 +318,9 @@ def bench_checkpoint(name: str, workdir: Path, device: torch.device, dtype: torc
 
 def load_bench_model(folder: Path, device: torch.device, dtype: torch.dtype):
     """Model (straight onto `device`, sdpa attention) and processor of a bench checkpoint folder."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from lmms_simignore.models.mipha import load_llava
 
-    from lmms_simignore.models.mipha import attach_head_bias
-
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", use_safetensors=True,
-                                                          device_map=str(device))
-    attach_head_bias(model, folder)  # Mipha's head has a bias
-    return model.eval(), AutoProcessor.from_pretrained(folder)
+    return load_llava(folder, dtype=dtype, attn_implementation="sdpa", device_map=str(device))
 
 
 def _check_models(names, option: str) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from lmms_simignore import engine
+from lmms_simignore.evaluation.samples import shapes_prompts
 from lmms_simignore.methods import pairwise_similarity
 
 
@@ -48,12 +49,6 @@ def kmeans(points: torch.Tensor, k: int, seed: int = 0, iterations: int = 100) -
     return labels, centroids
 
 
-def _shapes_prompts(processor):
-    from lmms_simignore.testbed.llava_recipe import encode
-
-    return lambda batch: encode(processor, batch, with_answers=False)
-
-
 @torch.inference_mode()
 def image_tokens_and_scores(model, processor, records: list[dict], batch_size: int = 64, prompts=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(I, N, D) projected image tokens of each record's image and (I, N) their Simignore scores (best cosine
@@ -61,7 +56,7 @@ def image_tokens_and_scores(model, processor, records: list[dict], batch_size: i
     processor inputs (default: the shapes prompt)."""
     from lmms_simignore.models.llava_simignore import options_text
 
-    prompts = prompts or _shapes_prompts(processor)
+    prompts = prompts or shapes_prompts(processor)
     features, scores = [], []
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
@@ -78,7 +73,7 @@ def image_tokens_and_scores(model, processor, records: list[dict], batch_size: i
 def accuracy_with_kept(model, processor, records: list[dict], kept: torch.Tensor, batch_size: int = 64, prompts=None) -> float:
     """Accuracy of the first answer token (the option letter) with only the image tokens flagged in `kept` (I, N)
     visible (masked, original positions)."""
-    prompts = prompts or _shapes_prompts(processor)
+    prompts = prompts or shapes_prompts(processor)
     correct = 0
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
@@ -145,29 +140,15 @@ def run_clusters(out_dir: str | Path, k: int = 8, pretrained: str = "shipped:sha
                  seed: int | None = None, kmeans_seed: int = 0, data: str | None = None, echo=print) -> dict:
     """The cluster study on generated shapes questions (default: the held-out seed) or the ScienceQA-IMG split `data`;
     writes clusters.json and clusters.png."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from lmms_simignore.models.mipha import attach_head_bias
-    from lmms_simignore.shipped import resolve_pretrained
-    from lmms_simignore.testbed import shapes
+    from lmms_simignore.evaluation.samples import question_samples
+    from lmms_simignore.models.mipha import load_llava
 
     if num_questions < 1:
         raise ValueError(f"--num-questions must be at least 1, got {num_questions}")
     if k < 1:
         raise ValueError(f"--k must be at least 1, got {k}")
-    seed = shapes.HELD_OUT_SEED if seed is None else seed
-    path = resolve_pretrained(pretrained)
-    model = LlavaForConditionalGeneration.from_pretrained(path, use_safetensors=True).eval()
-    attach_head_bias(model, path)
-    processor = AutoProcessor.from_pretrained(path)
-    processor.tokenizer.padding_side = "left"
-    if data is None:
-        records, prompts, source = shapes.shapes_records(num_questions, seed=seed), None, {"seed": seed, "count": num_questions}
-    else:
-        from lmms_simignore.evaluation.infoflow import scienceqa_samples
-
-        records, prompts = scienceqa_samples(data, num_questions, processor)
-        source = {"data": str(data), "count": len(records)}
+    model, processor = load_llava(pretrained)
+    records, prompts, source = question_samples(processor, num_questions, seed=seed, data=data)
     report = {"model": pretrained, "questions": source, **cluster_report(model, processor, records, k, seed=kmeans_seed, prompts=prompts)}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

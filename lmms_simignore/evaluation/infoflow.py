@@ -72,10 +72,12 @@ def _check_settings(settings: ReductionSettings) -> None:
 
 
 def flows(model, processor, records: list[dict], settings: ReductionSettings, batch_size: int = 16, prompts=None) -> Flow:
-    """The flow over `records` (one image each): shapes records by default, or prompts built by `prompts(batch)`."""
+    """The flow over `records` (one image each), batched into processor inputs by `prompts(batch)` (default: the
+    shapes prompt)."""
+    from lmms_simignore.evaluation.samples import shapes_prompts
     from lmms_simignore.models.llava_simignore import options_text
-    from lmms_simignore.testbed.llava_recipe import encode
 
+    prompts = prompts or shapes_prompts(processor)
     _check_settings(settings)
     tokens = engine.image_tokens_per_image(model.config)
     stages = {"prune_stages": settings.in_llm_stages(tokens, model.config.text_config.num_hidden_layers),
@@ -83,7 +85,7 @@ def flows(model, processor, records: list[dict], settings: ReductionSettings, ba
     grids, shares = [], []
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
-        inputs = prompts(batch) if prompts is not None else encode(processor, batch, with_answers=False)
+        inputs = prompts(batch)
         is_image = inputs["input_ids"] == model.config.image_token_id
         if (is_image.sum(dim=1) != tokens).any():
             raise ValueError(f"infoflow takes one image per sample ({tokens} image tokens); a sample has "
@@ -157,35 +159,20 @@ def run_infoflow(out_dir: str | Path, pretrained: str = "shipped:shapes-llava", 
     """Measure the flow without a reduction and, if `reduction` ("reduction=simignore,keep=16") is given, with it, on
     generated shapes questions (default) or the ScienceQA-IMG parquet `data`; write infoflow.json and the PNGs."""
     from lmms_eval.utils import simple_parse_args_string
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from lmms_simignore.models.mipha import attach_head_bias
-    from lmms_simignore.shipped import resolve_pretrained
-    from lmms_simignore.testbed import shapes
+    from lmms_simignore.evaluation.samples import question_samples
+    from lmms_simignore.models.mipha import load_llava
 
     if num_questions < 1:
         raise ValueError(f"--num-questions must be at least 1, got {num_questions}")
     settings = {"none": ReductionSettings()}
     if reduction:
-        given = simple_parse_args_string(reduction)
-        settings["reduced"] = ReductionSettings(**given)
+        settings["reduced"] = ReductionSettings(**simple_parse_args_string(reduction))
         _check_settings(settings["reduced"])
-    path = resolve_pretrained(pretrained)
-    model = LlavaForConditionalGeneration.from_pretrained(path, use_safetensors=True).eval()
-    attach_head_bias(model, path)
-    engine.check_model_support(model.config)
-    processor = AutoProcessor.from_pretrained(path)
-    processor.tokenizer.padding_side = "left"
-    prompts = None
-    if data is None:
-        seed = shapes.HELD_OUT_SEED if seed is None else seed
-        records = shapes.shapes_records(num_questions, seed=seed)
-        source = {"shapes": {"seed": seed, "questions": num_questions}}
-    else:
-        records, prompts = scienceqa_samples(data, num_questions, processor)
-        source = {"data": str(data), "questions": len(records)}
+    model, processor = load_llava(pretrained)
+    records, prompts, source = question_samples(processor, num_questions, seed=seed, data=data)
     flows_by_name = {name: flows(model, processor, records, value, prompts=prompts) for name, value in settings.items()}
-    report = {"model": pretrained, **source, "samples": len(records), "image_tokens": engine.image_tokens_per_image(model.config),
+    report = {"model": pretrained, "questions": source, "samples": len(records), "image_tokens": engine.image_tokens_per_image(model.config),
               "reduction": reduction or "none", "flows": {name: summary(flow) for name, flow in flows_by_name.items()}}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -194,22 +181,6 @@ def run_infoflow(out_dir: str | Path, pretrained: str = "shipped:shapes-llava", 
     echo(flow_table(report))
     echo(f"\nwrote {out_dir / 'infoflow.json'}, infoflow.png and infoflow_samples.png")
     return report
-
-
-def scienceqa_samples(data: str, num_questions: int, processor):
-    """The first questions with an image of a local ScienceQA-IMG copy, and their prompts (lmms-eval's scienceqa_img)."""
-    from lmms_simignore.bench.scienceqa_pass import local_docs
-    from lmms_simignore.tasks.scienceqa_utils import doc_to_text
-
-    docs = local_docs(data, num_questions, argument="--data")
-    kwargs = {"pre_prompt": "", "post_prompt": "\nAnswer with the option's letter from the given choices directly."}
-
-    def prompts(batch):
-        texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": doc_to_text(doc, kwargs)}]}],
-                                               add_generation_prompt=True) for doc in batch]
-        return processor(images=[doc["image"].convert("RGB") for doc in batch], text=texts, return_tensors="pt", padding=True)
-
-    return docs, prompts
 
 
 def flow_table(report: dict) -> str:

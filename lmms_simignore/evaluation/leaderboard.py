@@ -114,8 +114,7 @@ def _tokens_by_objects(tasks_dir: Path, task: str, accounting: TokenAccounting) 
         return None
     import pyarrow.parquet as parquet
 
-    columns = parquet.read_table(data, columns=None).column_names
-    if "num_objects" not in columns:
+    if "num_objects" not in parquet.read_schema(data).names:
         return None
     objects = parquet.read_table(data, columns=["num_objects"]).column("num_objects").to_pylist()
     kept: dict[int, list[float]] = {}

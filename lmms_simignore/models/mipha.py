@@ -278,3 +278,19 @@ def attach_head_bias(model, pretrained: str | Path) -> None:
     if bias.shape != (head.out_features,):
         raise ValueError(f"{path}: {HEAD_BIAS_KEY} has shape {tuple(bias.shape)}, the head has {head.out_features} outputs")
     head.bias = torch.nn.Parameter(bias.to(device=head.weight.device, dtype=head.weight.dtype), requires_grad=False)
+
+
+def load_llava(pretrained: str | Path, **load_kwargs):
+    """(model, processor) of a llava checkpoint for the analysis commands and the bench: `shipped:` names resolved,
+    safetensors only, eval mode, a converted Mipha's head bias attached, left padding; `load_kwargs` go to
+    `from_pretrained` (dtype, attn_implementation, device_map)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from lmms_simignore.shipped import resolve_pretrained
+
+    path = resolve_pretrained(str(pretrained))
+    model = LlavaForConditionalGeneration.from_pretrained(path, use_safetensors=True, **load_kwargs).eval()
+    attach_head_bias(model, path)
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    return model, processor

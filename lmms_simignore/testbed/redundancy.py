@@ -148,17 +148,13 @@ def plot(report: dict, path: Path) -> None:
 def run_redundancy(out_dir: str | Path, pretrained: str = "shipped:shapes-llava", num_questions: int = 600, seed: int | None = None,
                    echo=print) -> dict:
     """Measure on generated shapes questions (default: the held-out seed); write redundancy.json and redundancy.png."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from lmms_simignore.shipped import resolve_pretrained
+    from lmms_simignore.models.mipha import load_llava
     from lmms_simignore.testbed import shapes
 
     if num_questions < 1:
         raise ValueError(f"num_questions must be at least 1, got {num_questions}")
     seed = shapes.HELD_OUT_SEED if seed is None else seed
-    path = resolve_pretrained(pretrained)
-    model = LlavaForConditionalGeneration.from_pretrained(path, use_safetensors=True).eval()
-    processor = AutoProcessor.from_pretrained(path)
+    model, processor = load_llava(pretrained)
     records = shapes.shapes_records(num_questions, seed=seed)
     report = {"model": pretrained, "questions": {"seed": seed, "count": num_questions}, **measure(model, processor, records)}
     report["definitions"] = DEFINITIONS
