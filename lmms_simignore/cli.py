@@ -111,7 +111,8 @@ def _sweep(args: argparse.Namespace) -> int:
     from lmms_simignore.evaluation.sweep import default_processes
 
     processes = args.processes if args.processes is not None else default_processes()
-    run_sweep(config, output, include_path=include_path, extra_args=extra, dry_run=args.dry_run, processes=processes)
+    run_sweep(config, output, include_path=include_path, extra_args=extra, dry_run=args.dry_run, processes=processes,
+              reuse_stale=args.reuse_stale)
     if not args.dry_run:
         from lmms_simignore.evaluation.leaderboard import write_leaderboard
 
@@ -330,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--rows", metavar="NAME,NAME", help="run only these rows of the config (default: all)")
     sweep.add_argument("--dry-run", action="store_true", help="print the lmms-eval commands, run nothing")
     sweep.add_argument("--processes", type=int, help="processes per row (accelerate launch when > 1; default: one per visible GPU, else 1)")
+    sweep.add_argument("--reuse-stale", action="store_true",
+                       help="read back finished rows produced by another commit / package version as they are (default: run them again)")
     sweep.set_defaults(handler=_sweep)
 
     leaderboard = commands.add_parser("leaderboard", help="finished sweep rows in DIR -> leaderboard.md, .csv and .png with provenance")

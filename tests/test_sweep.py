@@ -210,3 +210,105 @@ def test_sweep_takes_lmms_evals_spelling_of_include_path_and_the_old_one(tmp_pat
     assert main(["sweep", str(CONFIGS / "table3.yaml"), "--output", str(tmp_path), flag, str(tmp_path / "tasks"), "--dry-run"]) == 0
     commands = capsys.readouterr().out.splitlines()
     assert commands and all(command.endswith(f"--include_path {tmp_path / 'tasks'}") for command in commands)
+
+
+FAKE_LMMS_EVAL = '''"""Stands in for `python -m lmms_eval` (given as the launcher): writes a results and a samples file, counts its runs."""
+import json, sys
+from pathlib import Path
+
+args = sys.argv[sys.argv.index("lmms_eval") + 1:]
+output, task = Path(args[args.index("--output_path") + 1]) / "fake", args[args.index("--tasks") + 1]
+output.mkdir(parents=True)
+(output / "x_results.json").write_text(json.dumps({"results": {task: {"exact_match,none": 1.0}}}))
+(output / f"x_samples_{task}.jsonl").write_text(json.dumps({"doc_id": 0, "filtered_resps": ["A"]}) + "\\n")
+with open(Path(__file__).with_name("runs.log"), "a") as log:
+    log.write(args[args.index("--model_args") + 1] + "\\n")
+'''
+
+
+@pytest.fixture
+def fake_sweep(tmp_path, monkeypatch):
+    """A two-row config whose rows run a fake lmms-eval in a fraction of a second, at a commit the test sets:
+    sweep(commit, **kwargs) -> (lines echoed, how many rows ran so far)."""
+    import sys
+
+    from lmms_simignore.evaluation import runs, sweep
+
+    script = tmp_path / "fake_lmms_eval.py"
+    script.write_text(FAKE_LMMS_EVAL)
+    (tmp_path / "config.yaml").write_text("name: fake\nmodel: fake\ntasks: fake_task\nrows: [{name: a}, {name: b, model_args: {keep: 2}}]\n")
+    monkeypatch.setattr(sweep, "launcher", lambda processes: (sys.executable, str(script)))
+
+    def run(commit, **kwargs):
+        monkeypatch.setattr(runs, "git_commit", lambda: commit)
+        lines = []
+        run_sweep(load_config(tmp_path / "config.yaml"), tmp_path / "out", echo=lines.append, show_table=False, **kwargs)
+        log = tmp_path / "runs.log"
+        return lines, len(log.read_text().splitlines()) if log.exists() else 0
+
+    return run
+
+
+COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
+
+
+def test_a_finished_row_at_the_same_commit_is_reused(fake_sweep):
+    assert fake_sweep(COMMIT_A)[1] == 2
+    lines, ran = fake_sweep(COMMIT_A)
+    assert ran == 2 and "[1/2] a: done, reading" in lines and "[2/2] b: done, reading" in lines
+    assert not any("was produced" in line for line in lines)
+
+
+def test_a_finished_row_recorded_at_another_commit_is_run_again_and_says_why(fake_sweep):
+    fake_sweep(COMMIT_A)
+    lines, ran = fake_sweep(COMMIT_B)
+    assert ran == 4
+    assert "row a was produced at commit aaaaaaa, now bbbbbbb: re-running (--reuse-stale keeps it)" in lines
+    assert any(line.startswith("[2/2] b: running") for line in lines)
+    assert fake_sweep(COMMIT_B)[1] == 4  # now produced at this commit
+
+
+def test_reuse_stale_reads_rows_of_another_commit_back_as_they_are(fake_sweep):
+    fake_sweep(COMMIT_A)
+    lines, ran = fake_sweep(COMMIT_B, reuse_stale=True)
+    assert ran == 2
+    assert "row b was produced at commit aaaaaaa, now bbbbbbb: reusing it as it is (--reuse-stale)" in lines
+    assert "[2/2] b: done, reading" in lines
+
+
+@pytest.mark.parametrize(
+    "recorded, now, change",
+    [
+        ("a" * 40, "a" * 40, None),
+        ("a" * 40, "b" * 40 + "+dirty", "at commit aaaaaaa, now bbbbbbb+dirty"),  # another commit: changed, dirty or not
+        ("a" * 40 + "+dirty", "a" * 40, None),  # same commit, uncommitted changes: the (same) version decides
+        ("unknown (not a git checkout)", "unknown (not a git checkout)", None),
+    ],
+)
+def test_what_counts_as_other_code(recorded, now, change):
+    from lmms_simignore.evaluation.runs import code_change
+
+    version = {"lmms-simignore": "0.1.0"}
+    assert code_change({"git_commit": recorded, "versions": version}, {"git_commit": now, "versions": version}) == change
+
+
+@pytest.mark.parametrize("recorded, now", [("a" * 40 + "+dirty", "a" * 40 + "+dirty"), ("unknown (not a git checkout)", "b" * 40),
+                                           (None, "a" * 40)])
+def test_without_a_telling_commit_the_package_version_decides(recorded, now):
+    from lmms_simignore.evaluation.runs import code_change
+
+    old = {"git_commit": recorded, "versions": {"lmms-simignore": "0.1.0"}}
+    assert code_change(old, {"git_commit": now, "versions": {"lmms-simignore": "0.2.0"}}) == "by lmms-simignore 0.1.0, now 0.2.0"
+    assert code_change(old, {"git_commit": now, "versions": {"lmms-simignore": "0.1.0"}}) is None
+    assert code_change(old, {"git_commit": now, "versions": {"lmms-simignore": "not installed"}}) is None
+
+
+@pytest.mark.parametrize("flags, reuse_stale", [([], False), (["--reuse-stale"], True)])
+def test_sweep_passes_reuse_stale_on(tmp_path, monkeypatch, flags, reuse_stale):
+    from lmms_simignore.cli import main
+    from lmms_simignore.evaluation import sweep
+
+    seen = {}
+    monkeypatch.setattr(sweep, "run_sweep", lambda *args, **kwargs: seen.update(kwargs))
+    assert main(["sweep", str(CONFIGS / "table3.yaml"), "--output", str(tmp_path), "--dry-run", *flags]) == 0
+    assert seen["reuse_stale"] is reuse_stale

@@ -3,7 +3,7 @@
 lmms-eval exits 0 even when a run fails (no task found, bad model_args, a broken import, ...), so a run
 only counts as done when its results file exists; otherwise `LmmsEvalFailed` is raised with the first
 error line of lmms-eval's output. A finished run is reused only when it was run with the same lmms-eval
-arguments as the ones asked for now.
+arguments as the ones asked for now, by the same code (see `code_change`).
 """
 
 from __future__ import annotations
@@ -113,6 +113,40 @@ def git_commit() -> str:
         return "unknown (git not available)"
 
 
+def current_code() -> dict:
+    """The code that would produce a run now, in the shape of a provenance record: git commit and package version."""
+    from lmms_simignore.lockfile import installed_version
+
+    return {"git_commit": git_commit(), "versions": {"lmms-simignore": installed_version("lmms-simignore") or "not installed"}}
+
+
+GIT_COMMIT = re.compile(r"^([0-9a-f]{7,40})(\+dirty)?$")
+
+
+def code_change(recorded: dict, current: dict) -> str | None:
+    """How the code that produced a finished run (its provenance record) differs from `current` (`current_code()`),
+    e.g. 'at commit abc1234, now def5678' or 'by lmms-simignore 0.1.0, now 0.2.0'; None when it is the same
+    as far as can be told. The rule:
+
+    - both commits known and different (uncommitted changes or not): the code changed;
+    - the same commit with a clean work tree on both sides: the same code;
+    - otherwise (the same commit but uncommitted changes on either side, or a side that is not a git checkout,
+      e.g. an installed package, or a record without a commit): the lmms-simignore version decides; two
+      different known versions mean the code changed, the same or an unknown version that it did not.
+    """
+    old, new = GIT_COMMIT.match(str(recorded.get("git_commit", ""))), GIT_COMMIT.match(str(current.get("git_commit", "")))
+    if old and new:
+        if old.group(1) != new.group(1):
+            return f"at commit {old.group(1)[:7]}{old.group(2) or ''}, now {new.group(1)[:7]}{new.group(2) or ''}"
+        if not old.group(2) and not new.group(2):
+            return None
+    known = [version if version and version != "not installed" else None
+             for version in ((recorded.get("versions") or {}).get("lmms-simignore"), (current.get("versions") or {}).get("lmms-simignore"))]
+    if None not in known and known[0] != known[1]:
+        return f"by lmms-simignore {known[0]}, now {known[1]}"
+    return None
+
+
 def provenance(run: EvalRun, wall_s: float) -> dict:
     """Where a finished run's numbers come from: the exact command, versions, commit, date and wall time."""
     from lmms_simignore.lockfile import installed_version
@@ -151,12 +185,18 @@ def read_samples(output_dir: Path, task: str) -> list[dict]:
     return sorted(records, key=lambda record: record["doc_id"])
 
 
-def recorded_arguments(output_dir: Path) -> list[str] | None:
-    """The lmms-eval arguments a finished run in `output_dir` was run with (from its provenance), or None."""
+def recorded_provenance(output_dir: Path) -> dict | None:
+    """The provenance record of a finished run in `output_dir` (one with lmms-eval results), or None."""
     path = Path(output_dir) / PROVENANCE
     if not path.is_file() or find_results(output_dir) is None:
         return None
-    return evaluation_arguments(json.loads(path.read_text())["command"])
+    return json.loads(path.read_text())
+
+
+def recorded_arguments(output_dir: Path) -> list[str] | None:
+    """The lmms-eval arguments a finished run in `output_dir` was run with (from its provenance), or None."""
+    record = recorded_provenance(output_dir)
+    return None if record is None else evaluation_arguments(record["command"])
 
 
 def argument_changes(recorded: list[str], wanted: list[str]) -> list[str]:
@@ -186,26 +226,34 @@ def argument_changes(recorded: list[str], wanted: list[str]) -> list[str]:
     return changes
 
 
-def reuse_state(run: EvalRun) -> tuple[str, list[str]]:
-    """('finished', []) when `run` finished with the same lmms-eval arguments, ('changed', what changed) when a
-    finished run in its folder used other ones, ('new', []) when there is none."""
-    recorded = recorded_arguments(run.output_dir)
-    if recorded is None:
+def reuse_state(run: EvalRun, current: dict | None = None) -> tuple[str, list[str]]:
+    """('finished', []) when `run` finished with the same lmms-eval arguments by the same code, ('stale', [how the
+    code differs]) when it finished with the same arguments but by other code (`code_change`; `current` defaults to
+    `current_code()`), ('changed', what changed) when a finished run in its folder used other arguments, ('new', [])
+    when there is none."""
+    record = recorded_provenance(run.output_dir)
+    if record is None:
         return "new", []
-    wanted = run.lmms_eval_arguments()
-    return ("finished", []) if recorded == wanted else ("changed", argument_changes(recorded, wanted))
+    recorded, wanted = evaluation_arguments(record["command"]), run.lmms_eval_arguments()
+    if recorded != wanted:
+        return "changed", argument_changes(recorded, wanted)
+    change = code_change(record, current if current is not None else current_code())
+    return ("finished", []) if change is None else ("stale", [change])
 
 
-def run_lmms_eval(run: EvalRun, env: dict[str, str] | None = None, timeout: float | None = None, echo=None) -> dict:
-    """Run `run` unless it already finished with the same lmms-eval arguments (a killed series resumes, an
-    edited row runs again); return the results JSON.
+def run_lmms_eval(run: EvalRun, env: dict[str, str] | None = None, timeout: float | None = None, echo=None,
+                  reuse_stale: bool = False) -> dict:
+    """Run `run` unless it already finished with the same lmms-eval arguments by the same code (a killed series
+    resumes, an edited row runs again, so does a row produced by other code unless `reuse_stale`: see
+    `code_change`); return the results JSON.
 
     Each run writes into a scratch folder that replaces `output_dir` only once lmms-eval has written its
     results, so a half-finished run is never mistaken for a finished one and an earlier run is kept until
     the new one has finished. Raises `LmmsEvalFailed` when lmms-eval writes no results. `echo`, if given,
     receives the exact command line that runs.
     """
-    if reuse_state(run)[0] == "finished":
+    state = reuse_state(run)[0]
+    if state == "finished" or (state == "stale" and reuse_stale):
         return json.loads(find_results(run.output_dir).read_text())
     scratch = run.output_dir.with_name(run.output_dir.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)

@@ -17,6 +17,10 @@ A config is YAML:
 Each row writes into its own folder under the output directory, atomically (see `runs.run_lmms_eval`):
 a finished row is read back when the sweep is run again with the same lmms-eval arguments, a half-written
 one is redone, and one whose arguments changed since it ran (an edited row, `--set`, `--limit`) runs again.
+So does a finished row produced by other code (`runs.code_change`: another git commit of this project, or,
+when a commit cannot tell, because the work tree has uncommitted changes or is no git checkout, another
+lmms-simignore version), and the sweep says which row and what differed; `reuse_stale` (`--reuse-stale`) reads
+such rows back as they are, saying so.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from lmms_simignore.engine.accounting import TokenAccounting, layer_runs
-from lmms_simignore.evaluation.runs import RUN_DIR, EvalRun, read_samples, reuse_state, run_lmms_eval
+from lmms_simignore.evaluation.runs import RUN_DIR, EvalRun, current_code, read_samples, reuse_state, run_lmms_eval
 from lmms_simignore.markdown import table
 
 
@@ -249,8 +253,11 @@ def run_sweep(
     echo=print,
     show_table: bool = True,
     processes: int = 1,
+    reuse_stale: bool = False,
 ) -> list[dict]:
-    """Run every row (skipping finished ones), write table.md and summary.json, return the row summaries."""
+    """Run every row (skipping finished ones), write table.md and summary.json, return the row summaries.
+
+    A finished row produced by other code than now (`runs.code_change`) runs again, unless `reuse_stale`."""
     output_dir = Path(output_dir).resolve()
     if config.shapes_task is not None:
         if include_path is not None:
@@ -267,15 +274,19 @@ def run_sweep(
             echo(" ".join(run.command()))
         return []
     summaries = []
+    current = current_code()
     for index, run in enumerate(runs, start=1):
-        state, changes = reuse_state(run)
-        if state == "finished":
+        state, changes = reuse_state(run, current)
+        if state == "stale":
+            action = "reusing it as it is (--reuse-stale)" if reuse_stale else "re-running (--reuse-stale keeps it)"
+            echo(f"row {run.name} was produced {changes[0]}: {action}")
+        if state == "finished" or (state == "stale" and reuse_stale):
             echo(f"[{index}/{len(runs)}] {run.name}: done, reading")
         else:
             again = f"; it ran with other arguments ({'; '.join(changes)}), running it again" if state == "changed" else ""
             echo(f"[{index}/{len(runs)}] {run.name}: running{' x ' + str(processes) + ' processes' if processes > 1 else ''}{again} "
                  f"(in {run.output_dir.name}.partial until it finishes)")
-        results = run_lmms_eval(run, echo=echo)
+        results = run_lmms_eval(run, echo=echo, reuse_stale=reuse_stale)
         summaries.append(summarize_row(run, results))
     reported = {row.name: row.reported for row in config.rows if row.reported is not None}
     if reported:
