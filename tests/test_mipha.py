@@ -227,6 +227,75 @@ def test_a_tower_that_is_only_named_needs_its_config(mipha, tmp_path):
         convert_mipha(mipha["src"], tmp_path / "out", echo=lambda line: None)
 
 
+def same_conversion(out, expected):
+    """The converted config.json and every weight of `out` are those of `expected`."""
+    from safetensors.torch import load_file
+
+    def tensors(folder):
+        return {key: value for path in sorted(folder.glob("model*.safetensors")) for key, value in load_file(path).items()}
+
+    assert json.loads((out / "config.json").read_text()) == json.loads((expected / "config.json").read_text())
+    ours, theirs = tensors(out), tensors(expected)
+    assert sorted(ours) == sorted(theirs) and ours
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
+    torch.testing.assert_close(load_file(out / HEAD_BIAS_FILE), load_file(expected / HEAD_BIAS_FILE), rtol=0, atol=0)
+
+
+def siglip_written_by_transformers(vision_file):
+    """The tiny tower's SiglipVisionConfig as transformers writes it: with its pooling head on, a dtype, architectures."""
+    from transformers import SiglipVisionConfig
+
+    bare = {key: value for key, value in json.loads(vision_file.read_text()).items() if key != "model_type"}
+    return SiglipVisionConfig(**bare, vision_use_head=True, dtype="float32", architectures=["SiglipVisionModel"])
+
+
+@pytest.mark.parametrize("written_by", ["save_pretrained", "to_dict", "SiglipConfig"])
+def test_a_vision_config_file_written_by_transformers_converts_as_the_bare_one(mipha, tmp_path, written_by):
+    """`--vision-config` with SiglipVisionConfig's own JSON (vision_use_head, transformers_version, dtype, ...), or a
+    whole SiglipConfig's: the same converted model as the bare file (the pooling head is dropped whatever it says)."""
+    from transformers import SiglipConfig
+
+    siglip = siglip_written_by_transformers(mipha["vision"])
+    if written_by == "save_pretrained":
+        siglip.save_pretrained(tmp_path / "tower")
+        vision_file = tmp_path / "tower" / "config.json"
+    else:
+        vision_file = tmp_path / "tower.json"
+        whole = siglip.to_dict() if written_by == "to_dict" else SiglipConfig(vision_config=siglip.to_dict()).to_dict()
+        vision_file.write_text(json.dumps(whole))
+    written = json.loads(vision_file.read_text())
+    written = written.get("vision_config", written)
+    assert written["vision_use_head"] is True and {"dtype", "architectures"} <= set(written)
+    out = convert_mipha(mipha["src"], tmp_path / "out", vision_config_file=vision_file, echo=lambda line: None)
+    same_conversion(out, mipha["out"])
+    assert json.loads((out / "config.json").read_text())["vision_config"]["vision_use_head"] is False
+
+
+@pytest.mark.parametrize("block", ["mipha", "llava-hf"])
+def test_a_nested_vision_config_written_by_transformers_converts_as_the_bare_file(mipha, tmp_path, block):
+    """config.json's `vision_config` written by `to_dict()`: Mipha's (`vision_tower` a whole config of Mipha's vision
+    model type, with its settings) or llava-hf's (the block is the SiglipVisionConfig itself, the flat `mm_*` keys kept);
+    converted without --vision-config, the same model as the flat layout with the bare file."""
+    src = tmp_path / "src"
+    shutil.copytree(mipha["src"], src)
+    config = json.loads((src / "config.json").read_text())
+    tower = siglip_written_by_transformers(mipha["vision"]).to_dict()
+    if block == "mipha":
+        flat = {key: config.pop(key) for key in ("mm_vision_tower", "mm_hidden_size", "mm_projector_type",
+                                                   "mm_vision_select_layer", "mm_vision_select_feature")}
+        config["vision_config"] = {
+            "vision_tower": {**tower, "model_type": "mipha_vision_model", "mm_vision_select_layer": flat["mm_vision_select_layer"],
+                             "mm_vision_select_feature": "patch", "vision_model_name_or_path": flat["mm_vision_tower"]},
+            "mm_projector": {"mm_projector_type": "mlp2x_gelu", "mm_hidden_size": flat["mm_hidden_size"], "hidden_size": config["hidden_size"]},
+        }
+    else:
+        config["vision_config"] = tower
+    (src / "config.json").write_text(json.dumps(config, indent=1))
+    out = convert_mipha(src, tmp_path / "out", echo=lambda line: None)
+    same_conversion(out, mipha["out"])
+
+
 def test_weights_that_do_not_fill_the_model_exactly_are_refused(mipha, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -28,6 +28,9 @@ SIGLIP_SO400M_384 = {
     "layer_norm_eps": 1e-6, "attention_dropout": 0.0,
 }
 BUILT_IN_TOWERS = {"google/siglip-so400m-patch14-384": SIGLIP_SO400M_384}
+# what describes a tower; the rest of a config transformers writes (vision_use_head, transformers_version, dtype,
+# architectures, ...) is not the tower's: the pooling head is always dropped
+SIGLIP_FIELDS = tuple(key for key in SIGLIP_SO400M_384 if key != "model_type")
 PHI_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "hidden_act", "max_position_embeddings", "layer_norm_eps", "rope_theta",
               "partial_rotary_factor", "qk_layernorm", "resid_pdrop", "embd_pdrop", "attention_dropout", "initializer_range")
@@ -56,7 +59,8 @@ def hub_mipha_snapshot(pretrained: str, revision: str = "main") -> Path | None:
 
 def read_mipha_config(src: Path, vision_config_file: str | Path | None = None) -> dict:
     """The parts of a Mipha config.json the conversion needs: Phi sizes, the vision tower (flat `mm_*` keys or a nested
-    `vision_config` block), the projector and the image aspect rule. Refuses anything else with what was expected."""
+    `vision_config` block; its SiglipVisionConfig fields only, from `vision_config_file`, the block or a known tower),
+    the projector and the image aspect rule. Refuses anything else with what was expected."""
     config_path = src / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{src} is not a Mipha folder: it has no config.json (expected Mipha's released layout: "
@@ -67,6 +71,8 @@ def read_mipha_config(src: Path, vision_config_file: str | Path | None = None) -
         raise ValueError(f"{src} is not a Mipha folder: config.json has model_type {raw.get('model_type')!r}, expected "
                          f"'mipha_phi' (Mipha-3B: Phi-2 + SigLIP)")
     nested = raw.get("vision_config") if isinstance(raw.get("vision_config"), dict) else None
+    if nested and nested.get("model_type") == "siglip_vision_model":  # llava-hf's layout: the block is the tower's config
+        nested = {"vision_tower": nested}
     tower = dict(nested.get("vision_tower", {})) if nested else {}
     projector = dict(nested.get("mm_projector", {})) if nested else {}
 
@@ -89,9 +95,8 @@ def read_mipha_config(src: Path, vision_config_file: str | Path | None = None) -
     if vision_config_file is not None:
         vision = json.loads(Path(vision_config_file).read_text())
         vision = vision.get("vision_config", vision)  # a whole SiglipConfig, or its vision part
-    elif "hidden_size" in tower:  # the nested layout describes the tower
-        vision = {key: tower[key] for key in SIGLIP_SO400M_384 if key in tower and key != "model_type"}
-        vision["model_type"] = "siglip_vision_model"
+    elif "hidden_size" in tower:  # the nested layout describes the tower (under Mipha's own model type)
+        vision = {**tower, "model_type": "siglip_vision_model"}
     elif (known := next((name for name in BUILT_IN_TOWERS if str(tower_name).rstrip("/").endswith(name)), None)) is not None:
         vision = dict(BUILT_IN_TOWERS[known])  # a hub id or a local copy of it
     else:
@@ -99,6 +104,7 @@ def read_mipha_config(src: Path, vision_config_file: str | Path | None = None) -
                          f"we know ({', '.join(BUILT_IN_TOWERS)}); give its SiglipVisionConfig JSON with --vision-config")
     if vision.get("model_type", "siglip_vision_model") != "siglip_vision_model":
         raise ValueError(f"the vision tower must be SigLIP (siglip_vision_model), got {vision.get('model_type')!r}")
+    vision = {key: vision[key] for key in SIGLIP_FIELDS if key in vision}
     if mm_hidden is not None and int(mm_hidden) != int(vision["hidden_size"]):
         raise ValueError(f"{config_path}: mm_hidden_size {mm_hidden} does not match the tower's hidden_size {vision['hidden_size']}")
     text = {key: raw[key] for key in PHI_FIELDS if raw.get(key) is not None}
@@ -168,7 +174,7 @@ def convert_mipha(src: str | Path, out: str | Path, vision_config_file: str | Pa
 
     text_config = PhiConfig(**settings["text"], bos_token_id=eos, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
                             tie_word_embeddings=False)
-    vision_config = SiglipVisionConfig(**{k: v for k, v in settings["vision"].items() if k != "model_type"}, vision_use_head=False)
+    vision_config = SiglipVisionConfig(**settings["vision"], vision_use_head=False)  # the pooling head never runs
     image_tokens = (vision_config.image_size // vision_config.patch_size) ** 2
     config = LlavaConfig(
         vision_config=vision_config, text_config=text_config, image_token_id=image_token_id,
