@@ -265,6 +265,12 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _docs(args: argparse.Namespace) -> int:
+    from lmms_simignore.models.reference import update_readme
+
+    return update_readme(args.readme, check=args.check)
+
+
 def _tasks_dir(args: argparse.Namespace) -> int:
     from lmms_simignore.shipped import tasks_dir
 
@@ -454,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--decode-tokens", type=int, default=16)
     bench.set_defaults(handler=_bench)
 
+    docs = commands.add_parser("docs", help="rewrite the README's methods and model_args tables from the registry (--check: "
+                                             "only compare, exit 1 on a difference)")
+    docs.add_argument("--readme", default=str(Path(__file__).resolve().parents[1] / "README.md"), help="the README to update")
+    docs.add_argument("--check", action="store_true", help="compare only; exit 1 when the README's tables differ")
+    docs.set_defaults(handler=_docs)
     tasks = commands.add_parser("tasks-dir", help="print the folder of shipped task YAMLs (for --include_path)")
     tasks.set_defaults(handler=_tasks_dir)
 

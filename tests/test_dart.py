@@ -11,6 +11,8 @@ from test_model_reductions import docs  # noqa: F401  (a fixture)
 from lmms_simignore import engine
 from lmms_simignore.methods.dart import dart_choice
 from lmms_simignore.settings import ReductionSettings
+from lmms_simignore.methods.dart import dart_stage
+from lmms_simignore.methods.fastv import fastv_stage
 
 # six image tokens in 2-D; token 1 has the largest key norm (the image pivot), the text's first token the largest
 # among the text (the text pivot)
@@ -45,7 +47,7 @@ def test_a_budget_beyond_the_visible_tokens_is_refused():
 
 
 def dart_run(model, reduced, keep, layer=2, pivots=8):
-    return engine.LanguageModelRun(model, reduced, prune_stages=((layer, keep),), prune_rule="dart", dart_pivots=pivots)
+    return engine.LanguageModelRun(model, reduced, stages=dart_stage(layer, keep, pivots))
 
 
 def test_the_kept_set_follows_the_cached_keys_and_the_output_of_the_layer_before(testbed, padded_batch):
@@ -95,7 +97,7 @@ def test_keeping_every_image_token_is_no_reduction_and_fewer_change_the_answer(t
     inputs, _ = padded_batch
     reduced = unreduced(tiny_model, inputs)
     none = run(tiny_model, processor, reduced)
-    assert run(tiny_model, processor, reduced, prune_stages=((2, 25),), prune_rule="dart").tolist() == none.tolist()
+    assert run(tiny_model, processor, reduced, stages=dart_stage(2, 25)).tolist() == none.tolist()
     logits = engine.LanguageModelRun(tiny_model, reduced).prefill()
     assert not torch.allclose(dart_run(tiny_model, reduced, keep=3, layer=1).prefill(), logits, atol=1e-3)  # control
 
@@ -103,7 +105,7 @@ def test_keeping_every_image_token_is_no_reduction_and_fewer_change_the_answer(t
 def test_dart_and_fastv_keep_different_tokens(tiny_model, padded_batch):
     inputs, _ = padded_batch
     reduced = unreduced(tiny_model, inputs)
-    dart, fastv = dart_run(tiny_model, reduced, keep=8), engine.LanguageModelRun(tiny_model, reduced, prune_stages=((2, 8),))
+    dart, fastv = dart_run(tiny_model, reduced, keep=8), engine.LanguageModelRun(tiny_model, reduced, stages=fastv_stage(2, 8))
     dart.prefill(), fastv.prefill()
     assert dart.kept_columns.tolist() != fastv.kept_columns.tolist()
 
@@ -111,7 +113,7 @@ def test_dart_and_fastv_keep_different_tokens(tiny_model, padded_batch):
 def test_cached_decoding_equals_recomputation_and_a_batch_answers_like_its_rows(tiny_model, processor, padded_batch):
     inputs, _ = padded_batch
     reduced = unreduced(tiny_model, inputs)
-    args = dict(prune_stages=((2, 6),), prune_rule="dart")
+    args = dict(stages=dart_stage(2, 6))
     cached = run(tiny_model, processor, reduced, **args)
     assert cached.tolist() == run(tiny_model, processor, reduced, use_cache=False, **args).tolist()
     for row in range(2):
@@ -128,9 +130,10 @@ def test_dart_through_the_model_class(testbed, docs):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(reduction="dart"), "reduction=dart needs exactly one of keep=N"),
+    (dict(reduction="dart"), "dart needs exactly one of keep=N"),
+    (dict(reduction="simignore+dart", keep=12), "dart needs exactly one of keep=N .* or dart_keep="),
     (dict(reduction="dart", keep=10, dart_pivots=0), "dart_pivots must be an integer >= 1"),
-    (dict(reduction="fastv", dart_layer=2), "only apply to reduction=dart"),
+    (dict(reduction="fastv", dart_layer=2), "dart_layer belongs to dart, which is not in reduction=fastv"),
 ])
 def test_bad_dart_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -139,4 +142,4 @@ def test_bad_dart_settings_are_refused(kwargs, message):
 
 def test_a_dart_layer_outside_the_model_is_refused():
     with pytest.raises(ValueError, match="dart_layer=3 is outside the language model's layers"):
-        ReductionSettings(reduction="dart", keep=10, dart_layer=3).in_llm_stages(25, 3)
+        ReductionSettings(reduction="dart", keep=10, dart_layer=3).plan(25, 3)

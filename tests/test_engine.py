@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from lmms_simignore import engine
+from lmms_simignore.methods.fastv import fastv_stage
 from lmms_simignore.settings import ReductionSettings
 
 GREEDY_8 = engine.DecodingOptions(max_new_tokens=8)
@@ -31,9 +32,8 @@ def simignore_prompt(model, processor, inputs, settings, texts):
     prompt = engine.build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
     ids = [processor.tokenizer(text, add_special_tokens=False).input_ids for text in texts]
     text_embeds, text_mask = engine.embed_texts(model, ids)
-    kept = engine.choose_kept_image_tokens(
-        settings, prompt.image_features, text_embeds[prompt.image_rows], text_mask[prompt.image_rows]
-    )
+    plan = settings.plan(prompt.tokens_per_image, model.config.text_config.num_hidden_layers)
+    kept = engine.choose_kept_image_tokens(plan, prompt.image_features, text_embeds[prompt.image_rows], text_mask[prompt.image_rows])
     return prompt, kept
 
 
@@ -55,6 +55,7 @@ def run(model, processor, reduced, use_cache=True, options=GREEDY_8, **fastv):
 
 
 SIMIGNORE_HALF = ReductionSettings(reduction="simignore", keep=12)
+SIMIGNORE_HALF_MASKED = ReductionSettings(reduction="simignore", keep=12, apply="mask")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_image_span_is_found_from_the_ids_whatever_comes_before_it(tiny_model, p
 def test_keep_all_reproduces_the_transformers_forward(tiny_model, processor, two_prompts):
     inputs, _ = two_prompts
     prompt = engine.build_prompt_embeddings(tiny_model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
-    kept = engine.choose_kept_image_tokens(ReductionSettings(), prompt.image_features, None, None)
+    kept = engine.every_image_token(prompt)
     with torch.inference_mode():
         reference = tiny_model(**inputs, position_ids=engine.default_position_ids(inputs["attention_mask"])).logits[:, -1]
     for apply in ("mask", "drop"):
@@ -91,7 +92,7 @@ def test_keep_all_generates_what_transformers_generate_does(tiny_model, processo
     tokenizer = processor.tokenizer
     reference = tiny_model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     prompt = engine.build_prompt_embeddings(tiny_model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
-    kept = engine.choose_kept_image_tokens(ReductionSettings(), prompt.image_features, None, None)
+    kept = engine.every_image_token(prompt)
     ours = run(tiny_model, processor, engine.reduce_prompt(prompt, kept, "drop"))
     assert ours.tolist() == reference[:, inputs["input_ids"].shape[1] :].tolist()
 
@@ -109,7 +110,7 @@ def test_reduction_changes_the_output(tiny_model, processor, two_prompts):
     """Control for the equivalences above: hiding image tokens does change what the model computes."""
     inputs, texts = two_prompts
     prompt, kept = simignore_prompt(tiny_model, processor, inputs, SIMIGNORE_HALF, texts)
-    everything = engine.choose_kept_image_tokens(ReductionSettings(), prompt.image_features, None, None)
+    everything = engine.every_image_token(prompt)
     full = last_logits(tiny_model, engine.reduce_prompt(prompt, everything, "drop"))
     reduced = last_logits(tiny_model, engine.reduce_prompt(prompt, kept, "drop"))
     assert (full - reduced).abs().max() > 1e-3
@@ -248,9 +249,9 @@ def image_tokens_each_layer_was_given(model, inputs, reduced, fastv) -> tuple[li
     [
         (ReductionSettings(), {}, [25, 25, 25]),
         (SIMIGNORE_HALF, {}, [12, 12, 12]),
-        (dataclasses.replace(SIMIGNORE_HALF, apply="mask"), {}, [12, 12, 12]),
-        (dataclasses.replace(SIMIGNORE_HALF, apply="mask"), {"fastv_layer": 1, "fastv_keep": 5}, [12, 5, 5]),
-        (ReductionSettings(), {"fastv_layer": 2, "fastv_keep": 7}, [25, 25, 7]),
+        (SIMIGNORE_HALF_MASKED, {}, [12, 12, 12]),
+        (SIMIGNORE_HALF_MASKED, {"stages": fastv_stage(1, 5)}, [12, 5, 5]),
+        (ReductionSettings(), {"stages": fastv_stage(2, 7)}, [25, 25, 7]),
     ],
     ids=["none", "simignore-drop", "simignore-mask", "simignore-mask+fastv", "fastv"],
 )

@@ -11,6 +11,10 @@ from lmms_simignore import engine
 from lmms_simignore.models.mipha import attach_head_bias, convert_mipha
 from lmms_simignore.settings import ReductionSettings
 from lmms_simignore.testbed.tiny_mipha import build_tiny_mipha
+from lmms_simignore.methods.dart import dart_stage
+from lmms_simignore.methods.fastv import fastv_stage
+from lmms_simignore.methods.pdrop import pdrop_stages
+from lmms_simignore.methods.visiondrop import visiondrop_stages
 
 NONE = ReductionSettings()
 
@@ -77,11 +81,11 @@ def test_phi_attention_rows_equal_the_eager_weights(phi_llava, phi_batch):
 
 
 @pytest.mark.parametrize("stages", [
-    dict(fastv_layer=1, fastv_keep=12),
-    dict(prune_stages=((1, 18), (2, 9))),
-    dict(prune_stages=((1, 18), (2, 9)), stage_positions="repacked"),
-    dict(prune_stages=((2, 12),), prune_rule="dart"),
-    dict(prune_stages=((1, 18), (2, 9)), prune_rule="visiondrop", merge_counts=(3, 2)),
+    dict(stages=fastv_stage(1, 12)),
+    dict(stages=pdrop_stages(((1, 18), (2, 9)))),
+    dict(stages=pdrop_stages(((1, 18), (2, 9)), "repacked")),
+    dict(stages=dart_stage(2, 12)),
+    dict(stages=visiondrop_stages(((1, 18), (2, 9)), (3, 2))),
 ], ids=["fastv", "pdrop", "pdrop-repacked", "dart", "visiondrop-llm"])
 def test_every_in_llm_stage_runs_on_phi_cached_as_recomputed_and_batched_as_alone(phi_llava, phi_batch, stages):
     models, processor = phi_llava
@@ -106,8 +110,8 @@ def test_phi_fastv_keeps_what_the_eager_attention_ranks_highest(phi_llava, phi_b
     with torch.inference_mode():
         attention = eager(**phi_batch, position_ids=positions, output_attentions=True).attentions[1][:, :, -1, :].mean(dim=1)
     prompt = engine.build_prompt_embeddings(model, phi_batch["input_ids"], phi_batch["attention_mask"], phi_batch["pixel_values"])
-    reduced = engine.reduce_prompt(prompt, engine.choose_kept_image_tokens(NONE, prompt.image_features), "drop")
-    fastv = engine.LanguageModelRun(model, reduced, fastv_layer=2, fastv_keep=10)
+    reduced = engine.reduce_prompt(prompt, engine.every_image_token(prompt), "drop")
+    fastv = engine.LanguageModelRun(model, reduced, stages=fastv_stage(2, 10))
     fastv.prefill()
     for row in range(2):
         image_columns = (phi_batch["input_ids"][row] == model.config.image_token_id).nonzero().flatten()
@@ -122,7 +126,7 @@ def test_phi_mask_and_drop_compute_the_same_logits(phi_llava, phi_batch):
     model = models["sdpa"]
     prompt = engine.build_prompt_embeddings(model, phi_batch["input_ids"], phi_batch["attention_mask"], phi_batch["pixel_values"])
     settings = ReductionSettings(reduction="random", keep=20)
-    kept = engine.choose_kept_image_tokens(settings, prompt.image_features, image_seeds=[0, 1])
+    kept = engine.choose_kept_image_tokens(engine.plan_for(model.config, settings), prompt.image_features, image_seeds=[0, 1])
     masked = engine.LanguageModelRun(model, engine.reduce_prompt(prompt, kept, "mask")).prefill()
     dropped = engine.LanguageModelRun(model, engine.reduce_prompt(prompt, kept, "drop")).prefill()
     torch.testing.assert_close(masked, dropped, atol=1e-4, rtol=1e-4)

@@ -6,6 +6,7 @@ from test_engine import GREEDY_8, chat, encode, images, run, simignore_prompt
 
 from lmms_simignore import engine
 from lmms_simignore.settings import ReductionSettings
+from lmms_simignore.methods.fastv import fastv_stage
 
 NONE = ReductionSettings()
 
@@ -31,7 +32,7 @@ def row_alone(inputs, row):
 
 def unreduced(model, inputs):
     prompt = engine.build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
-    return engine.reduce_prompt(prompt, engine.choose_kept_image_tokens(NONE, prompt.image_features), "drop")
+    return engine.reduce_prompt(prompt, engine.every_image_token(prompt), "drop")
 
 
 def kept_image_positions(run_, prompt, reduced):
@@ -67,8 +68,8 @@ def test_kept_set_equals_the_eager_attention_rule(testbed, tiny_model, padded_ba
     eager = LlavaForConditionalGeneration.from_pretrained(testbed["model"], attn_implementation="eager").eval()
     assert tiny_model.config.text_config._attn_implementation == "sdpa"  # ours runs on sdpa, no switch to eager
     prompt = engine.build_prompt_embeddings(tiny_model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
-    reduced = engine.reduce_prompt(prompt, engine.choose_kept_image_tokens(NONE, prompt.image_features), "mask")
-    fastv = engine.LanguageModelRun(tiny_model, reduced, fastv_layer=layer, fastv_keep=9)
+    reduced = engine.reduce_prompt(prompt, engine.every_image_token(prompt), "mask")
+    fastv = engine.LanguageModelRun(tiny_model, reduced, stages=fastv_stage(layer, 9))
     fastv.prefill()
     assert kept_image_positions(fastv, prompt, reduced) == eager_fastv_choice(eager, inputs, layer, keep=9)
 
@@ -94,9 +95,9 @@ def test_keeping_every_image_token_equals_no_reduction(tiny_model, processor, pa
     reduced = unreduced(tiny_model, inputs)
     baseline = run(tiny_model, processor, reduced)
     for layer in (1, 2):
-        assert run(tiny_model, processor, reduced, fastv_layer=layer, fastv_keep=25).tolist() == baseline.tolist()
+        assert run(tiny_model, processor, reduced, stages=fastv_stage(layer, 25)).tolist() == baseline.tolist()
     first = engine.LanguageModelRun(tiny_model, reduced).prefill()
-    pruned_nothing = engine.LanguageModelRun(tiny_model, reduced, fastv_layer=1, fastv_keep=25).prefill()
+    pruned_nothing = engine.LanguageModelRun(tiny_model, reduced, stages=fastv_stage(1, 25)).prefill()
     torch.testing.assert_close(pruned_nothing, first, rtol=1e-4, atol=1e-5)
 
 
@@ -105,7 +106,7 @@ def test_pruning_changes_the_output(tiny_model, padded_batch):
     inputs, _ = padded_batch
     reduced = unreduced(tiny_model, inputs)
     full = engine.LanguageModelRun(tiny_model, reduced).prefill()
-    pruned = engine.LanguageModelRun(tiny_model, reduced, fastv_layer=1, fastv_keep=3).prefill()
+    pruned = engine.LanguageModelRun(tiny_model, reduced, stages=fastv_stage(1, 3)).prefill()
     assert (full - pruned).abs().max() > 1e-3
 
 
@@ -113,8 +114,8 @@ def test_pruning_changes_the_output(tiny_model, padded_batch):
 def test_cached_decoding_equals_recomputation(tiny_model, processor, padded_batch, layer):
     inputs, _ = padded_batch
     reduced = unreduced(tiny_model, inputs)
-    cached = run(tiny_model, processor, reduced, use_cache=True, fastv_layer=layer, fastv_keep=6)
-    recomputed = run(tiny_model, processor, reduced, use_cache=False, fastv_layer=layer, fastv_keep=6)
+    cached = run(tiny_model, processor, reduced, use_cache=True, stages=fastv_stage(layer, 6))
+    recomputed = run(tiny_model, processor, reduced, use_cache=False, stages=fastv_stage(layer, 6))
     assert cached.shape[1] > 1  # multi-token generation
     assert cached.tolist() == recomputed.tolist()
 
@@ -123,7 +124,7 @@ def test_the_cache_holds_one_entry_per_token_and_layer(tiny_model, padded_batch)
     """Layers < K hold every prompt token, layers >= K only the kept ones; decoding adds exactly one each."""
     inputs, _ = padded_batch
     reduced = unreduced(tiny_model, inputs)
-    fastv = engine.LanguageModelRun(tiny_model, reduced, fastv_layer=2, fastv_keep=6)
+    fastv = engine.LanguageModelRun(tiny_model, reduced, stages=fastv_stage(2, 6))
     logits = fastv.prefill()
     length = reduced.inputs_embeds.shape[1]
     kept_length = fastv.kept_columns.shape[1]
@@ -136,9 +137,9 @@ def test_the_cache_holds_one_entry_per_token_and_layer(tiny_model, padded_batch)
 def test_each_row_keeps_its_own_tokens_and_answers_as_alone(tiny_model, processor, padded_batch):
     inputs, _ = padded_batch
     batch_reduced = unreduced(tiny_model, inputs)
-    batched = run(tiny_model, processor, batch_reduced, fastv_layer=1, fastv_keep=6)
+    batched = run(tiny_model, processor, batch_reduced, stages=fastv_stage(1, 6))
     for row in range(2):
-        single = run(tiny_model, processor, unreduced(tiny_model, row_alone(inputs, row)), fastv_layer=1, fastv_keep=6)
+        single = run(tiny_model, processor, unreduced(tiny_model, row_alone(inputs, row)), stages=fastv_stage(1, 6))
         assert single[0].tolist() == batched[row, : single.shape[1]].tolist()
 
 
@@ -148,7 +149,7 @@ def test_stacked_fastv_chooses_only_among_the_tokens_simignore_kept(tiny_model, 
     settings = ReductionSettings(reduction="simignore+fastv", keep=12, apply=apply, fastv_layer=1, fastv_keep=5)
     prompt, kept = simignore_prompt(tiny_model, processor, inputs, settings, texts)
     reduced = engine.reduce_prompt(prompt, kept, apply)
-    fastv = engine.LanguageModelRun(tiny_model, reduced, fastv_layer=1, fastv_keep=5)
+    fastv = engine.LanguageModelRun(tiny_model, reduced, stages=fastv_stage(1, 5))
     fastv.prefill()
     for row, chosen in enumerate(kept_image_positions(fastv, prompt, reduced)):
         simignore_kept = prompt.position_ids[row, prompt.image_positions[row, kept[row]]].tolist()
@@ -160,7 +161,7 @@ def test_stacked_mask_and_drop_give_the_same_answers(tiny_model, processor, padd
     settings = ReductionSettings(reduction="simignore+fastv", keep=12, fastv_layer=1, fastv_keep=5)
     prompt, kept = simignore_prompt(tiny_model, processor, inputs, settings, texts)
     answers = [
-        run(tiny_model, processor, engine.reduce_prompt(prompt, kept, apply), fastv_layer=1, fastv_keep=5).tolist()
+        run(tiny_model, processor, engine.reduce_prompt(prompt, kept, apply), stages=fastv_stage(1, 5)).tolist()
         for apply in ("mask", "drop")
     ]
     assert answers[0] == answers[1]
@@ -169,10 +170,10 @@ def test_stacked_mask_and_drop_give_the_same_answers(tiny_model, processor, padd
 def test_continuation_logprobs_match_step_by_step_generation(tiny_model, padded_batch):
     inputs, _ = padded_batch
     reduced = unreduced(tiny_model, inputs)
-    greedy = engine.generate(tiny_model, reduced, GREEDY_8, [-1], 0, fastv_layer=1, fastv_keep=6).tokens  # no eos
-    logprobs, is_greedy = engine.continuation_logprobs(tiny_model, reduced, greedy, fastv_layer=1, fastv_keep=6)
+    greedy = engine.generate(tiny_model, reduced, GREEDY_8, [-1], 0, stages=fastv_stage(1, 6)).tokens  # no eos
+    logprobs, is_greedy = engine.continuation_logprobs(tiny_model, reduced, greedy, stages=fastv_stage(1, 6))
     assert logprobs.shape == greedy.shape and bool(is_greedy.all())
-    recomputed = engine.LanguageModelRun(tiny_model, reduced, fastv_layer=1, fastv_keep=6, use_cache=False)
+    recomputed = engine.LanguageModelRun(tiny_model, reduced, stages=fastv_stage(1, 6), use_cache=False)
     logits = torch.cat([recomputed.prefill()[:, None], recomputed.feed(greedy[:, :-1])], dim=1)  # no cache: all recomputed
     expected = torch.log_softmax(logits.float(), dim=-1).gather(-1, greedy[..., None]).squeeze(-1)
     torch.testing.assert_close(logprobs, expected, rtol=1e-4, atol=1e-5)
@@ -182,7 +183,7 @@ def test_fastv_budget_beyond_the_visible_tokens_is_refused(tiny_model, processor
     inputs, texts = padded_batch
     settings = ReductionSettings(reduction="simignore", keep=4, apply="mask")
     prompt, kept = simignore_prompt(tiny_model, processor, inputs, settings, texts)
-    with pytest.raises(ValueError, match="fastv_keep=5 exceeds the 4 image tokens"):
-        engine.LanguageModelRun(tiny_model, engine.reduce_prompt(prompt, kept, "mask"), fastv_layer=1, fastv_keep=5)
-    with pytest.raises(ValueError, match=r"fastv_layer=3 must be in \[1, 2\]"):
-        engine.LanguageModelRun(tiny_model, engine.reduce_prompt(prompt, kept, "mask"), fastv_layer=3, fastv_keep=2)
+    with pytest.raises(ValueError, match="fastv's stage at layer 1 keeps 5 image tokens per image, but only 4 are visible"):
+        engine.LanguageModelRun(tiny_model, engine.reduce_prompt(prompt, kept, "mask"), stages=fastv_stage(1, 5))
+    with pytest.raises(ValueError, match="fastv's stage at layer 3 must come after layer 0 and before the last of 3 decoder layers"):
+        engine.LanguageModelRun(tiny_model, engine.reduce_prompt(prompt, kept, "mask"), stages=fastv_stage(3, 2))

@@ -7,6 +7,7 @@ from test_fastv import eager_fastv_choice, kept_image_positions, unreduced
 
 from lmms_simignore import engine
 from lmms_simignore.settings import ReductionSettings
+from lmms_simignore.methods.fastv import fastv_stage
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -39,12 +40,12 @@ def test_fastv_on_cuda_sdpa_matches_the_eager_rule_and_decodes_consistently(test
     inputs, _ = cuda_batch
     model, eager = load(testbed, attn_implementation="sdpa"), load(testbed, attn_implementation="eager")
     prompt = engine.build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
-    reduced = engine.reduce_prompt(prompt, engine.choose_kept_image_tokens(ReductionSettings(), prompt.image_features), "mask")
-    fastv = engine.LanguageModelRun(model, reduced, fastv_layer=1, fastv_keep=9)
+    reduced = engine.reduce_prompt(prompt, engine.every_image_token(prompt), "mask")
+    fastv = engine.LanguageModelRun(model, reduced, stages=fastv_stage(1, 9))
     fastv.prefill()
     assert kept_image_positions(fastv, prompt, reduced) == eager_fastv_choice(eager, inputs, 1, keep=9)
-    cached = run(model, processor, reduced, use_cache=True, fastv_layer=2, fastv_keep=6)
-    assert cached.tolist() == run(model, processor, reduced, use_cache=False, fastv_layer=2, fastv_keep=6).tolist()
+    cached = run(model, processor, reduced, use_cache=True, stages=fastv_stage(2, 6))
+    assert cached.tolist() == run(model, processor, reduced, use_cache=False, stages=fastv_stage(2, 6)).tolist()
     assert cached.device.type == "cuda"
 
 
@@ -53,7 +54,7 @@ def test_stacked_pipeline_mask_equals_drop_on_cuda(testbed, processor, cuda_batc
     model = load(testbed)
     settings = ReductionSettings(reduction="simignore+fastv", keep=12, fastv_layer=1, fastv_keep=5)
     prompt, kept = simignore_prompt(model, processor, inputs, settings, texts)
-    answers = [run(model, processor, engine.reduce_prompt(prompt, kept, a), fastv_layer=1, fastv_keep=5).tolist() for a in ("mask", "drop")]
+    answers = [run(model, processor, engine.reduce_prompt(prompt, kept, a), stages=fastv_stage(1, 5)).tolist() for a in ("mask", "drop")]
     assert answers[0] == answers[1]
 
 
@@ -71,9 +72,9 @@ def test_bfloat16_fastv_generation_runs(testbed, processor, cuda_batch):
     inputs, _ = cuda_batch
     model = load(testbed, dtype=torch.bfloat16)
     reduced = unreduced(model, inputs)
-    logits = engine.LanguageModelRun(model, reduced, fastv_layer=1, fastv_keep=6).prefill()
+    logits = engine.LanguageModelRun(model, reduced, stages=fastv_stage(1, 6)).prefill()
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
-    assert run(model, processor, reduced, fastv_layer=1, fastv_keep=6).shape[0] == 2
+    assert run(model, processor, reduced, stages=fastv_stage(1, 6)).shape[0] == 2
 
 
 def test_nf4_weights_work_with_fastv(testbed, processor, cuda_batch):
@@ -85,8 +86,8 @@ def test_nf4_weights_work_with_fastv(testbed, processor, cuda_batch):
     assert type(quantized.model.language_model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     assert not any(type(module).__name__ == "Linear4bit" for module in quantized.model.vision_tower.modules())
     reduced = unreduced(quantized, inputs)
-    cached = run(quantized, processor, reduced, use_cache=True, fastv_layer=1, fastv_keep=6)
-    assert cached.tolist() == run(quantized, processor, reduced, use_cache=False, fastv_layer=1, fastv_keep=6).tolist()
+    cached = run(quantized, processor, reduced, use_cache=True, stages=fastv_stage(1, 6))
+    assert cached.tolist() == run(quantized, processor, reduced, use_cache=False, stages=fastv_stage(1, 6)).tolist()
 
 
 def test_bench_runs_the_llava7b_shape_in_fp16_with_sdpa(tmp_path):

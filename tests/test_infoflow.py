@@ -12,6 +12,7 @@ from test_fastv import NONE, padded_batch  # noqa: F401  (padded_batch is a fixt
 
 from lmms_simignore import engine
 from lmms_simignore.evaluation.infoflow import grid_attention, image_share, measure_flow
+from lmms_simignore.methods.fastv import fastv_stage
 
 
 def test_a_row_is_placed_on_the_grid_by_the_image_token_each_column_holds():
@@ -34,7 +35,7 @@ def eager_rows(testbed, inputs):
 
 def flow_of(model, inputs, settings=NONE, **stages):
     prompt = engine.build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
-    kept = engine.choose_kept_image_tokens(settings, prompt.image_features, image_seeds=[0, 1])
+    kept = engine.choose_kept_image_tokens(engine.plan_for(model.config, settings), prompt.image_features, image_seeds=[0, 1])
     reduced = engine.reduce_prompt(prompt, kept, "drop")
     image_start = prompt.position_ids.gather(1, prompt.image_positions[:, :1]).flatten()
     return measure_flow(model, reduced, image_start, 25, **stages), kept
@@ -62,7 +63,7 @@ def test_a_reduction_leaves_flow_only_on_the_tokens_each_layer_still_has(tiny_mo
         for layer in range(3):
             assert set(flow.grid[row, layer].nonzero().flatten().tolist()) == set(kept[row].tolist())
     plain, _ = flow_of(tiny_model, inputs)
-    fastv, _ = flow_of(tiny_model, inputs, fastv_layer=2, fastv_keep=6)
+    fastv, _ = flow_of(tiny_model, inputs, stages=fastv_stage(2, 6))
     torch.testing.assert_close(fastv.grid[:, :2], plain.grid[:, :2])
     assert (fastv.grid[:, 2] > 0).sum(dim=1).tolist() == [6, 6]
     assert not torch.allclose(fastv.image_share[:, 2], plain.image_share[:, 2])

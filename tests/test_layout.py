@@ -54,4 +54,23 @@ def test_the_tree_has_its_parts_and_no_leftover_flat_modules():
     assert top == ["__init__.py", "__main__.py", "bench", "cli.py", "engine", "evaluation", "local_data.py", "lockfile.py",
                    "markdown.py", "methods", "models", "settings.py", "shipped.py", "testbed"]
     methods = sorted(path.stem for path in (PACKAGE / "methods").glob("*.py"))
-    assert methods == ["__init__", "dart", "fastv", "random_tokens", "selection", "simignore", "visiondrop", "visionzip"]
+    assert methods == ["__init__", "arguments", "base", "dart", "fastv", "pdrop", "random_tokens", "registry", "selection",
+                       "simignore", "visiondrop", "visionzip"]
+
+
+def test_the_settings_and_the_engine_name_no_method():
+    """Methods declare themselves in methods/; the settings and the engine apply them through the registry and one
+    interface per place, so neither names one (in code, strings, docstrings or comments). The control: the methods'
+    own modules do."""
+    import re
+
+    from lmms_simignore.methods.registry import METHODS
+
+    def named(path: Path) -> set[str]:
+        text = path.read_text()
+        words = {name for name in METHODS if name != "random" and re.search(rf"\b{name}\b", text, re.IGNORECASE)}
+        return words | ({"random"} if re.search(r"[\"']random[\"']", text) else set())
+
+    files = [PACKAGE / "settings.py", *sorted((PACKAGE / "engine").glob("*.py"))]
+    assert {path.name: named(path) for path in files if named(path)} == {}
+    assert named(PACKAGE / "methods" / "dart.py") >= {"dart"} and named(PACKAGE / "methods" / "random_tokens.py") >= {"random"}

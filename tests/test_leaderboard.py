@@ -77,9 +77,9 @@ def test_masked_tokens_are_computed_until_fastv_drops_them():
     mask = ReductionSettings(reduction="simignore+fastv", keep=8, apply="mask", fastv_layer=2, fastv_keep=4)
     drop = ReductionSettings(reduction="simignore+fastv", keep=8, apply="drop", fastv_layer=2, fastv_keep=4)
     assert mask.visible_per_layer(16, 4) == drop.visible_per_layer(16, 4) == [8, 8, 4, 4]
-    assert mask.computed_per_layer(16, 4) == [16, 16, 4, 4]
-    assert drop.computed_per_layer(16, 4) == [8, 8, 4, 4]
-    assert ReductionSettings(reduction="simignore", keep=8, apply="mask").computed_per_layer(16, 4) == [16] * 4
+    assert mask.plan(16, 4).computed_per_layer() == [16, 16, 4, 4]
+    assert drop.plan(16, 4).computed_per_layer() == [8, 8, 4, 4]
+    assert ReductionSettings(reduction="simignore", keep=8, apply="mask").plan(16, 4).computed_per_layer() == [16] * 4
     shape = DecoderShape(hidden=8, intermediate=16, heads=2, kv_heads=1, head_dim=4)
     record = {"prompt_tokens": 30, "image_tokens": 16, "visible_per_layer": [8, 8, 4, 4], "computed_per_layer": [16, 16, 4, 4]}
     assert sample_prefill_flops(shape, record) == prefill_flops(shape, [30, 30, 18, 18])

@@ -7,6 +7,8 @@ from test_engine import GREEDY_8, run
 from test_fastv import padded_batch, row_alone, unreduced  # noqa: F401  (padded_batch is a fixture)
 
 from lmms_simignore import engine
+from lmms_simignore.methods.fastv import fastv_stage
+from lmms_simignore.methods.pdrop import pdrop_stages
 
 TWO_STAGES = ((1, 12), (2, 5))  # 25 image tokens -> 12 from layer 1 -> 5 from layer 2
 
@@ -35,7 +37,7 @@ def eager_stage_choices(eager_model, inputs, reduced, stages):
     handles = [layer.register_forward_pre_hook(keep_positions(i), with_kwargs=True) for i, layer in enumerate(layers)]
     handles += [layer.self_attn.register_forward_hook(keep_weights(i)) for i, layer in enumerate(layers)]
     try:
-        engine.LanguageModelRun(eager_model, reduced, prune_stages=stages).prefill()
+        engine.LanguageModelRun(eager_model, reduced, stages=pdrop_stages(stages)).prefill()
     finally:
         for handle in handles:
             handle.remove()
@@ -80,7 +82,7 @@ def test_the_second_stage_ranks_with_the_pruned_sequence_not_the_full_one(testbe
 def test_each_segment_caches_one_entry_per_token_it_sees(tiny_model, padded_batch):
     inputs, _ = padded_batch
     reduced = unreduced(tiny_model, inputs)
-    staged = engine.LanguageModelRun(tiny_model, reduced, prune_stages=TWO_STAGES)
+    staged = engine.LanguageModelRun(tiny_model, reduced, stages=pdrop_stages(TWO_STAGES))
     logits = staged.prefill()
     length = reduced.inputs_embeds.shape[1]
     for step in range(1, 4):
@@ -94,39 +96,33 @@ def test_each_segment_caches_one_entry_per_token_it_sees(tiny_model, padded_batc
 def test_cached_decoding_equals_recomputation_and_a_batch_answers_like_its_rows(tiny_model, processor, padded_batch):
     inputs, _ = padded_batch
     reduced = unreduced(tiny_model, inputs)
-    cached = run(tiny_model, processor, reduced, use_cache=True, prune_stages=TWO_STAGES)
-    recomputed = run(tiny_model, processor, reduced, use_cache=False, prune_stages=TWO_STAGES)
+    cached = run(tiny_model, processor, reduced, use_cache=True, stages=pdrop_stages(TWO_STAGES))
+    recomputed = run(tiny_model, processor, reduced, use_cache=False, stages=pdrop_stages(TWO_STAGES))
     assert cached.shape[1] > 1 and cached.tolist() == recomputed.tolist()
     for row in range(2):
-        single = run(tiny_model, processor, unreduced(tiny_model, row_alone(inputs, row)), prune_stages=TWO_STAGES)
+        single = run(tiny_model, processor, unreduced(tiny_model, row_alone(inputs, row)), stages=pdrop_stages(TWO_STAGES))
         assert single[0].tolist() == cached[row, : single.shape[1]].tolist()
 
 
 def test_one_stage_is_fastv(tiny_model, processor, padded_batch):
     inputs, _ = padded_batch
     reduced = unreduced(tiny_model, inputs)
-    staged = run(tiny_model, processor, reduced, prune_stages=((1, 6),))
-    assert staged.tolist() == run(tiny_model, processor, reduced, fastv_layer=1, fastv_keep=6).tolist()
+    staged = run(tiny_model, processor, reduced, stages=pdrop_stages(((1, 6),)))
+    assert staged.tolist() == run(tiny_model, processor, reduced, stages=fastv_stage(1, 6)).tolist()
     assert staged.tolist() != run(tiny_model, processor, reduced).tolist()  # control: pruning changed the answer
 
 
 @pytest.mark.parametrize(
     "stages, message",
     [
-        (((2, 12), (1, 5)), "a pruning stage at layer 1 must come after layer 2"),
-        (((1, 12), (3, 5)), "a pruning stage at layer 3 must come after layer 1 and before the last of 3 decoder layers"),
-        (((0, 12),), "a pruning stage at layer 0 must come after layer 0"),
-        (((1, 5), (2, 12)), "the pruning stage at layer 2 keeps 12 image tokens per image, but only 5 are visible before it"),
-        (((1, 30),), "the pruning stage at layer 1 keeps 30 image tokens per image, but only 25 are visible before it"),
+        (((2, 12), (1, 5)), "pdrop's stage at layer 1 must come after layer 2"),
+        (((1, 12), (3, 5)), "pdrop's stage at layer 3 must come after layer 1 and before the last of 3 decoder layers"),
+        (((0, 12),), "pdrop's stage at layer 0 must come after layer 0"),
+        (((1, 5), (2, 12)), "pdrop's stage at layer 2 keeps 12 image tokens per image, but only 5 are visible before it"),
+        (((1, 30),), "pdrop's stage at layer 1 keeps 30 image tokens per image, but only 25 are visible before it"),
     ],
 )
 def test_bad_stages_are_refused_before_any_compute(tiny_model, padded_batch, stages, message):
     inputs, _ = padded_batch
     with pytest.raises(ValueError, match=message):
-        engine.LanguageModelRun(tiny_model, unreduced(tiny_model, inputs), prune_stages=stages)
-
-
-def test_fastv_and_stages_together_are_refused(tiny_model, padded_batch):
-    inputs, _ = padded_batch
-    with pytest.raises(ValueError, match="either fastv_layer/fastv_keep or prune_stages"):
-        engine.LanguageModelRun(tiny_model, unreduced(tiny_model, inputs), fastv_layer=1, fastv_keep=5, prune_stages=((2, 3),))
+        engine.LanguageModelRun(tiny_model, unreduced(tiny_model, inputs), stages=pdrop_stages(stages))

@@ -61,7 +61,7 @@ def our_prompt(model, image, text, settings=None):
 
 def first_logits(model, image, text):
     inputs, prompt = our_prompt(model, image, text)
-    reduced = engine.reduce_prompt(prompt, engine.choose_kept_image_tokens(ReductionSettings(), prompt.image_features), "drop")
+    reduced = engine.reduce_prompt(prompt, engine.every_image_token(prompt), "drop")
     return engine.LanguageModelRun(model.model, reduced).prefill()[0]
 
 
@@ -79,7 +79,7 @@ def test_the_converted_model_computes_what_mipha_computes(converted, reference, 
     expected_answer, expected_logits = reference_answer(reference, image, text)
     torch.testing.assert_close(first_logits(converted, image, text), expected_logits, atol=1e-4, rtol=1e-4)
     inputs, prompt = our_prompt(converted, image, text)
-    reduced = engine.reduce_prompt(prompt, engine.choose_kept_image_tokens(ReductionSettings(), prompt.image_features), "drop")
+    reduced = engine.reduce_prompt(prompt, engine.every_image_token(prompt), "drop")
     tokens = greedy(converted, reduced)[0]
     assert converted.tokenizer.decode(tokens[tokens != converted.eot_token_id]) == expected_answer
 
@@ -103,7 +103,7 @@ def test_simignore_on_mipha_keeps_the_tokens_closest_to_the_options(converted, r
     expected_answer, expected_logits = reference_answer(reference, image, text, keep=keep, options_text=options)
     _, prompt = our_prompt(converted, image, text)
     settings = ReductionSettings(reduction="simignore", keep=0.75)
-    reduced = engine.apply_pre_llm_stage(converted.model, converted.tokenizer, settings, prompt, [options], [0])
+    reduced = engine.apply_pre_llm_stage(converted.model, converted.tokenizer, engine.plan_for(converted.model.config, settings), prompt, [options], [0])
     torch.testing.assert_close(engine.LanguageModelRun(converted.model, reduced).prefill()[0], expected_logits, atol=1e-4, rtol=1e-4)
     tokens = greedy(converted, reduced)[0]
     assert converted.tokenizer.decode(tokens[tokens != converted.eot_token_id]) == expected_answer
@@ -170,7 +170,7 @@ def test_generation_stops_at_endoftext_not_at_phi_s_default_eos(mipha, converted
     assert AutoConfig.from_pretrained(mipha["out"]).text_config.eos_token_id == end_of_text == converted.eot_token_id
     image, text, _ = QUESTIONS[0]
     _, prompt = our_prompt(converted, image, text)
-    reduced = engine.reduce_prompt(prompt, engine.choose_kept_image_tokens(ReductionSettings(), prompt.image_features), "drop")
+    reduced = engine.reduce_prompt(prompt, engine.every_image_token(prompt), "drop")
     head = converted.model.lm_head
     saved = head.bias.detach().clone()
     try:

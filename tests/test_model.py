@@ -200,7 +200,10 @@ def test_loglikelihood_with_keep_all_matches_a_plain_forward(testbed, docs, tiny
         ({"reduction": "simignore", "keep": 5, "apply": "zero"}, "apply must be one of"),
         ({"dtype": "float8"}, "dtype must be one of"),
         ({"batch_size": 0}, "batch_size must be a positive integer"),
-        ({"keep_ratio": 0.5}, r"unknown model_args \['keep_ratio'\]"),
+        ({"keep_ratio": 0.5}, "unknown model_arg 'keep_ratio' for llava_simignore: did you mean `keep`"),
+        ({"reduction": "fastv", "fastv_layers": 2}, "unknown model_arg 'fastv_layers' for llava_simignore: did you mean `fastv_layer`"),
+        ({"batch_sise": 2}, "did you mean `batch_size`"),
+        ({"reduction": "simignore", "keep": 5, "pdrop_ratio": 0.5}, "pdrop_ratio belongs to pdrop, which is not in reduction=simignore"),
     ],
 )
 def test_bad_model_args_fail_before_loading_weights(testbed, tmp_path, model_args, message):

@@ -100,7 +100,8 @@ def test_paper_preset_runs_with_its_quirks_on_a_small_budget(testbed, docs):
         testbed, docs, preset="simignore_paper_7b", quantization="none", dtype="float32", keep=20, fastv_keep=5, fastv_layer=2
     )
     settings = model.settings
-    assert (settings.reduction, settings.apply, settings.text_bos, settings.simignore_start) == ("simignore+fastv", "mask", True, 1)
+    simignore = settings.arguments_of("simignore")
+    assert (settings.reduction, settings.apply, simignore.text_bos, simignore.simignore_start) == ("simignore+fastv", "mask", True, 1)
     assert model._decoding_options({"max_new_tokens": 8})[0].max_new_tokens == 1  # one output token, whatever the task asks
     answers = model.generate_until(simple_requests(docs, max_new_tokens=8, until=[]))
     longer = make_model(
@@ -125,9 +126,9 @@ def test_fastv_paper_preset_keeps_half_from_layer_two(testbed, docs):
     [
         ({"preset": "simignore_paper_7b", "keep": 20, "fastv_keep": 5, "fastv_layer": 2}, "quantization=nf4 loads 4-bit weights with bitsandbytes, which needs a CUDA GPU"),
         ({"preset": "simignore_paper_99b"}, "preset must be one of"),
-        ({"reduction": "fastv", "fastv_layer": 3}, r"fastv_layer must be in \[1, 2\]"),
+        ({"reduction": "fastv", "fastv_layer": 3}, r"fastv_layer=3 is outside .* must be in \[1, 2\]"),
         ({"reduction": "simignore+fastv", "keep": 5, "fastv_keep": 6}, "fastv keeps 6 image tokens per image but only 5"),
-        ({"reduction": "random", "keep": 5, "similarity": "euclidean"}, "only affect simignore"),
+        ({"reduction": "random", "keep": 5, "similarity": "euclidean"}, "similarity belongs to simignore, which is not in reduction=random"),
         ({"quantization": "int3"}, "quantization must be one of"),
         ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
     ],
@@ -160,7 +161,8 @@ def test_paper_13b_preset_runs_with_lettered_options_and_step_two(testbed, docs)
     model = make_model(
         testbed, docs, preset="simignore_paper_13b", quantization="none", dtype="float32", keep=20, fastv_keep=5, fastv_layer=2
     )
-    assert (model.settings.text, model.settings.simignore_step, model.settings.text_bos) == ("options_lettered", 2, False)
+    simignore = model.settings.arguments_of("simignore")
+    assert (simignore.text, simignore.simignore_step, simignore.text_bos) == ("options_lettered", 2, False)
     assert model._prompt_request(simple_requests(docs)[0].args).comparison_text.startswith("Options: (A) ")
     assert len(model.generate_until(simple_requests(docs))) == len(docs)
     records = sorted(model.accounting.records, key=lambda record: record["doc_id"])

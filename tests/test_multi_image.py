@@ -6,6 +6,8 @@ import torch
 from test_engine import encode, images, run
 
 from lmms_simignore import engine
+from lmms_simignore.methods.dart import dart_stage
+from lmms_simignore.methods.pdrop import pdrop_stages
 from lmms_simignore.settings import ReductionSettings
 
 NONE = ReductionSettings()
@@ -25,7 +27,7 @@ def two_and_one(processor):
 
 def unreduced(model, inputs):
     prompt = engine.build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
-    return prompt, engine.reduce_prompt(prompt, engine.choose_kept_image_tokens(NONE, prompt.image_features), "drop")
+    return prompt, engine.reduce_prompt(prompt, engine.every_image_token(prompt), "drop")
 
 
 def kept_per_image(model, inputs, run_):
@@ -47,7 +49,7 @@ def test_fastv_ranks_each_image_among_its_own_tokens(testbed, tiny_model, two_an
 
     eager = LlavaForConditionalGeneration.from_pretrained(testbed["model"], attn_implementation="eager").eval()
     prompt, reduced = unreduced(tiny_model, two_and_one)
-    staged = engine.LanguageModelRun(tiny_model, reduced, prune_stages=((2, 5),))
+    staged = engine.LanguageModelRun(tiny_model, reduced, stages=pdrop_stages(((2, 5),)))
     staged.prefill()
     kept = kept_per_image(tiny_model, two_and_one, staged)
     with torch.inference_mode():
@@ -67,10 +69,10 @@ def test_fastv_ranks_each_image_among_its_own_tokens(testbed, tiny_model, two_an
 
 def test_dart_and_pdrop_keep_their_budget_in_every_image(tiny_model, two_and_one):
     _, reduced = unreduced(tiny_model, two_and_one)
-    dart = engine.LanguageModelRun(tiny_model, reduced, prune_stages=((2, 6),), prune_rule="dart")
+    dart = engine.LanguageModelRun(tiny_model, reduced, stages=dart_stage(2, 6))
     dart.prefill()
     assert [len(k) for k in kept_per_image(tiny_model, two_and_one, dart)] == [6, 6, 6]
-    pdrop = engine.LanguageModelRun(tiny_model, reduced, prune_stages=((1, 12), (2, 6)))
+    pdrop = engine.LanguageModelRun(tiny_model, reduced, stages=pdrop_stages(((1, 12), (2, 6))))
     pdrop.prefill()
     assert pdrop.image_tokens_seen.computed.tolist() == [[50, 24, 12], [25, 12, 6]]
 
@@ -78,7 +80,7 @@ def test_dart_and_pdrop_keep_their_budget_in_every_image(tiny_model, two_and_one
 @pytest.mark.parametrize("settings", [ReductionSettings(reduction="simignore", keep=7), ReductionSettings(reduction="random", keep=7),
                                       ReductionSettings(reduction="visionzip", keep=7)], ids=lambda s: s.reduction)
 def test_pre_llm_and_vision_stages_keep_their_budget_in_every_image(tiny_model, processor, two_and_one, settings):
-    reduced = engine.prepare_reduced_prompt(tiny_model, processor.tokenizer, settings, two_and_one,
+    reduced = engine.prepare_reduced_prompt(tiny_model, processor.tokenizer, engine.plan_for(tiny_model.config, settings), two_and_one,
                                             ["first second", "red blue"], [11, 12, 13])
     assert reduced.visible_image_tokens.tolist() == [14, 7]
     assert reduced.image_columns.shape == (3, 7) and reduced.image_rows.tolist() == [0, 0, 1]

@@ -1,7 +1,6 @@
 """VisionZip's vision-side stage: dominant tokens by the CLS attention of the tower's feature layer, the rest merged
 into contextual tokens, the shorter image placed in the prompt at contiguous positions (tiny random LLaVA)."""
 
-import types
 
 import pytest
 import torch
@@ -11,6 +10,8 @@ from test_model import make_model, simple_requests
 from test_model_reductions import docs  # noqa: F401  (a fixture)
 
 from lmms_simignore import engine
+from lmms_simignore.methods.random_tokens import random_scores
+from lmms_simignore.methods.selection import select_top_k
 from lmms_simignore.methods.visionzip import dominant_indices, merge_contextual, split_budget, visionzip_tokens
 from lmms_simignore.settings import ReductionSettings
 
@@ -90,16 +91,16 @@ def test_dominant_and_merged_tokens_follow_the_eager_attention_and_keys_of_the_f
         cls = eager.model.multi_modal_projector(out.hidden_states[layer_index + 1][:, 0])
     assert tiny_model.config.vision_config._attn_implementation == "sdpa"
     states = engine.vision_tower_states(tiny_model, two_rows["pixel_values"])
-    ours = engine.visionzip_image_features(tiny_model, states, dominant=6, contextual=2)
+    ours = engine.vision_stage_features(tiny_model, engine.plan_for(tiny_model.config, ZIP_8).vision, states)
     assert torch.allclose(ours, expected, atol=1e-5)
     assert torch.allclose(ours[:, 0], cls, atol=1e-5)  # the CLS token reaches the LLM, first
 
 
 def test_the_shorter_image_answers_like_transformers_on_the_shortened_prompt(tiny_model, processor, two_rows):
     """The LLM sees text, the 8 image tokens, text, at positions 0, 1, 2, ... like a prompt written that way."""
-    reduced = engine.prepare_reduced_prompt(tiny_model, processor.tokenizer, ZIP_8, two_rows, ["", ""], [])
+    reduced = engine.prepare_reduced_prompt(tiny_model, processor.tokenizer, engine.plan_for(tiny_model.config, ZIP_8), two_rows, ["", ""], [])
     states = engine.vision_tower_states(tiny_model, two_rows["pixel_values"])
-    features = engine.visionzip_image_features(tiny_model, states, 6, 2)  # (I, 8, D)
+    features = engine.vision_stage_features(tiny_model, engine.plan_for(tiny_model.config, ZIP_8).vision, states)  # (I, 8, D)
     image_id = tiny_model.config.image_token_id
     batch_logits = engine.LanguageModelRun(tiny_model, reduced).prefill()  # (B, V) after each row's last token
     for row in range(2):
@@ -117,11 +118,11 @@ def test_the_shorter_image_answers_like_transformers_on_the_shortened_prompt(tin
 
 
 def test_cached_decoding_equals_recomputation_and_a_batch_its_rows(tiny_model, processor, two_rows):
-    reduced = engine.prepare_reduced_prompt(tiny_model, processor.tokenizer, ZIP_8, two_rows, ["", ""], [])
+    reduced = engine.prepare_reduced_prompt(tiny_model, processor.tokenizer, engine.plan_for(tiny_model.config, ZIP_8), two_rows, ["", ""], [])
     cached = run(tiny_model, processor, reduced)
     assert torch.equal(cached, run(tiny_model, processor, reduced, use_cache=False))
     for row in range(2):
-        alone = engine.prepare_reduced_prompt(tiny_model, processor.tokenizer, ZIP_8, row_alone(two_rows, row), [""], [])
+        alone = engine.prepare_reduced_prompt(tiny_model, processor.tokenizer, engine.plan_for(tiny_model.config, ZIP_8), row_alone(two_rows, row), [""], [])
         assert run(tiny_model, processor, alone)[0].tolist() == cached[row].tolist()
 
 
@@ -135,12 +136,13 @@ def test_visionzip_through_the_model_class_counts_what_each_layer_saw(testbed, d
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(reduction="visionzip"), "needs a budget: keep=N"),
-    (dict(reduction="visionzip", keep=8, apply="mask"), "apply=mask cannot express visionzip"),
-    (dict(reduction="visionzip", ignore=8), "not ignore"),
-    (dict(reduction="visionzip", keep=8, dominant=6), "either keep=N or both dominant= and contextual="),
+    (dict(reduction="visionzip"), "visionzip needs either keep=N or both dominant= and contextual="),
+    (dict(reduction="visionzip", keep=8, apply="mask"), "apply=mask applies to a stage before the LLM"),
+    (dict(reduction="visionzip", ignore=8), "visionzip is budgeted by keep=N .or dominant= and contextual=., not keep=None, ignore=8"),
+    (dict(reduction="visionzip", dominant=6), "either keep=N or both dominant= and contextual="),
+    (dict(reduction="visionzip", keep=8, dominant=6, contextual=2), "no stage of reduction=visionzip takes them"),
     (dict(reduction="visionzip", dominant=0, contextual=2), "dominant must be an integer >= 1"),
-    (dict(reduction="fastv", dominant=6), "only apply to reduction=visionzip"),
+    (dict(reduction="fastv", dominant=6), "dominant belongs to visionzip, which is not in reduction=fastv"),
 ])
 def test_bad_visionzip_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -149,13 +151,34 @@ def test_bad_visionzip_settings_are_refused(kwargs, message):
 
 def test_a_budget_beyond_the_image_is_refused():
     with pytest.raises(ValueError, match="more than the model's 25 image tokens"):
-        ReductionSettings(reduction="visionzip", dominant=20, contextual=6).vision_budget(25)
+        ReductionSettings(reduction="visionzip", dominant=20, contextual=6).plan(25, 3)
 
 
 def test_towers_without_a_cls_token_are_refused_by_name():
     from transformers import LlamaConfig, LlavaConfig, SiglipVisionConfig
 
     config = LlavaConfig(vision_config=SiglipVisionConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2),
-                         text_config=LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2))
-    with pytest.raises(ValueError, match="'siglip_vision_model' has no CLS token"):
-        engine.check_vision_stage_support(types.SimpleNamespace(config=config))
+                         text_config=LlamaConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2))
+    for settings in (ZIP_8, ReductionSettings(reduction="visiondrop", keep=4)):
+        with pytest.raises(ValueError, match=f"{settings.reduction} ranks patches by the CLS token's attention; the vision tower "
+                                             f"'siglip_vision_model' has no CLS token"):
+            engine.plan_for(config, settings)
+
+
+def test_a_stage_before_the_llm_chooses_among_the_tokens_visionzip_left(tiny_model, processor, two_rows):
+    """visionzip+random: random keeps 5 of VisionZip's 8 tokens per image, each at the position it had in VisionZip's
+    shorter image (as random keeps original positions); keeping all 8 is VisionZip alone."""
+    def reduced(settings, seeds):
+        return engine.prepare_reduced_prompt(tiny_model, processor.tokenizer, engine.plan_for(tiny_model.config, settings),
+                                             two_rows, ["", ""], seeds)
+
+    zipped = reduced(ZIP_8, [])
+    everything = reduced(ReductionSettings(reduction="visionzip+random", dominant=6, contextual=2, keep=8), [3, 4])
+    assert torch.equal(run(tiny_model, processor, everything), run(tiny_model, processor, zipped))
+    five = reduced(ReductionSettings(reduction="visionzip+random", dominant=6, contextual=2, keep=5), [3, 4])
+    chosen = select_top_k(random_scores([3, 4], 8), 5)  # (2, 5) of each image's 8, as random draws them
+    for row in range(2):
+        columns = zipped.image_columns[row, chosen[row]]
+        torch.testing.assert_close(five.inputs_embeds[row, five.image_columns[row]], zipped.inputs_embeds[row, columns])
+        assert five.position_ids[row, five.image_columns[row]].tolist() == zipped.position_ids[row, columns].tolist()
+    assert five.visible_image_tokens.tolist() == [5, 5] and five.image_tokens.tolist() == [25, 25]

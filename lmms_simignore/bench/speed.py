@@ -73,23 +73,22 @@ def measure_once(model, processor, settings: ReductionSettings, inputs, texts: l
     texts: Simignore's comparison text per row; image_seeds: one per image in the batch (random choices).
     """
     device = inputs["input_ids"].device
-    stages = settings.in_llm_stages(engine.image_tokens_per_image(model.config), model.config.text_config.num_hidden_layers)
+    plan = engine.plan_for(model.config, settings)
     with PeakMemory(device) as memory:
         _sync(device)
         started = time.perf_counter()
-        if settings.vision is not None:  # the tower runs alone; its choice, merge and projection are the choice
+        if plan.vision is not None:  # the tower runs alone; its choice, merge and projection are the choice
             tower_states = engine.vision_tower_states(model, inputs["pixel_values"])
         else:
             prompt = engine.build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"))
         _sync(device)
         embedded = time.perf_counter()
-        if settings.vision is not None:
-            reduced = engine.apply_vision_stage(model, settings, inputs, tower_states)
-        else:
-            reduced = engine.apply_pre_llm_stage(model, processor.tokenizer, settings, prompt, texts, image_seeds)
+        if plan.vision is not None:
+            prompt = engine.embed_prompt(model, plan, inputs, tower_states)
+        reduced = engine.apply_pre_llm_stage(model, processor.tokenizer, plan, prompt, texts, image_seeds)
         _sync(device)
         chosen = time.perf_counter()
-        run = engine.LanguageModelRun(model, reduced, prune_stages=stages, **settings.in_llm_options())
+        run = engine.LanguageModelRun(model, reduced, stages=plan.layers)
         tokens = run.prefill().argmax(-1)
         _sync(device)
         first_token = time.perf_counter()

@@ -1,5 +1,5 @@
 """Attention quantities recomputed from a layer's own parts (norm, projections, rotary embedding), so that they do not
-depend on the attention backend the model runs with; and which layers we know how to read."""
+depend on the attention backend the model runs with."""
 
 from __future__ import annotations
 
@@ -41,15 +41,20 @@ def last_token_attention(layer, hidden_states: torch.Tensor, position_embeddings
     return scores.softmax(dim=-1)
 
 
-def attention_from_queries(layer, hidden_states: torch.Tensor, position_embeddings, query_rows: torch.Tensor,
-                           query_columns: torch.Tensor, key_visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of chosen positions over their row in `layer`'s self-attention, causal (a query sees the
-    columns up to its own) and restricted to `key_visible`, recomputed from the layer's norm, projections and
-    rotary embedding.
+CHUNK_ELEMENTS = 2**20  # attention weights held at once by `attention_received` (a buffer reused chunk by chunk)
 
-    hidden_states: (B, L, D) the layer's input; position_embeddings: (cos, sin), each (B, L, d);
-    query_rows: (I,) and query_columns: (I, M) the queries; key_visible: (B, L) bool.
-    Returns: (I, H, M, L) float32 weights, and (I, Hkv, L, d) the row's keys after the rotary embedding.
+
+def attention_received(layer, hidden_states: torch.Tensor, position_embeddings, query_rows: torch.Tensor,
+                       query_columns: torch.Tensor, query_weights: torch.Tensor,
+                       key_visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention each position receives from chosen queries in `layer`'s self-attention: their softmax weights
+    (causal: a query sees the columns up to its own; restricted to `key_visible`), averaged over heads and summed over
+    the queries weighted by `query_weights`; recomputed from the layer's norm, projections and rotary embedding, a chunk
+    of queries at a time (the (queries x row) weights are never all held at once).
+
+    hidden_states: (B, L, D) the layer's input; position_embeddings: (cos, sin), each (B, L, d); query_rows: (I,) and
+    query_columns: (I, M) the queries; query_weights: (I, M) each query's weight (0 leaves it out); key_visible: (B, L).
+    Returns: (I, L) float32, and (I, Hkv, L, d) the row's keys after the rotary embedding.
     """
     attention = layer.self_attn
     head_dim = attention.head_dim
@@ -64,11 +69,19 @@ def attention_from_queries(layer, hidden_states: torch.Tensor, position_embeddin
     key = attention.k_proj(normed).view(images, length, -1, head_dim).transpose(1, 2)  # (I, Hkv, L, d)
     query = rotate(query, at_queries(cos), at_queries(sin), attention)
     key = rotate(key, cos, sin, attention)
-    grouped = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # (I, H, L, d)
-    scores = (query @ grouped.transpose(-1, -2)).float() * attention.scaling  # (I, H, M, L)
-    columns = torch.arange(length, device=scores.device)
-    allowed = key_visible[query_rows][:, None, :] & (columns[None, None, :] <= query_columns[..., None])  # (I, M, L)
-    return scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1), key
+    grouped = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1).transpose(-1, -2)  # (I, H, d, L)
+    columns = torch.arange(length, device=query.device)
+    visible = key_visible[query_rows][:, None, :]  # (I, 1, L)
+    received = torch.zeros(images, length, dtype=torch.float32, device=query.device)
+    chunk = max(1, CHUNK_ELEMENTS // max(1, images * query.shape[1] * length))
+    for start in range(0, query.shape[2], chunk):
+        part = slice(start, start + chunk)
+        allowed = visible & (columns[None, None, :] <= query_columns[:, part, None])  # (I, c, L)
+        scores = (query[:, :, part] @ grouped).float()  # (I, H, c, L), scaled and masked in place
+        scores.mul_(attention.scaling).masked_fill_(~allowed[:, None], float("-inf"))
+        weights = torch.softmax(scores, dim=-1).mean(dim=1)  # (I, c, L)
+        received += (query_weights[:, None, part].float() @ weights).squeeze(1)  # (I, L)
+    return received, key
 
 
 def layer_key_norms(layer, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
@@ -100,19 +113,3 @@ def vision_layer_attention(layer, hidden_in: torch.Tensor) -> tuple[torch.Tensor
     keys = attention.k_proj(normed).view(images, tokens, -1, head_dim).transpose(1, 2)  # (I, H, T, d)
     scores = (query @ keys.transpose(-1, -2)).squeeze(2).float() * attention.scale  # (I, H, T)
     return scores.softmax(dim=-1), keys
-
-
-def check_vision_stage_support(model) -> None:
-    """A vision-side stage reads the CLS token's attention in the tower's feature layer: it needs a CLIP tower
-    (CLS first) and one feature layer."""
-    config = model.config
-    tower = config.vision_config.model_type
-    if tower != "clip_vision_model":
-        raise ValueError(f"visionzip ranks patches by the CLS token's attention; the vision tower {tower!r} has no CLS "
-                         f"token (supported: clip_vision_model)")
-    if not isinstance(config.vision_feature_layer, int):
-        raise ValueError(f"visionzip needs one vision feature layer; this checkpoint concatenates layers "
-                         f"{config.vision_feature_layer}")
-    if config.vision_feature_layer % (config.vision_config.num_hidden_layers + 1) == 0:
-        raise ValueError("visionzip needs the attention of the feature layer; vision_feature_layer selects the patch "
-                         "embeddings, which have none")

@@ -8,13 +8,10 @@ from typing import Callable
 
 import torch
 
-from lmms_simignore.engine.attention import attention_from_queries, last_token_attention, layer_key_norms
 from lmms_simignore.engine.families import check_model_support
 from lmms_simignore.engine.prompt import ReducedPrompt, left_pack
-from lmms_simignore.methods import fastv_scores, select_top_k
-from lmms_simignore.methods.dart import DEFAULT_PIVOTS, dart_choice
-from lmms_simignore.methods.visiondrop import received_attention
-from lmms_simignore.methods.visionzip import contextual_plan, merge_into_targets
+from lmms_simignore.engine.views import LayerView
+from lmms_simignore.methods.base import LayerStage
 
 
 @dataclass
@@ -63,90 +60,56 @@ def _next_tokens(logits: torch.Tensor, options: DecodingOptions, generator: torc
 
 
 @dataclass
-class _Merge:
-    """How a merging stage builds its contextual tokens from the previous segment's sequence (one per target).
-
-    rest_columns: (I, R) the image tokens not kept as dominant, in the previous segment's sequence; targets: (C,)
-    which of them are the targets; assignment: (I, R, C) which target each other one joins; target_columns:
-    (I, C) where the targets sit in the new segment's sequence.
-    """
-
-    rest_columns: torch.Tensor
-    targets: torch.Tensor
-    assignment: torch.Tensor
-    target_columns: torch.Tensor | None = None
-
-
-@dataclass
 class _Segment:
     """Decoder layers [start, end) and the prompt columns they see.
 
-    columns: (B, S) the prompt columns in this segment's sequence (original coordinates, ascending);
-    gather: (B, S) where each of them sits in the previous segment's sequence (None for the first segment);
-    mask: (B, S + t) its 2-D attention mask (t = tokens fed so far); image_columns: (I, M) where each image's
-    tokens sit in this segment's sequence; image_visible: (I, M) which of them are visible;
-    keep: image tokens per image that the stage starting this segment keeps (None for the first segment);
-    shift: (B, S) with repacked positions, how many tokens the stage starting this segment dropped before each
-    prompt column (its position drops by that much); dropped: (B, 1) all it dropped (generated tokens shift by it).
+    stage: the in-LLM stage that starts this segment (None for the first segment); columns: (B, S) the prompt columns
+    in this segment's sequence (original coordinates, ascending); gather: (B, S) where each of them sits in the previous
+    segment's sequence (None for the first segment); mask: (B, S + t) its 2-D attention mask (t = tokens fed so far);
+    image_columns: (I, M) where each image's tokens sit in this segment's sequence; image_visible: (I, M) which of
+    them are visible; rebuild: the stage's content of its kept image slots from the previous segment's image tokens
+    (`LayerChoice.rebuild`), re-applied wherever the whole sequence passes; shift: (B, S) with repacked positions, how
+    many tokens the stage dropped before each prompt column (its position drops by that much); dropped: (B, 1) all it
+    dropped (generated tokens shift by it).
     """
 
     start: int
     end: int
-    keep: int | None = None
+    stage: LayerStage | None = None
     columns: torch.Tensor | None = None
     gather: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     image_columns: torch.Tensor | None = None
     image_visible: torch.Tensor | None = None
-    merge: _Merge | None = None
+    rebuild: Callable | None = None
     shift: torch.Tensor | None = None
     dropped: torch.Tensor | None = None
 
 
-PRUNE_RULES = ("attention", "dart", "visiondrop")
 STAGE_POSITIONS = ("original", "repacked")
 
 
 class LanguageModelRun:
     """Runs the decoder layers of a llava model's language model: the one place a reduction acts inside the LLM.
 
-    In-LLM pruning stages split the layers into segments. A stage at layer K (`prune_stages=((K, keep), ...)`,
-    or FastV's `fastv_layer=K, fastv_keep=keep`) chooses, among the image tokens still visible, the `keep` per
-    image that layers >= K (up to the next stage) see, at their original position ids. `prune_rule` says how:
-    "attention" (FastV, PyramidDrop): the most attended by the last prompt token in layer K-1 (mean over heads);
-    "dart": DART's least duplicated tokens, from layer K-1's key norms and output (`dart_pivots` pivots);
-    "visiondrop": the image tokens the image attends to most in layer K (its parts on layer K-1's output),
-    and `merge_counts[i]` of the `keep` are contextual tokens merged from the rest (in their target's place).
-    `stage_positions="repacked"` closes the ranks instead (PyramidDrop's and VisionDrop's code): from a stage on, a
-    token's position id drops by the number of tokens the stage dropped before it, and generated tokens by all it
-    dropped, so the tokens left sit at consecutive positions (gaps left by a pre-LLM stage stay). The kept sets
-    are chosen once, from the prompt, and then fixed: every generated token passes through each segment with that
-    segment's prompt columns, with a KV cache (one entry per token and layer, each layer its own length) or by
+    In-LLM stages (`stages`: `LayerStage`s in layer order, from a plan) split the layers into segments. A stage at
+    layer K chooses, after layer K-1 has run on the prompt and through its `choose(LayerView)`, the `keep` image tokens
+    per image among those still visible that layers >= K (up to the next stage) see; a stage that merges also gives
+    their new content (`LayerChoice.rebuild`). Positions "original": each token keeps its position id; "repacked":
+    from the stage on, a token's position id drops by the number of tokens the stage dropped before it, and generated
+    tokens by all it dropped, so the tokens left sit at consecutive positions (gaps left by a pre-LLM stage stay). The
+    kept sets are chosen once, from the prompt, and then fixed: every generated token passes through each segment with
+    that segment's prompt columns, with a KV cache (one entry per token and layer, each layer its own length) or by
     recomputing the whole sequence. `observe`, if given, sees every layer's input in the prompt pass: (layer index,
     layer, its input (B, S, D), rotary (cos, sin), the visible columns (B, S) bool, their prompt columns (B, S), which
     are image tokens (B, S) bool).
     """
 
-    def __init__(self, model, prompt: ReducedPrompt, fastv_layer: int | None = None, fastv_keep: int = 0,
-                 use_cache: bool = True, prune_stages: tuple[tuple[int, int], ...] = (), prune_rule: str = "attention",
-                 dart_pivots: int = DEFAULT_PIVOTS, merge_counts: tuple[int, ...] = (), stage_positions: str = "original",
+    def __init__(self, model, prompt: ReducedPrompt, stages: tuple[LayerStage, ...] = (), use_cache: bool = True,
                  observe: Callable | None = None):
         from transformers import DynamicCache
 
-        if prune_rule not in PRUNE_RULES:
-            raise ValueError(f"prune_rule must be one of {', '.join(PRUNE_RULES)}; got {prune_rule!r}")
-        if stage_positions not in STAGE_POSITIONS:
-            raise ValueError(f"stage_positions must be one of {', '.join(STAGE_POSITIONS)}; got {stage_positions!r}")
-        self.repack = stage_positions == "repacked"
         self.observe = observe  # observe(index, layer, layer_input, position_embeddings, mask, columns, is_image) in the prompt pass
-        merging = prune_rule == "visiondrop"
-        if (merging and len(merge_counts) != len(prune_stages)) or (not merging and merge_counts):
-            raise ValueError(f"merge_counts (one per stage) go with prune_rule='visiondrop' only; got {merge_counts} for "
-                             f"{len(prune_stages)} stage(s) and rule {prune_rule!r}")
-        if any(not 0 <= contextual <= keep for contextual, (_, keep) in zip(merge_counts, prune_stages)):
-            raise ValueError(f"each stage's merge count must be in [0, its keep]; got {merge_counts} for {list(prune_stages)}")
-        self.prune_rule, self.dart_pivots, self.merge_counts = prune_rule, dart_pivots, tuple(merge_counts)
-
         self.family = check_model_support(model.config)
         self.language_model = model.model.language_model
         self.final_norm = getattr(self.language_model, self.family.final_norm)
@@ -154,19 +117,9 @@ class LanguageModelRun:
         self.embedding = model.get_input_embeddings()
         self.prompt = prompt
         num_layers = len(self.language_model.layers)
-        if fastv_layer is not None:
-            if prune_stages:
-                raise ValueError("give either fastv_layer/fastv_keep or prune_stages, not both")
-            if not 1 <= fastv_layer < num_layers:
-                raise ValueError(f"fastv_layer={fastv_layer} must be in [1, {num_layers - 1}] for {num_layers} decoder layers")
-            available = int(prompt.image_visible.sum(dim=1).min()) if prompt.image_visible.numel() else fastv_keep
-            if fastv_keep > available:
-                raise ValueError(f"fastv_keep={fastv_keep} exceeds the {available} image tokens per image still visible")
-            prune_stages = ((fastv_layer, fastv_keep),)
-        self._check_stages(prune_stages, num_layers)
-        bounds = [0, *(layer for layer, _ in prune_stages), num_layers]
-        keeps = [None, *(keep for _, keep in prune_stages)]
-        self.segments = [_Segment(start, end, keep) for start, end, keep in zip(bounds, bounds[1:], keeps)]
+        self._check_stages(tuple(stages), num_layers)
+        bounds = [0, *(stage.layer for stage in stages), num_layers]
+        self.segments = [_Segment(start, end, stage) for start, end, stage in zip(bounds, bounds[1:], [None, *stages])]
         first = self.segments[0]
         first.mask, first.image_columns, first.image_visible = prompt.attention_mask, prompt.image_columns, prompt.image_visible
         self.cache = DynamicCache(config=self.language_model.config) if use_cache else None
@@ -175,17 +128,21 @@ class LanguageModelRun:
         self.prompt_length = prompt.inputs_embeds.shape[1]
         self.image_tokens_seen: ImageTokensSeen | None = None  # filled by the prompt pass
 
-    def _check_stages(self, stages: tuple[tuple[int, int], ...], num_layers: int) -> None:
+    def _check_stages(self, stages: tuple[LayerStage, ...], num_layers: int) -> None:
         prompt = self.prompt
         previous_layer, previous_keep = 0, int(prompt.image_visible.sum(dim=1).min()) if prompt.image_visible.numel() else None
-        for layer, keep in stages:
-            if not previous_layer < layer < num_layers:
-                raise ValueError(f"a pruning stage at layer {layer} must come after layer {previous_layer} and before the "
-                                 f"last of {num_layers} decoder layers (stages: {list(stages)})")
-            if keep < 0 or (previous_keep is not None and keep > previous_keep):
-                raise ValueError(f"the pruning stage at layer {layer} keeps {keep} image tokens per image, but only "
-                                 f"{previous_keep} are visible before it (stages: {list(stages)})")
-            previous_layer, previous_keep = layer, keep
+        for stage in stages:
+            if not previous_layer < stage.layer < num_layers:
+                raise ValueError(f"{stage.method}'s stage at layer {stage.layer} must come after layer {previous_layer} and "
+                                 f"before the last of {num_layers} decoder layers (stages at "
+                                 f"{[other.layer for other in stages]})")
+            if stage.keep < 0 or (previous_keep is not None and stage.keep > previous_keep):
+                raise ValueError(f"{stage.method}'s stage at layer {stage.layer} keeps {stage.keep} image tokens per image, "
+                                 f"but only {previous_keep} are visible before it")
+            if stage.positions not in STAGE_POSITIONS:
+                raise ValueError(f"{stage.method}'s stage positions must be one of {', '.join(STAGE_POSITIONS)}; got "
+                                 f"{stage.positions!r}")
+            previous_layer, previous_keep = stage.layer, stage.keep
 
     @property
     def kept_columns(self) -> torch.Tensor | None:
@@ -232,17 +189,18 @@ class LanguageModelRun:
         seen = []
         previous_length = self.prompt_length  # prompt columns in the previous segment's sequence
         for number, segment in enumerate(self.segments):
+            repack = segment.stage is not None and segment.stage.positions == "repacked"
             if number and (prompt_pass or self.cache is None):  # the whole sequence is here: keep the segment's columns
                 generated = torch.arange(previous_length, hidden.shape[1], device=hidden.device)
                 index = torch.cat([segment.gather, generated.expand(hidden.shape[0], -1)], dim=1)  # (B, S + t)
                 gathered = hidden[rows, index]
-                if segment.merge is not None:
-                    gathered = self._merged(hidden, gathered, segment.merge)
+                if segment.rebuild is not None:
+                    gathered = self._rebuilt(hidden, gathered, self.segments[number - 1], segment)
                 hidden, positions = gathered, positions[rows, index]
-                if self.repack:
+                if repack:
                     shift = torch.cat([segment.shift, segment.dropped.expand(-1, index.shape[1] - segment.shift.shape[1])], dim=1)
                     positions = positions - shift
-            elif number and self.repack:  # generated tokens only, through the cache
+            elif number and repack:  # generated tokens only, through the cache
                 positions = positions - segment.dropped
             if number:
                 previous_length = segment.gather.shape[1]
@@ -277,26 +235,28 @@ class LanguageModelRun:
 
     def _choose_next_segment(self, number: int, layer, layer_input: torch.Tensor, layer_output: torch.Tensor,
                              position_embeddings) -> None:
-        """A pruning stage after `layer` (the last layer before the stage; its input and output (B, S, D)): keep
-        `keep` image tokens per image among those still visible, by the run's rule; fill the next segment's
-        columns and mask."""
+        """The stage after `layer` (the last layer before it; its input and output (B, S, D)): its choice among the
+        image tokens still visible, through its `choose`; fill the next segment's columns and mask."""
         previous, segment = self.segments[number - 1], self.segments[number]
         image_rows = self.prompt.image_rows
         visible = previous.mask.bool()  # (B, S), the prompt pass: no generated token yet
-        if self.prune_rule == "dart":
-            index = self._dart_choice(previous, layer, layer_input, layer_output, position_embeddings, segment.keep)
-        elif self.prune_rule == "visiondrop":
-            index = self._visiondrop_choice(number, layer_output, position_embeddings, visible)
-        else:
-            attention = last_token_attention(layer, layer_input, position_embeddings, visible)  # (B, H, S)
-            scores = fastv_scores(attention, previous.image_columns, image_rows, previous.image_visible)  # (I, M)
-            index = select_top_k(scores, segment.keep)
-        chosen = previous.image_columns.gather(1, index)  # (I, K) columns, ascending
+        view = LayerView(
+            layer=layer, next_layer=self.language_model.layers[segment.start], layer_input=layer_input,
+            layer_output=layer_output, position_embeddings=position_embeddings, visible=visible,
+            is_image=self._image_columns_map(previous, layer_output.shape[1]), image_rows=image_rows,
+            image_columns=previous.image_columns, image_visible=previous.image_visible, keep=segment.stage.keep,
+            final_norm=self.final_norm,
+        )
+        choice = segment.stage.choose(view)
+        if tuple(choice.kept.shape) != (previous.image_columns.shape[0], segment.stage.keep):
+            raise ValueError(f"{segment.stage.method}'s stage at layer {segment.start} returned {tuple(choice.kept.shape)} "
+                             f"kept tokens; expected {(previous.image_columns.shape[0], segment.stage.keep)} (images, keep)")
+        chosen = previous.image_columns.gather(1, choice.kept)  # (I, K) columns, ascending
         keep = visible.clone()
         keep[image_rows[:, None].expand_as(previous.image_columns), previous.image_columns] = False
         keep[image_rows[:, None].expand_as(chosen), chosen] = True
         segment.gather, mask, target = left_pack(keep)
-        if self.repack:
+        if segment.stage.positions == "repacked":
             dropped = visible & ~keep  # (B, S): what this stage removed (masked and padding columns were not there)
             segment.shift = dropped.long().cumsum(dim=1).gather(1, segment.gather)  # (B, S')
             segment.dropped = dropped.long().sum(dim=1, keepdim=True)  # (B, 1)
@@ -305,56 +265,16 @@ class LanguageModelRun:
         segment.columns = base.gather(1, segment.gather)
         segment.image_columns = target[image_rows[:, None].expand_as(chosen), chosen]  # (I, K) in the new sequence
         segment.image_visible = torch.ones_like(segment.image_columns, dtype=torch.bool)
-        if segment.merge is not None:
-            target_columns = segment.merge.rest_columns[:, segment.merge.targets]  # (I, C) in the previous sequence
-            segment.merge.target_columns = target[image_rows[:, None].expand_as(target_columns), target_columns]
+        segment.rebuild = choice.rebuild
 
-    def _visiondrop_choice(self, number: int, layer_output: torch.Tensor, position_embeddings, visible: torch.Tensor) -> torch.Tensor:
-        """VisionDrop's kept tokens (I, K), indices into the previous segment's image columns: the dominant ones by the
-        attention they receive from the image's tokens in the next layer, and the targets of the contextual merge
-        (the plan goes into the segment, to be applied wherever the whole sequence passes)."""
-        previous, segment = self.segments[number - 1], self.segments[number]
-        contextual = self.merge_counts[number - 1]
-        image_rows, columns = self.prompt.image_rows, previous.image_columns  # (I,), (I, M)
-        if not columns.numel():
-            return columns[:, : segment.keep]
-        next_layer = self.language_model.layers[segment.start]
-        weights, keys = attention_from_queries(next_layer, layer_output, position_embeddings, image_rows, columns, visible)
-        heads, tokens = weights.shape[1], columns.shape[1]
-        on_images = weights.gather(3, columns[:, None, None, :].expand(-1, heads, tokens, -1))  # (I, H, M, M)
-        dominant = select_top_k(received_attention(on_images, previous.image_visible), segment.keep - contextual)  # (I, d)
-        rest_flags = previous.image_visible.clone()
-        rest_flags.scatter_(1, dominant, False)
-        rest = rest_flags.nonzero()[:, 1].reshape(columns.shape[0], -1)  # (I, R) ascending
-        metric = keys.float().mean(dim=1)  # (I, L, d): the keys after the rotary embedding, averaged over heads
-        metric = metric.gather(1, columns.gather(1, rest)[..., None].expand(-1, -1, metric.shape[-1]))  # (I, R, d)
-        targets, assignment = contextual_plan(metric, contextual)
-        segment.merge = _Merge(rest_columns=columns.gather(1, rest), targets=targets, assignment=assignment)
-        return torch.sort(torch.cat([dominant, rest[:, targets]], dim=1), dim=1).values
-
-    def _merged(self, previous_hidden: torch.Tensor, hidden: torch.Tensor, merge: _Merge) -> torch.Tensor:
-        """`hidden` (B, S, D), the new segment's gathered sequence, with each target replaced by its contextual token
-        built from `previous_hidden` (B, S_prev, D)."""
+    def _rebuilt(self, previous_hidden: torch.Tensor, hidden: torch.Tensor, previous: _Segment, segment: _Segment) -> torch.Tensor:
+        """`hidden` (B, S, D), the new segment's gathered sequence, with its image slots replaced by the stage's content
+        built from the previous segment's image tokens in `previous_hidden` (B, S_prev, D)."""
         image_rows = self.prompt.image_rows[:, None]
-        contextual = merge_into_targets(previous_hidden[image_rows, merge.rest_columns], merge.targets, merge.assignment)
+        content = segment.rebuild(previous_hidden[image_rows, previous.image_columns])  # (I, K, D)
         hidden = hidden.clone()
-        hidden[image_rows, merge.target_columns] = contextual.to(hidden.dtype)
+        hidden[image_rows, segment.image_columns] = content.to(hidden.dtype)
         return hidden
-
-    def _dart_choice(self, previous: _Segment, layer, layer_input, layer_output, position_embeddings, keep: int) -> torch.Tensor:
-        """DART's kept tokens (I, K), indices into `previous.image_columns`: pivots by the L1 norm of `layer`'s keys,
-        similarity of `layer`'s output through the final norm; text = the visible non-image columns after each image."""
-        image_rows, columns = self.prompt.image_rows, previous.image_columns  # (I,), (I, M)
-        key_norms = layer_key_norms(layer, layer_input, position_embeddings)  # (B, S)
-        normed = self.final_norm(layer_output)  # (B, S, D)
-        length = normed.shape[1]
-        is_image = self._image_columns_map(previous, length)  # (B, S)
-        after = torch.arange(length, device=normed.device)[None, :] > columns.amax(dim=1, keepdim=True)  # (I, S)
-        text_mask = after & previous.mask[image_rows, :length].bool() & ~is_image[image_rows]  # (I, S)
-        return dart_choice(
-            normed[image_rows[:, None], columns], key_norms[image_rows[:, None], columns], previous.image_visible,
-            normed[image_rows], key_norms[image_rows], text_mask, keep, self.dart_pivots,
-        )
 
 
 def _image_columns_in(is_image: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -381,25 +301,16 @@ def generate(
     pad_token_id: int,
     use_cache: bool = True,
     stopped: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    fastv_layer: int | None = None,
-    fastv_keep: int = 0,
-    prune_stages: tuple[tuple[int, int], ...] = (),
-    prune_rule: str = "attention",
-    dart_pivots: int = DEFAULT_PIVOTS,
-    merge_counts: tuple[int, ...] = (),
-    stage_positions: str = "original",
+    stages: tuple[LayerStage, ...] = (),
 ) -> Generation:
-    """Generate after a reduced prompt, optionally with FastV pruning at `fastv_layer` or several pruning stages
-    (`prune_stages`, `prune_rule`, `dart_pivots`, `merge_counts`, `stage_positions`: see `LanguageModelRun`): the new token ids and the image tokens
-    each decoder layer saw.
+    """Generate after a reduced prompt, with the plan's in-LLM `stages` (see `LanguageModelRun`): the new token ids
+    and the image tokens each decoder layer saw.
 
     With `use_cache` the prompt is encoded once and each step feeds one token at position
     (last position + 1); without it the whole sequence is recomputed every step (same result, slower).
     `stopped(generated (B, t)) -> (B,) bool` marks rows that hit a stop string.
     """
-    run = LanguageModelRun(model, prompt, fastv_layer=fastv_layer, fastv_keep=fastv_keep, use_cache=use_cache,
-                           prune_stages=prune_stages, prune_rule=prune_rule, dart_pivots=dart_pivots, merge_counts=merge_counts,
-                           stage_positions=stage_positions)
+    run = LanguageModelRun(model, prompt, stages=stages, use_cache=use_cache)
     device = prompt.inputs_embeds.device
     batch_size = prompt.inputs_embeds.shape[0]
     generator = torch.Generator(device=device).manual_seed(options.seed) if options.do_sample else None
@@ -421,16 +332,14 @@ def generate(
 
 @torch.inference_mode()
 def continuation_logprobs(
-    model, prompt: ReducedPrompt, continuation: torch.Tensor, fastv_layer: int | None = None, fastv_keep: int = 0,
-    prune_stages: tuple[tuple[int, int], ...] = (), prune_rule: str = "attention", dart_pivots: int = DEFAULT_PIVOTS,
-    merge_counts: tuple[int, ...] = (), stage_positions: str = "original",
+    model, prompt: ReducedPrompt, continuation: torch.Tensor, stages: tuple[LayerStage, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of `continuation` (B, C) token by token after a reduced prompt (teacher forcing).
+    """Log-probabilities of `continuation` (B, C) token by token after a reduced prompt (teacher forcing), with the
+    plan's in-LLM `stages`.
 
     Returns (B, C) float32 log-probabilities and (B, C) bool: whether each token was the greedy choice.
     """
-    run = LanguageModelRun(model, prompt, fastv_layer=fastv_layer, fastv_keep=fastv_keep, use_cache=True, prune_stages=prune_stages,
-                           prune_rule=prune_rule, dart_pivots=dart_pivots, merge_counts=merge_counts, stage_positions=stage_positions)
+    run = LanguageModelRun(model, prompt, stages=stages, use_cache=True)
     first = run.prefill()[:, None]  # (B, 1, V)
     logits = first if continuation.shape[1] == 1 else torch.cat([first, run.feed(continuation[:, :-1])], dim=1)
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, C, V)

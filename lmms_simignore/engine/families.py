@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lmms_simignore.methods.base import CLS_ATTENTION
+
 
 @dataclass(frozen=True)
 class DecoderFamily:
@@ -57,3 +59,21 @@ def check_model_support(config) -> DecoderFamily:
 def final_norm(language_model):
     """The norm applied after a language model's last decoder layer (`model.norm`, Phi's `final_layernorm`)."""
     return getattr(language_model, decoder_family(language_model.config).final_norm)
+
+
+def check_plan_support(config, plan) -> None:
+    """Refuse, naming the method, a plan whose methods need what this model cannot give (a CLS token's attention)."""
+    needing = plan.needing(CLS_ATTENTION)
+    if not needing:
+        return
+    names = ", ".join(needing)
+    tower = config.vision_config.model_type
+    if tower != "clip_vision_model":
+        raise ValueError(f"{names} ranks patches by the CLS token's attention; the vision tower {tower!r} has no CLS "
+                         f"token (supported: clip_vision_model)")
+    if not isinstance(config.vision_feature_layer, int):
+        raise ValueError(f"{names} needs one vision feature layer; this checkpoint concatenates layers "
+                         f"{config.vision_feature_layer}")
+    if config.vision_feature_layer % (config.vision_config.num_hidden_layers + 1) == 0:
+        raise ValueError(f"{names} needs the attention of the feature layer; vision_feature_layer selects the patch "
+                         f"embeddings, which have none")

@@ -1,5 +1,6 @@
 """A processed batch as the LLM sees it: image features placed at the image tokens found from the ids, and the
-prompt after a choice of image tokens (masked, or dropped with the original or contiguous positions)."""
+prompt after a choice of image tokens (masked, or dropped with their original positions) or with shorter images
+(at contiguous positions)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ class PromptEmbeddings:
     position_ids:   (B, L) RoPE positions (cumulative count of real tokens, as transformers' generate)
     image_positions:(I, N) column of each image token, images in row-major order of the batch
     image_rows:     (I,) batch row of each image
-    image_features: (I, K, D) projector outputs of each image (K = N, or fewer after a vision-side stage)
+    image_features: (I, N, D) projector outputs of each image (or a shorter image's tokens after a vision-side stage)
+    image_tokens:   (B,) image tokens of each row before any reduction (what the token accounting reports)
     """
 
     inputs_embeds: torch.Tensor
@@ -26,6 +28,7 @@ class PromptEmbeddings:
     image_positions: torch.Tensor
     image_rows: torch.Tensor
     image_features: torch.Tensor
+    image_tokens: torch.Tensor
 
     @property
     def tokens_per_image(self) -> int:
@@ -66,6 +69,14 @@ def image_tokens_per_image(config) -> int:
     return patches + int(has_cls) - int(config.vision_feature_select_strategy == "default")
 
 
+def image_grid(config) -> tuple[int, int] | None:
+    """(rows, cols) of the grid one image's tokens form, row-major (24 x 24 for LLaVA-1.5, 27 x 27 for SigLIP so400m
+    under "full"); None where they form none (a CLS token kept, or a SigLIP patch dropped by "default")."""
+    tokens = image_tokens_per_image(config)
+    side = int(round(tokens ** 0.5))
+    return (side, side) if side * side == tokens else None
+
+
 def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, L) positions counting only real tokens; 0 on left padding (transformers' generate convention)."""
     position_ids = attention_mask.long().cumsum(-1) - 1
@@ -73,42 +84,38 @@ def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def build_prompt_embeddings(model, input_ids, attention_mask, pixel_values=None, image_features=None) -> PromptEmbeddings:
+def build_prompt_embeddings(model, input_ids, attention_mask, pixel_values=None, image_features=None,
+                            image_tokens=None) -> PromptEmbeddings:
     """Embed a processed batch; image features replace the image tokens found from `input_ids`.
 
     input_ids, attention_mask: (B, L); pixel_values: (I, 3, H, W) or None.
-    image_features: (I, K, D), K <= N, to place instead of the projector outputs (a vision-side stage's image):
-    they fill the first K of each image's N image tokens; the other N - K hold zeros until `reduce_prompt`
-    drops them.
+    image_features: (I, N, D) to place instead of the projector outputs (a shorter image's tokens, with `input_ids`
+    already holding N image tokens per image: `shorten_images`); image_tokens: (B,) the rows' image tokens before that
+    shortening (default: those in `input_ids`).
     """
     config = model.config
     inputs_embeds = model.get_input_embeddings()(input_ids)  # (B, L, D)
     is_image = input_ids == config.image_token_id  # (B, L)
-    placed = image_features is not None
-    if placed:
+    if image_features is not None:
         image_features = image_features.to(inputs_embeds.dtype)
     elif pixel_values is not None and pixel_values.shape[0]:
         features = model.model.get_image_features(pixel_values=pixel_values.to(inputs_embeds.dtype), return_dict=True)
         image_features = torch.stack(list(features.pooler_output)).to(inputs_embeds.dtype)  # (I, N, D)
     else:
         image_features = inputs_embeds.new_zeros(0, image_tokens_per_image(config), inputs_embeds.shape[-1])
-    num_images, features_per_image = image_features.shape[:2]
+    num_images, tokens_per_image = image_features.shape[:2]
     per_row = is_image.sum(dim=1)  # (B,)
-    tokens_per_image = int(per_row.sum()) // num_images if placed and num_images else features_per_image
-    if int(per_row.sum()) != num_images * tokens_per_image or (per_row % tokens_per_image).any() \
-            or features_per_image > tokens_per_image:
+    if int(per_row.sum()) != num_images * tokens_per_image or (tokens_per_image and (per_row % tokens_per_image).any()):
         raise ValueError(
             f"input_ids hold {per_row.tolist()} image tokens per row but pixel_values give {num_images} image(s) "
-            f"of {features_per_image} tokens; each image needs one block of {tokens_per_image} image tokens"
+            f"of {tokens_per_image} tokens; each image needs one block of {tokens_per_image} image tokens"
         )
     coordinates = is_image.nonzero()  # (I*N, 2), row-major
     image_positions = coordinates[:, 1].reshape(num_images, tokens_per_image)  # (I, N)
-    image_rows = coordinates[::tokens_per_image, 0]  # (I,)
+    image_rows = coordinates[::tokens_per_image, 0] if tokens_per_image else coordinates[:0, 0]  # (I,)
     if num_images:
         inputs_embeds = inputs_embeds.clone()
-        if features_per_image < tokens_per_image:
-            inputs_embeds[image_rows[:, None], image_positions] = 0.0
-        inputs_embeds[image_rows[:, None], image_positions[:, :features_per_image]] = image_features
+        inputs_embeds[image_rows[:, None], image_positions] = image_features
     return PromptEmbeddings(
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
@@ -116,6 +123,31 @@ def build_prompt_embeddings(model, input_ids, attention_mask, pixel_values=None,
         image_positions=image_positions,
         image_rows=image_rows,
         image_features=image_features,
+        image_tokens=per_row if image_tokens is None else image_tokens,
+    )
+
+
+def with_shorter_images(prompt: PromptEmbeddings, features: torch.Tensor) -> PromptEmbeddings:
+    """The prompt with each image's N tokens replaced by its K `features` (I, K, D), K <= N: they take the first K of
+    the image's slots, the other N - K leave the sequence (rows left-packed again), and positions are counted anew, so
+    the shorter image sits where the image was, at contiguous positions (a vision-side stage's or a pooled image)."""
+    num_images, width = features.shape[:2]
+    keep = prompt.attention_mask.bool().clone()  # (B, L)
+    rows = prompt.image_rows[:, None]  # (I, 1)
+    keep[rows.expand(-1, prompt.tokens_per_image - width), prompt.image_positions[:, width:]] = False
+    embeds = prompt.inputs_embeds.clone()
+    if num_images:
+        embeds[rows, prompt.image_positions[:, :width]] = features.to(embeds.dtype)
+    source, mask, target = left_pack(keep)  # (B, L'), (B, L'), (B, L)
+    batch_rows = torch.arange(keep.shape[0], device=keep.device)[:, None]
+    return PromptEmbeddings(
+        inputs_embeds=embeds[batch_rows, source] * mask[..., None].to(embeds.dtype),
+        attention_mask=mask.to(prompt.attention_mask.dtype),
+        position_ids=default_position_ids(mask),
+        image_positions=target[rows, prompt.image_positions[:, :width]],
+        image_rows=prompt.image_rows,
+        image_features=features.to(embeds.dtype),
+        image_tokens=prompt.image_tokens,
     )
 
 
@@ -149,19 +181,16 @@ def left_pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return source, mask, target
 
 
-def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str, positions: str = "original") -> ReducedPrompt:
+def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str) -> ReducedPrompt:
     """Hide the image tokens not in `kept` (I, K indices, or (I, N) bool flags: with "mask", any number per image):
     by masking them or by dropping them.
 
-    With `positions="original"` every remaining token keeps its original position id, so both modes compute
-    the same function; "drop" also shrinks the sequence to (B, L') with L' = the longest remaining row.
-    `positions="contiguous"` (drop only) renumbers the remaining tokens 0, 1, 2, ... as if the dropped ones
-    had never been in the prompt (a vision-side stage's shorter image).
+    Every remaining token keeps its original position id, so both modes compute the same function; "drop" also
+    shrinks the sequence to (B, L') with L' = the longest remaining row. (A shorter image at contiguous positions
+    is `with_shorter_images`.)
     """
     if apply not in ("mask", "drop"):
         raise ValueError(f"apply must be 'mask' or 'drop', got {apply!r}")
-    if positions not in ("original", "contiguous") or (positions == "contiguous" and apply != "drop"):
-        raise ValueError(f"positions must be 'original', or 'contiguous' with apply='drop'; got {positions!r} with {apply!r}")
     batch_size = prompt.attention_mask.shape[0]
     device = prompt.attention_mask.device
     visible = prompt.attention_mask.bool().clone()  # (B, L)
@@ -185,8 +214,7 @@ def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str, posi
     if num_images:
         rows = prompt.image_rows[:, None].expand(-1, tokens_per_image)  # (I, N)
         visible[rows[~kept_flags], prompt.image_positions[~kept_flags]] = False
-    images_per_row = torch.bincount(prompt.image_rows, minlength=batch_size)  # (B,)
-    image_tokens = images_per_row * tokens_per_image  # (B,)
+    image_tokens = prompt.image_tokens  # (B,)
     visible_image_tokens = torch.zeros(batch_size, dtype=torch.long, device=device).index_add_(0, prompt.image_rows, kept_flags.sum(dim=1))  # (B,)
 
     if apply == "mask":
@@ -206,7 +234,7 @@ def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str, posi
     return ReducedPrompt(
         inputs_embeds=prompt.inputs_embeds[rows, source] * mask[..., None].to(prompt.inputs_embeds.dtype),
         attention_mask=mask.to(prompt.attention_mask.dtype),
-        position_ids=prompt.position_ids[rows, source] * mask if positions == "original" else default_position_ids(mask),
+        position_ids=prompt.position_ids[rows, source] * mask,
         image_tokens=image_tokens,
         visible_image_tokens=visible_image_tokens,
         image_rows=prompt.image_rows,

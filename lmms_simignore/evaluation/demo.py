@@ -14,6 +14,8 @@ from pathlib import Path
 from lmms_simignore.engine.accounting import layer_runs
 from lmms_simignore.evaluation.sweep import SweepConfig, SweepRow, run_sweep
 from lmms_simignore.markdown import table
+from lmms_simignore.methods.base import IN_LLM
+from lmms_simignore.methods.registry import METHODS
 from lmms_simignore.testbed.shapes import HELD_OUT_SEED, MAX_OBJECTS, QUESTION_TYPES
 
 MODEL = "shipped:shapes-llava"
@@ -110,25 +112,43 @@ def per_count_table(summaries: list[dict], task: str = TASK) -> str:
     return table(header, body, align="l" + "r" * len(counts))
 
 
-CURVE_METHODS = ("simignore", "random", "visionzip", "visiondrop", "fastv", "dart")
-IN_LLM_METHODS = ("fastv", "dart")  # all image tokens before FASTV_LAYER, the budget from it on
+def _curve_rows(summaries: list[dict]) -> list[tuple[str, int, dict]]:
+    """(method, retained image tokens, summary) of every row named `method_keep` after a registered method."""
+    found = []
+    for summary in summaries:
+        method, _, keep = summary["name"].rpartition("_")
+        if method in METHODS and keep.isdigit():
+            found.append((method, int(keep), summary))
+    return found
+
+
+def curve_budgets(summaries: list[dict]) -> list[int]:
+    """The budgets some method's row is named after, largest first."""
+    return sorted({keep for _, keep, _ in _curve_rows(summaries)}, reverse=True)
 
 
 def curve(summaries: list[dict], task: str = TASK) -> dict[str, list[tuple[int, float]]]:
     """Accuracy per method at each budget, [(retained image tokens, exact_match)], from rows named `method_keep`."""
-    accuracy = {s["name"]: s["all_metrics"][task]["exact_match"] for s in summaries}
-    return {method: [(keep, accuracy[f"{method}_{keep}"]) for keep in sorted(BUDGETS) if f"{method}_{keep}" in accuracy]
-            for method in CURVE_METHODS}
+    points: dict[str, list[tuple[int, float]]] = {}
+    for method, keep, summary in _curve_rows(summaries):
+        points.setdefault(method, []).append((keep, summary["all_metrics"][task]["exact_match"]))
+    return {method: sorted(values) for method, values in points.items()}
+
+
+def kept_from_a_layer(method: str) -> bool:
+    """Whether the method's budget holds from a decoder layer on (all image tokens before it): it acts inside the LLM only."""
+    return METHODS[method].places == (IN_LLM,)
 
 
 def curve_table(summaries: list[dict], task: str = TASK) -> str:
-    """Markdown: overall accuracy of each method at 50%, 25% and 12.5% of the image tokens, and `none`."""
+    """Markdown: overall accuracy of each method at each budget of the rows (share of the image tokens), and `none`."""
     none = next(s for s in summaries if s["name"] == "none")["all_metrics"][task]["exact_match"]
-    header = ["method", *(f"{keep} of {IMAGE_TOKENS} ({keep / IMAGE_TOKENS:.1%})" for keep in BUDGETS)]
-    body = [[method, *(f"{dict(points)[keep]:.3f}" if keep in dict(points) else "-" for keep in BUDGETS)]
+    budgets = curve_budgets(summaries)
+    header = ["method", *(f"{keep} of {IMAGE_TOKENS} ({keep / IMAGE_TOKENS:.1%})" for keep in budgets)]
+    body = [[method, *(f"{dict(points)[keep]:.3f}" if keep in dict(points) else "-" for keep in budgets)]
             for method, points in curve(summaries, task).items()]
-    body.append([f"none (all {IMAGE_TOKENS})", *(f"{none:.3f}" for _ in BUDGETS)])
-    return table(header, body, align="l" + "r" * len(BUDGETS))
+    body.append([f"none (all {IMAGE_TOKENS})", *(f"{none:.3f}" for _ in budgets)])
+    return table(header, body, align="l" + "r" * len(budgets))
 
 
 def plot_curve(summaries: list[dict], path: Path, task: str = TASK) -> None:
@@ -143,14 +163,15 @@ def plot_curve(summaries: list[dict], path: Path, task: str = TASK) -> None:
     figure, axis = plt.subplots(figsize=(6, 4), constrained_layout=True)
     for method, points in curve(summaries, task).items():
         if points:
-            label = f"{method} (from layer {FASTV_LAYER}; all {IMAGE_TOKENS} before)" if method in IN_LLM_METHODS else method
+            label = f"{method} (from layer {FASTV_LAYER}; all {IMAGE_TOKENS} before)" if kept_from_a_layer(method) else method
             axis.plot([100 * keep / IMAGE_TOKENS for keep, _ in points], [value for _, value in points], marker="o", label=label)
     none = next(s for s in summaries if s["name"] == "none")["all_metrics"][task]["exact_match"]
     axis.axhline(none, linestyle="--", color="grey", linewidth=1, label=f"none (all {IMAGE_TOKENS} tokens)")
     chance = sum(1 / len(options) for options in OPTIONS.values()) / len(OPTIONS)
     axis.axhline(chance, linestyle=":", color="black", linewidth=1, label="chance")
     axis.set_xscale("log", base=2)
-    axis.set_xticks([100 * keep / IMAGE_TOKENS for keep in BUDGETS], [f"{100 * keep / IMAGE_TOKENS:g}%" for keep in BUDGETS])
+    budgets = curve_budgets(summaries)
+    axis.set_xticks([100 * keep / IMAGE_TOKENS for keep in budgets], [f"{100 * keep / IMAGE_TOKENS:g}%" for keep in budgets])
     axis.set_xlabel(f"image tokens kept (of {IMAGE_TOKENS})")
     axis.set_ylabel("accuracy (held-out shapes questions)")
     axis.set_ylim(0, 1.02)

@@ -63,10 +63,10 @@ def measure_flow(model, reduced: engine.ReducedPrompt, image_start: torch.Tensor
     return Flow(torch.stack(grids, dim=1), torch.stack(shares, dim=1))
 
 
-def _check_settings(settings: ReductionSettings) -> None:
-    if settings.vision is not None or settings.positions_after_stages != "original":
+def _check_plan(settings: ReductionSettings, plan) -> None:
+    if plan.changes_positions:
         raise ValueError(f"--reduction: infoflow places each token on the image grid by its position; reduction="
-                         f"{settings.reduction} merges tokens or moves positions (a vision-side stage, or stage_positions="
+                         f"{settings.reduction} merges tokens or moves positions (a shorter image, or stage_positions="
                          f"repacked); use a reduction that keeps them (simignore, random, fastv, dart, or pdrop with "
                          f"stage_positions=original)")
 
@@ -78,10 +78,9 @@ def flows(model, processor, records: list[dict], settings: ReductionSettings, ba
     from lmms_simignore.models.llava_simignore import options_text
 
     prompts = prompts or shapes_prompts(processor)
-    _check_settings(settings)
     tokens = engine.image_tokens_per_image(model.config)
-    stages = {"prune_stages": settings.in_llm_stages(tokens, model.config.text_config.num_hidden_layers),
-              **settings.in_llm_options()}
+    plan = engine.plan_for(model.config, settings)
+    _check_plan(settings, plan)
     grids, shares = [], []
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
@@ -92,9 +91,9 @@ def flows(model, processor, records: list[dict], settings: ReductionSettings, ba
                              f"{is_image.sum(dim=1).tolist()}")
         positions = engine.default_position_ids(inputs["attention_mask"])
         image_start = positions.masked_fill(~is_image, 10**9).amin(dim=1)
-        texts = [options_text(record["choices"], settings.text) for record in batch]
-        reduced = engine.prepare_reduced_prompt(model, processor.tokenizer, settings, inputs, texts, list(range(start, start + len(batch))))
-        flow = measure_flow(model, reduced, image_start, tokens, **stages)
+        texts = [options_text(record["choices"], settings.text_style) for record in batch]
+        reduced = engine.prepare_reduced_prompt(model, processor.tokenizer, plan, inputs, texts, list(range(start, start + len(batch))))
+        flow = measure_flow(model, reduced, image_start, tokens, stages=plan.layers)
         grids.append(flow.grid.float().cpu())
         shares.append(flow.image_share.float().cpu())
     return Flow(torch.cat(grids), torch.cat(shares))
@@ -168,8 +167,9 @@ def run_infoflow(out_dir: str | Path, pretrained: str = "shipped:shapes-llava", 
     settings = {"none": ReductionSettings()}
     if reduction:
         settings["reduced"] = ReductionSettings(**simple_parse_args_string(reduction))
-        _check_settings(settings["reduced"])
     model, processor = load_llava(pretrained)
+    if reduction:  # refused before any compute
+        _check_plan(settings["reduced"], engine.plan_for(model.config, settings["reduced"]))
     records, prompts, source = question_samples(processor, num_questions, seed=seed, data=data)
     flows_by_name = {name: flows(model, processor, records, value, prompts=prompts) for name, value in settings.items()}
     report = {"model": pretrained, "questions": source, "samples": len(records), "image_tokens": engine.image_tokens_per_image(model.config),

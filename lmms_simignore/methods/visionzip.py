@@ -14,9 +14,14 @@ places the result in the prompt.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
+from lmms_simignore.methods.arguments import argument, check_count, check_int
+from lmms_simignore.methods.base import CLS_ATTENTION, VISION, Budget, Method, PipelineContext, StageRequest, VisionStage
 from lmms_simignore.methods.selection import select_top_k
 
 # VisionZip's LLaVA-1.5 budgets (dominant, contextual): 192 -> (162, 30), 128 -> (108, 20), 64 -> (54, 10),
@@ -102,3 +107,73 @@ def visionzip_tokens(
                               keys.gather(1, gather.expand(-1, -1, keys.shape[-1])), contextual)  # (I, C, D)
     dominant_hidden = hidden.gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1]))  # (I, dominant, D)
     return torch.cat([dominant_hidden, merged], dim=1)
+
+
+# -- declaration -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VisionZipArguments:
+    dominant: int | None = argument(None, "VisionZip's budget per image instead of `keep`: the dominant tokens, the CLS "
+                                    "token included (its LLaVA-1.5 settings: 54 / 108 / 162)")
+    contextual: int | None = argument(None, "with `dominant`: the merged contextual tokens (its settings: 10 / 20 / 30)")
+
+    def __post_init__(self) -> None:
+        if self.dominant is not None:
+            check_int("dominant", self.dominant, 1)
+        check_count("contextual", self.contextual)
+
+
+def check_budget(method: str, args: VisionZipArguments, context: PipelineContext) -> None:
+    """keep=N (split as VisionZip's 54 + 10 of 64) or dominant= and contextual=, never ignore."""
+    given = {name: getattr(args, name) for name in ("dominant", "contextual") if getattr(args, name) is not None}
+    budget = context.budget or Budget()
+    if budget.ignore is not None or budget.adaptive:
+        raise ValueError(f"reduction={'+'.join(context.pipeline)}: {method} is budgeted by keep=N (or dominant= and "
+                         f"contextual=), not {budget.describe()}")
+    if len(given) == 1 or (not given and budget.keep is None):
+        raise ValueError(f"{method} needs either keep=N or both dominant= and contextual=; got keep={budget.keep}, "
+                         f"dominant={args.dominant}, contextual={args.contextual}")
+
+
+def vision_budget(args: VisionZipArguments, request: StageRequest) -> tuple[int, int]:
+    """(dominant, contextual) tokens per image; together at most the model's image tokens."""
+    if args.dominant is not None:
+        dominant, contextual = args.dominant, args.contextual
+    else:
+        dominant, contextual = split_budget(request.budget.count(request.image_tokens))
+    if dominant + contextual > request.image_tokens:
+        raise ValueError(f"visionzip keeps dominant={dominant} + contextual={contextual} tokens per image, more than the "
+                         f"model's {request.image_tokens} image tokens")
+    return dominant, contextual
+
+
+def shorten_in_tower(dominant: int, contextual: int, view) -> torch.Tensor:
+    """(I, dominant + contextual, D) tower tokens of each image; view: `engine.views.TowerView`."""
+    cls_attention, keys = view.feature_attention()  # (I, H, T), (I, H, T, d)
+    return visionzip_tokens(view.feature_states, cls_attention.sum(dim=1), keys.mean(dim=1), dominant, contextual)
+
+
+def _plan(args: VisionZipArguments, request: StageRequest) -> tuple[VisionStage]:
+    dominant, contextual = vision_budget(args, request)
+    return (VisionStage("visionzip", dominant + contextual, partial(shorten_in_tower, dominant, contextual)),)
+
+
+METHOD = Method(
+    name="visionzip",
+    title="VisionZip (Yang et al., CVPR 2025)",
+    summary="in the vision tower, before the projector. In the feature layer (−2) the CLS token and the patches it "
+            "attends to most (attention summed over heads) are *dominant*; the other patches are merged into "
+            "*contextual* tokens (every (rest ÷ contextual)-th is a target, each other joins the target whose "
+            "head-averaged key is most cosine-similar; a contextual token = target + mean of those that joined). The "
+            "image becomes dominant (in order) + contextual tokens, a shorter image at contiguous positions, as "
+            "VisionZip's LLaVA code feeds it",
+    places=(VISION,),
+    arguments=VisionZipArguments,
+    budget="`keep` per image (split as VisionZip's 64 = 54 + 10, i.e. 5/32 contextual) or `dominant` + `contextual` "
+           "(the CLS token counts as dominant)",
+    positions="contiguous",
+    needs=(CLS_ATTENTION, "keys of the tower's feature layer"),
+    refuses="towers without a CLS token (SigLIP)",
+    check=lambda args, context: check_budget("visionzip", args, context),
+    plan=_plan,
+    own_budget=("dominant", "contextual"),
+)

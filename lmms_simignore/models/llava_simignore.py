@@ -22,9 +22,9 @@ from lmms_simignore import engine
 from lmms_simignore.engine.accounting import TokenAccounting, layer_runs
 from lmms_simignore.methods import sample_seed
 from lmms_simignore.models.mipha import attach_head_bias, converted_folder, hub_mipha_snapshot, is_mipha_folder
-from lmms_simignore.models.presets import resolve_model_args
+from lmms_simignore.models.presets import PRESETS, resolve_model_args
 from lmms_simignore.models.quantization import nf4_quantization_config
-from lmms_simignore.settings import ReductionSettings
+from lmms_simignore.settings import REDUCTION_ARGUMENTS, Plan, ReductionSettings, unknown_argument_message
 from lmms_simignore.shipped import resolve_pretrained
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -47,6 +47,28 @@ KNOWN_GEN_KWARGS = {"until", "max_new_tokens", "temperature", "top_p", "num_beam
 # mean colour before it is processed, as LLaVA's and Mipha's own evaluations do; "original" leaves it to the processor
 IMAGE_ASPECT_RATIOS = ("original", "pad")
 QUANTIZATIONS = ("none", "nf4")
+# the model_args of loading and decoding (the reduction's come from the settings and the registry): values, meaning
+LOADER_ARGUMENTS = {
+    "pretrained": (f"`{DEFAULT_PRETRAINED}`", "any `LlavaForConditionalGeneration` checkpoint with a Llama or Phi language "
+                   "model (hub id or folder; safetensors only), a Mipha folder in its released layout (converted once), or "
+                   "`shipped:shapes-llava`"),
+    "revision": ("`main`", "the checkpoint's revision on the hub"),
+    "preset": ("none | " + " | ".join(f"`{name}`" for name in PRESETS), "a named set of model_args (see Paper presets); "
+               "yours override it"),
+    "token_log": ("none", "write per-sample token accounting as JSON lines (`.rankN` appended per process when distributed)"),
+    "batch_size": ("`1`", "left-padded batches; answers equal batch size 1"),
+    "max_batch_size": ("none", "accepted for lmms-eval's command line; batches are `batch_size`"),
+    "device": ("`cuda:LOCAL_RANK` if available, else `cpu`", "where the model runs"),
+    "device_map": ("none", "`device_map=auto` spreads one model over GPUs"),
+    "dtype": (" | ".join(f"`{name}`" for name in DTYPES), "weights dtype"),
+    "quantization": (" | ".join(f"`{name}`" for name in QUANTIZATIONS), "`nf4`: 4-bit weights through bitsandbytes (CUDA "
+                     "only; the vision tower stays unquantized)"),
+    "attn_implementation": ("transformers' default | `eager` | `sdpa` | `flash_attention_2`", "attention kernel (every "
+                            "method reads what it needs from the layers' own parts, so any kernel works)"),
+    "use_cache": ("`true`", "KV cache while decoding (ignored and pruned tokens stay hidden at every step either way)"),
+    "max_new_tokens": ("the task's", "overrides the task's generation length (the paper presets answer with one token)"),
+    "chat_template": ("none", "override the template"),
+}
 
 
 @dataclass
@@ -82,10 +104,8 @@ class LlavaSimignore(lmms):
 
     model_args: pretrained (hub id, local folder, or `shipped:shapes-llava`), revision, device, device_map, dtype, quantization, batch_size,
     attn_implementation, use_cache, chat_template, max_new_tokens, seed, token_log, preset, and the
-    reduction settings (`ReductionSettings`): reduction, keep, ignore, apply, similarity, text, text_bos,
-    order, simignore_start, simignore_step, fastv_layer, fastv_keep, fastv_ratio, pdrop_layers, pdrop_ratio,
-    dominant, contextual (visionzip), dart_layer, dart_pivots, visiondrop_schedule, visiondrop_layers, stage_positions,
-    auto_margin.
+    reduction settings (`ReductionSettings`): reduction, keep, ignore, apply, stage_positions and the arguments of the
+    pipeline's methods (the registry's, `lmms_simignore.methods.registry`).
     """
 
     is_simple = True
@@ -111,42 +131,14 @@ class LlavaSimignore(lmms):
         max_new_tokens: int | None = None,
         seed: int = 0,
         token_log: str | None = None,
-        reduction: str = "none",
-        keep: int | float | str | None = None,
-        ignore: int | None = None,
-        apply: str = "drop",
-        similarity: str = "cosine",
-        text: str = "options",
-        text_bos: bool = False,
-        order: str = "unimportant",
-        simignore_start: int = 0,
-        simignore_step: int = 1,
-        fastv_layer: int = 2,
-        fastv_keep: int | float | None = None,
-        fastv_ratio: float | None = None,
-        pdrop_layers: str | int | None = None,
-        pdrop_ratio: float | None = None,
-        dominant: int | None = None,
-        contextual: int | None = None,
-        dart_layer: int | None = None,
-        dart_pivots: int | None = None,
-        visiondrop_schedule: str | None = None,
-        visiondrop_layers: str | int | None = None,
-        stage_positions: str | None = None,
-        auto_margin: float | None = None,
-        **unknown,
+        **reduction_args,
     ) -> None:
+        unknown = [name for name in reduction_args if name not in REDUCTION_ARGUMENTS]
         if unknown:
-            allowed = [name for name in inspect.signature(LlavaSimignore._setup).parameters if name not in ("self", "unknown")]
-            raise ValueError(f"llava_simignore got unknown model_args {sorted(unknown)}; allowed: preset, {', '.join(allowed)}")
-        settings = ReductionSettings(
-            reduction=reduction, keep=keep, ignore=ignore, apply=apply, similarity=similarity, text=text,
-            text_bos=text_bos, order=order, simignore_start=simignore_start, simignore_step=simignore_step,
-            seed=seed, fastv_layer=fastv_layer, fastv_keep=fastv_keep, fastv_ratio=fastv_ratio,
-            pdrop_layers=pdrop_layers, pdrop_ratio=pdrop_ratio, dominant=dominant, contextual=contextual,
-            dart_layer=dart_layer, dart_pivots=dart_pivots, visiondrop_schedule=visiondrop_schedule,
-            visiondrop_layers=visiondrop_layers, stage_positions=stage_positions, auto_margin=auto_margin,
-        )
+            valid = ["preset", *(name for name in inspect.signature(LlavaSimignore._setup).parameters
+                                 if name not in ("self", "reduction_args")), *REDUCTION_ARGUMENTS]
+            raise ValueError(unknown_argument_message(unknown[0], valid, "llava_simignore"))
+        settings = ReductionSettings(seed=seed, **reduction_args)
         if str(dtype) not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
         if quantization not in QUANTIZATIONS:
@@ -175,9 +167,10 @@ class LlavaSimignore(lmms):
                 f"pretrained={pretrained!r} has model_type {config.model_type!r}"
             )
         engine.check_model_support(config)
+        self.config = config
         self.image_tokens_per_image = engine.image_tokens_per_image(config)
         self.num_layers = config.text_config.num_hidden_layers
-        settings.visible_per_layer(self.image_tokens_per_image, self.num_layers)  # budgets and layers, before any download
+        self._plan_for(settings)  # budgets, layers and what the methods need, before any download
 
         self._rank, self._world_size, local_rank = _world()
         if device is None:
@@ -214,17 +207,17 @@ class LlavaSimignore(lmms):
             f"{self.settings}; image tokens per image visible per layer (requested): {layer_runs(self.requested_visible_per_layer)}"
         )
 
+    def _plan_for(self, settings: ReductionSettings) -> Plan:
+        """The settings' stages on this model; raises on budgets or layers it cannot take, or on what a method needs
+        that it cannot give."""
+        return engine.plan_for(self.config, settings)
+
     def use_settings(self, settings: ReductionSettings) -> None:
         """Reduce with `settings` from now on (the loaded model stays; the speed pass switches rows this way)."""
-        # what the settings ask for (raises on budgets or layers the model cannot take); the token accounting
-        # records what each layer really saw
-        requested = settings.visible_per_layer(self.image_tokens_per_image, self.num_layers)
-        if settings.vision is not None:
-            engine.check_vision_stage_support(self._model)
+        self.plan = self._plan_for(settings)
         self.settings = settings
-        self.requested_visible_per_layer = requested
-        self.kept_per_image = settings.kept_per_image(self.image_tokens_per_image)
-        self.prune_stages = settings.in_llm_stages(self.image_tokens_per_image, self.num_layers)
+        # what the settings ask for; the token accounting records what each layer really saw
+        self.requested_visible_per_layer = self.plan.visible_per_layer()
 
     # -- lmms-eval plumbing ------------------------------------------------------------------------
     @property
@@ -258,12 +251,13 @@ class LlavaSimignore(lmms):
 
     def _comparison_text(self, doc: dict, user_text: str, task: str) -> str:
         """The text Simignore compares image tokens with: the doc's answer options, or the user prompt."""
-        if self.settings.text in ("options", "options_lettered"):
+        style = self.settings.text_style
+        if style in ("options", "options_lettered"):
             for key in ("choices", "options"):
                 options = doc.get(key) if isinstance(doc, dict) else None
                 if isinstance(options, (list, tuple)) and options and all(isinstance(o, str) for o in options):
-                    return options_text(options, self.settings.text)
-            if self.settings.pre_llm == "simignore":
+                    return options_text(options, style)
+            if self.settings.reads_text:
                 self._warn_once(
                     f"no-options:{task}",
                     f"task {task}: docs have no 'choices'/'options' list; Simignore compares with the prompt text instead",
@@ -361,11 +355,11 @@ class LlavaSimignore(lmms):
             for index in range(len(request.images))
         ]
         return engine.prepare_reduced_prompt(
-            self._model, self.tokenizer, self.settings, inputs, [request.comparison_text for request in batch], seeds
+            self._model, self.tokenizer, self.plan, inputs, [request.comparison_text for request in batch], seeds
         )
 
     def _in_llm_args(self) -> dict:
-        return {"prune_stages": self.prune_stages, **self.settings.in_llm_options()}
+        return {"stages": self.plan.layers}
 
     def _account(self, batch: list[PromptRequest], inputs, image_tokens: torch.Tensor, seen: engine.ImageTokensSeen) -> None:
         """Record each sample's image tokens and, per decoder layer, the image tokens that layer computed on and

@@ -9,6 +9,8 @@ fastv_paper is FastV's paper default (K=2, R=50%).
 
 from __future__ import annotations
 
+from lmms_simignore.methods.registry import METHODS
+
 PRESETS: dict[str, dict] = {
     "simignore_paper_7b": {
         "reduction": "simignore+fastv",
@@ -54,7 +56,7 @@ PRESETS: dict[str, dict] = {
 }
 
 # Arguments that state the same budget: a user's value for one replaces the preset's value for all.
-BUDGET_GROUPS = (("keep", "ignore"), ("fastv_keep", "fastv_ratio"))
+BUDGET_GROUPS = (("keep", "ignore"), *(method.own_budget for method in METHODS.values() if len(method.own_budget) > 1))
 
 
 def resolve_model_args(preset: str | None, model_args: dict) -> dict:

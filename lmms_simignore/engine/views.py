@@ -1,0 +1,97 @@
+"""What a stage sees at its place: one view per place, built by the engine, with the model's quantities a method may
+need computed on demand from the model's own parts (independent of the attention backend). Methods read these; they
+never touch the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from lmms_simignore.engine.attention import attention_received, last_token_attention, layer_key_norms, vision_layer_attention
+
+
+@dataclass
+class TowerView:
+    """The vision tower's states of a batch's images, for a stage in the tower.
+
+    states: the tower's hidden states (embeddings, then each layer's output), each (I, T, D); feature_index: which of
+    them the model projects; layers: the tower's encoder layers.
+    """
+
+    states: tuple[torch.Tensor, ...]
+    feature_index: int
+    layers: object
+
+    @property
+    def feature_states(self) -> torch.Tensor:
+        """(I, T, D) the feature layer's output (CLS first on CLIP towers)."""
+        return self.states[self.feature_index]
+
+    def feature_attention(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(I, H, T) float32 the CLS row of the feature layer's attention, and (I, H, T, d) its keys."""
+        return vision_layer_attention(self.layers[self.feature_index - 1], self.states[self.feature_index - 1])
+
+
+@dataclass
+class ImageTokensView:
+    """A batch's projected image tokens, for a stage before the LLM.
+
+    image_features: (I, N, D) each image's tokens in the LLM input space; image_rows: (I,) their batch row;
+    image_seeds: one seed per image (random choices); grid: (rows, cols) of each image's tokens, where they form one;
+    text_embeddings(with_bos) -> (I, T, D), (I, T) bool: the LLM input embeddings of each image's row's comparison text.
+    """
+
+    image_features: torch.Tensor
+    image_rows: torch.Tensor
+    image_seeds: list[int]
+    grid: tuple[int, int] | None
+    embed_text: Callable
+
+    def text_embeddings(self, with_bos: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embed_text(with_bos)
+
+
+@dataclass
+class LayerView:
+    """The prompt pass at an in-LLM stage's boundary: the last layer before the stage has run.
+
+    layer: that layer; next_layer: the stage's first layer; layer_input / layer_output: (B, S, D) its input and output;
+    position_embeddings: (cos, sin) of the sequence; visible: (B, S) bool, the columns the prompt may attend to;
+    is_image: (B, S) bool, the image columns (visible or not); image_rows: (I,); image_columns: (I, M) where each
+    image's tokens still present sit; image_visible: (I, M) which of them are visible (the candidates); keep: image
+    tokens per image the stage keeps; final_norm: the language model's norm after its last layer.
+    """
+
+    layer: object
+    next_layer: object
+    layer_input: torch.Tensor
+    layer_output: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    visible: torch.Tensor
+    is_image: torch.Tensor
+    image_rows: torch.Tensor
+    image_columns: torch.Tensor
+    image_visible: torch.Tensor
+    keep: int
+    final_norm: object
+
+    def last_token_attention(self) -> torch.Tensor:
+        """(B, H, S) float32: each row's last position's softmax attention in `layer`."""
+        return last_token_attention(self.layer, self.layer_input, self.position_embeddings, self.visible)
+
+    def key_norms(self) -> torch.Tensor:
+        """(B, S) float32: the L1 norm of each position's key in `layer` (after the rotary embedding, all key heads)."""
+        return layer_key_norms(self.layer, self.layer_input, self.position_embeddings)
+
+    def normed_output(self) -> torch.Tensor:
+        """(B, S, D): `layer`'s output through the final norm."""
+        return self.final_norm(self.layer_output)
+
+    def next_layer_attention_from_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(I, S) float32 the attention each column of an image's row receives in `next_layer` (causal, on the current
+        states) from the image's visible candidate tokens, mean over heads, summed over those queries; and (I, Hkv, S, d)
+        that row's keys after the rotary embedding."""
+        return attention_received(self.next_layer, self.layer_output, self.position_embeddings, self.image_rows,
+                                  self.image_columns, self.image_visible.float(), self.visible)
