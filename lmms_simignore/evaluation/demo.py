@@ -42,6 +42,8 @@ def _rows() -> tuple[tuple[str, dict], ...]:
         ("simignore_16_mask", {"reduction": "simignore", "keep": 16, "apply": "mask"}),
         ("simignore_32+fastv_8", {"reduction": "simignore+fastv", "keep": 32, "fastv_layer": FASTV_LAYER, "fastv_keep": 8}),
         ("random_32+fastv_8", {"reduction": "random+fastv", "keep": 32, "fastv_layer": FASTV_LAYER, "fastv_keep": 8}),
+        ("pool_16", {"reduction": "pool", "keep": 16}),  # the 8 x 8 grid pooled 2 x 2
+        ("pool_4", {"reduction": "pool", "keep": 4}),  # and 4 x 4
     ]
     return tuple(rows)
 
@@ -49,7 +51,8 @@ def _rows() -> tuple[tuple[str, dict], ...]:
 # none; Simignore, random, VisionZip (in the vision tower), FastV and DART (both from layer 2 of 4) at each budget,
 # VisionDrop at each budget as its average over layers (its published schedule scaled);
 # PyramidDrop with its defaults (64 -> 32 -> 16 -> 8 over layers 0-3); Simignore comparing with the whole prompt,
-# and applied as an attention mask (must answer as dropping does); two stacked rows.
+# and applied as an attention mask (must answer as dropping does); two stacked rows; pooling at 16 and 4 (the whole
+# strides of the 8 x 8 grid).
 DEMO_ROWS = _rows()
 
 

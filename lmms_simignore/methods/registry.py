@@ -3,10 +3,10 @@ its module plus one entry in `_MODULES`' list."""
 
 from __future__ import annotations
 
-from lmms_simignore.methods import dart, fastv, pdrop, random_tokens, simignore, visiondrop, visionzip
+from lmms_simignore.methods import dart, fastv, pdrop, pool, random_tokens, simignore, visiondrop, visionzip
 from lmms_simignore.methods.base import COMMON_ARGUMENTS, Method
 
-_MODULES = (simignore, random_tokens, fastv, pdrop, dart, visionzip, visiondrop)
+_MODULES = (simignore, random_tokens, fastv, pdrop, dart, visionzip, visiondrop, pool)
 
 
 def register(registry: dict[str, Method], method: Method) -> None:
