@@ -24,9 +24,10 @@ def kept_tokens(image_tokens: int, fraction: float) -> int:
 
 
 def bench_rows(image_tokens: int, num_layers: int, cls_token: bool = True) -> list[BenchRow]:
-    """none, every method at 50% and 25% of the image tokens, and PyramidDrop with its defaults (lambda 0.5 at a
-    quarter, a half and three quarters of the depth); without a CLS token in the tower (SigLIP), no VisionZip or
-    VisionDrop rows (they rank by the CLS token's attention)."""
+    """none, every method at 50% and 25% of the image tokens, PyramidDrop with its defaults (lambda 0.5 at a quarter, a
+    half and three quarters of the depth) and Simignore's adaptive budget (keep=auto, margin 0.2: each image its own
+    number, dropped rows padded to the largest); without a CLS token in the tower (SigLIP), no VisionZip or VisionDrop
+    rows (they rank by the CLS token's attention)."""
     fastv_layer = bench_fastv_layer(num_layers)
     rows = [BenchRow("none", ReductionSettings())]
     for fraction in (0.5, 0.25):
@@ -42,5 +43,6 @@ def bench_rows(image_tokens: int, num_layers: int, cls_token: bool = True) -> li
             BenchRow(f"visiondrop_{percent}", ReductionSettings(reduction="visiondrop", keep=keep)),  # keep: its average
         ]
     if not cls_token:
-        rows = [row for row in rows if row.settings.vision is None]
-    return rows + [BenchRow("pdrop", ReductionSettings(reduction="pdrop"))]
+        rows = [row for row in rows if not row.settings.needs_cls_attention]
+    return rows + [BenchRow("pdrop", ReductionSettings(reduction="pdrop")),
+                   BenchRow("simignore_auto", ReductionSettings(reduction="simignore", keep="auto"))]
