@@ -16,7 +16,8 @@ def test_quick_bench_writes_every_row_with_its_flop_ideal(tmp_path):
     rows = testbed["rows"]
     assert list(rows) == ["none", "simignore_drop_50", "simignore_mask_50", "random_drop_50", "fastv_50", "visionzip_50",
                           "dart_50", "visiondrop_50", "simignore_drop_25", "simignore_mask_25", "random_drop_25", "fastv_25",
-                          "visionzip_25", "dart_25", "visiondrop_25", "pdrop", "simignore_auto"]
+                          "visionzip_25", "dart_25", "visiondrop_25", "pool_25", "pdrop", "simignore_auto"]
+    assert rows["pool_25"]["computed_per_layer"] == [16] * 4  # the 8 x 8 grid pooled 2 x 2
     auto = rows["simignore_auto"]  # each image its own number; dropped rows are padded to the batch's largest
     visible, computed = auto["visible_per_layer"], auto["computed_per_layer"]
     assert len(set(visible)) == len(set(computed)) == 1 and visible[0] <= computed[0] and visible[0] < 64
@@ -114,7 +115,7 @@ def test_a_bench_stopped_part_way_keeps_the_rows_it_finished(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_bench(tmp_path, quick=True, echo=stop_at_the_second_batch_size)
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert list(report["models"]) == ["testbed"] and len(report["models"]["testbed"]["rows"]) == 17
+    assert list(report["models"]) == ["testbed"] and len(report["models"]["testbed"]["rows"]) == 18
     # batch size 1 is kept whole (its rows were measured side by side); nothing of batch size 4
     assert [(r["batch_size"], r["row"]) for r in report["scienceqa_pass"]["results"]] == [
         (1, "none"), (1, "simignore_drop_288"), (1, "fastv_288")]

@@ -138,7 +138,8 @@ def bench_model(model, processor, records: list[dict], batch_size: int, warmup: 
     num_layers = model.config.text_config.num_hidden_layers
     shape = DecoderShape.from_text_config(model.config.text_config)
     prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-    rows = bench_rows(image_tokens, num_layers, cls_token=model.config.vision_config.model_type == "clip_vision_model")
+    rows = bench_rows(image_tokens, num_layers, cls_token=model.config.vision_config.model_type == "clip_vision_model",
+                      grid=engine.image_grid(model.config))
     for _ in range(warmup):  # warm every path before any measurement
         for row in rows:
             measure_once(model, processor, row.settings, inputs, texts, image_seeds, decode_tokens)
