@@ -254,8 +254,8 @@ class ReductionSettings:
             methods=tuple(method for method, _ in self._methods),
         )
 
-    def visible_per_layer(self, image_tokens: int, num_layers: int) -> list[int]:
-        return self.plan(image_tokens, num_layers).visible_per_layer()
+    def visible_per_layer(self, image_tokens: int, num_layers: int, grid: tuple[int, int] | None = None) -> list[int]:
+        return self.plan(image_tokens, num_layers, grid).visible_per_layer()
 
 
 def methods_at(place: str) -> tuple[str, ...]:

@@ -111,24 +111,24 @@ def test_a_sweep_can_run_some_of_its_rows(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def geometry() -> dict[str, tuple[int, int]]:
-    """The image-token geometry of each config's model: (image tokens per image, decoder layers), from its config."""
+def geometry() -> dict:
+    """Each config's model's llava config (its image-token geometry: tokens per image, grid, decoder layers; its tower)."""
     from transformers import AutoConfig
 
     from lmms_simignore.bench.llava_shapes import HUB_IDS, shape_config
-    from lmms_simignore.engine import image_tokens_per_image
     from lmms_simignore.shipped import resolve_pretrained
     from lmms_simignore.testbed.tiny import build_tokenizer
 
     configs = {hub_id: shape_config(name, build_tokenizer()) for name, hub_id in HUB_IDS.items()}
     configs["shipped:shapes-llava"] = AutoConfig.from_pretrained(resolve_pretrained("shipped:shapes-llava"))
-    return {model: (image_tokens_per_image(config), config.text_config.num_hidden_layers) for model, config in configs.items()}
+    return configs
 
 
 
 @pytest.mark.parametrize("config_path", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.stem)
 def test_every_row_of_every_config_is_a_valid_reduction_for_its_model(config_path, tmp_path, geometry):
     """Checked before any run: the settings parse and the budgets fit the model (as the model would refuse them)."""
+    from lmms_simignore.engine import image_tokens_per_image, plan_for
     from lmms_simignore.models.presets import resolve_model_args
     from lmms_simignore.settings import REDUCTION_ARGUMENTS, ReductionSettings
 
@@ -137,9 +137,10 @@ def test_every_row_of_every_config_is_a_valid_reduction_for_its_model(config_pat
     for row in config.rows:
         args = {**config.model_args, **row.model_args}
         args = resolve_model_args(args.pop("preset", None), args)
-        image_tokens, layers = geometry[args["pretrained"]]
+        model = geometry[args["pretrained"]]
+        image_tokens, layers = image_tokens_per_image(model), model.text_config.num_hidden_layers
         settings = ReductionSettings(**{key: value for key, value in args.items() if key in fields})
-        visible = settings.visible_per_layer(image_tokens, layers)
+        visible = plan_for(model, settings).visible_per_layer()  # as the model class plans it, refusals included
         assert len(visible) == layers and all(0 <= count <= image_tokens for count in visible), row.name
     assert len(row_runs(config, tmp_path)) == len(config.rows)
 
@@ -157,12 +158,14 @@ def test_paper_tables_name_the_published_budgets():
 def test_peer_rows_keep_what_their_name_says_on_llava_1_5(geometry):
     """N tokens: N in every layer, except FastV and DART (all 576 in layers 0-1, as their papers count) and the
     multi-stage methods, whose average over the 32 layers is N (within a token)."""
+    from lmms_simignore.engine import plan_for
     from lmms_simignore.settings import ReductionSettings
 
-    image_tokens, layers = geometry["llava-hf/llava-1.5-7b-hf"]
+    model = geometry["llava-hf/llava-1.5-7b-hf"]
+    layers = model.text_config.num_hidden_layers
     for row in load_config(CONFIGS / "peers.yaml").rows[1:]:
         method, budget = row.name.rsplit("_", 1)
-        visible = ReductionSettings(**row.model_args).visible_per_layer(image_tokens, layers)
+        visible = plan_for(model, ReductionSettings(**row.model_args)).visible_per_layer()
         if method in ("fastv", "dart"):
             assert visible == [576] * 2 + [int(budget)] * 30, row.name
         elif method in ("pdrop", "visiondrop"):
