@@ -9,6 +9,7 @@ from test_model import make_model, simple_requests
 from test_model_reductions import docs  # noqa: F401  (a fixture)
 
 from lmms_simignore import engine
+from lmms_simignore.methods.base import LayerChoice, LayerStage
 from lmms_simignore.methods.visiondrop import DEFAULT_SCHEDULE, received_attention, scaled_schedule, visiondrop_stages
 from lmms_simignore.methods.visionzip import contextual_plan, merge_into_targets
 from lmms_simignore.settings import ReductionSettings
@@ -138,6 +139,30 @@ def test_by_default_the_image_is_rebuilt_as_its_code_does_dominant_then_contextu
             in_place[kept.index(target)] = token
         orders_differ |= not torch.allclose(in_place, expected, atol=1e-3)
     assert orders_differ  # control: on this batch the two orders are different sequences
+
+
+def test_a_stage_s_own_flops_are_what_a_flop_counter_counts_of_its_computation(tiny_model, padded_batch):
+    """What the views report to `LanguageModelRun.stage_flops` (the bench adds it to the layers' FLOPs) equals torch's
+    FLOP counter on the same computation: VisionDrop's next-layer attention and FastV's one row."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inputs, _ = padded_batch
+    reduced = unreduced(tiny_model, inputs)
+    counted = []
+
+    def counting(ask):
+        def choose(view):
+            with FlopCounterMode(display=False) as counter:
+                getattr(view, ask)()
+            counted.append(counter.get_total_flops())
+            return LayerChoice(torch.arange(view.keep).expand(view.image_columns.shape[0], -1))
+        return choose
+
+    for ask in ("next_layer_attention_from_images", "last_token_attention", "key_norms"):
+        run = engine.LanguageModelRun(tiny_model, reduced, stages=(LayerStage("probe", 1, 8, counting(ask)),))
+        run.prefill()
+        assert run.stage_flops == counted[-1] > 0, ask
+    assert engine.LanguageModelRun(tiny_model, reduced).stage_flops == 0
 
 
 def test_cached_decoding_equals_recomputation_and_a_batch_answers_like_its_rows(tiny_model, processor, padded_batch):

@@ -104,6 +104,7 @@ def measure_once(model, processor, settings: ReductionSettings, inputs, texts: l
         "end_to_end_s": (finished - started) / inputs["input_ids"].shape[0],
         "peak_memory_bytes": memory.peak_bytes,
         "image_tokens_seen": run.image_tokens_seen,  # what each layer computed on, per prompt row
+        "stage_flops": run.stage_flops,  # what the in-LLM stages' own choices computed
     }
 
 
@@ -123,7 +124,9 @@ def bench_model(model, processor, records: list[dict], batch_size: int, warmup: 
                 progress=print) -> dict:
     """Every bench row on the first `batch_size` records; medians, spread, ratios against none and the FLOP ideal.
 
-    The ideal counts the decoder layers only (`lmms_simignore.bench.flops`), so it is compared with the LLM prefill
+    The ideal counts the decoder layers (`lmms_simignore.bench.flops`) and the FLOPs the in-LLM stages' own choices
+    computed (`LanguageModelRun.stage_flops`: VisionDrop's next-layer attention, FastV's one row), so it is compared
+    with the LLM prefill
     (from the reduced prompt to the first logits); time to first token adds the vision tower and the choice.
     """
     from lmms_simignore.models.llava_simignore import options_text
@@ -151,8 +154,10 @@ def bench_model(model, processor, records: list[dict], batch_size: int, warmup: 
     results = {}
     for row in rows:
         seen = runs[row.name][-1].pop("image_tokens_seen")  # observed in the last repeat (the choice is deterministic)
+        stage_flops = runs[row.name][-1].pop("stage_flops")
         for run in runs[row.name]:
             run.pop("image_tokens_seen", None)
+            run.pop("stage_flops", None)
         computed, visible = seen.computed.tolist(), seen.visible.tolist()  # (B, n_layers) each
         flops = sum(sample_prefill_flops(shape, {"prompt_tokens": n, "image_tokens": image_tokens, "computed_per_layer": layers})
                     for n, layers in zip(prompt_tokens, computed))
@@ -160,7 +165,9 @@ def bench_model(model, processor, records: list[dict], batch_size: int, warmup: 
             "settings": str(row.settings),
             "computed_per_layer": _batch_mean(computed),
             "visible_per_layer": _batch_mean(visible),
-            "prefill_flops": flops,
+            "layer_flops": flops,
+            "stage_flops": stage_flops,  # the in-LLM stages' own choices (projections and scores they asked for)
+            "prefill_flops": flops + stage_flops,
             **{key: _summary([run[key] for run in runs[row.name]]) for key in runs[row.name][0]},
         }
     baseline = results["none"]

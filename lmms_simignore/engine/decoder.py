@@ -127,6 +127,7 @@ class LanguageModelRun:
         self.positions = prompt.position_ids  # (B, L + t)
         self.prompt_length = prompt.inputs_embeds.shape[1]
         self.image_tokens_seen: ImageTokensSeen | None = None  # filled by the prompt pass
+        self.stage_flops = 0  # FLOPs the in-LLM stages' own choices computed in the prompt pass (projections, scores)
 
     def _check_stages(self, stages: tuple[LayerStage, ...], num_layers: int) -> None:
         prompt = self.prompt
@@ -245,7 +246,7 @@ class LanguageModelRun:
             layer_output=layer_output, position_embeddings=position_embeddings, visible=visible,
             is_image=self._image_columns_map(previous, layer_output.shape[1]), image_rows=image_rows,
             image_columns=previous.image_columns, image_visible=previous.image_visible, keep=segment.stage.keep,
-            final_norm=self.final_norm,
+            final_norm=self.final_norm, count_flops=self._count_stage_flops,
         )
         choice = segment.stage.choose(view)
         if tuple(choice.kept.shape) != (previous.image_columns.shape[0], segment.stage.keep):
@@ -266,6 +267,9 @@ class LanguageModelRun:
         segment.image_columns = target[image_rows[:, None].expand_as(chosen), chosen]  # (I, K) in the new sequence
         segment.image_visible = torch.ones_like(segment.image_columns, dtype=torch.bool)
         segment.rebuild = choice.rebuild
+
+    def _count_stage_flops(self, flops: int) -> None:
+        self.stage_flops += int(flops)
 
     def _rebuilt(self, previous_hidden: torch.Tensor, hidden: torch.Tensor, previous: _Segment, segment: _Segment) -> torch.Tensor:
         """`hidden` (B, S, D), the new segment's gathered sequence, with its image slots replaced by the stage's content

@@ -61,7 +61,9 @@ class LayerView:
     position_embeddings: (cos, sin) of the sequence; visible: (B, S) bool, the columns the prompt may attend to;
     is_image: (B, S) bool, the image columns (visible or not); image_rows: (I,); image_columns: (I, M) where each
     image's tokens still present sit; image_visible: (I, M) which of them are visible (the candidates); keep: image
-    tokens per image the stage keeps; final_norm: the language model's norm after its last layer.
+    tokens per image the stage keeps; final_norm: the language model's norm after its last layer; count_flops(n): told
+    the FLOPs of what the view computes (the projections and attention scores a stage asks for), so that a stage's own
+    work is counted with the layers'.
     """
 
     layer: object
@@ -76,13 +78,24 @@ class LayerView:
     image_visible: torch.Tensor
     keep: int
     final_norm: object
+    count_flops: Callable = lambda flops: None
+
+    def _projection_flops(self, layer, rows: int, queries: int, keys: int) -> int:
+        """2 x multiply-adds of `queries` query and `keys` key projections in `layer`, per row, over `rows` rows."""
+        attention, width = layer.self_attn, self.layer_input.shape[-1]
+        return 2 * rows * width * (queries * attention.q_proj.out_features + keys * attention.k_proj.out_features)
 
     def last_token_attention(self) -> torch.Tensor:
         """(B, H, S) float32: each row's last position's softmax attention in `layer`."""
+        rows, length, _ = self.layer_input.shape
+        query_width = self.layer.self_attn.q_proj.out_features
+        self.count_flops(self._projection_flops(self.layer, rows, 1, length) + 2 * rows * length * query_width)
         return last_token_attention(self.layer, self.layer_input, self.position_embeddings, self.visible)
 
     def key_norms(self) -> torch.Tensor:
         """(B, S) float32: the L1 norm of each position's key in `layer` (after the rotary embedding, all key heads)."""
+        rows, length, _ = self.layer_input.shape
+        self.count_flops(self._projection_flops(self.layer, rows, 0, length))
         return layer_key_norms(self.layer, self.layer_input, self.position_embeddings)
 
     def normed_output(self) -> torch.Tensor:
@@ -93,5 +106,9 @@ class LayerView:
         """(I, S) float32 the attention each column of an image's row receives in `next_layer` (causal, on the current
         states) from the image's visible candidate tokens, mean over heads, summed over those queries; and (I, Hkv, S, d)
         that row's keys after the rotary embedding."""
+        images, queries = self.image_columns.shape
+        length, query_width = self.layer_output.shape[1], self.next_layer.self_attn.q_proj.out_features
+        self.count_flops(self._projection_flops(self.next_layer, images, queries, length)
+                         + 2 * images * queries * length * (query_width + 1))  # the scores, then their weighted sum
         return attention_received(self.next_layer, self.layer_output, self.position_embeddings, self.image_rows,
                                   self.image_columns, self.image_visible.float(), self.visible)
