@@ -68,10 +68,6 @@ class Plan:
             return self.pre_llm.keep
         return self.vision.tokens if self.vision is not None else self.image_tokens
 
-    @property
-    def needs(self) -> tuple[str, ...]:
-        return tuple(need for method in self.methods for need in method.needs)
-
     def needing(self, need: str) -> tuple[str, ...]:
         """The pipeline's methods that need `need` (e.g. CLS_ATTENTION)."""
         return tuple(method.name for method in self.methods if need in method.needs)
@@ -203,10 +199,6 @@ class ReductionSettings:
     def methods_at(self, place: str) -> tuple[str, ...]:
         """The pipeline's methods acting at `place` (VISION, PRE_LLM, IN_LLM)."""
         return tuple(method.name for method, _ in self._methods if place in method.places)
-
-    @property
-    def has_vision_stage(self) -> bool:
-        return bool(self.methods_at(VISION))
 
     def arguments_of(self, name: str):
         """The arguments dataclass of the pipeline's method `name`."""

@@ -64,14 +64,14 @@ def test_the_pooled_image_answers_like_transformers_on_a_prompt_written_with_it(
             expected = model(inputs_embeds=embeds).logits[0, -1]
         assert reduced.position_ids[row, -shortened.shape[0]:].tolist() == list(range(shortened.shape[0]))
         torch.testing.assert_close(ours[row], expected, atol=1e-4, rtol=1e-4)
-    assert reduced.visible_image_tokens.tolist() == [9, 9] and reduced.image_tokens.tolist() == [36, 36]
+    assert reduced.visible_image_tokens.tolist() == [9, 9] and reduced.image_tokens.tolist() == [GRID_6.image_tokens] * 2
 
 
 def test_pooling_with_stride_one_is_the_unreduced_model(grid_model, two_rows):
     _, model, processor = grid_model
     answers = [run(model, processor, engine.prepare_reduced_prompt(
         model, processor.tokenizer, engine.plan_for(model.config, settings), two_rows, ["", ""], [])).tolist()
-        for settings in (ReductionSettings(reduction="pool", keep=36), ReductionSettings())]
+        for settings in (ReductionSettings(reduction="pool", keep=GRID_6.image_tokens), ReductionSettings())]
     assert answers[0] == answers[1]
 
 
@@ -83,7 +83,7 @@ def test_a_batch_of_four_answers_as_each_prompt_alone_and_counts_what_each_layer
     assert answers == make_model(testbed, docs, reduction="pool", keep=4, batch_size=1).generate_until(simple_requests(docs))
     records = sorted(batched.accounting.records, key=lambda record: record["doc_id"])
     assert [r["computed_per_layer"] for r in records] == [[4, 4, 4]] * 5 + [[0, 0, 0]]  # the last doc has no image
-    assert [r["image_tokens"] for r in records] == [36] * 5 + [0]
+    assert [r["image_tokens"] for r in records] == [GRID_6.image_tokens] * 5 + [0]
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -12,7 +12,7 @@ from lmms_simignore.methods.base import COMMON_ARGUMENTS, IN_LLM, PLACES, POSITI
 from lmms_simignore.methods.registry import METHODS, register
 from lmms_simignore.models.llava_simignore import LOADER_ARGUMENTS, LlavaSimignore
 from lmms_simignore.models.reference import readme_with_tables, update_readme
-from lmms_simignore.settings import COMMON_HELP, ReductionSettings
+from lmms_simignore.settings import COMMON_HELP
 
 README = __import__("pathlib").Path(__file__).resolve().parents[1] / "README.md"
 
