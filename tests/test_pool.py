@@ -6,6 +6,7 @@ import torch
 from test_engine import chat, encode, images, run
 from test_model import make_model, simple_requests
 from test_model_reductions import docs  # noqa: F401  (a fixture)
+from test_visionzip import written_with_a_shorter_image
 
 from lmms_simignore import engine
 from lmms_simignore.methods.pool import pooled_grid, valid_budgets
@@ -53,16 +54,9 @@ def test_the_pooled_image_answers_like_transformers_on_a_prompt_written_with_it(
         projected = model.model.get_image_features(pixel_values=two_rows["pixel_values"], return_dict=True).pooler_output
         projected = torch.stack(list(projected))  # (2, 36, D)
         pooled = projected.reshape(2, 3, 2, 3, 2, -1).mean(dim=(2, 4)).reshape(2, 9, -1)  # 2 x 2 windows, row-major
-    image_id = model.config.image_token_id
     for row in range(2):
-        ids = two_rows["input_ids"][row][two_rows["attention_mask"][row].bool()]
-        image = (ids == image_id).nonzero().flatten()
-        shortened = torch.cat([ids[: image[0] + 9], ids[image[-1] + 1:]])  # 9 image placeholders instead of 36
-        embeds = model.get_input_embeddings()(shortened)[None].clone()
-        embeds[0, image[0]: image[0] + 9] = pooled[row]
-        with torch.inference_mode():
-            expected = model(inputs_embeds=embeds).logits[0, -1]
-        assert reduced.position_ids[row, -shortened.shape[0]:].tolist() == list(range(shortened.shape[0]))
+        expected, length = written_with_a_shorter_image(model, two_rows, row, pooled[row])
+        assert reduced.position_ids[row, -length:].tolist() == list(range(length))
         torch.testing.assert_close(ours[row], expected, atol=1e-4, rtol=1e-4)
     assert reduced.visible_image_tokens.tolist() == [9, 9] and reduced.image_tokens.tolist() == [GRID_6.image_tokens] * 2
 

@@ -96,22 +96,26 @@ def test_dominant_and_merged_tokens_follow_the_eager_attention_and_keys_of_the_f
     assert torch.allclose(ours[:, 0], cls, atol=1e-5)  # the CLS token reaches the LLM, first
 
 
+def written_with_a_shorter_image(model, inputs, row, image):
+    """Transformers' own forward on row `row`'s prompt written with `image` (K, D) in place of its image tokens, no
+    padding: its last logits (V,) and the prompt's length."""
+    ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
+    span = (ids == model.config.image_token_id).nonzero().flatten()
+    shortened = torch.cat([ids[: span[0] + image.shape[0]], ids[span[-1] + 1:]])  # K image placeholders instead of N
+    embeds = model.get_input_embeddings()(shortened)[None].clone()
+    embeds[0, span[0]: span[0] + image.shape[0]] = image
+    with torch.inference_mode():
+        return model(inputs_embeds=embeds).logits[0, -1], shortened.shape[0]
+
+
 def test_the_shorter_image_answers_like_transformers_on_the_shortened_prompt(tiny_model, processor, two_rows):
     """The LLM sees text, the 8 image tokens, text, at positions 0, 1, 2, ... like a prompt written that way."""
     reduced = engine.prepare_reduced_prompt(tiny_model, processor.tokenizer, engine.plan_for(tiny_model.config, ZIP_8), two_rows, ["", ""], [])
     states = engine.vision_tower_states(tiny_model, two_rows["pixel_values"])
     features = engine.vision_stage_features(tiny_model, engine.plan_for(tiny_model.config, ZIP_8).vision, states)  # (I, 8, D)
-    image_id = tiny_model.config.image_token_id
     batch_logits = engine.LanguageModelRun(tiny_model, reduced).prefill()  # (B, V) after each row's last token
     for row in range(2):
-        ids = two_rows["input_ids"][row][two_rows["attention_mask"][row].bool()]
-        image = (ids == image_id).nonzero().flatten()
-        shortened = torch.cat([ids[: image[0] + 8], ids[image[-1] + 1:]])  # 8 image placeholders instead of 25
-        embeds = tiny_model.get_input_embeddings()(shortened)[None].clone()
-        embeds[0, image[0]: image[0] + 8] = features[row]
-        with torch.inference_mode():
-            expected = tiny_model(inputs_embeds=embeds).logits[0, -1]
-        length = shortened.shape[0]
+        expected, length = written_with_a_shorter_image(tiny_model, two_rows, row, features[row])
         assert reduced.position_ids[row, -length:].tolist() == list(range(length))
         ours = batch_logits[row]
         assert torch.allclose(ours, expected, atol=1e-4)

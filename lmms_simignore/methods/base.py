@@ -143,14 +143,13 @@ class LayerChoice:
 class LayerStage:
     """A stage inside the LLM: layers >= `layer` see `keep` image tokens per image, chosen by `choose(view:
     LayerView) -> LayerChoice` from what the layers before computed; positions "original" (each token keeps its
-    position id) or "repacked" (the tokens left close ranks); `merged` of the `keep` are new tokens."""
+    position id) or "repacked" (the tokens left close ranks)."""
 
     method: str
     layer: int
     keep: int
     choose: Callable
     positions: str = "original"
-    merged: int = 0
 
 
 @dataclass(frozen=True)

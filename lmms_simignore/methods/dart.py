@@ -129,8 +129,7 @@ def _plan(args: DartArguments, request: StageRequest) -> tuple[LayerStage]:
     keep = resolve_count("dart_keep", args.dart_keep, tokens) if args.dart_keep is not None else request.budget.count(tokens)
     if keep > request.available:
         raise ValueError(f"dart keeps {keep} image tokens per image but only {request.available} reach it")
-    return (LayerStage("dart", args.dart_layer, keep, partial(choose_least_duplicated, args.dart_pivots),
-                       positions=request.positions or "original"),)
+    return dart_stage(args.dart_layer, keep, args.dart_pivots, request.positions or "original")
 
 
 METHOD = Method(
@@ -154,5 +153,5 @@ METHOD = Method(
 
 
 def dart_stage(layer: int, keep: int, pivots: int = DEFAULT_PIVOTS, positions: str = "original") -> tuple[LayerStage]:
-    """DART's stage at `layer` keeping `keep` image tokens per image, as a plan would give it."""
+    """DART's stage at `layer` keeping `keep` image tokens per image (what its plan gives)."""
     return (LayerStage("dart", layer, keep, partial(choose_least_duplicated, pivots), positions=positions),)

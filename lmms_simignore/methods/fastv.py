@@ -83,8 +83,7 @@ def kept_by_fastv(args: FastVArguments, request: StageRequest) -> int:
 
 def _plan(args: FastVArguments, request: StageRequest) -> tuple[LayerStage]:
     check_stage_layers("fastv_layer", (args.fastv_layer,), request.num_layers, request.after_layer)
-    return (LayerStage("fastv", args.fastv_layer, kept_by_fastv(args, request), choose_by_last_token_attention,
-                       positions=request.positions or "original"),)
+    return fastv_stage(args.fastv_layer, kept_by_fastv(args, request), request.positions or "original")
 
 
 METHOD = Method(
@@ -104,6 +103,6 @@ METHOD = Method(
 )
 
 
-def fastv_stage(layer: int, keep: int) -> tuple[LayerStage]:
-    """FastV's one stage at `layer` keeping `keep` image tokens per image, as a plan would give it (original positions)."""
-    return (LayerStage("fastv", layer, keep, choose_by_last_token_attention),)
+def fastv_stage(layer: int, keep: int, positions: str = "original") -> tuple[LayerStage]:
+    """FastV's one stage at `layer` keeping `keep` image tokens per image (what its plan gives)."""
+    return (LayerStage("fastv", layer, keep, choose_by_last_token_attention, positions=positions),)

@@ -48,12 +48,11 @@ class PyramidDropArguments:
 def _plan(args: PyramidDropArguments, request: StageRequest) -> tuple[LayerStage, ...]:
     layers = args.stage_layers(request.num_layers)
     check_stage_layers("pdrop_layers", layers, request.num_layers, request.after_layer)
-    stages, remaining = [], request.available
-    for layer in layers:
+    keeps, remaining = [], request.available
+    for _ in layers:
         remaining = round_half_up(float(args.pdrop_ratio) * remaining)
-        stages.append(LayerStage("pdrop", layer, remaining, choose_by_last_token_attention,
-                                 positions=request.positions or "repacked"))
-    return tuple(stages)
+        keeps.append(remaining)
+    return pdrop_stages(tuple(zip(layers, keeps)), request.positions or "repacked")
 
 
 METHOD = Method(
@@ -75,5 +74,5 @@ METHOD = Method(
 
 
 def pdrop_stages(layer_keeps: tuple[tuple[int, int], ...], positions: str = "original") -> tuple[LayerStage, ...]:
-    """Stages at the given (layer, keep) pairs ranked by PyramidDrop's (FastV's) rule, as a plan would give them."""
+    """Stages at the given (layer, keep) pairs ranked by PyramidDrop's (FastV's) rule (what its plan gives)."""
     return tuple(LayerStage("pdrop", layer, keep, choose_by_last_token_attention, positions=positions) for layer, keep in layer_keeps)

@@ -160,12 +160,10 @@ def _plan(args: VisionDropArguments, request: StageRequest) -> tuple:
                          f"({'/'.join(f'{d}+{c}' for d, c in schedule)}) but {len(layers)} stage layers "
                          f"({layers_text(layers)}); give as many of each")
     check_stage_layers("visiondrop_layers", layers, request.num_layers, request.after_layer)
-    stages = [VisionStage("visiondrop", dominant + contextual, partial(shorten_in_tower, dominant, contextual))]
-    for layer, (kept, merged) in zip(layers, llm_schedule):
-        stages.append(LayerStage("visiondrop", layer, kept + merged,
-                                 partial(choose_dominant_and_merge, merged, args.visiondrop_merge_order),
-                                 positions=request.positions or "repacked", merged=merged))
-    return tuple(stages)
+    tower = VisionStage("visiondrop", dominant + contextual, partial(shorten_in_tower, dominant, contextual))
+    layer_keeps = tuple((layer, kept + merged) for layer, (kept, merged) in zip(layers, llm_schedule))
+    merged = tuple(merged for _, merged in llm_schedule)
+    return (tower, *visiondrop_stages(layer_keeps, merged, args.visiondrop_merge_order, request.positions or "repacked"))
 
 
 METHOD = Method(
@@ -192,6 +190,6 @@ METHOD = Method(
 
 def visiondrop_stages(layer_keeps: tuple[tuple[int, int], ...], merged: tuple[int, ...], order: str = "end",
                       positions: str = "repacked") -> tuple[LayerStage, ...]:
-    """VisionDrop's LLM stages at the given (layer, keep) pairs, `merged[i]` of stage i's keep merged, as a plan gives them."""
-    return tuple(LayerStage("visiondrop", layer, keep, partial(choose_dominant_and_merge, count, order), positions=positions,
-                            merged=count) for (layer, keep), count in zip(layer_keeps, merged))
+    """VisionDrop's LLM stages at the given (layer, keep) pairs, `merged[i]` of stage i's keep merged (what its plan gives)."""
+    return tuple(LayerStage("visiondrop", layer, keep, partial(choose_dominant_and_merge, count, order), positions=positions)
+                 for (layer, keep), count in zip(layer_keeps, merged))
