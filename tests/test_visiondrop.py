@@ -94,9 +94,13 @@ def eager(testbed):
     return LlavaForConditionalGeneration.from_pretrained(testbed["model"], attn_implementation="eager").eval()
 
 
-def test_the_stage_follows_the_eager_attention_and_cached_keys_of_the_next_layer(eager, padded_batch):
+@pytest.mark.parametrize("query_chunks", ["one chunk", "a chunk per query"])
+def test_the_stage_follows_the_eager_attention_and_cached_keys_of_the_next_layer(eager, padded_batch, query_chunks, monkeypatch):
     """With each contextual token in its target's place and original positions: layer 1 is given the dominant tokens
-    and the targets at their own positions, and the contextual tokens at the targets'."""
+    and the targets at their own positions, and the contextual tokens at the targets'. The same when the image queries'
+    attention is computed one query at a time (each chunk cut at the last column its queries see)."""
+    if query_chunks == "a chunk per query":
+        monkeypatch.setattr(engine.attention, "CHUNK_ELEMENTS", 1)
     inputs, _ = padded_batch
     reduced = unreduced(eager, inputs)
     full_output, weights, keys = eager_reference(eager, reduced)
@@ -141,11 +145,16 @@ def test_by_default_the_image_is_rebuilt_as_its_code_does_dominant_then_contextu
     assert orders_differ  # control: on this batch the two orders are different sequences
 
 
-def test_a_stage_s_own_flops_are_what_a_flop_counter_counts_of_its_computation(tiny_model, padded_batch):
+@pytest.mark.parametrize("query_chunks", ["one chunk", "a chunk per query"])
+def test_a_stage_s_own_flops_are_what_a_flop_counter_counts_of_its_computation(tiny_model, padded_batch, query_chunks,
+                                                                               monkeypatch):
     """What the views report to `LanguageModelRun.stage_flops` (the bench adds it to the layers' FLOPs) equals torch's
-    FLOP counter on the same computation: VisionDrop's next-layer attention and FastV's one row."""
+    FLOP counter on the same computation: VisionDrop's next-layer attention (in one chunk of queries or one query at a
+    time, each chunk scoring the columns up to its last query's) and FastV's one row."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    if query_chunks == "a chunk per query":
+        monkeypatch.setattr(engine.attention, "CHUNK_ELEMENTS", 1)
     inputs, _ = padded_batch
     reduced = unreduced(tiny_model, inputs)
     counted = []

@@ -13,6 +13,8 @@ def rotate(tensor: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention
     the first cos.shape[-1] dims of each head (all of them, or a partial share as Phi's) and the rest passed through."""
     apply_rotary = importlib.import_module(type(attention).__module__).apply_rotary_pos_emb
     rotary = cos.shape[-1]
+    if rotary == tensor.shape[-1]:
+        return apply_rotary(tensor, tensor, cos, sin)[0]
     rotated = apply_rotary(tensor[..., :rotary], tensor[..., :rotary], cos, sin)[0]
     return torch.cat([rotated, tensor[..., rotary:]], dim=-1)
 
@@ -46,7 +48,7 @@ CHUNK_ELEMENTS = 2**20  # attention weights held at once by `attention_received`
 
 def attention_received(layer, hidden_states: torch.Tensor, position_embeddings, query_rows: torch.Tensor,
                        query_columns: torch.Tensor, query_weights: torch.Tensor,
-                       key_visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                       key_visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The attention each position receives from chosen queries in `layer`'s self-attention: their softmax weights
     (causal: a query sees the columns up to its own; restricted to `key_visible`), averaged over heads and summed over
     the queries weighted by `query_weights`; recomputed from the layer's norm, projections and rotary embedding, a chunk
@@ -54,11 +56,12 @@ def attention_received(layer, hidden_states: torch.Tensor, position_embeddings, 
 
     hidden_states: (B, L, D) the layer's input; position_embeddings: (cos, sin), each (B, L, d); query_rows: (I,) and
     query_columns: (I, M) the queries; query_weights: (I, M) each query's weight (0 leaves it out); key_visible: (B, L).
-    Returns: (I, L) float32, and (I, Hkv, L, d) the row's keys after the rotary embedding.
+    Returns: (I, L) float32; (I, Hkv, L, d) the row's keys after the rotary embedding; the FLOPs of the scores and
+    their weighted sum (each chunk of queries scores only the columns up to its last query's).
     """
     attention = layer.self_attn
     head_dim = attention.head_dim
-    normed = layer.input_layernorm(hidden_states)[query_rows]  # (I, L, D)
+    normed = layer.input_layernorm(hidden_states[query_rows])  # (I, L, D)
     images, length, _ = normed.shape
     cos, sin = (part[query_rows] for part in position_embeddings)  # (I, L, d) each
 
@@ -73,15 +76,23 @@ def attention_received(layer, hidden_states: torch.Tensor, position_embeddings, 
     columns = torch.arange(length, device=query.device)
     visible = key_visible[query_rows][:, None, :]  # (I, 1, L)
     received = torch.zeros(images, length, dtype=torch.float32, device=query.device)
-    chunk = max(1, CHUNK_ELEMENTS // max(1, images * query.shape[1] * length))
-    for start in range(0, query.shape[2], chunk):
+    heads = query.shape[1]
+    chunk = max(1, CHUNK_ELEMENTS // max(1, images * heads * length))
+    score_flops = 0
+    buffer = torch.empty(images * heads * min(chunk, query.shape[2]) * length, dtype=query.dtype, device=query.device)
+    for start in range(0, query.shape[2], chunk):  # one buffer for every chunk: no fresh multi-MB tensor per chunk
         part = slice(start, start + chunk)
-        allowed = visible & (columns[None, None, :] <= query_columns[:, part, None])  # (I, c, L)
-        scores = (query[:, :, part] @ grouped).float()  # (I, H, c, L), scaled and masked in place
-        scores.mul_(attention.scaling).masked_fill_(~allowed[:, None], float("-inf"))
-        weights = torch.softmax(scores, dim=-1).mean(dim=1)  # (I, c, L)
-        received += (query_weights[:, None, part].float() @ weights).squeeze(1)  # (I, L)
-    return received, key
+        queries = query[:, :, part]  # (I, H, c, d)
+        seen = int(query_columns[:, part].max()) + 1  # causal: no query of the chunk sees a column after its own
+        allowed = visible[..., :seen] & (columns[None, None, :seen] <= query_columns[:, part, None])  # (I, c, seen)
+        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=query.device).masked_fill_(~allowed, float("-inf"))
+        scores = buffer[: queries[..., :1].numel() * seen].view(*queries.shape[:3], seen)
+        scores = torch.matmul(queries, grouped[..., :seen], out=scores).float()  # (I, H, c, seen)
+        weights = torch.softmax(scores.mul_(attention.scaling).add_(bias[:, None]), dim=-1, out=scores)  # in place
+        coefficients = (query_weights[:, None, part].float() / heads).expand(-1, heads, -1)  # (I, H, c)
+        received[:, :seen] += (coefficients.flatten(1)[:, None] @ weights.flatten(1, 2)).squeeze(1)  # mean over heads, sum over queries
+        score_flops += 2 * queries[..., :1].numel() * seen * (head_dim + 1)
+    return received, key, score_flops
 
 
 def layer_key_norms(layer, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:

@@ -107,8 +107,8 @@ class LayerView:
         states) from the image's visible candidate tokens, mean over heads, summed over those queries; and (I, Hkv, S, d)
         that row's keys after the rotary embedding."""
         images, queries = self.image_columns.shape
-        length, query_width = self.layer_output.shape[1], self.next_layer.self_attn.q_proj.out_features
-        self.count_flops(self._projection_flops(self.next_layer, images, queries, length)
-                         + 2 * images * queries * length * (query_width + 1))  # the scores, then their weighted sum
-        return attention_received(self.next_layer, self.layer_output, self.position_embeddings, self.image_rows,
-                                  self.image_columns, self.image_visible.float(), self.visible)
+        received, keys, score_flops = attention_received(self.next_layer, self.layer_output, self.position_embeddings,
+                                                         self.image_rows, self.image_columns,
+                                                         self.image_visible.float(), self.visible)
+        self.count_flops(self._projection_flops(self.next_layer, images, queries, self.layer_output.shape[1]) + score_flops)
+        return received, keys
