@@ -7,9 +7,11 @@ get what CI tested; `LOCK=0` resolves the newest versions that pyproject.toml's 
 `scripts/refresh-lock.sh` re-resolves in a fresh environment, runs the tests and rewrites the lock with
 `python -m lmms_simignore lock --write FILE` only when they pass.
 
-Left out on purpose: this package itself, pip, and `NOT_LOCKED` (lmms-eval requires torchvision and
-timm, but nothing on our path imports them, and next to a CPU build of torch the PyPI torchvision, even
-the release made for that torch, fails to import and takes transformers' image processors down with it).
+torch and torchvision are locked as a pair that imports together (transformers' Qwen-VL, OneVision and InternVL
+processors need torchvision); setup installs them first, together, unless a torch already imports. Left out on
+purpose: this package itself, pip, timm (lmms-eval requires it, nothing on our path imports it), and the packages of
+torch's own build (`nvidia-*`, `cuda-*`, `triton`: the torch wheel pins them exactly, and a GPU user's own build has
+others).
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from importlib.metadata import distributions
 from pathlib import Path
 
 LOCK_FILE = "requirements/lock-py311-cpu.txt"
-NOT_LOCKED = ("lmms-simignore", "pip", "torchvision", "timm")
+NOT_LOCKED = ("lmms-simignore", "pip", "timm")
+TORCH_PAIR = ("torch", "torchvision")  # installed first, together, by scripts/setup.sh
+TORCH_BUILD_PREFIXES = ("nvidia-", "cuda-", "triton")  # pinned by the torch wheel itself
+
+
+def is_locked(name: str) -> bool:
+    """Whether a (canonical) distribution name belongs in the lock."""
+    return name not in NOT_LOCKED and not name.startswith(TORCH_BUILD_PREFIXES)
 
 
 def canonical_name(name: str) -> str:
@@ -60,12 +69,12 @@ def read_lock(path: str | Path) -> dict[str, str]:
 
 
 def installed_packages() -> dict[str, str]:
-    """{canonical name: version} of every distribution in this environment except `NOT_LOCKED`; a local
-    version label is dropped (torch 2.13.0+cpu -> 2.13.0, which the same build satisfies)."""
+    """{canonical name: version} of every distribution in this environment that `is_locked`; a local version label
+    is dropped (torch 2.14.1+cu130 -> 2.14.1, which another build of the same release satisfies)."""
     found = {}
     for distribution in distributions():
         name = canonical_name(distribution.metadata["Name"])
-        if name not in NOT_LOCKED:
+        if is_locked(name):
             found[name] = distribution.version.split("+")[0]
     return dict(sorted(found.items()))
 
@@ -77,7 +86,7 @@ def lock_text(packages: dict[str, str], tested_with: str) -> str:
         f"# Tested: {tested_with}; Python {platform.python_version()} on {sys.platform} {platform.machine()}, {date.today().isoformat()}.",
         "# Installed by scripts/setup.sh (LOCK=0 for the newest versions the bounds allow);",
         "# refreshed by scripts/refresh-lock.sh (re-resolve, run the tests, rewrite only when they pass).",
-        f"# Not locked on purpose: {', '.join(NOT_LOCKED)} (see lmms_simignore/lockfile.py).",
+        f"# Not locked on purpose: {', '.join(NOT_LOCKED)}, and torch's own build ({', '.join(p + '*' for p in TORCH_BUILD_PREFIXES)}; see lmms_simignore/lockfile.py).",
     ]
     return "\n".join(header + [f"{name}=={version}" for name, version in packages.items()]) + "\n"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lmms_simignore.lockfile import LOCK_FILE, NOT_LOCKED, read_lock, unsatisfied_bounds
+from lmms_simignore.lockfile import LOCK_FILE, NOT_LOCKED, TORCH_PAIR, is_locked, read_lock, unsatisfied_bounds
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / LOCK_FILE
@@ -26,10 +26,27 @@ def test_every_locked_version_satisfies_the_bounds_in_pyproject():
 
 def test_the_lock_holds_the_evaluation_stack_and_leaves_out_what_breaks_it():
     lock = read_lock(LOCK)
-    for package in ("torch", "lmms-eval", "transformers", "accelerate", "datasets", "filelock", "pytest"):
+    for package in ("torch", "torchvision", "lmms-eval", "transformers", "accelerate", "datasets", "filelock", "pytest"):
         assert package in lock, package
     for package in NOT_LOCKED:
         assert package not in lock, package
+    assert not [name for name in lock if name.startswith(("nvidia-", "cuda-")) or name == "triton"]
+
+
+def test_the_packages_of_torch_s_own_build_are_left_to_the_torch_wheel():
+    assert not is_locked("nvidia-cublas") and not is_locked("triton") and not is_locked("cuda-bindings")
+    assert is_locked("torch") and is_locked("torchvision") and is_locked("transformers")
+
+
+def test_the_locked_torch_pair_imports_together_and_builds_what_needs_torchvision():
+    """transformers' Qwen-VL processors need torchvision: the lock's pair must import and run side by side."""
+    import torch
+    import torchvision
+    from transformers import Qwen2VLVideoProcessor
+
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.9], [2.0, 2.0, 3.0, 3.0]])
+    assert torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8, 0.7]), iou_threshold=0.5).tolist() == [0, 2]
+    assert type(Qwen2VLVideoProcessor()).__name__ == "Qwen2VLVideoProcessor"
 
 
 def test_a_locked_version_outside_a_bound_is_named():
@@ -55,9 +72,9 @@ def installed(package: str) -> str | None:
 
 @pytest.mark.skipif(os.environ.get("LOCK") == "0", reason="LOCK=0: the newest allowed versions, not the lock")
 def test_this_environment_has_every_locked_version():
-    """What `bash scripts/setup.sh` (LOCK=1) installs is the lock (torch aside: a working one is kept)."""
+    """What `bash scripts/setup.sh` (LOCK=1) installs is the lock (the torch pair aside: a working torch is kept)."""
     differing = {name: (pinned, installed(name)) for name, pinned in read_lock(LOCK).items()
-                 if name != "torch" and installed(name) != pinned}
+                 if name not in TORCH_PAIR and installed(name) != pinned}
     assert differing == {}, "locked vs installed; run `bash scripts/setup.sh`, or export LOCK=0 in an unlocked environment"
 
 

@@ -103,14 +103,14 @@ def test_the_diagnosis_names_the_package_its_version_and_the_locked_one():
     assert "the tested lock has the same" in same[0] and "does not work with this lmms-eval/torch" in same[1]
 
 
-def test_the_diagnosis_of_a_broken_torchvision_says_to_remove_it(monkeypatch):
+def test_the_diagnosis_of_a_broken_torchvision_names_the_torch_it_must_match(monkeypatch):
     from lmms_simignore.evaluation import selfcheck
 
     monkeypatch.setattr(selfcheck, "distribution_of", lambda module: "torchvision")
-    monkeypatch.setattr(selfcheck, "installed_version", lambda distribution: "0.28.0")
-    lines = diagnose("RuntimeError: operator torchvision::nms does not exist", {"torch": "2.13.0"})
-    assert lines[0].startswith("package: 'torchvision' belongs to torchvision 0.28.0, which lmms-eval requires but nothing here imports")
-    assert "`pip uninstall torchvision`" in lines[1]
+    monkeypatch.setattr(selfcheck, "installed_version", {"torchvision": "0.28.0", "torch": "2.13.0+cpu"}.get)
+    lines = diagnose("RuntimeError: operator torchvision::nms does not exist", {"torch": "2.14.1", "torchvision": "0.29.1"})
+    assert lines[0] == "package: 'torchvision' belongs to torchvision 0.28.0, which does not work next to torch 2.13.0+cpu"
+    assert "the tested lock pairs torch==2.14.1 with torchvision==0.29.1" in lines[1]
 
 
 def test_a_local_version_label_is_not_taken_for_a_different_version(monkeypatch):

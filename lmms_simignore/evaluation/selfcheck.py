@@ -61,6 +61,13 @@ def diagnose(error_line: str | None, lock: dict[str, str] | None) -> list[str]:
                 f"what to do: `pip uninstall {name}` (setup removes it when it cannot import), or install the {name} "
                 f"build made for this torch"]
     locked = (lock or {}).get(name)
+    if name == "torchvision":
+        torch_installed = installed_version("torch")
+        pair = f"torch=={(lock or {}).get('torch')} with torchvision=={locked}" if locked else "torch with its torchvision"
+        return [f"package: {module!r} belongs to torchvision {installed}, which does not work next to torch "
+                f"{torch_installed}",
+                f"what to do: install the torchvision release made for this torch (the tested lock pairs {pair}; "
+                f"bash scripts/setup.sh installs that pair when no torch imports)"]
     if locked is not None and locked != (installed or "").split("+")[0]:
         return [f"package: {module!r} belongs to {name} {installed}; the tested lock has {name}=={locked}",
                 f"what to do: install the tested lock (bash scripts/setup.sh, LOCK=1 is the default), "
