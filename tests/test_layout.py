@@ -51,17 +51,17 @@ def test_no_module_imports_itself_through_others():
 
 def test_the_tree_has_its_parts_and_no_leftover_flat_modules():
     top = sorted(path.name for path in PACKAGE.iterdir() if path.name != "__pycache__")
-    assert top == ["__init__.py", "__main__.py", "bench", "cli.py", "engine", "evaluation", "local_data.py", "lockfile.py",
-                   "markdown.py", "methods", "models", "settings.py", "shipped.py", "testbed"]
+    assert top == ["__init__.py", "__main__.py", "bench", "cli.py", "engine", "evaluation", "families", "local_data.py",
+                   "lockfile.py", "markdown.py", "methods", "models", "settings.py", "shipped.py", "testbed"]
     methods = sorted(path.stem for path in (PACKAGE / "methods").glob("*.py"))
     assert methods == ["__init__", "arguments", "base", "dart", "fastv", "pdrop", "pool", "random_tokens", "registry", "selection",
                        "simignore", "visiondrop", "visionzip"]
 
 
-def test_the_settings_and_the_engine_name_no_method():
+def test_the_settings_the_engine_and_the_families_name_no_method():
     """Methods declare themselves in methods/; the settings and the engine apply them through the registry and one
-    interface per place, so neither names one (in code, strings, docstrings or comments). The control: the methods'
-    own modules do."""
+    interface per place, and a family adapter says what its model is, so none of them names one (in code, strings,
+    docstrings or comments). The control: the methods' own modules do."""
     import re
 
     from lmms_simignore.methods.registry import METHODS
@@ -71,6 +71,6 @@ def test_the_settings_and_the_engine_name_no_method():
         words = {name for name in METHODS if name != "random" and re.search(rf"\b{name}\b", text, re.IGNORECASE)}
         return words | ({"random"} if re.search(r"[\"']random[\"']", text) else set())
 
-    files = [PACKAGE / "settings.py", *sorted((PACKAGE / "engine").glob("*.py"))]
+    files = [PACKAGE / "settings.py", *sorted((PACKAGE / "engine").glob("*.py")), *sorted((PACKAGE / "families").glob("*.py"))]
     assert {path.name: named(path) for path in files if named(path)} == {}
     assert named(PACKAGE / "methods" / "dart.py") >= {"dart"} and named(PACKAGE / "methods" / "random_tokens.py") >= {"random"}

@@ -19,6 +19,15 @@ def rotate(tensor: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention
     return torch.cat([rotated, tensor[..., rotary:]], dim=-1)
 
 
+def heads(attention, normed: torch.Tensor, role: str) -> torch.Tensor:
+    """(B, L, D) normed layer input -> (B, H, L, d) queries (`role` "q") or keys ("k") of `attention`, through its
+    per-head norm where it has one (Qwen3's `q_norm` / `k_norm`, on each head before the rotary embedding)."""
+    batch, length, _ = normed.shape
+    states = getattr(attention, f"{role}_proj")(normed).view(batch, length, -1, attention.head_dim)
+    norm = getattr(attention, f"{role}_norm", None)
+    return (states if norm is None else norm(states)).transpose(1, 2)
+
+
 def last_token_attention(layer, hidden_states: torch.Tensor, position_embeddings, key_visible: torch.Tensor) -> torch.Tensor:
     """Softmax attention of each row's last position over all columns, per head, in `layer`'s self-attention.
 
@@ -29,11 +38,9 @@ def last_token_attention(layer, hidden_states: torch.Tensor, position_embeddings
     Returns: (B, H, L) float32.
     """
     attention = layer.self_attn
-    batch, length, _ = hidden_states.shape
-    head_dim = attention.head_dim
     normed = layer.input_layernorm(hidden_states)  # (B, L, D)
-    query = attention.q_proj(normed[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)  # (B, H, 1, d)
-    key = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)  # (B, Hkv, L, d)
+    query = heads(attention, normed[:, -1:], "q")  # (B, H, 1, d)
+    key = heads(attention, normed, "k")  # (B, Hkv, L, d)
     cos, sin = position_embeddings
     query = rotate(query, cos[:, -1:], sin[:, -1:], attention)
     key = rotate(key, cos, sin, attention)
@@ -68,18 +75,18 @@ def attention_received(layer, hidden_states: torch.Tensor, position_embeddings, 
     def at_queries(tensor):  # (I, L, X) -> (I, M, X)
         return tensor.gather(1, query_columns[..., None].expand(-1, -1, tensor.shape[-1]))
 
-    query = attention.q_proj(at_queries(normed)).view(images, query_columns.shape[1], -1, head_dim).transpose(1, 2)  # (I, H, M, d)
-    key = attention.k_proj(normed).view(images, length, -1, head_dim).transpose(1, 2)  # (I, Hkv, L, d)
+    query = heads(attention, at_queries(normed), "q")  # (I, H, M, d)
+    key = heads(attention, normed, "k")  # (I, Hkv, L, d)
     query = rotate(query, at_queries(cos), at_queries(sin), attention)
     key = rotate(key, cos, sin, attention)
     grouped = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1).transpose(-1, -2)  # (I, H, d, L)
     columns = torch.arange(length, device=query.device)
     visible = key_visible[query_rows][:, None, :]  # (I, 1, L)
     received = torch.zeros(images, length, dtype=torch.float32, device=query.device)
-    heads = query.shape[1]
-    chunk = max(1, CHUNK_ELEMENTS // max(1, images * heads * length))
+    head_count = query.shape[1]
+    chunk = max(1, CHUNK_ELEMENTS // max(1, images * head_count * length))
     score_flops = 0
-    buffer = torch.empty(images * heads * min(chunk, query.shape[2]) * length, dtype=query.dtype, device=query.device)
+    buffer = torch.empty(images * head_count * min(chunk, query.shape[2]) * length, dtype=query.dtype, device=query.device)
     for start in range(0, query.shape[2], chunk):  # one buffer for every chunk: no fresh multi-MB tensor per chunk
         part = slice(start, start + chunk)
         queries = query[:, :, part]  # (I, H, c, d)
@@ -89,7 +96,7 @@ def attention_received(layer, hidden_states: torch.Tensor, position_embeddings, 
         scores = buffer[: queries[..., :1].numel() * seen].view(*queries.shape[:3], seen)
         scores = torch.matmul(queries, grouped[..., :seen], out=scores).float()  # (I, H, c, seen)
         weights = torch.softmax(scores.mul_(attention.scaling).add_(bias[:, None]), dim=-1, out=scores)  # in place
-        coefficients = (query_weights[:, None, part].float() / heads).expand(-1, heads, -1)  # (I, H, c)
+        coefficients = (query_weights[:, None, part].float() / head_count).expand(-1, head_count, -1)  # (I, H, c)
         received[:, :seen] += (coefficients.flatten(1)[:, None] @ weights.flatten(1, 2)).squeeze(1)  # mean over heads, sum over queries
         score_flops += 2 * queries[..., :1].numel() * seen * (head_dim + 1)
     return received, key, score_flops
@@ -102,8 +109,7 @@ def layer_key_norms(layer, hidden_states: torch.Tensor, position_embeddings) -> 
     hidden_states: (B, L, D) the layer's input; position_embeddings: (cos, sin), each (B, L, d). Returns (B, L) float32.
     """
     attention = layer.self_attn
-    batch, length, _ = hidden_states.shape
-    key = attention.k_proj(layer.input_layernorm(hidden_states)).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    key = heads(attention, layer.input_layernorm(hidden_states), "k")  # (B, Hkv, L, d)
     cos, sin = position_embeddings
     key = rotate(key, cos, sin, attention)  # (B, Hkv, L, d)
     return key.float().abs().sum(dim=(1, 3))

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from lmms_simignore.engine.families import check_model_support
+from lmms_simignore.engine.families import decoder_family
 from lmms_simignore.engine.prompt import ReducedPrompt, left_pack
 from lmms_simignore.engine.views import LayerView
 from lmms_simignore.methods.base import LayerStage
@@ -70,7 +70,8 @@ class _Segment:
     them are visible; rebuild: the stage's content of its kept image slots from the previous segment's image tokens
     (`LayerChoice.rebuild`), re-applied wherever the whole sequence passes; shift: (B, S) with repacked positions, how
     many tokens the stage dropped before each prompt column (its position drops by that much); dropped: (B, 1) all it
-    dropped (generated tokens shift by it).
+    dropped (generated tokens shift by it); image_token_index: (I, M) which of its image's original tokens each image
+    column holds (where the prompt's per-layer image additions go).
     """
 
     start: int
@@ -84,6 +85,7 @@ class _Segment:
     rebuild: Callable | None = None
     shift: torch.Tensor | None = None
     dropped: torch.Tensor | None = None
+    image_token_index: torch.Tensor | None = None
 
 
 STAGE_POSITIONS = ("original", "repacked")
@@ -110,7 +112,7 @@ class LanguageModelRun:
         from transformers import DynamicCache
 
         self.observe = observe  # observe(index, layer, layer_input, position_embeddings, mask, columns, is_image) in the prompt pass
-        self.family = check_model_support(model.config)
+        self.family = decoder_family(model.config.text_config)
         self.language_model = model.model.language_model
         self.final_norm = getattr(self.language_model, self.family.final_norm)
         self.lm_head = model.lm_head
@@ -122,9 +124,11 @@ class LanguageModelRun:
         self.segments = [_Segment(start, end, stage) for start, end, stage in zip(bounds, bounds[1:], [None, *stages])]
         first = self.segments[0]
         first.mask, first.image_columns, first.image_visible = prompt.attention_mask, prompt.image_columns, prompt.image_visible
+        first.image_token_index = prompt.image_token_index if prompt.image_token_index is not None else \
+            torch.arange(prompt.image_columns.shape[1], device=prompt.image_columns.device).expand_as(prompt.image_columns)
         self.cache = DynamicCache(config=self.language_model.config) if use_cache else None
         self.embeds = prompt.inputs_embeds  # (B, L, D), prompt + tokens fed so far (kept only without a cache)
-        self.positions = prompt.position_ids  # (B, L + t)
+        self.positions = prompt.position_ids  # (B, L + t), or (B, L + t, 3) with the multimodal rotary embedding
         self.prompt_length = prompt.inputs_embeds.shape[1]
         self.image_tokens_seen: ImageTokensSeen | None = None  # filled by the prompt pass
         self.stage_flops = 0  # FLOPs the in-LLM stages' own choices computed in the prompt pass (projections, scores)
@@ -143,7 +147,11 @@ class LanguageModelRun:
             if stage.positions not in STAGE_POSITIONS:
                 raise ValueError(f"{stage.method}'s stage positions must be one of {', '.join(STAGE_POSITIONS)}; got "
                                  f"{stage.positions!r}")
+            if stage.positions == "repacked" and self.family.rotary_axes != 1:
+                raise ValueError(f"{stage.method}'s stage re-packs positions, which is defined for 1-D positions only; on "
+                                 f"{self.family.name} (multimodal rotary positions) the kept tokens keep their own")
             previous_layer, previous_keep = stage.layer, stage.keep
+
 
     @property
     def kept_columns(self) -> torch.Tensor | None:
@@ -166,8 +174,8 @@ class LanguageModelRun:
         """Append `tokens` (B, t) after everything so far; (B, t, V) logits after each of them."""
         count = tokens.shape[1]
         new_embeds = self.embedding(tokens)  # (B, t, D)
-        offsets = torch.arange(1, count + 1, device=tokens.device)
-        new_positions = self.positions[:, -1:] + offsets  # (B, t)
+        offsets = torch.arange(1, count + 1, device=tokens.device).view(1, count, *[1] * (self.positions.dim() - 2))
+        new_positions = self.positions[:, -1:] + offsets  # (B, t), or (B, t, 3): each axis goes on from the last token
         ones = self.segments[0].mask.new_ones(tokens.shape[0], count)
         self.positions = torch.cat([self.positions, new_positions], dim=1)
         for segment in self.segments:
@@ -205,10 +213,11 @@ class LanguageModelRun:
                 positions = positions - segment.dropped
             if number:
                 previous_length = segment.gather.shape[1]
-            position_embeddings = model.rotary_emb(hidden, position_ids=positions)
+            position_embeddings = model.rotary_emb(hidden, position_ids=self._rotary_positions(positions))
+            sequence_positions = positions if self.family.rotary_axes == 1 else None  # M-RoPE models pass none either
             mask = create_causal_mask(
                 config=model.config, inputs_embeds=hidden, attention_mask=segment.mask,
-                cache=self.cache, position_ids=positions, layer_idx=segment.start,
+                cache=self.cache, position_ids=sequence_positions, layer_idx=segment.start,
             )
             if prompt_pass:
                 seen += [_image_columns_in(self._image_columns_map(segment, hidden.shape[1]), segment.mask)] * (segment.end - segment.start)
@@ -220,13 +229,28 @@ class LanguageModelRun:
                     self.observe(index, layers[index], hidden, position_embeddings, segment.mask.bool(), columns,
                                  self._image_columns_map(segment, hidden.shape[1]))
                 hidden = layers[index](
-                    hidden, attention_mask=mask, position_ids=positions, position_embeddings=position_embeddings, **cache_kwargs
+                    hidden, attention_mask=mask, position_ids=sequence_positions, position_embeddings=position_embeddings,
+                    **cache_kwargs
                 )
+                if index < len(self.prompt.image_additions) and (prompt_pass or self.cache is None):
+                    hidden = self._with_image_additions(hidden, segment, self.prompt.image_additions[index])
                 if prompt_pass and index == segment.end - 1 and number + 1 < len(self.segments):
                     self._choose_next_segment(number + 1, layers[index], layer_input, hidden, position_embeddings)
         if prompt_pass:
             self.image_tokens_seen = ImageTokensSeen(*(torch.stack([counts[part] for counts in seen], dim=1) for part in range(2)))
         return self.final_norm(hidden)
+
+    def _with_image_additions(self, hidden: torch.Tensor, segment: _Segment, additions: torch.Tensor) -> torch.Tensor:
+        """`hidden` (B, S, D) with `additions` (I, N, D) added at each image token present (its own row of them)."""
+        image_rows = self.prompt.image_rows[:, None]
+        hidden = hidden.clone()
+        hidden[image_rows, segment.image_columns] += additions.gather(
+            1, segment.image_token_index[..., None].expand(-1, -1, additions.shape[-1])).to(hidden.dtype)
+        return hidden
+
+    def _rotary_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """What the rotary module takes: (B, L) positions as they are, (B, L, 3) as (3, B, L)."""
+        return positions if self.family.rotary_axes == 1 else positions.permute(2, 0, 1)
 
     def _image_columns_map(self, segment: _Segment, length: int) -> torch.Tensor:
         """(B, S) bool: which columns of the segment's prompt sequence hold an image token (masked or not)."""
@@ -252,6 +276,11 @@ class LanguageModelRun:
         if tuple(choice.kept.shape) != (previous.image_columns.shape[0], segment.stage.keep):
             raise ValueError(f"{segment.stage.method}'s stage at layer {segment.start} returned {tuple(choice.kept.shape)} "
                              f"kept tokens; expected {(previous.image_columns.shape[0], segment.stage.keep)} (images, keep)")
+        if choice.rebuild is not None and segment.start < len(self.prompt.image_additions):
+            raise ValueError(f"{segment.stage.method}'s stage at layer {segment.start} merges image tokens, but this model "
+                             f"adds image features to the outputs of layers up to {len(self.prompt.image_additions) - 1} "
+                             f"(DeepStack), which a merged token has no row of; put the stage at layer "
+                             f"{len(self.prompt.image_additions)} or later")
         chosen = previous.image_columns.gather(1, choice.kept)  # (I, K) columns, ascending
         keep = visible.clone()
         keep[image_rows[:, None].expand_as(previous.image_columns), previous.image_columns] = False
@@ -266,6 +295,7 @@ class LanguageModelRun:
         segment.columns = base.gather(1, segment.gather)
         segment.image_columns = target[image_rows[:, None].expand_as(chosen), chosen]  # (I, K) in the new sequence
         segment.image_visible = torch.ones_like(segment.image_columns, dtype=torch.bool)
+        segment.image_token_index = previous.image_token_index.gather(1, choice.kept)
         segment.rebuild = choice.rebuild
 
     def _count_stage_flops(self, flops: int) -> None:

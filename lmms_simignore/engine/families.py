@@ -13,19 +13,28 @@ from lmms_simignore.methods.base import CLS_ATTENTION
 class DecoderFamily:
     """What differs between the supported decoders, as far as our loop is concerned.
 
-    final_norm: the language model's norm after the last layer. Everything else the loop uses is common to them: each
-    layer's `input_layernorm`, `self_attn.q_proj`/`k_proj` (rotary embedding on the first `cos.shape[-1]` dims of each
-    head: all of them for Llama, Phi's partial share), one causal mask for every layer, no step between the embedding
-    and the first layer other than dropout.
+    final_norm: the language model's norm after the last layer; rotary_axes: 1 for 1-D positions, 3 for the multimodal
+    rotary embedding (M-RoPE: temporal, height and width positions, which the rotary module recomposes into one
+    (cos, sin) per token, so the layers apply it as any rotary embedding). Everything else the loop uses is common to
+    them: each layer's `input_layernorm`, `self_attn.q_proj`/`k_proj` (rotary embedding on the first `cos.shape[-1]`
+    dims of each head: all of them for Llama, Phi's partial share; per-head query/key norms where the attention has
+    them), one causal mask for every layer, no step between the embedding and the first layer other than dropout, nor
+    between layers other than the prompt's per-layer image additions (DeepStack).
     """
 
     name: str
     final_norm: str
+    rotary_axes: int = 1
 
 
 DECODER_FAMILIES = {
     "llama": DecoderFamily("llama", final_norm="norm"),  # LLaVA-1.5 (Vicuna)
     "phi": DecoderFamily("phi", final_norm="final_layernorm"),  # Mipha-3B (Phi-2): partial rotary, parallel attention + MLP
+    "qwen2_vl_text": DecoderFamily("qwen2_vl_text", final_norm="norm", rotary_axes=3),  # Qwen2-VL (Qwen2 with M-RoPE)
+    "qwen2_5_vl_text": DecoderFamily("qwen2_5_vl_text", final_norm="norm", rotary_axes=3),  # Qwen2.5-VL
+    # Qwen3-VL: query/key norms per head (applied by the attention rows), interleaved M-RoPE (inside its rotary module),
+    # DeepStack (the prompt's per-layer image additions, applied by the loop)
+    "qwen3_vl_text": DecoderFamily("qwen3_vl_text", final_norm="norm", rotary_axes=3),
 }
 VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
 
@@ -39,6 +48,9 @@ def decoder_family(text) -> DecoderFamily:
             f"over the decoder layers is checked for {', '.join(DECODER_FAMILIES)} only (others differ in ways it would "
             f"miss: query/key norms, sliding-window layers, embedding scaling)"
         )
+    if "sliding_attention" in (getattr(text, "layer_types", None) or ()):
+        raise ValueError(f"this {text.model_type} language model has sliding-window layers (use_sliding_window=true), "
+                         f"which the loop's one causal mask for every layer would run wrongly; this checkpoint is refused")
     if family.name == "phi" and getattr(text, "qk_layernorm", False):
         raise ValueError("a Phi language model with qk_layernorm=true normalises queries and keys per head, which the "
                          "loop's attention rows do not; this checkpoint is refused")

@@ -15,11 +15,17 @@ class PromptEmbeddings:
 
     inputs_embeds:  (B, L, D) token embeddings with image features in place of the image tokens
     attention_mask: (B, L) 1 on real tokens, 0 on (left) padding
-    position_ids:   (B, L) RoPE positions (cumulative count of real tokens, as transformers' generate)
-    image_positions:(I, N) column of each image token, images in row-major order of the batch
+    position_ids:   (B, L) RoPE positions (cumulative count of real tokens, as transformers' generate), or (B, L, 3)
+                    multimodal rotary positions (temporal, height, width: Qwen-VL's M-RoPE, from the model's own
+                    `get_rope_index`)
+    image_positions:(I, N) column of each image token, images in row-major order of the batch (N: the largest image's
+                    tokens; a smaller image's slots after its own repeat its last column)
     image_rows:     (I,) batch row of each image
-    image_features: (I, N, D) projector outputs of each image (or a shorter image's tokens after a vision-side stage)
+    image_features: (I, N, D) projector outputs of each image (or a shorter image's tokens after a vision-side stage;
+                    zeros after a smaller image's own)
     image_tokens:   (B,) image tokens of each row before any reduction (what the token accounting reports)
+    image_additions: one (I, N, D) per decoder layer from the first, added to that layer's output at each image token
+                    in the prompt pass (Qwen3-VL's DeepStack: features of earlier tower layers); empty for most models
     """
 
     inputs_embeds: torch.Tensor
@@ -29,21 +35,33 @@ class PromptEmbeddings:
     image_rows: torch.Tensor
     image_features: torch.Tensor
     image_tokens: torch.Tensor
+    image_additions: tuple[torch.Tensor, ...] = ()
+    image_lengths: torch.Tensor | None = None  # (I,) each image's tokens where images differ in size; None: all N
 
     @property
     def tokens_per_image(self) -> int:
+        """N: the tokens of every image (of the largest, where they differ)."""
         return self.image_positions.shape[1]
+
+    @property
+    def image_slots(self) -> torch.Tensor:
+        """(I, N) bool: which of each image's N slots are its own tokens (all of them when images are of one size)."""
+        slots = torch.ones(self.image_positions.shape, dtype=torch.bool, device=self.image_positions.device)
+        if self.image_lengths is None:
+            return slots
+        return torch.arange(self.tokens_per_image, device=slots.device)[None, :] < self.image_lengths[:, None]
 
 
 @dataclass
 class ReducedPrompt:
     """What the LLM actually sees at prefill.
 
-    inputs_embeds: (B, L', D); attention_mask: (B, L'); position_ids: (B, L') original positions.
+    inputs_embeds: (B, L', D); attention_mask: (B, L'); position_ids: (B, L') or (B, L', 3) original positions.
     image_tokens / visible_image_tokens: (B,) image tokens in the prompt / still visible after reduction.
     image_rows: (I,) batch row of each image; image_columns: (I, M) column of each image's tokens that are
     still in the sequence (M = N when masking, K when dropping); image_visible: (I, M) which of them are
-    visible (an in-LLM stage chooses among these).
+    visible (an in-LLM stage chooses among these); image_token_index: (I, M) which of the image's N tokens each of
+    them is (None: the first M, in order); image_additions: as `PromptEmbeddings`' ((I, N, D) per layer).
     """
 
     inputs_embeds: torch.Tensor
@@ -54,6 +72,8 @@ class ReducedPrompt:
     image_rows: torch.Tensor
     image_columns: torch.Tensor
     image_visible: torch.Tensor
+    image_token_index: torch.Tensor | None = None
+    image_additions: tuple[torch.Tensor, ...] = ()
 
 
 def image_tokens_per_image(config) -> int:
@@ -103,34 +123,92 @@ def build_prompt_embeddings(model, input_ids, attention_mask, pixel_values=None,
         image_features = torch.stack(list(features.pooler_output)).to(inputs_embeds.dtype)  # (I, N, D)
     else:
         image_features = inputs_embeds.new_zeros(0, image_tokens_per_image(config), inputs_embeds.shape[-1])
-    num_images, tokens_per_image = image_features.shape[:2]
+    return place_image_features(inputs_embeds, is_image, image_features, attention_mask,
+                                default_position_ids(attention_mask), image_tokens)
+
+
+def place_image_features(inputs_embeds: torch.Tensor, is_image: torch.Tensor, image_features,
+                         attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                         image_tokens: torch.Tensor | None = None,
+                         image_additions: tuple = ()) -> PromptEmbeddings:
+    """The prompt with each image's features at its image tokens, images in row-major order of the batch.
+
+    inputs_embeds: (B, L, D) token embeddings; is_image: (B, L) bool, the image tokens (one contiguous block per image);
+    image_features: (I, N, D), or one (N_i, D) per image where images differ in size; attention_mask: (B, L);
+    position_ids: (B, L), or (B, L, 3) multimodal rotary positions; image_tokens: (B,) the rows' image tokens before
+    any shortening (default: those in `is_image`); image_additions: per decoder layer from the first, (I, N, D) or one
+    (N_i, D) per image (see `PromptEmbeddings`).
+    """
+    if isinstance(image_features, torch.Tensor):
+        lengths, width = [image_features.shape[1]] * image_features.shape[0], image_features.shape[1]
+    else:
+        lengths = [int(part.shape[0]) for part in image_features]
+        width = max(lengths, default=0)
     per_row = is_image.sum(dim=1)  # (B,)
-    if int(per_row.sum()) != num_images * tokens_per_image or (tokens_per_image and (per_row % tokens_per_image).any()):
+    coordinates = is_image.nonzero()  # (sum N_i, 2), row-major
+    starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    blocks = [coordinates[start:end] for start, end in zip(starts, starts[1:])]
+    if int(per_row.sum()) != sum(lengths) or not all(_one_block(block) for block in blocks):
         raise ValueError(
-            f"input_ids hold {per_row.tolist()} image tokens per row but pixel_values give {num_images} image(s) "
-            f"of {tokens_per_image} tokens; each image needs one block of {tokens_per_image} image tokens"
+            f"input_ids hold {per_row.tolist()} image tokens per row but pixel_values give {len(lengths)} image(s) of "
+            f"{lengths} tokens; each image needs one block of its own number of image tokens, in order"
         )
-    coordinates = is_image.nonzero()  # (I*N, 2), row-major
-    image_positions = coordinates[:, 1].reshape(num_images, tokens_per_image)  # (I, N)
-    image_rows = coordinates[::tokens_per_image, 0] if tokens_per_image else coordinates[:0, 0]  # (I,)
-    if num_images:
+    device = inputs_embeds.device
+
+    def padded(parts, fill_last: bool):  # one (N_i, ...) per image -> (I, N, ...), after each its last or zeros
+        if isinstance(parts, torch.Tensor):
+            return parts
+        if not parts:
+            return inputs_embeds.new_zeros(0, width, inputs_embeds.shape[-1])
+        rows = []
+        for part in parts:
+            pad = part[-1:].expand(width - len(part), *part.shape[1:]) if fill_last else \
+                part.new_zeros(width - len(part), *part.shape[1:])
+            rows.append(torch.cat([part, pad]))
+        return torch.stack(rows)
+
+    image_positions = padded([block[:, 1] for block in blocks], fill_last=True) if blocks else \
+        coordinates.new_zeros(0, width)  # (I, N)
+    image_rows = torch.stack([block[0, 0] for block in blocks]) if blocks else coordinates[:0, 0]  # (I,)
+    features = padded(image_features, fill_last=False)  # (I, N, D)
+    if blocks:
         inputs_embeds = inputs_embeds.clone()
-        inputs_embeds[image_rows[:, None], image_positions] = image_features
+        inputs_embeds[is_image] = torch.cat([features[index, :length] for index, length in enumerate(lengths)]).to(inputs_embeds.dtype)
     return PromptEmbeddings(
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
-        position_ids=default_position_ids(attention_mask),
+        position_ids=position_ids,
         image_positions=image_positions,
         image_rows=image_rows,
-        image_features=image_features,
+        image_features=features,
         image_tokens=per_row if image_tokens is None else image_tokens,
+        image_additions=tuple(padded(addition, fill_last=False).to(inputs_embeds.dtype) for addition in image_additions),
+        image_lengths=None if len(set(lengths)) <= 1 else torch.tensor(lengths, device=device),
     )
+
+
+def _one_block(coordinates: torch.Tensor) -> bool:
+    """Whether (n, 2) (row, column) coordinates are one run of consecutive columns of one row."""
+    if not len(coordinates):
+        return True
+    return bool(coordinates[0, 0] == coordinates[-1, 0]) and int(coordinates[-1, 1] - coordinates[0, 1]) + 1 == len(coordinates)
+
+
+def check_one_image_size(prompt: PromptEmbeddings, what: str) -> None:
+    """Refuse, naming `what`, a batch whose images differ in their number of tokens."""
+    if prompt.image_lengths is not None:
+        raise ValueError(f"{what} needs the images of a batch to be of one size for now; this batch's images have "
+                         f"{prompt.image_lengths.tolist()} tokens (use batch_size=1 with one image per prompt)")
 
 
 def with_shorter_images(prompt: PromptEmbeddings, features: torch.Tensor) -> PromptEmbeddings:
     """The prompt with each image's N tokens replaced by its K `features` (I, K, D), K <= N: they take the first K of
     the image's slots, the other N - K leave the sequence (rows left-packed again), and positions are counted anew, so
     the shorter image sits where the image was, at contiguous positions (a vision-side stage's or a pooled image)."""
+    check_one_image_size(prompt, "a stage that shortens each image")
+    if prompt.image_additions:
+        raise ValueError("a shorter image (a stage that replaces the image's tokens) cannot carry this model's per-layer "
+                         "image additions (DeepStack): such a stage is not supported on it yet")
     num_images, width = features.shape[:2]
     keep = prompt.attention_mask.bool().clone()  # (B, L)
     rows = prompt.image_rows[:, None]  # (I, 1)
@@ -197,8 +275,11 @@ def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str) -> R
     num_images, tokens_per_image = prompt.image_positions.shape
     image_index = torch.arange(num_images, device=device)[:, None]  # (I, 1)
     kept_slots = None  # (I, K) which entries of `kept` are real, when images keep different numbers
+    slots = prompt.image_slots  # (I, N): a smaller image's slots after its own are never kept
+    if kept.dtype != torch.bool and prompt.image_lengths is not None:
+        raise ValueError("where a batch's images differ in size, the kept image tokens must be given as (I, N) flags")
     if kept.dtype == torch.bool:  # (I, N) flags: any number per image (at least one each when dropping)
-        kept_flags = kept.clone()
+        kept_flags = kept & slots
         if apply == "drop":  # as indices, padded to the largest count with each image's last kept token
             counts = kept_flags.sum(dim=1)
             if num_images and int(counts.min()) < 1:
@@ -213,7 +294,8 @@ def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str) -> R
         kept_flags[image_index, kept] = True
     if num_images:
         rows = prompt.image_rows[:, None].expand(-1, tokens_per_image)  # (I, N)
-        visible[rows[~kept_flags], prompt.image_positions[~kept_flags]] = False
+        hidden = slots & ~kept_flags
+        visible[rows[hidden], prompt.image_positions[hidden]] = False
     image_tokens = prompt.image_tokens  # (B,)
     visible_image_tokens = torch.zeros(batch_size, dtype=torch.long, device=device).index_add_(0, prompt.image_rows, kept_flags.sum(dim=1))  # (B,)
 
@@ -227,6 +309,9 @@ def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str) -> R
             image_rows=prompt.image_rows,
             image_columns=prompt.image_positions,
             image_visible=kept_flags,
+            image_token_index=None if prompt.image_lengths is None else torch.minimum(  # a padded slot: its image's last
+                torch.arange(tokens_per_image, device=device)[None, :], prompt.image_lengths[:, None] - 1),
+            image_additions=prompt.image_additions,
         )
     source, mask, target = left_pack(visible)  # (B, L'), (B, L'), (B, L)
     rows = torch.arange(batch_size, device=device)[:, None]  # (B, 1)
@@ -234,10 +319,12 @@ def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str) -> R
     return ReducedPrompt(
         inputs_embeds=prompt.inputs_embeds[rows, source] * mask[..., None].to(prompt.inputs_embeds.dtype),
         attention_mask=mask.to(prompt.attention_mask.dtype),
-        position_ids=prompt.position_ids[rows, source] * mask,
+        position_ids=prompt.position_ids[rows, source] * mask.view(*mask.shape, *[1] * (prompt.position_ids.dim() - 2)),
         image_tokens=image_tokens,
         visible_image_tokens=visible_image_tokens,
         image_rows=prompt.image_rows,
         image_columns=image_columns,
         image_visible=torch.ones_like(image_columns, dtype=torch.bool) if kept_slots is None else kept_slots,
+        image_token_index=kept,
+        image_additions=prompt.image_additions,
     )

@@ -9,8 +9,9 @@ from functools import partial
 import torch
 
 from lmms_simignore.engine.families import check_plan_support
-from lmms_simignore.engine.prompt import (PromptEmbeddings, ReducedPrompt, build_prompt_embeddings, embed_texts, image_grid,
-                                          image_tokens_per_image, reduce_prompt, with_shorter_images)
+from lmms_simignore.engine.prompt import (PromptEmbeddings, ReducedPrompt, build_prompt_embeddings, check_one_image_size,
+                                          embed_texts, image_grid, image_tokens_per_image, reduce_prompt,
+                                          with_shorter_images)
 from lmms_simignore.engine.views import ImageTokensView, TowerView
 from lmms_simignore.methods.base import VisionStage
 from lmms_simignore.settings import Plan, ReductionSettings
@@ -40,7 +41,10 @@ def vision_stage_features(model, stage: VisionStage, tower_states: tuple[torch.T
 
 
 def every_image_token(prompt: PromptEmbeddings) -> torch.Tensor:
-    """(I, N) indices of all of each image's tokens (a choice that keeps everything)."""
+    """A choice that keeps everything: (I, N) indices of all of each image's tokens, or (I, N) flags of each image's
+    own slots where the batch's images differ in size."""
+    if prompt.image_lengths is not None:
+        return prompt.image_slots
     return torch.arange(prompt.tokens_per_image, device=prompt.image_positions.device).expand(prompt.image_rows.shape[0], -1)
 
 
@@ -95,6 +99,7 @@ def apply_pre_llm_stage(model, tokenizer, plan: Plan, prompt: PromptEmbeddings, 
     every = every_image_token(prompt)
     if stage is None:
         return reduce_prompt(prompt, every, "drop")
+    check_one_image_size(prompt, f"{stage.method}'s stage before the LLM")
     view = ImageTokensView(prompt.image_features, prompt.image_rows, image_seeds, image_grid(model.config),
                            partial(_comparison_embeddings, model, tokenizer, comparison_texts, prompt.image_rows))
     chosen = stage.choose(view)

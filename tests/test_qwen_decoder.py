@@ -1,0 +1,264 @@
+"""Our loop over the decoder layers on Qwen2-VL and Qwen2.5-VL (multimodal rotary positions), on tiny random models
+of transformers' own classes: the prompt embedded by the family adapter, then the model's own forward and generate
+are what the loop must reproduce, and an in-LLM rule's attention row is what transformers' eager weights give."""
+
+import pytest
+import torch
+from PIL import Image
+
+from lmms_simignore import engine
+from lmms_simignore.families import qwen_vl
+from lmms_simignore.methods.base import LayerChoice, LayerStage
+from lmms_simignore.methods.fastv import choose_by_last_token_attention, fastv_stage
+from lmms_simignore.testbed.tiny_qwen import build_tiny_qwen
+
+pytest.importorskip("torchvision")  # transformers' Qwen-VL processors need it
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+QUESTIONS = ["What colour is the circle?", "Is there a red square in the picture on the left?"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def qwen(request, tmp_path_factory):
+    """(model, eager model, processor) of one tiny family."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = build_tiny_qwen(tmp_path_factory.mktemp(request.param), request.param)
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="sdpa").eval()
+    eager = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
+    return model, eager, processor
+
+
+def batch(processor, size=(84, 56)):
+    """Two left-padded prompts of different lengths, one image each (of one size)."""
+    images = [Image.new("RGB", size, (200, 30, 30)), Image.effect_noise(size, 60).convert("RGB")]
+    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                                           add_generation_prompt=True) for q in QUESTIONS]
+    return processor(text=texts, images=images, return_tensors="pt", padding=True)
+
+
+def unreduced(model, inputs):
+    prompt = qwen_vl.embed_prompt(model, inputs)
+    return prompt, engine.reduce_prompt(prompt, engine.every_image_token(prompt), "drop")
+
+
+def test_the_prompt_holds_each_image_s_merged_patches_at_its_pad_tokens_with_the_model_s_own_positions(qwen):
+    model, _, processor = qwen
+    inputs = batch(processor)
+    prompt = qwen_vl.embed_prompt(model, inputs)
+    height, width = (int(x) for x in inputs["image_grid_thw"][0, 1:])
+    assert prompt.image_positions.shape == (2, height * width // 4)  # one token per 2x2 block of 14 px patches
+    expected, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                             image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
+    assert torch.equal(prompt.position_ids, expected.permute(1, 2, 0))
+    first = prompt.image_positions[0]
+    rows_and_columns = prompt.position_ids[0, first, 1:] - prompt.position_ids[0, first, :1]  # (N, 2) height, width
+    assert rows_and_columns[: width // 2, 0].tolist() == [0] * (width // 2)  # raster order: the first row of blocks
+    assert rows_and_columns[: width // 2, 1].tolist() == list(range(width // 2))
+
+
+def test_the_loop_gives_the_model_s_own_logits(qwen):
+    model, _, processor = qwen
+    inputs = batch(processor)
+    _, reduced = unreduced(model, inputs)
+    with torch.inference_mode():
+        expected = model(**inputs).logits[:, -1]
+    assert torch.allclose(engine.LanguageModelRun(model, reduced).prefill(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_generation_continues_the_positions_as_transformers_generate_does(qwen, use_cache):
+    model, _, processor = qwen
+    inputs = batch(processor)
+    _, reduced = unreduced(model, inputs)
+    tokenizer = processor.tokenizer
+    with torch.inference_mode():
+        expected = model.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                                  pad_token_id=tokenizer.pad_token_id)[:, inputs["input_ids"].shape[1]:]
+    ours = engine.generate(model, reduced, engine.DecodingOptions(max_new_tokens=8), eos_token_ids=[-1],
+                           pad_token_id=tokenizer.pad_token_id, use_cache=use_cache).tokens
+    assert ours.tolist() == expected.tolist()
+
+
+def test_masking_and_dropping_image_tokens_compute_the_same_logits(qwen):
+    model, _, processor = qwen
+    inputs = batch(processor)
+    prompt, _ = unreduced(model, inputs)
+    kept = torch.randperm(prompt.tokens_per_image, generator=torch.Generator().manual_seed(0))[:5].sort().values
+    kept = kept.expand(prompt.image_positions.shape[0], -1)
+    masked = engine.LanguageModelRun(model, engine.reduce_prompt(prompt, kept, "mask")).prefill()
+    dropped = engine.LanguageModelRun(model, engine.reduce_prompt(prompt, kept, "drop")).prefill()
+    assert torch.allclose(masked, dropped, atol=1e-5)
+    assert not torch.allclose(masked, engine.LanguageModelRun(model, unreduced(model, inputs)[1]).prefill(), atol=1e-4)
+
+
+def test_fastv_keeps_what_the_eager_attention_of_the_last_token_ranks_highest(qwen):
+    """Independently of the engine: layer 0's eager attention weights (transformers' own, at the model's own M-RoPE
+    positions) of each row's last token, mean over heads, ranked over the image's tokens."""
+    model, eager, processor = qwen
+    inputs = batch(processor)
+    prompt, reduced = unreduced(model, inputs)
+    with torch.inference_mode():
+        weights = eager(**inputs, output_attentions=True).attentions[0]  # (B, H, L, L)
+    received = weights[:, :, -1].mean(dim=1)  # (B, L)
+    keep = 4
+    run = engine.LanguageModelRun(model, reduced, stages=fastv_stage(1, keep))
+    run.prefill()
+    for row in range(2):
+        columns = prompt.image_positions[prompt.image_rows == row][0]  # (N,)
+        expected = sorted(columns[received[row, columns].topk(keep).indices].tolist())
+        kept = run.kept_columns[row][run.mask_high[row].bool()].tolist()
+        assert sorted(set(kept) & set(columns.tolist())) == expected
+
+
+def test_a_stage_that_repacks_positions_is_refused_on_multimodal_rotary_positions(qwen):
+    model, _, processor = qwen
+    _, reduced = unreduced(model, batch(processor))
+    stage = LayerStage("probe", 1, 4, choose_by_last_token_attention, positions="repacked")
+    with pytest.raises(ValueError, match="re-packs positions, which is defined for 1-D positions only"):
+        engine.LanguageModelRun(model, reduced, stages=(stage,))
+
+
+def ragged_batch(processor):
+    """Images of different sizes: a wide one in the first prompt, a small and a tall one in the second."""
+    sizes = [[(224, 160)], [(96, 96), (120, 200)]]
+    images = [Image.effect_noise(size, 50 + 10 * index).convert("RGB") for index, size in enumerate(sum(sizes, []))]
+    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}] * len(row) + [
+        {"type": "text", "text": question}]}], add_generation_prompt=True) for row, question in zip(sizes, QUESTIONS)]
+    return processor(text=texts, images=images, return_tensors="pt", padding=True)
+
+
+def test_images_of_different_sizes_and_several_per_prompt_run_as_the_model_runs_them(qwen):
+    model, _, processor = qwen
+    inputs = ragged_batch(processor)
+    prompt, reduced = unreduced(model, inputs)
+    lengths = [int(grid.prod()) // 4 for grid in inputs["image_grid_thw"]]
+    assert len(set(lengths)) == 3 and prompt.image_lengths.tolist() == lengths and prompt.image_rows.tolist() == [0, 1, 1]
+    assert reduced.visible_image_tokens.tolist() == [lengths[0], lengths[1] + lengths[2]]
+    with torch.inference_mode():
+        expected = model(**inputs).logits[:, -1]
+        generated = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                   pad_token_id=processor.tokenizer.pad_token_id)[:, inputs["input_ids"].shape[1]:]
+    assert torch.allclose(engine.LanguageModelRun(model, reduced).prefill(), expected, atol=1e-5)
+    ours = engine.generate(model, reduced, engine.DecodingOptions(max_new_tokens=6), eos_token_ids=[-1],
+                           pad_token_id=processor.tokenizer.pad_token_id)
+    assert ours.tokens.tolist() == generated.tolist()
+    assert ours.image_tokens_seen.computed[:, 0].tolist() == [lengths[0], lengths[1] + lengths[2]]
+
+
+def test_masking_and_dropping_tokens_of_images_of_different_sizes_compute_the_same_logits(qwen):
+    model, _, processor = qwen
+    prompt, _ = unreduced(model, ragged_batch(processor))
+    kept = prompt.image_slots & (torch.arange(prompt.tokens_per_image) % 3 == 0)[None, :]  # every third own token
+    masked = engine.reduce_prompt(prompt, kept, "mask")
+    dropped = engine.reduce_prompt(prompt, kept, "drop")
+    assert masked.visible_image_tokens.tolist() == dropped.visible_image_tokens.tolist() == [
+        int(kept[0].sum()), int(kept[1:].sum())]
+    assert torch.allclose(engine.LanguageModelRun(model, masked).prefill(),
+                          engine.LanguageModelRun(model, dropped).prefill(), atol=1e-5)
+
+
+def test_an_in_llm_stage_chooses_among_each_image_s_own_tokens_where_images_differ_in_size(qwen):
+    model, eager, processor = qwen
+    inputs = ragged_batch(processor)
+    prompt, reduced = unreduced(model, inputs)
+    with torch.inference_mode():
+        received = eager(**inputs, output_attentions=True).attentions[0][:, :, -1].mean(dim=1)  # (B, L)
+    run = engine.LanguageModelRun(model, reduced, stages=fastv_stage(1, 5))
+    run.prefill()
+    for row in range(2):
+        kept = set(run.kept_columns[row][run.mask_high[row].bool()].tolist())
+        for image in (prompt.image_rows == row).nonzero().flatten().tolist():
+            columns = prompt.image_positions[image, : int(prompt.image_lengths[image])]
+            assert sorted(kept & set(columns.tolist())) == sorted(columns[received[row, columns].topk(5).indices].tolist())
+
+
+def test_a_stage_before_the_llm_is_refused_where_images_differ_in_size(qwen):
+    model, _, processor = qwen
+    prompt, _ = unreduced(model, ragged_batch(processor))
+    with pytest.raises(ValueError, match=r"needs the images of a batch to be of one size for now; this batch's images have \[\d+, \d+, \d+\] tokens"):
+        engine.with_shorter_images(prompt, prompt.image_features[:, :4])
+
+
+# -- Qwen3-VL's DeepStack: tower features added to the first decoder layers' outputs at the image tokens ----------------
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = build_tiny_qwen(tmp_path_factory.mktemp("qwen3_vl"), "qwen3_vl")
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.tokenizer.padding_side = "left"
+    return AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="sdpa").eval(), processor
+
+
+def transformers_parts(model, inputs, row):
+    """One row as transformers builds it, without padding: (1, L, D) embeddings with the image features scattered in,
+    (3, 1, L) positions, (L,) image flags, and each DeepStack level's (N, D) rows of the row's image."""
+    real = inputs["attention_mask"][row].bool()
+    ids = inputs["input_ids"][row : row + 1, real]
+    features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+    embeds = model.get_input_embeddings()(ids)
+    is_image = ids[0] == model.config.image_token_id
+    embeds[0, is_image] = features.pooler_output[row]
+    positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                              image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
+    return embeds, positions[:, row : row + 1, real], is_image, [level[row] for level in features.deepstack_features]
+
+
+def test_image_tokens_dropped_before_the_llm_take_their_deepstack_rows_with_them(qwen3):
+    """Against transformers' own text model fed only the kept tokens (at their own positions) and their DeepStack rows."""
+    model, processor = qwen3
+    inputs = batch(processor)
+    prompt = qwen_vl.embed_prompt(model, inputs)
+    assert len(prompt.image_additions) == len(model.config.vision_config.deepstack_visual_indexes) == 2
+    kept = torch.tensor([1, 4, 5, 9, 12])
+    ours = engine.LanguageModelRun(model, engine.reduce_prompt(prompt, kept.expand(2, -1), "drop")).prefill()
+    with torch.inference_mode():
+        for row in range(2):
+            embeds, positions, is_image, levels = transformers_parts(model, inputs, row)
+            image_columns = is_image.nonzero().flatten()
+            keep = ~is_image
+            keep[image_columns[kept]] = True
+            hidden = model.model.language_model(
+                inputs_embeds=embeds[:, keep], position_ids=positions[:, :, keep], visual_pos_masks=is_image[keep][None],
+                deepstack_visual_embeds=[level[kept] for level in levels]).last_hidden_state
+            assert torch.allclose(ours[row], model.lm_head(hidden[0, -1]), atol=1e-5)
+
+
+def test_a_stage_inside_the_deepstack_layers_keeps_each_token_s_own_rows(qwen3):
+    """A stage at layer 1 (DeepStack adds after layers 0 and 1) keeps every other image token. Independently: the full
+    sequence through transformers' decoder layers, the dropped tokens hidden from layer 1 on by the mask, and every image
+    token given its DeepStack row in place."""
+    model, processor = qwen3
+    inputs = batch(processor)
+    prompt = qwen_vl.embed_prompt(model, inputs)
+    _, reduced = unreduced(model, inputs)
+    every_other = torch.arange(0, prompt.tokens_per_image, 2)
+    stage = LayerStage("probe", 1, len(every_other), lambda view: LayerChoice(every_other.expand(2, -1)))
+    ours = engine.LanguageModelRun(model, reduced, stages=(stage,)).prefill()
+    language_model = model.model.language_model
+    with torch.inference_mode():
+        for row in range(2):
+            embeds, positions, is_image, levels = transformers_parts(model, inputs, row)
+            length = embeds.shape[1]
+            dropped = torch.zeros(length, dtype=torch.bool)
+            dropped[is_image.nonzero().flatten()[1::2]] = True
+            causal = torch.ones(length, length, dtype=torch.bool).tril()
+            hidden, rotary = embeds, language_model.rotary_emb(embeds, positions)
+            for index, layer in enumerate(language_model.layers):
+                mask = causal & ~dropped[None, :] if index >= 1 else causal
+                hidden = layer(hidden, attention_mask=mask[None, None], position_embeddings=rotary)
+                if index < len(levels):
+                    hidden = hidden.clone()
+                    hidden[0, is_image] += levels[index]
+            assert torch.allclose(ours[row], model.lm_head(language_model.norm(hidden[0, -1])), atol=1e-5)
+
+
+def test_a_merging_stage_inside_the_deepstack_layers_is_refused(qwen3):
+    model, processor = qwen3
+    _, reduced = unreduced(model, batch(processor))
+    merging = LayerStage("probe", 1, 4, lambda view: LayerChoice(torch.arange(4).expand(2, -1), rebuild=lambda hidden: hidden[:, :4]))
+    with pytest.raises(ValueError, match="merges image tokens, but this model adds image features to the outputs of layers up to 1"):
+        engine.LanguageModelRun(model, reduced, stages=(merging,)).prefill()
