@@ -2,6 +2,8 @@
 of transformers' own classes: the prompt embedded by the family adapter, then the model's own forward and generate
 are what the loop must reproduce, and an in-LLM rule's attention row is what transformers' eager weights give."""
 
+import math
+
 import pytest
 import torch
 from PIL import Image
@@ -10,6 +12,7 @@ from lmms_simignore import engine
 from lmms_simignore.families import qwen_vl
 from lmms_simignore.methods.base import LayerChoice, LayerStage
 from lmms_simignore.methods.fastv import choose_by_last_token_attention, fastv_stage
+from lmms_simignore.settings import ReductionSettings
 from lmms_simignore.testbed.tiny_qwen import build_tiny_qwen
 
 pytest.importorskip("torchvision")  # transformers' Qwen-VL processors need it
@@ -262,3 +265,79 @@ def test_a_merging_stage_inside_the_deepstack_layers_is_refused(qwen3):
     merging = LayerStage("probe", 1, 4, lambda view: LayerChoice(torch.arange(4).expand(2, -1), rebuild=lambda hidden: hidden[:, :4]))
     with pytest.raises(ValueError, match="merges image tokens, but this model adds image features to the outputs of layers up to 1"):
         engine.LanguageModelRun(model, reduced, stages=(merging,)).prefill()
+
+
+# -- budgets per image under dynamic resolution: each image planned for its own tokens ---------------------------------
+def reduced_with(model, processor, settings, inputs):
+    """(prompt, reduced prompt, per-image in-LLM stages) of a processed batch under `settings`, as a model class runs it."""
+    prompt = qwen_vl.embed_prompt(model, inputs)
+    plans = engine.image_plans(model.config, settings, prompt)
+    seeds = list(range(prompt.image_rows.shape[0]))
+    reduced = engine.apply_image_plans_before_llm(model, processor.tokenizer, plans, prompt, ["red circle"] * 2, seeds)
+    return prompt, reduced, [plan.layers for plan in plans]
+
+
+def test_a_fraction_is_of_each_image_s_own_tokens_and_a_larger_count_than_an_image_s_is_refused_naming_it(qwen):
+    model, _, processor = qwen
+    inputs = ragged_batch(processor)
+    prompt = qwen_vl.embed_prompt(model, inputs)
+    grids = (inputs["image_grid_thw"][:, 1:] // 2).tolist()
+    plans = engine.image_plans(model.config, ReductionSettings(reduction="random", keep=0.3), prompt)
+    assert [plan.pre_llm.keep for plan in plans] == [math.floor(0.3 * h * w + 0.5) for h, w in grids]
+    smallest = min(h * w for h, w in grids)
+    with pytest.raises(ValueError, match=rf"an image of {smallest} tokens \(\d+ x \d+\) in this batch: keep={smallest + 1} exceeds"):
+        engine.image_plans(model.config, ReductionSettings(reduction="random", keep=smallest + 1), prompt)
+
+
+@pytest.mark.parametrize("settings", [dict(reduction="random", keep=0.3), dict(reduction="simignore", keep=0.4),
+                                      dict(reduction="fastv", keep=0.5), dict(reduction="pdrop", pdrop_layers="1/2", stage_positions="original"),
+                                      dict(reduction="random+fastv", keep=0.6, fastv_keep=0.25)])
+def test_each_prompt_of_a_batch_of_images_of_different_sizes_answers_as_it_does_alone(qwen, settings):
+    """Batch = each prompt alone (its images keep what their own plans keep), and the layers see each image's budget."""
+    model, _, processor = qwen
+    settings = ReductionSettings(**settings)
+    inputs = ragged_batch(processor)
+    prompt, reduced, stages = reduced_with(model, processor, settings, inputs)
+    run = engine.LanguageModelRun(model, reduced, stages=stages)
+    logits = run.prefill()
+    plans = engine.image_plans(model.config, settings, prompt)
+    for row in range(2):
+        images = (prompt.image_rows == row).nonzero().flatten().tolist()
+        expected = [sum(plans[image].visible_per_layer()[layer] for image in images) for layer in range(3)]
+        assert run.image_tokens_seen.visible[row].tolist() == expected
+        alone = {key: value[row : row + 1] for key, value in inputs.items() if key in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        first = sum(int(inputs["image_grid_thw"][i].prod()) for i in range(images[0]))
+        patches = sum(int(inputs["image_grid_thw"][i].prod()) for i in images)
+        alone["pixel_values"] = inputs["pixel_values"][first : first + patches]
+        alone["image_grid_thw"] = inputs["image_grid_thw"][images]
+        real = alone["attention_mask"][0].bool()
+        alone = {key: (value[:, real] if key != "pixel_values" and key != "image_grid_thw" else value) for key, value in alone.items()}
+        single_prompt = qwen_vl.embed_prompt(model, alone)
+        single_plans = engine.image_plans(model.config, settings, single_prompt)
+        single = engine.apply_image_plans_before_llm(model, processor.tokenizer, single_plans, single_prompt, ["red circle"],
+                                                     images)  # the same seed per image as in the batch
+        alone_logits = engine.LanguageModelRun(model, single, stages=[plan.layers for plan in single_plans]).prefill()
+        assert torch.allclose(logits[row], alone_logits[0], atol=1e-5)
+
+
+def test_fastv_keeps_half_of_each_image_by_the_eager_attention_where_images_differ_in_size(qwen):
+    model, eager, processor = qwen
+    inputs = ragged_batch(processor)
+    prompt, reduced, stages = reduced_with(model, processor, ReductionSettings(reduction="fastv", fastv_layer=1), inputs)
+    with torch.inference_mode():
+        received = eager(**inputs, output_attentions=True).attentions[0][:, :, -1].mean(dim=1)  # (B, L)
+    run = engine.LanguageModelRun(model, reduced, stages=stages)
+    run.prefill()
+    for image in range(prompt.image_rows.shape[0]):
+        row, length = int(prompt.image_rows[image]), int(prompt.image_lengths[image])
+        columns = prompt.image_positions[image, :length]
+        kept = set(run.kept_columns[row][run.mask_high[row].bool()].tolist()) & set(columns.tolist())
+        assert sorted(kept) == sorted(columns[received[row, columns].topk(math.floor(length / 2 + 0.5)).indices].tolist())
+
+
+@pytest.mark.parametrize("reduction, message", [("visionzip", "has no CLS token"), ("pool", "multimodal rotary positions")])
+def test_what_qwen_cannot_give_is_refused_by_name(qwen, reduction, message):
+    model, _, processor = qwen
+    inputs = batch(processor, size=(112, 112))  # a 4 x 4 grid of merged tokens: pool's keep=4 is a whole stride
+    with pytest.raises(ValueError, match=message):
+        reduced_with(model, processor, ReductionSettings(reduction=reduction, keep=4), inputs)

@@ -11,7 +11,7 @@ import torch
 from lmms_simignore.engine.families import decoder_family
 from lmms_simignore.engine.prompt import ReducedPrompt, left_pack
 from lmms_simignore.engine.views import LayerView
-from lmms_simignore.methods.base import LayerStage
+from lmms_simignore.methods.base import LayerChoice, LayerStage
 
 
 @dataclass
@@ -107,7 +107,7 @@ class LanguageModelRun:
     are image tokens (B, S) bool).
     """
 
-    def __init__(self, model, prompt: ReducedPrompt, stages: tuple[LayerStage, ...] = (), use_cache: bool = True,
+    def __init__(self, model, prompt: ReducedPrompt, stages: tuple | list = (), use_cache: bool = True,
                  observe: Callable | None = None):
         from transformers import DynamicCache
 
@@ -119,7 +119,10 @@ class LanguageModelRun:
         self.embedding = model.get_input_embeddings()
         self.prompt = prompt
         num_layers = len(self.language_model.layers)
-        self._check_stages(tuple(stages), num_layers)
+        self.groups = image_groups(stages, prompt.image_columns.shape[0], prompt.image_columns.device)
+        for images, group_stages in self.groups:
+            self._check_stages(group_stages, num_layers, prompt.image_visible[images])
+        stages = self.groups[0][1] if self.groups else ()
         bounds = [0, *(stage.layer for stage in stages), num_layers]
         self.segments = [_Segment(start, end, stage) for start, end, stage in zip(bounds, bounds[1:], [None, *stages])]
         first = self.segments[0]
@@ -133,9 +136,9 @@ class LanguageModelRun:
         self.image_tokens_seen: ImageTokensSeen | None = None  # filled by the prompt pass
         self.stage_flops = 0  # FLOPs the in-LLM stages' own choices computed in the prompt pass (projections, scores)
 
-    def _check_stages(self, stages: tuple[LayerStage, ...], num_layers: int) -> None:
-        prompt = self.prompt
-        previous_layer, previous_keep = 0, int(prompt.image_visible.sum(dim=1).min()) if prompt.image_visible.numel() else None
+    def _check_stages(self, stages: tuple[LayerStage, ...], num_layers: int, image_visible: torch.Tensor) -> None:
+        """`stages` of the images whose candidates are `image_visible` (I_g, M)."""
+        previous_layer, previous_keep = 0, int(image_visible.sum(dim=1).min()) if image_visible.numel() else None
         for stage in stages:
             if not previous_layer < stage.layer < num_layers:
                 raise ValueError(f"{stage.method}'s stage at layer {stage.layer} must come after layer {previous_layer} and "
@@ -149,7 +152,8 @@ class LanguageModelRun:
                                  f"{stage.positions!r}")
             if stage.positions == "repacked" and self.family.rotary_axes != 1:
                 raise ValueError(f"{stage.method}'s stage re-packs positions, which is defined for 1-D positions only; on "
-                                 f"{self.family.name} (multimodal rotary positions) the kept tokens keep their own")
+                                 f"{self.family.name} (multimodal rotary positions) the kept tokens keep their own: pass "
+                                 f"stage_positions=original")
             previous_layer, previous_keep = stage.layer, stage.keep
 
 
@@ -265,26 +269,33 @@ class LanguageModelRun:
         previous, segment = self.segments[number - 1], self.segments[number]
         image_rows = self.prompt.image_rows
         visible = previous.mask.bool()  # (B, S), the prompt pass: no generated token yet
-        view = LayerView(
-            layer=layer, next_layer=self.language_model.layers[segment.start], layer_input=layer_input,
-            layer_output=layer_output, position_embeddings=position_embeddings, visible=visible,
-            is_image=self._image_columns_map(previous, layer_output.shape[1]), image_rows=image_rows,
-            image_columns=previous.image_columns, image_visible=previous.image_visible, keep=segment.stage.keep,
-            final_norm=self.final_norm, count_flops=self._count_stage_flops,
-        )
-        choice = segment.stage.choose(view)
-        if tuple(choice.kept.shape) != (previous.image_columns.shape[0], segment.stage.keep):
-            raise ValueError(f"{segment.stage.method}'s stage at layer {segment.start} returned {tuple(choice.kept.shape)} "
-                             f"kept tokens; expected {(previous.image_columns.shape[0], segment.stage.keep)} (images, keep)")
+        is_image = self._image_columns_map(previous, layer_output.shape[1])
+        chosen_by_group = []
+        for images, group_stages in self.groups:  # one group of images per plan (images of one size share one)
+            stage = group_stages[number - 1]
+            view = LayerView(
+                layer=layer, next_layer=self.language_model.layers[segment.start], layer_input=layer_input,
+                layer_output=layer_output, position_embeddings=position_embeddings, visible=visible,
+                is_image=is_image, image_rows=image_rows[images], image_columns=previous.image_columns[images],
+                image_visible=previous.image_visible[images], keep=stage.keep, final_norm=self.final_norm,
+                count_flops=self._count_stage_flops,
+            )
+            group_choice = stage.choose(view)
+            if tuple(group_choice.kept.shape) != (len(images), stage.keep):
+                raise ValueError(f"{stage.method}'s stage at layer {segment.start} returned "
+                                 f"{tuple(group_choice.kept.shape)} kept tokens; expected {(len(images), stage.keep)} "
+                                 f"(images, keep)")
+            chosen_by_group.append((images, group_choice))
+        choice, slots = _combined(chosen_by_group, previous.image_columns.shape[0], segment.stage.method, segment.start)
         if choice.rebuild is not None and segment.start < len(self.prompt.image_additions):
             raise ValueError(f"{segment.stage.method}'s stage at layer {segment.start} merges image tokens, but this model "
                              f"adds image features to the outputs of layers up to {len(self.prompt.image_additions) - 1} "
                              f"(DeepStack), which a merged token has no row of; put the stage at layer "
                              f"{len(self.prompt.image_additions)} or later")
-        chosen = previous.image_columns.gather(1, choice.kept)  # (I, K) columns, ascending
+        chosen = previous.image_columns.gather(1, choice.kept)  # (I, K) columns, ascending (a short image's last repeated)
         keep = visible.clone()
         keep[image_rows[:, None].expand_as(previous.image_columns), previous.image_columns] = False
-        keep[image_rows[:, None].expand_as(chosen), chosen] = True
+        keep[image_rows[:, None].expand_as(chosen)[slots], chosen[slots]] = True
         segment.gather, mask, target = left_pack(keep)
         if segment.stage.positions == "repacked":
             dropped = visible & ~keep  # (B, S): what this stage removed (masked and padding columns were not there)
@@ -294,7 +305,7 @@ class LanguageModelRun:
         base = previous.columns if previous.columns is not None else torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
         segment.columns = base.gather(1, segment.gather)
         segment.image_columns = target[image_rows[:, None].expand_as(chosen), chosen]  # (I, K) in the new sequence
-        segment.image_visible = torch.ones_like(segment.image_columns, dtype=torch.bool)
+        segment.image_visible = slots
         segment.image_token_index = previous.image_token_index.gather(1, choice.kept)
         segment.rebuild = choice.rebuild
 
@@ -309,6 +320,47 @@ class LanguageModelRun:
         hidden = hidden.clone()
         hidden[image_rows, segment.image_columns] = content.to(hidden.dtype)
         return hidden
+
+
+def image_groups(stages, images: int, device) -> list[tuple[torch.Tensor, tuple[LayerStage, ...]]]:
+    """The images that share in-LLM stages: `stages` for all of them (a plan's `layers`), or one tuple per image (the
+    plan of each image's own size), grouped by plan -> [((I_g,) image indices, stages)]. Every group's stages must sit
+    at the same layers with the same position rule (they differ in what they keep)."""
+    if not stages or isinstance(stages[0], LayerStage):
+        return [(torch.arange(images, device=device), tuple(stages))] if stages else []
+    if len(stages) != images:
+        raise ValueError(f"one tuple of in-LLM stages per image is needed: {images} images, {len(stages)} given")
+    by_plan: dict[tuple, list[int]] = {}
+    for index, own in enumerate(stages):
+        by_plan.setdefault(tuple(own), []).append(index)
+    groups = [(torch.tensor(indices, device=device), own) for own, indices in by_plan.items()]
+    shapes = {tuple((stage.layer, stage.positions, stage.method) for stage in own) for _, own in groups}
+    if len(shapes) > 1:
+        raise ValueError(f"the images' in-LLM stages must sit at the same layers with the same position rule; got {sorted(shapes)}")
+    return [group for group in groups if group[1]] if any(own for _, own in groups) else []
+
+
+def _combined(chosen_by_group, images: int, method: str, layer: int) -> tuple[LayerChoice, torch.Tensor]:
+    """One choice for all images from each group's -> (LayerChoice with (I, K) kept, K the largest group's keep: a group
+    that keeps fewer repeats its last kept index), (I, K) bool: which kept entries are real."""
+    if len(chosen_by_group) == 1 and len(chosen_by_group[0][0]) == images:
+        kept = chosen_by_group[0][1].kept
+        return chosen_by_group[0][1], torch.ones(kept.shape, dtype=torch.bool, device=kept.device)
+    if any(choice.rebuild is not None for _, choice in chosen_by_group):
+        raise ValueError(f"{method}'s stage at layer {layer} merges image tokens, which needs the batch's images to be of "
+                         f"one size for now (use batch_size=1 with one image per prompt)")
+    width = max(choice.kept.shape[1] for _, choice in chosen_by_group)
+    device = chosen_by_group[0][1].kept.device
+    kept = torch.zeros(images, width, dtype=torch.long, device=device)
+    slots = torch.zeros(images, width, dtype=torch.bool, device=device)
+    for group, choice in chosen_by_group:
+        count = choice.kept.shape[1]
+        if count == 0 and width:
+            raise ValueError(f"{method}'s stage at layer {layer} keeps no token of some images and some of others")
+        kept[group, :count] = choice.kept
+        kept[group, count:] = choice.kept[:, -1:] if count else 0
+        slots[group, :count] = True
+    return LayerChoice(kept), slots
 
 
 def _image_columns_in(is_image: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

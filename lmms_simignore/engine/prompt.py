@@ -37,6 +37,7 @@ class PromptEmbeddings:
     image_tokens: torch.Tensor
     image_additions: tuple[torch.Tensor, ...] = ()
     image_lengths: torch.Tensor | None = None  # (I,) each image's tokens where images differ in size; None: all N
+    image_grids: torch.Tensor | None = None  # (I, 2) rows x cols of each image's own token grid (dynamic resolution)
 
     @property
     def tokens_per_image(self) -> int:
@@ -130,14 +131,15 @@ def build_prompt_embeddings(model, input_ids, attention_mask, pixel_values=None,
 def place_image_features(inputs_embeds: torch.Tensor, is_image: torch.Tensor, image_features,
                          attention_mask: torch.Tensor, position_ids: torch.Tensor,
                          image_tokens: torch.Tensor | None = None,
-                         image_additions: tuple = ()) -> PromptEmbeddings:
+                         image_additions: tuple = (), image_grids: torch.Tensor | None = None) -> PromptEmbeddings:
     """The prompt with each image's features at its image tokens, images in row-major order of the batch.
 
     inputs_embeds: (B, L, D) token embeddings; is_image: (B, L) bool, the image tokens (one contiguous block per image);
     image_features: (I, N, D), or one (N_i, D) per image where images differ in size; attention_mask: (B, L);
     position_ids: (B, L), or (B, L, 3) multimodal rotary positions; image_tokens: (B,) the rows' image tokens before
     any shortening (default: those in `is_image`); image_additions: per decoder layer from the first, (I, N, D) or one
-    (N_i, D) per image (see `PromptEmbeddings`).
+    (N_i, D) per image (see `PromptEmbeddings`); image_grids: (I, 2) each image's token grid, where images have their
+    own sizes.
     """
     if isinstance(image_features, torch.Tensor):
         lengths, width = [image_features.shape[1]] * image_features.shape[0], image_features.shape[1]
@@ -184,6 +186,7 @@ def place_image_features(inputs_embeds: torch.Tensor, is_image: torch.Tensor, im
         image_tokens=per_row if image_tokens is None else image_tokens,
         image_additions=tuple(padded(addition, fill_last=False).to(inputs_embeds.dtype) for addition in image_additions),
         image_lengths=None if len(set(lengths)) <= 1 else torch.tensor(lengths, device=device),
+        image_grids=image_grids,
     )
 
 
@@ -206,6 +209,9 @@ def with_shorter_images(prompt: PromptEmbeddings, features: torch.Tensor) -> Pro
     the image's slots, the other N - K leave the sequence (rows left-packed again), and positions are counted anew, so
     the shorter image sits where the image was, at contiguous positions (a vision-side stage's or a pooled image)."""
     check_one_image_size(prompt, "a stage that shortens each image")
+    if prompt.position_ids.dim() != 2:
+        raise ValueError("a shorter image (a stage that replaces the image's tokens) on multimodal rotary positions "
+                         "(M-RoPE) is not supported yet: its positions on the shorter grid are not defined here")
     if prompt.image_additions:
         raise ValueError("a shorter image (a stage that replaces the image's tokens) cannot carry this model's per-layer "
                          "image additions (DeepStack): such a stage is not supported on it yet")

@@ -89,24 +89,74 @@ def _comparison_embeddings(model, tokenizer, texts: list[str], image_rows: torch
 
 @torch.inference_mode()
 def apply_pre_llm_stage(model, tokenizer, plan: Plan, prompt: PromptEmbeddings, comparison_texts: list[str],
-                        image_seeds: list[int]) -> ReducedPrompt:
+                        image_seeds: list[int], grid: tuple[int, int] | None = None) -> ReducedPrompt:
     """The plan's stage after the projector on `prompt`: its kept tokens masked or dropped (`plan.apply`), or its shorter
     image; without one, the prompt as it is.
 
-    comparison_texts: one per row (a stage that reads text embeds it); image_seeds: one per image (random choices).
+    comparison_texts: one per row (a stage that reads text embeds it); image_seeds: one per image (random choices);
+    grid: (rows, cols) of each image's tokens (default: the model's, from its config).
     """
     stage = plan.pre_llm
     every = every_image_token(prompt)
     if stage is None:
         return reduce_prompt(prompt, every, "drop")
     check_one_image_size(prompt, f"{stage.method}'s stage before the LLM")
-    view = ImageTokensView(prompt.image_features, prompt.image_rows, image_seeds, image_grid(model.config),
+    view = ImageTokensView(prompt.image_features, prompt.image_rows, image_seeds, grid or image_grid(model.config),
                            partial(_comparison_embeddings, model, tokenizer, comparison_texts, prompt.image_rows))
     chosen = stage.choose(view)
     if stage.replaces:
         shorter = with_shorter_images(prompt, chosen)
         return reduce_prompt(shorter, every[:, : chosen.shape[1]], "drop")
     return reduce_prompt(prompt, chosen, plan.apply)
+
+
+def image_plans(config, settings: ReductionSettings, prompt: PromptEmbeddings) -> list[Plan]:
+    """The plan of each image of `prompt` on a model whose images have their own sizes (dynamic resolution): each
+    image's budget is of its own tokens (a fraction of them; a count larger than an image's tokens is refused, naming
+    the image's size), spatial methods work on its own grid, and images of one size share one plan."""
+    lengths = prompt.image_lengths.tolist() if prompt.image_lengths is not None else \
+        [prompt.tokens_per_image] * prompt.image_rows.shape[0]
+    grids = prompt.image_grids.tolist() if prompt.image_grids is not None else [None] * len(lengths)
+    plans: dict[tuple, Plan] = {}
+    for length, grid in zip(lengths, grids):
+        key = (length, tuple(grid) if grid is not None else None)
+        if key not in plans:
+            try:
+                plans[key] = settings.plan(length, config.text_config.num_hidden_layers, key[1])
+            except ValueError as error:
+                shape = f" ({key[1][0]} x {key[1][1]})" if key[1] else ""
+                raise ValueError(f"an image of {length} tokens{shape} in this batch: {error}") from error
+            check_plan_support(config, plans[key])
+    return [plans[(length, tuple(grid) if grid is not None else None)] for length, grid in zip(lengths, grids)]
+
+
+@torch.inference_mode()
+def apply_image_plans_before_llm(model, tokenizer, plans: list[Plan], prompt: PromptEmbeddings, comparison_texts: list[str],
+                                 image_seeds: list[int]) -> ReducedPrompt:
+    """Each image's plan's stage after the projector on `prompt` (`image_plans`), images of one plan chosen together:
+    the kept tokens masked or dropped; without such stages, the prompt as it is."""
+    stages = [plan.pre_llm for plan in plans]
+    if all(stage is None for stage in stages):
+        return reduce_prompt(prompt, every_image_token(prompt), "drop")
+    if stages[0].replaces:
+        check_one_image_size(prompt, f"{stages[0].method}'s stage before the LLM (a shorter image)")
+        grid = tuple(prompt.image_grids[0].tolist()) if prompt.image_grids is not None else image_grid(model.config)
+        return apply_pre_llm_stage(model, tokenizer, plans[0], prompt, comparison_texts, image_seeds, grid)
+    groups: dict[int, list[int]] = {}
+    for index, plan in enumerate(plans):
+        groups.setdefault(id(plan), []).append(index)
+    kept = torch.zeros(prompt.image_positions.shape, dtype=torch.bool, device=prompt.image_positions.device)  # (I, N)
+    for indices in groups.values():
+        plan, images = plans[indices[0]], torch.tensor(indices, device=kept.device)
+        rows = prompt.image_rows[images]
+        grid = tuple(prompt.image_grids[indices[0]].tolist()) if prompt.image_grids is not None else image_grid(model.config)
+        view = ImageTokensView(prompt.image_features[images, : plan.image_tokens], rows, [image_seeds[i] for i in indices],
+                               grid, partial(_comparison_embeddings, model, tokenizer, comparison_texts, rows))
+        chosen = plan.pre_llm.choose(view)  # (I_g, K) indices, or (I_g, N_g) flags
+        if chosen.dtype != torch.bool:
+            chosen = torch.zeros(len(indices), plan.image_tokens, dtype=torch.bool, device=kept.device).scatter_(1, chosen, True)
+        kept[images, : plan.image_tokens] = chosen
+    return reduce_prompt(prompt, kept, plans[0].apply)
 
 
 def prepare_reduced_prompt(model, tokenizer, plan: Plan, inputs, comparison_texts: list[str], image_seeds: list[int],

@@ -45,5 +45,11 @@ def embed_prompt(model, inputs) -> PromptEmbeddings:
         image_features = []
     positions, _ = model.model.get_rope_index(input_ids, inputs["mm_token_type_ids"], image_grid_thw=grid,
                                               attention_mask=attention_mask)  # (3, B, L)
+    grids = None
+    if grid is not None:
+        if (grid[:, 0] != 1).any():
+            raise ValueError(f"image_grid_thw has temporal sizes {grid[:, 0].tolist()}; an image has 1 (videos are not "
+                             f"supported)")
+        grids = grid[:, 1:] // model.config.vision_config.spatial_merge_size  # (I, 2) merged tokens per row and column
     return place_image_features(inputs_embeds, is_image, image_features, attention_mask, positions.permute(1, 2, 0),
-                                image_additions=additions)
+                                image_additions=additions, image_grids=grids)
