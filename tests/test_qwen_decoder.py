@@ -291,6 +291,7 @@ def test_a_fraction_is_of_each_image_s_own_tokens_and_a_larger_count_than_an_ima
 
 @pytest.mark.parametrize("settings", [dict(reduction="random", keep=0.3), dict(reduction="simignore", keep=0.4),
                                       dict(reduction="fastv", keep=0.5), dict(reduction="pdrop", pdrop_layers="1/2", stage_positions="original"),
+                                      dict(reduction="dart", keep=0.5, dart_layer=1),
                                       dict(reduction="random+fastv", keep=0.6, fastv_keep=0.25)])
 def test_each_prompt_of_a_batch_of_images_of_different_sizes_answers_as_it_does_alone(qwen, settings):
     """Batch = each prompt alone (its images keep what their own plans keep), and the layers see each image's budget."""
