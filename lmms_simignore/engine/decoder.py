@@ -92,9 +92,11 @@ STAGE_POSITIONS = ("original", "repacked")
 
 
 class LanguageModelRun:
-    """Runs the decoder layers of a llava model's language model: the one place a reduction acts inside the LLM.
+    """Runs the decoder layers of a model's language model (LLaVA, Mipha, Qwen-VL): the one place a reduction acts inside
+    the LLM.
 
-    In-LLM stages (`stages`: `LayerStage`s in layer order, from a plan) split the layers into segments. A stage at
+    In-LLM stages (`stages`: `LayerStage`s in layer order, from a plan, for every image; or one such tuple per image,
+    each image's own plan's (`engine.image_plans`), all at the same layers) split the layers into segments. A stage at
     layer K chooses, after layer K-1 has run on the prompt and through its `choose(LayerView)`, the `keep` image tokens
     per image among those still visible that layers >= K (up to the next stage) see; a stage that merges also gives
     their new content (`LayerChoice.rebuild`). Positions "original": each token keeps its position id; "repacked":
@@ -155,7 +157,6 @@ class LanguageModelRun:
                                  f"{self.family.name} (multimodal rotary positions) the kept tokens keep their own: pass "
                                  f"stage_positions=original")
             previous_layer, previous_keep = stage.layer, stage.keep
-
 
     @property
     def kept_columns(self) -> torch.Tensor | None:
