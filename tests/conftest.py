@@ -33,3 +33,13 @@ def processor(testbed):
     processor = AutoProcessor.from_pretrained(testbed["model"])
     processor.tokenizer.padding_side = "left"
     return processor
+
+
+@pytest.fixture(scope="session")
+def qwen_folders(tmp_path_factory):
+    """One tiny random checkpoint of each Qwen-VL family (transformers' own classes and processors)."""
+    pytest.importorskip("torchvision", reason="transformers' Qwen-VL processors need it")
+    from lmms_simignore.testbed.tiny_qwen import FAMILIES, build_tiny_qwen
+
+    root = tmp_path_factory.mktemp("tiny_qwen_models")
+    return {family: build_tiny_qwen(root / family, family) for family in FAMILIES}

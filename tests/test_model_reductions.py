@@ -19,7 +19,7 @@ def kept_positions(model, docs, doc_id=0):
     """Original positions of the image tokens the pre-LLM stage keeps for one doc."""
     request = model._prompt_request(simple_requests(docs)[doc_id].args)
     inputs = model._encode_batch([request])
-    reduced = model._reduced_prompt([request], inputs)
+    reduced, _ = model._reduce([request], inputs)
     return reduced.position_ids[0, reduced.image_columns[reduced.image_visible]].tolist()
 
 

@@ -178,13 +178,6 @@ def test_an_in_llm_stage_chooses_among_each_image_s_own_tokens_where_images_diff
             assert sorted(kept & set(columns.tolist())) == sorted(columns[received[row, columns].topk(5).indices].tolist())
 
 
-def test_a_stage_before_the_llm_is_refused_where_images_differ_in_size(qwen):
-    model, _, processor = qwen
-    prompt, _ = unreduced(model, ragged_batch(processor))
-    with pytest.raises(ValueError, match=r"needs the images of a batch to be of one size for now; this batch's images have \[\d+, \d+, \d+\] tokens"):
-        engine.with_shorter_images(prompt, prompt.image_features[:, :4])
-
-
 # -- Qwen3-VL's DeepStack: tower features added to the first decoder layers' outputs at the image tokens ----------------
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory):
@@ -292,7 +285,8 @@ def test_a_fraction_is_of_each_image_s_own_tokens_and_a_larger_count_than_an_ima
 @pytest.mark.parametrize("settings", [dict(reduction="random", keep=0.3), dict(reduction="simignore", keep=0.4),
                                       dict(reduction="fastv", keep=0.5), dict(reduction="pdrop", pdrop_layers="1/2", stage_positions="original"),
                                       dict(reduction="dart", keep=0.5, dart_layer=1),
-                                      dict(reduction="random+fastv", keep=0.6, fastv_keep=0.25)])
+                                      dict(reduction="random+fastv", keep=0.6, fastv_keep=0.25),
+                                      dict(reduction="pool", keep=0.25)])
 def test_each_prompt_of_a_batch_of_images_of_different_sizes_answers_as_it_does_alone(qwen, settings):
     """Batch = each prompt alone (its images keep what their own plans keep), and the layers see each image's budget."""
     model, _, processor = qwen
@@ -336,9 +330,57 @@ def test_fastv_keeps_half_of_each_image_by_the_eager_attention_where_images_diff
         assert sorted(kept) == sorted(columns[received[row, columns].topk(math.floor(length / 2 + 0.5)).indices].tolist())
 
 
-@pytest.mark.parametrize("reduction, message", [("visionzip", "has no CLS token"), ("pool", "multimodal rotary positions")])
-def test_what_qwen_cannot_give_is_refused_by_name(qwen, reduction, message):
+def test_what_qwen_cannot_give_is_refused_by_name(qwen):
     model, _, processor = qwen
-    inputs = batch(processor, size=(112, 112))  # a 4 x 4 grid of merged tokens: pool's keep=4 is a whole stride
-    with pytest.raises(ValueError, match=message):
-        reduced_with(model, processor, ReductionSettings(reduction=reduction, keep=4), inputs)
+    with pytest.raises(ValueError, match="visionzip ranks patches by the CLS token's attention; the vision tower .* has no CLS token"):
+        reduced_with(model, processor, ReductionSettings(reduction="visionzip", keep=4), batch(processor))
+
+
+# -- pooling each image's own grid: the shorter image where the model would place an image of the pooled grid ---------
+def pooled_by_hand(features: torch.Tensor, rows: int, cols: int, stride: int) -> torch.Tensor:
+    """(N, D) row-major on rows x cols -> (K, D): the mean of each stride x stride window's tokens inside the grid."""
+    grid = features.reshape(rows, cols, -1)
+    return torch.stack([grid[top : top + stride, left : left + stride].reshape(-1, grid.shape[-1]).mean(dim=0)
+                        for top in range(0, rows, stride) for left in range(0, cols, stride)])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_pooled_image_answers_as_the_model_does_on_a_prompt_written_with_the_pooled_grid(family, tmp_path):
+    """keep=0.25 pools a 5 x 7 grid with stride 2 into 3 x 4 (the last row and column of windows are partial).
+    Independently of the engine: the prompt written with 12 image tokens, their M-RoPE positions by hand (T = p,
+    H = p + row, W = p + col, text from p + 4) and, on Qwen3-VL, each DeepStack level pooled alike, through
+    transformers' own text model."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = build_tiny_qwen(tmp_path, family)
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    patch = model.config.vision_config.patch_size
+    inputs = batch(processor, size=(7 * 2 * patch, 5 * 2 * patch))  # width x height: 5 x 7 merged tokens
+    assert (inputs["image_grid_thw"][:, 1:] // 2).tolist() == [[5, 7], [5, 7]]
+    _, reduced, stages = reduced_with(model, processor, ReductionSettings(reduction="pool", keep=0.25), inputs)
+    ours = engine.LanguageModelRun(model, reduced, stages=stages).prefill()
+    image_token = model.config.image_token_id
+    with torch.inference_mode():
+        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+        for row in range(2):
+            ids = inputs["input_ids"][row][inputs["attention_mask"][row].bool()]
+            start = int((ids == image_token).nonzero()[0])
+            ids = torch.cat([ids[:start], torch.full((12,), image_token), ids[start + 35 :]])[None]  # (1, L')
+            embeds = model.get_input_embeddings()(ids)
+            is_image = ids[0] == image_token
+            embeds[0, is_image] = pooled_by_hand(features.pooler_output[row], 5, 7, 2)
+            columns = torch.arange(ids.shape[1])
+            rows_and_columns = torch.stack([torch.arange(12) // 4, torch.arange(12) % 4], dim=1)  # (12, 2)
+            positions = torch.stack([columns, columns, columns])  # text before the image: t = h = w = its index
+            positions[:, start : start + 12] = start
+            positions[1:, start : start + 12] += rows_and_columns.T
+            positions[:, start + 12 :] = columns[start + 12 :] - 12 + 4  # the text after resumes at start + max(3, 4)
+            assert reduced.position_ids[row, reduced.attention_mask[row].bool()].T.tolist() == positions.tolist()
+            extra = {}
+            if family == "qwen3_vl":
+                extra = {"visual_pos_masks": is_image[None],
+                         "deepstack_visual_embeds": [pooled_by_hand(level[row], 5, 7, 2) for level in features.deepstack_features]}
+            hidden = model.model.language_model(inputs_embeds=embeds, position_ids=positions[:, None], **extra).last_hidden_state
+            assert torch.allclose(ours[row], model.lm_head(hidden[0, -1]), atol=1e-5)

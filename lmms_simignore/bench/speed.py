@@ -129,7 +129,7 @@ def bench_model(model, processor, records: list[dict], batch_size: int, warmup: 
     with the LLM prefill
     (from the reduced prompt to the first logits); time to first token adds the vision tower and the choice.
     """
-    from lmms_simignore.models.llava_simignore import options_text
+    from lmms_simignore.models.base import options_text
     from lmms_simignore.testbed.llava_recipe import encode  # the shapes prompt format
 
     device = next(model.parameters()).device

@@ -75,7 +75,11 @@ def final_norm(language_model):
 
 def check_plan_support(config, plan) -> None:
     """Refuse, naming the method, a plan whose methods need what this model cannot give (a CLS token's attention)."""
-    needing = plan.needing(CLS_ATTENTION)
+    check_cls_attention(config, plan.needing(CLS_ATTENTION))
+
+
+def check_cls_attention(config, needing: tuple[str, ...]) -> None:
+    """Refuse, naming them, methods that read the CLS token's attention in the tower (`needing`) where it has none."""
     if not needing:
         return
     names = ", ".join(needing)

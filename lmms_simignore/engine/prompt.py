@@ -5,6 +5,7 @@ prompt after a choice of image tokens (masked, or dropped with their original po
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -38,6 +39,9 @@ class PromptEmbeddings:
     image_additions: tuple[torch.Tensor, ...] = ()
     image_lengths: torch.Tensor | None = None  # (I,) each image's tokens where images differ in size; None: all N
     image_grids: torch.Tensor | None = None  # (I, 2) rows x cols of each image's own token grid (dynamic resolution)
+    # the model's positions for this batch with images of other grids (a shorter image): (is_image (B, L) bool,
+    # attention_mask (B, L), grids (I, 2)) -> (B, L, 3); the family adapter's, for multimodal rotary positions only
+    positions_for: Callable | None = None
 
     @property
     def tokens_per_image(self) -> int:
@@ -131,7 +135,8 @@ def build_prompt_embeddings(model, input_ids, attention_mask, pixel_values=None,
 def place_image_features(inputs_embeds: torch.Tensor, is_image: torch.Tensor, image_features,
                          attention_mask: torch.Tensor, position_ids: torch.Tensor,
                          image_tokens: torch.Tensor | None = None,
-                         image_additions: tuple = (), image_grids: torch.Tensor | None = None) -> PromptEmbeddings:
+                         image_additions: tuple = (), image_grids: torch.Tensor | None = None,
+                         positions_for: Callable | None = None) -> PromptEmbeddings:
     """The prompt with each image's features at its image tokens, images in row-major order of the batch.
 
     inputs_embeds: (B, L, D) token embeddings; is_image: (B, L) bool, the image tokens (one contiguous block per image);
@@ -139,7 +144,7 @@ def place_image_features(inputs_embeds: torch.Tensor, is_image: torch.Tensor, im
     position_ids: (B, L), or (B, L, 3) multimodal rotary positions; image_tokens: (B,) the rows' image tokens before
     any shortening (default: those in `is_image`); image_additions: per decoder layer from the first, (I, N, D) or one
     (N_i, D) per image (see `PromptEmbeddings`); image_grids: (I, 2) each image's token grid, where images have their
-    own sizes.
+    own sizes; positions_for: the model's positions for images of other grids (see `PromptEmbeddings`).
     """
     if isinstance(image_features, torch.Tensor):
         lengths, width = [image_features.shape[1]] * image_features.shape[0], image_features.shape[1]
@@ -187,6 +192,7 @@ def place_image_features(inputs_embeds: torch.Tensor, is_image: torch.Tensor, im
         image_additions=tuple(padded(addition, fill_last=False).to(inputs_embeds.dtype) for addition in image_additions),
         image_lengths=None if len(set(lengths)) <= 1 else torch.tensor(lengths, device=device),
         image_grids=image_grids,
+        positions_for=positions_for,
     )
 
 
@@ -197,41 +203,58 @@ def _one_block(coordinates: torch.Tensor) -> bool:
     return bool(coordinates[0, 0] == coordinates[-1, 0]) and int(coordinates[-1, 1] - coordinates[0, 1]) + 1 == len(coordinates)
 
 
-def check_one_image_size(prompt: PromptEmbeddings, what: str) -> None:
-    """Refuse, naming `what`, a batch whose images differ in their number of tokens."""
-    if prompt.image_lengths is not None:
-        raise ValueError(f"{what} needs the images of a batch to be of one size for now; this batch's images have "
-                         f"{prompt.image_lengths.tolist()} tokens (use batch_size=1 with one image per prompt)")
+def with_shorter_images(prompt: PromptEmbeddings, features: torch.Tensor, lengths: torch.Tensor | None = None,
+                        grids: torch.Tensor | None = None, additions: tuple[torch.Tensor, ...] = ()) -> PromptEmbeddings:
+    """The prompt with each image's tokens replaced by its `features` (I, K, D): image i's first K_i (`lengths` (I,),
+    default all K) take the first K_i of the image's slots, its other slots leave the sequence (rows left-packed again),
+    so the shorter image sits where the image was, at contiguous positions (a vision-side stage's or a pooled image).
 
-
-def with_shorter_images(prompt: PromptEmbeddings, features: torch.Tensor) -> PromptEmbeddings:
-    """The prompt with each image's N tokens replaced by its K `features` (I, K, D), K <= N: they take the first K of
-    the image's slots, the other N - K leave the sequence (rows left-packed again), and positions are counted anew, so
-    the shorter image sits where the image was, at contiguous positions (a vision-side stage's or a pooled image)."""
-    check_one_image_size(prompt, "a stage that shortens each image")
-    if prompt.position_ids.dim() != 2:
-        raise ValueError("a shorter image (a stage that replaces the image's tokens) on multimodal rotary positions "
-                         "(M-RoPE) is not supported yet: its positions on the shorter grid are not defined here")
-    if prompt.image_additions:
-        raise ValueError("a shorter image (a stage that replaces the image's tokens) cannot carry this model's per-layer "
-                         "image additions (DeepStack): such a stage is not supported on it yet")
+    Positions are counted anew: 1-D positions from the mask; multimodal rotary positions as the model gives images of
+    `grids` (I, 2) (rows, cols of each shorter image's tokens; required there). `additions`: the shorter images' rows of
+    each of the prompt's per-layer image additions ((I, K, D) per layer; required where the prompt has them).
+    """
     num_images, width = features.shape[:2]
+    if prompt.position_ids.dim() != 2 and (grids is None or prompt.positions_for is None):
+        raise ValueError("a shorter image on multimodal rotary positions (M-RoPE) needs the grid its tokens form: this "
+                         "stage's shorter image forms none")
+    if len(additions) != len(prompt.image_additions):
+        raise ValueError(f"this model adds image features to the outputs of {len(prompt.image_additions)} decoder layers "
+                         f"(DeepStack); a stage that shortens each image must give the shorter image's rows of each")
+    device = prompt.attention_mask.device
+    lengths = torch.full((num_images,), width, device=device) if lengths is None else lengths.to(device)
+    slot = torch.arange(prompt.tokens_per_image, device=device)[None, :]  # (1, N)
+    leaving = prompt.image_slots & (slot >= lengths[:, None])  # (I, N) own slots past the shorter image
+    staying = slot[:, :width] < lengths[:, None]  # (I, K) the shorter image's real tokens
     keep = prompt.attention_mask.bool().clone()  # (B, L)
     rows = prompt.image_rows[:, None]  # (I, 1)
-    keep[rows.expand(-1, prompt.tokens_per_image - width), prompt.image_positions[:, width:]] = False
+    keep[rows.expand_as(leaving)[leaving], prompt.image_positions[leaving]] = False
     embeds = prompt.inputs_embeds.clone()
-    if num_images:
-        embeds[rows, prompt.image_positions[:, :width]] = features.to(embeds.dtype)
+    columns = prompt.image_positions[:, :width]  # (I, K)
+    embeds[rows.expand_as(columns)[staying], columns[staying]] = features[staying].to(embeds.dtype)
     source, mask, target = left_pack(keep)  # (B, L'), (B, L'), (B, L)
-    batch_rows = torch.arange(keep.shape[0], device=keep.device)[:, None]
+    batch_rows = torch.arange(keep.shape[0], device=device)[:, None]
+    last = torch.minimum(torch.arange(width, device=device)[None, :], lengths[:, None] - 1)  # (I, K): a slot past K_i repeats K_i - 1
+    image_positions = target[rows, columns.gather(1, last)]  # (I, K) in the new sequence
+    mask = mask.to(prompt.attention_mask.dtype)
+    if prompt.position_ids.dim() == 2:
+        position_ids = default_position_ids(mask)
+    else:
+        is_image = torch.zeros_like(keep[:, : mask.shape[1]])
+        is_image[rows.expand_as(image_positions)[staying], image_positions[staying]] = True
+        position_ids = prompt.positions_for(is_image, mask, grids)
+    zero_past = staying[..., None].to(features.dtype)
     return PromptEmbeddings(
         inputs_embeds=embeds[batch_rows, source] * mask[..., None].to(embeds.dtype),
-        attention_mask=mask.to(prompt.attention_mask.dtype),
-        position_ids=default_position_ids(mask),
-        image_positions=target[rows, prompt.image_positions[:, :width]],
+        attention_mask=mask,
+        position_ids=position_ids,
+        image_positions=image_positions,
         image_rows=prompt.image_rows,
-        image_features=features.to(embeds.dtype),
+        image_features=(features * zero_past).to(embeds.dtype),
         image_tokens=prompt.image_tokens,
+        image_additions=tuple((addition * zero_past.to(addition.dtype)).to(embeds.dtype) for addition in additions),
+        image_lengths=None if len(set(lengths.tolist())) <= 1 else lengths,
+        image_grids=grids,
+        positions_for=prompt.positions_for,
     )
 
 

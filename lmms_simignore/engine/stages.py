@@ -9,7 +9,7 @@ from functools import partial
 import torch
 
 from lmms_simignore.engine.families import check_plan_support
-from lmms_simignore.engine.prompt import (PromptEmbeddings, ReducedPrompt, build_prompt_embeddings, check_one_image_size,
+from lmms_simignore.engine.prompt import (PromptEmbeddings, ReducedPrompt, build_prompt_embeddings,
                                           embed_texts, image_grid, image_tokens_per_image, reduce_prompt,
                                           with_shorter_images)
 from lmms_simignore.engine.views import ImageTokensView, TowerView
@@ -89,25 +89,11 @@ def _comparison_embeddings(model, tokenizer, texts: list[str], image_rows: torch
 
 @torch.inference_mode()
 def apply_pre_llm_stage(model, tokenizer, plan: Plan, prompt: PromptEmbeddings, comparison_texts: list[str],
-                        image_seeds: list[int], grid: tuple[int, int] | None = None) -> ReducedPrompt:
-    """The plan's stage after the projector on `prompt`: its kept tokens masked or dropped (`plan.apply`), or its shorter
-    image; without one, the prompt as it is.
-
-    comparison_texts: one per row (a stage that reads text embeds it); image_seeds: one per image (random choices);
-    grid: (rows, cols) of each image's tokens (default: the model's, from its config).
-    """
-    stage = plan.pre_llm
-    every = every_image_token(prompt)
-    if stage is None:
-        return reduce_prompt(prompt, every, "drop")
-    check_one_image_size(prompt, f"{stage.method}'s stage before the LLM")
-    view = ImageTokensView(prompt.image_features, prompt.image_rows, image_seeds, grid or image_grid(model.config),
-                           partial(_comparison_embeddings, model, tokenizer, comparison_texts, prompt.image_rows))
-    chosen = stage.choose(view)
-    if stage.replaces:
-        shorter = with_shorter_images(prompt, chosen)
-        return reduce_prompt(shorter, every[:, : chosen.shape[1]], "drop")
-    return reduce_prompt(prompt, chosen, plan.apply)
+                        image_seeds: list[int]) -> ReducedPrompt:
+    """The plan's stage after the projector on every image of `prompt` (models whose images are of one size):
+    `apply_image_plans_before_llm` with this plan for each image."""
+    return apply_image_plans_before_llm(model, tokenizer, [plan] * prompt.image_rows.shape[0], prompt, comparison_texts,
+                                        image_seeds)
 
 
 def image_plans(config, settings: ReductionSettings, prompt: PromptEmbeddings) -> list[Plan]:
@@ -133,30 +119,62 @@ def image_plans(config, settings: ReductionSettings, prompt: PromptEmbeddings) -
 @torch.inference_mode()
 def apply_image_plans_before_llm(model, tokenizer, plans: list[Plan], prompt: PromptEmbeddings, comparison_texts: list[str],
                                  image_seeds: list[int]) -> ReducedPrompt:
-    """Each image's plan's stage after the projector on `prompt` (`image_plans`), images of one plan chosen together:
-    the kept tokens masked or dropped; without such stages, the prompt as it is."""
-    stages = [plan.pre_llm for plan in plans]
-    if all(stage is None for stage in stages):
+    """Each image's plan's stage after the projector on `prompt` (one plan per image: `image_plans`; images of one plan
+    chosen together): the kept tokens masked or dropped (`plan.apply`), or each image replaced by its shorter image;
+    without such stages, the prompt as it is.
+
+    comparison_texts: one per row (a stage that reads text embeds it); image_seeds: one per image (random choices).
+    """
+    if all(plan.pre_llm is None for plan in plans):
         return reduce_prompt(prompt, every_image_token(prompt), "drop")
-    if stages[0].replaces:
-        check_one_image_size(prompt, f"{stages[0].method}'s stage before the LLM (a shorter image)")
-        grid = tuple(prompt.image_grids[0].tolist()) if prompt.image_grids is not None else image_grid(model.config)
-        return apply_pre_llm_stage(model, tokenizer, plans[0], prompt, comparison_texts, image_seeds, grid)
     groups: dict[int, list[int]] = {}
     for index, plan in enumerate(plans):
         groups.setdefault(id(plan), []).append(index)
-    kept = torch.zeros(prompt.image_positions.shape, dtype=torch.bool, device=prompt.image_positions.device)  # (I, N)
+    choices = []
     for indices in groups.values():
-        plan, images = plans[indices[0]], torch.tensor(indices, device=kept.device)
+        plan, images = plans[indices[0]], torch.tensor(indices, device=prompt.image_positions.device)
         rows = prompt.image_rows[images]
         grid = tuple(prompt.image_grids[indices[0]].tolist()) if prompt.image_grids is not None else image_grid(model.config)
-        view = ImageTokensView(prompt.image_features[images, : plan.image_tokens], rows, [image_seeds[i] for i in indices],
-                               grid, partial(_comparison_embeddings, model, tokenizer, comparison_texts, rows))
-        chosen = plan.pre_llm.choose(view)  # (I_g, K) indices, or (I_g, N_g) flags
+        seeds = [image_seeds[i] for i in indices] if image_seeds else []  # only random choices need them
+        view = ImageTokensView(prompt.image_features[images, : plan.image_tokens], rows, seeds, grid,
+                               partial(_comparison_embeddings, model, tokenizer, comparison_texts, rows))
+        choices.append((images, plan, plan.pre_llm.choose(view)))
+    if plans[0].pre_llm.replaces:
+        return _with_shorter_images(prompt, choices)
+    if len(choices) == 1 and prompt.image_lengths is None:  # one plan for every image: its (I, K) indices as they are
+        return reduce_prompt(prompt, choices[0][2], plans[0].apply)
+    kept = torch.zeros(prompt.image_positions.shape, dtype=torch.bool, device=prompt.image_positions.device)  # (I, N)
+    for images, plan, chosen in choices:  # (I_g, K) indices, or (I_g, N_g) flags
         if chosen.dtype != torch.bool:
-            chosen = torch.zeros(len(indices), plan.image_tokens, dtype=torch.bool, device=kept.device).scatter_(1, chosen, True)
+            chosen = torch.zeros(len(images), plan.image_tokens, dtype=torch.bool, device=kept.device).scatter_(1, chosen, True)
         kept[images, : plan.image_tokens] = chosen
     return reduce_prompt(prompt, kept, plans[0].apply)
+
+
+def _with_shorter_images(prompt: PromptEmbeddings, choices: list) -> ReducedPrompt:
+    """The prompt with each image replaced by its group's `ShorterImage` ([(images (I_g,), plan, shorter)]): features
+    padded to the longest, each image's grid, and its rows of each per-layer image addition, reduced the same way."""
+    num_images = prompt.image_rows.shape[0]
+    device = prompt.image_positions.device
+    width = max(shorter.features.shape[1] for _, _, shorter in choices)
+    features = prompt.image_features.new_zeros(num_images, width, prompt.image_features.shape[-1])
+    lengths = torch.zeros(num_images, dtype=torch.long, device=device)
+    grids = torch.zeros(num_images, 2, dtype=torch.long, device=device)
+    additions = [addition.new_zeros(num_images, width, addition.shape[-1]) for addition in prompt.image_additions]
+    for images, plan, shorter in choices:
+        count = shorter.features.shape[1]
+        features[images, :count] = shorter.features.to(features.dtype)
+        lengths[images] = count
+        if shorter.grid is not None:
+            grids[images] = torch.tensor(shorter.grid, device=device)
+        if additions and shorter.same is None:
+            raise ValueError(f"{plan.pre_llm.method}'s shorter image cannot carry this model's per-layer image additions "
+                             f"(DeepStack): the stage gives no way to reduce them alike")
+        for addition, level in zip(additions, prompt.image_additions):
+            addition[images, :count] = shorter.same(level[images, : plan.image_tokens]).to(addition.dtype)
+    has_grids = all(shorter.grid is not None for _, _, shorter in choices)
+    shorter_prompt = with_shorter_images(prompt, features, lengths, grids if has_grids else None, tuple(additions))
+    return reduce_prompt(shorter_prompt, every_image_token(shorter_prompt), "drop")
 
 
 def prepare_reduced_prompt(model, tokenizer, plan: Plan, inputs, comparison_texts: list[str], image_seeds: list[int],

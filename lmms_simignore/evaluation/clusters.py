@@ -54,7 +54,7 @@ def image_tokens_and_scores(model, processor, records: list[dict], batch_size: i
     """(I, N, D) projected image tokens of each record's image and (I, N) their Simignore scores (best cosine
     similarity to the embeddings of the record's answer options, joined by spaces). `prompts(batch)` makes the
     processor inputs (default: the shapes prompt)."""
-    from lmms_simignore.models.llava_simignore import options_text
+    from lmms_simignore.models.base import options_text
 
     prompts = prompts or shapes_prompts(processor)
     features, scores = [], []

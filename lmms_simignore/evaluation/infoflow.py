@@ -75,7 +75,7 @@ def flows(model, processor, records: list[dict], settings: ReductionSettings, ba
     """The flow over `records` (one image each), batched into processor inputs by `prompts(batch)` (default: the
     shapes prompt)."""
     from lmms_simignore.evaluation.samples import shapes_prompts
-    from lmms_simignore.models.llava_simignore import options_text
+    from lmms_simignore.models.base import options_text
 
     prompts = prompts or shapes_prompts(processor)
     tokens = engine.image_tokens_per_image(model.config)

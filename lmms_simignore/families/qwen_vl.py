@@ -10,15 +10,20 @@ exactly what the model's forward would.
 
 from __future__ import annotations
 
+import math
+from functools import partial
+
 import torch
 
+from lmms_simignore.engine.families import check_cls_attention, check_plan_support
 from lmms_simignore.engine.prompt import PromptEmbeddings, place_image_features
+from lmms_simignore.settings import Plan, ReductionSettings
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def check_qwen_model(config) -> None:
-    """Refuse, by name, a checkpoint that is not Qwen2-VL or Qwen2.5-VL."""
+    """Refuse, by name, a checkpoint that is not Qwen2-VL, Qwen2.5-VL or Qwen3-VL."""
     if config.model_type not in MODEL_TYPES:
         raise ValueError(f"this checkpoint is {config.model_type!r}; the Qwen-VL adapter handles {', '.join(MODEL_TYPES)}")
 
@@ -52,4 +57,47 @@ def embed_prompt(model, inputs) -> PromptEmbeddings:
                              f"supported)")
         grids = grid[:, 1:] // model.config.vision_config.spatial_merge_size  # (I, 2) merged tokens per row and column
     return place_image_features(inputs_embeds, is_image, image_features, attention_mask, positions.permute(1, 2, 0),
-                                image_additions=additions, image_grids=grids)
+                                image_additions=additions, image_grids=grids, positions_for=partial(rope_positions, model))
+
+
+def rope_positions(model, is_image: torch.Tensor, attention_mask: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+    """(B, L, 3) the model's own multimodal rotary positions (`get_rope_index`) for a sequence whose image tokens are
+    `is_image` (B, L), one contiguous block per image in row-major order, the images' token grids `grids` (I, 2) (rows,
+    cols of merged tokens), and `attention_mask` (B, L) (0 on left padding): each image's tokens at (T, H, W) = (p, p +
+    row, p + col), the text after it from p + max(rows, cols), as the model places an image of that grid."""
+    merge = model.config.vision_config.spatial_merge_size
+    image_grid_thw = torch.cat([torch.ones_like(grids[:, :1]), grids * merge], dim=1)  # (I, 3) in patches, as the processor writes it
+    token_types = is_image.long()  # 1 marks an image token, 0 text
+    positions, _ = model.model.get_rope_index(token_types, token_types, image_grid_thw=image_grid_thw,
+                                              attention_mask=attention_mask)  # (3, B, L)
+    return positions.permute(1, 2, 0)
+
+
+def nominal_plan(config, settings: ReductionSettings, max_pixels: int) -> Plan:
+    """The settings' stages for the largest image a model of `config` takes (a square of `max_pixels`: side =
+    floor(sqrt(max_pixels) / (patch x merge)) merged tokens), so that bad budgets, layers and methods fail before any
+    weights load; each batch's images are then planned for their own sizes (`engine.image_plans`)."""
+    check_cls_attention(config, settings.needs_cls_attention)  # whatever the budgets, before planning them
+    vision = config.vision_config
+    side = max(1, math.isqrt(int(max_pixels)) // (vision.patch_size * vision.spatial_merge_size))
+    try:
+        plan = settings.plan(side * side, config.text_config.num_hidden_layers, (side, side))
+    except ValueError as error:
+        raise ValueError(f"an image at max_pixels={max_pixels} has {side * side} tokens ({side} x {side}): {error}") from error
+    check_qwen_plan(config, plan)
+    return plan
+
+
+def check_qwen_plan(config, plan: Plan) -> None:
+    """Refuse, naming the method, what a Qwen-VL model cannot give: a CLS token's attention, a stage inside the ViT,
+    positions re-packed on its multimodal rotary positions."""
+    check_plan_support(config, plan)
+    for stage in plan.layers:
+        if stage.positions != "original":
+            raise ValueError(f"{stage.method}'s stage at layer {stage.layer} re-packs the positions of the tokens it keeps "
+                             f"(its authors' rule on 1-D positions), which is not defined for {config.model_type}'s "
+                             f"multimodal rotary positions: pass stage_positions=original (each kept token keeps its own)")
+    if plan.vision is not None:
+        raise ValueError(f"{plan.vision.method} shortens each image inside the vision tower, which is defined here for "
+                         f"CLIP towers only; {config.model_type}'s ViT (windowed attention, 2x2 patch merger, no CLS token) "
+                         f"is refused")

@@ -119,14 +119,26 @@ class VisionStage:
 @dataclass(frozen=True)
 class PreLLMStage:
     """A stage after the projector: `choose(view: ImageTokensView)` returns (I, keep) indices of the kept tokens
-    (ascending), or (I, N) bool flags when `adaptive` (each image its own number); with `replaces`, (I, keep, D)
-    new image features instead: a shorter image, placed where the image was, at contiguous positions."""
+    (ascending), or (I, N) bool flags when `adaptive` (each image its own number); with `replaces`, a `ShorterImage`
+    instead: new image features, placed where the image was, at contiguous positions."""
 
     method: str
     keep: int
     choose: Callable
     adaptive: bool = False
     replaces: bool = False
+
+
+@dataclass
+class ShorterImage:
+    """What a stage that replaces each image returns: `features` (I, K, D), the shorter image's tokens; `grid` (rows,
+    cols) of those K tokens, row-major, where they form one (a model with multimodal rotary positions places the
+    shorter image on it, as it would place an image of that grid); `same((I, N, D')) -> (I, K, D')`: the same reduction
+    applied to other rows of each image's tokens (Qwen3-VL's DeepStack levels), None where the stage has none."""
+
+    features: torch.Tensor
+    grid: tuple[int, int] | None = None
+    same: Callable | None = None
 
 
 @dataclass
