@@ -25,6 +25,12 @@ def _regression(args: argparse.Namespace) -> int:
     return run_regression(args.expected, args.workdir, update=args.update, echo=lambda line: print(line, flush=True))
 
 
+def _fingerprints(args: argparse.Namespace) -> int:
+    from lmms_simignore.evaluation.fingerprints import run_fingerprints
+
+    return run_fingerprints(args.expected, update=args.update, echo=lambda line: print(line, flush=True))
+
+
 def _selfcheck(args: argparse.Namespace) -> int:
     from lmms_simignore.evaluation.selfcheck import run_selfcheck
 
@@ -297,6 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     regression.add_argument("--workdir", help="lmms-eval outputs (default: a fresh temporary folder)")
     regression.add_argument("--update", action="store_true", help="write the measured results into --expected (an intentional change)")
     regression.set_defaults(handler=_regression)
+
+    fingerprints = commands.add_parser(
+        "fingerprints", help="every method on tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL: compare answers and token counts "
+        "with the expected file")
+    fingerprints.add_argument("--expected", default="tests/expected/qwen_fingerprints.json",
+                              help="expected-fingerprints file (default: %(default)s)")
+    fingerprints.add_argument("--update", action="store_true", help="write the measured fingerprints into --expected")
+    fingerprints.set_defaults(handler=_fingerprints)
 
     selfcheck = commands.add_parser(
         "selfcheck", help="seconds-long real lmms-eval evaluation of the shipped model; names the failing package if it breaks"

@@ -6,11 +6,10 @@ import importlib
 
 import pytest
 from lmms_eval.api.instance import Instance
-from PIL import Image
 
+from lmms_simignore.evaluation.fingerprints import FINGERPRINT_ROWS, SMALL_IMAGES, fingerprint_docs, one_or_two_images
 from lmms_simignore.models import qwen_vl_simignore as qwen_classes
 from lmms_simignore.tasks import scienceqa_utils
-from lmms_simignore.testbed.tiny import scienceqa_like_records
 from lmms_simignore.testbed.tiny_qwen import FAMILIES
 
 pytest.importorskip("torchvision")  # transformers' Qwen-VL processors need it
@@ -21,8 +20,7 @@ SIMPLE = {"qwen2_vl": qwen_classes.Qwen2VLSimignore, "qwen2_5_vl": qwen_classes.
           "qwen3_vl": qwen_classes.Qwen3VLSimignore}
 CHAT = {"qwen2_5_vl": qwen_classes.Qwen2_5_VLSimignoreChat, "qwen3_vl": qwen_classes.Qwen3VLSimignoreChat}
 BUILTIN_NAMES = {"qwen2_vl": "Qwen2_VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3_VL"}
-SIZES = [(48, 48), (120, 64), (64, 150), (200, 90), (40, 220), (90, 90)]  # width x height: each image its own grid
-SMALL = {"min_pixels": 8 * 28 * 28, "max_pixels": 40 * 28 * 28}  # 8..40 merged tokens per image: quick on a CPU
+METHODS = {name: model_args for name, model_args in FINGERPRINT_ROWS.items() if model_args}  # every method that applies
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +31,7 @@ def folders(qwen_folders):
 @pytest.fixture(scope="module")
 def docs():
     """ScienceQA-shaped docs whose images all differ in size; the last has none."""
-    records = scienceqa_like_records(num_docs=len(SIZES) + 1, seed=3)
-    for record, size in zip(records, SIZES):
-        record["image"] = record["image"].resize(size)
-    return records
-
-
-def two_images(doc):
-    """A second image per doc (a wide strip of it), so prompts hold one or two images of different sizes."""
-    visuals = scienceqa_utils.doc_to_visual(doc)
-    return visuals + [visuals[0].crop((0, 0, visuals[0].width, max(8, visuals[0].height // 3)))] if visuals else []
+    return fingerprint_docs()
 
 
 def simple_requests(docs, doc_to_visual=scienceqa_utils.doc_to_visual, **gen_kwargs):
@@ -92,7 +81,7 @@ def test_reduction_none_answers_as_lmms_eval_s_own_chat_class(folders, docs, fam
 
 
 def test_the_pixel_limits_and_system_prompt_are_the_builtin_s_arguments(folders, docs):
-    args = dict(SMALL, system_prompt="Answer briefly.")
+    args = dict(SMALL_IMAGES, system_prompt="Answer briefly.")
     expected = builtin(folders, docs[:-1], "qwen2_5_vl", **args).generate_until(simple_requests(docs[:-1]))
     model = ours(folders, docs[:-1], "qwen2_5_vl", **args)
     assert model.generate_until(simple_requests(docs[:-1])) == expected
@@ -100,27 +89,16 @@ def test_the_pixel_limits_and_system_prompt_are_the_builtin_s_arguments(folders,
 
 
 # -- every method that applies, budgets per image -------------------------------------------------------------------
-METHODS = {  # model_args of each method on the tiny models' 3 decoder layers
-    "simignore": dict(reduction="simignore", keep=0.4),
-    "random": dict(reduction="random", keep=0.3),
-    "fastv": dict(reduction="fastv", fastv_layer=1, keep=0.5),
-    "pdrop": dict(reduction="pdrop", pdrop_layers="1/2", stage_positions="original"),
-    "dart": dict(reduction="dart", dart_layer=1, keep=0.5),
-    "pool": dict(reduction="pool", keep=0.25),
-    "random+fastv": dict(reduction="random+fastv", keep=0.6, fastv_layer=2, fastv_keep=0.25),
-}
-
-
 def float32(folders, docs, family, model_class=None, **model_args):
     """Our class in float32 with small images (answers that do not hinge on bfloat16 rounding across batch shapes)."""
-    return ours(folders, docs, family, model_class, dtype="float32", **SMALL, **model_args)
+    return ours(folders, docs, family, model_class, dtype="float32", **SMALL_IMAGES, **model_args)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_a_batch_of_four_answers_as_each_prompt_alone_with_images_of_different_sizes(folders, docs, family, method):
     """One or two images per prompt, every image of its own size: batch 4 (cached) = batch 1 = batch 4 recomputed."""
-    requests = simple_requests(docs, doc_to_visual=two_images)
+    requests = simple_requests(docs, doc_to_visual=one_or_two_images)
     batched = float32(folders, docs, family, batch_size=4, **METHODS[method])
     answers = batched.generate_until(requests)
     assert answers == float32(folders, docs, family, batch_size=1, **METHODS[method]).generate_until(requests)
@@ -130,7 +108,7 @@ def test_a_batch_of_four_answers_as_each_prompt_alone_with_images_of_different_s
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keeping_every_token_answers_as_no_reduction(folders, docs, family):
-    requests = simple_requests(docs, doc_to_visual=two_images)
+    requests = simple_requests(docs, doc_to_visual=one_or_two_images)
     none = float32(folders, docs, family, batch_size=3).generate_until(requests)
     for model_args in (dict(reduction="random", keep=1.0), dict(reduction="fastv", fastv_layer=1, fastv_ratio=0.0),
                        dict(reduction="pool", keep=1.0)):
@@ -140,7 +118,7 @@ def test_keeping_every_token_answers_as_no_reduction(folders, docs, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_masking_and_dropping_give_the_same_answers(folders, docs, family):
-    requests = simple_requests(docs, doc_to_visual=two_images)
+    requests = simple_requests(docs, doc_to_visual=one_or_two_images)
     masked = float32(folders, docs, family, batch_size=3, reduction="simignore", keep=0.3, apply="mask")
     dropped = float32(folders, docs, family, batch_size=3, reduction="simignore", keep=0.3, apply="drop")
     assert masked.generate_until(requests) == dropped.generate_until(requests)
@@ -151,7 +129,7 @@ def test_masking_and_dropping_give_the_same_answers(folders, docs, family):
 def test_token_accounting_counts_each_image_s_own_budget(folders, docs):
     """A fraction is of each image's own tokens (rounded half up), summed over a prompt's images, layer by layer."""
     model = float32(folders, docs, "qwen2_5_vl", batch_size=4, reduction="fastv", fastv_layer=1, keep=0.5)
-    requests = simple_requests(docs, doc_to_visual=two_images)
+    requests = simple_requests(docs, doc_to_visual=one_or_two_images)
     model.generate_until(requests)
     for record in model.accounting.records:
         images = model._prompt_request(requests[record["doc_id"]].args).images
@@ -196,3 +174,28 @@ def test_a_request_with_a_video_is_refused_naming_the_doc(folders, docs):
     model = float32(folders, docs, "qwen2_vl")
     with pytest.raises(ValueError, match="task sqa_fixture doc 0: qwen2_vl_simignore takes PIL images, got str"):
         model.generate_until(simple_requests(docs[:1], doc_to_visual=lambda doc: ["clip.mp4"]))
+
+
+def test_text_bos_is_refused_where_the_tokenizer_has_none(folders, docs):
+    model = float32(folders, docs, "qwen3_vl", reduction="simignore", keep=0.5, text_bos=True)
+    with pytest.raises(ValueError, match="text_bos=true .* this model's tokenizer has no BOS token"):
+        model.generate_until(simple_requests(docs[:1]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loglikelihood_without_reduction_is_the_model_s_own_forward(folders, docs, family):
+    import torch
+
+    model = float32(folders, docs, family)
+    context = scienceqa_utils.doc_to_text(docs[1], PROMPT_KWARGS)
+    request = Instance("loglikelihood", (context, " B.", scienceqa_utils.doc_to_visual, 1, TASK, SPLIT), idx=0,
+                       metadata={"task": TASK, "doc_id": 1, "repeats": 1})
+    (logprob, greedy), = model.loglikelihood([request])
+    prompt = model._prompt_request((context, {}, scienceqa_utils.doc_to_visual, 1, TASK, SPLIT))
+    full = model.processor(text=[prompt.prompt + " B."], images=prompt.images, return_tensors="pt")
+    count = len(model.tokenizer(prompt.prompt + " B.").input_ids) - len(model.tokenizer(prompt.prompt).input_ids)
+    with torch.inference_mode():
+        logits = model.model(**full).logits[0, -count - 1 : -1].float()
+    target = full["input_ids"][0, -count:]
+    assert logprob == pytest.approx(float(torch.log_softmax(logits, -1).gather(-1, target[:, None]).sum()), rel=1e-4)
+    assert greedy == bool((logits.argmax(-1) == target).all())

@@ -11,6 +11,8 @@ import pytest
 from lmms_simignore.methods.base import COMMON_ARGUMENTS, IN_LLM, PLACES, POSITION_RULES, PRE_LLM, Method
 from lmms_simignore.methods.registry import METHODS, register
 from lmms_simignore.models.llava_simignore import LOADER_ARGUMENTS, LlavaSimignore
+from lmms_simignore.models.qwen_vl_simignore import LOADER_ARGUMENTS as QWEN_LOADER_ARGUMENTS
+from lmms_simignore.models.qwen_vl_simignore import QwenVLSimignore
 from lmms_simignore.models.reference import readme_with_tables, update_readme
 from lmms_simignore.settings import COMMON_HELP
 
@@ -55,11 +57,24 @@ def test_the_readme_tables_are_the_registry_s():
     assert readme_with_tables(README.read_text()) == README.read_text(), "run: python -m lmms_simignore docs"
 
 
+def own_model_args(model_class) -> set[str]:
+    return {name for name in inspect.signature(model_class._setup).parameters if name not in ("self", "reduction_args")}
+
+
 def test_every_model_arg_of_the_model_class_is_documented_once():
-    loader = {name for name in inspect.signature(LlavaSimignore._setup).parameters if name not in ("self", "reduction_args")}
+    loader = own_model_args(LlavaSimignore)
     documented = set(LOADER_ARGUMENTS) | set(COMMON_HELP)
     assert loader | {"preset"} <= documented
     assert set(LOADER_ARGUMENTS) - {"preset"} <= loader and set(LOADER_ARGUMENTS).isdisjoint(COMMON_HELP)
+
+
+def test_every_model_arg_of_the_qwen_classes_is_documented_once():
+    """Their own arguments in their table; those they share with llava_simignore in its rows (not both)."""
+    qwen = own_model_args(QwenVLSimignore)
+    own = qwen - own_model_args(LlavaSimignore)
+    assert own == set(QWEN_LOADER_ARGUMENTS) - {"pretrained", "dtype"}
+    assert qwen - own <= set(LOADER_ARGUMENTS) | set(COMMON_HELP) and QWEN_LOADER_ARGUMENTS.keys() <= qwen
+    assert own_model_args(LlavaSimignore) - qwen == {"quantization", "chat_template"}
 
 
 def test_the_docs_command_finds_and_mends_a_stale_table(tmp_path):

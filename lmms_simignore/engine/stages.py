@@ -81,7 +81,10 @@ def embed_prompt(model, plan: Plan, inputs, tower_states: tuple[torch.Tensor, ..
 
 def _comparison_embeddings(model, tokenizer, texts: list[str], image_rows: torch.Tensor, with_bos: bool):
     """(I, T, D), (I, T): the LLM input embeddings of each image's row's comparison text (BOS first with `with_bos`)."""
-    bos = [tokenizer.bos_token_id] if with_bos and tokenizer.bos_token_id is not None else []
+    if with_bos and tokenizer.bos_token_id is None:
+        raise ValueError("text_bos=true compares image tokens with the BOS embedding too, but this model's tokenizer has no "
+                         "BOS token (Qwen's have none); drop text_bos")
+    bos = [tokenizer.bos_token_id] if with_bos else []
     token_ids = [bos + tokenizer(text, add_special_tokens=False).input_ids for text in texts]
     embeds, mask = embed_texts(model, token_ids)
     return embeds[image_rows], mask[image_rows]

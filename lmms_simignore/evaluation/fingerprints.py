@@ -1,0 +1,140 @@
+"""CI fingerprints of every method on tiny random Qwen2-VL, Qwen2.5-VL and Qwen3-VL checkpoints.
+
+    python -m lmms_simignore fingerprints            # compare; exit 1 and list every moved answer or token count
+    python -m lmms_simignore fingerprints --update   # an intentional change: rewrite the expected file
+
+The shipped testbed guards accuracy on LLaVA; these random models have no accuracy to guard, but their greedy answers
+and the image tokens each layer saw move whenever what a method keeps moves. Each family's checkpoint is built in code
+(seeded), the docs are ScienceQA-shaped with one or two images of different sizes each, and every row runs through the
+family's lmms-eval class in float32 on the CPU, batch 4, so the fingerprints are exact under the lock's torch.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+FINGERPRINT_ROWS = {  # model_args of each row on the tiny models' 3 decoder layers
+    "none": {},
+    "simignore": dict(reduction="simignore", keep=0.4),
+    "random": dict(reduction="random", keep=0.3),
+    "fastv": dict(reduction="fastv", fastv_layer=1, keep=0.5),
+    "pdrop": dict(reduction="pdrop", pdrop_layers="1/2", stage_positions="original"),
+    "dart": dict(reduction="dart", dart_layer=1, keep=0.4),
+    "pool": dict(reduction="pool", keep=0.25),
+    "random+fastv": dict(reduction="random+fastv", keep=0.6, fastv_layer=2, fastv_keep=0.25),
+}
+IMAGE_SIZES = [(48, 48), (120, 64), (64, 150), (200, 90), (40, 220), (90, 90)]  # width x height: each image its own grid
+SMALL_IMAGES = {"min_pixels": 8 * 28 * 28, "max_pixels": 40 * 28 * 28}  # 8..40 merged tokens per image
+TASK, SPLIT = "sqa_fingerprint", "test"
+UPDATE_COMMAND = "python -m lmms_simignore fingerprints --update"
+
+
+def fingerprint_docs() -> list[dict]:
+    """ScienceQA-shaped docs whose images all differ in size; the last has none."""
+    from lmms_simignore.testbed.tiny import scienceqa_like_records
+
+    records = scienceqa_like_records(num_docs=len(IMAGE_SIZES) + 1, seed=3)
+    for record, size in zip(records, IMAGE_SIZES):
+        record["image"] = record["image"].resize(size)
+    return records
+
+
+def one_or_two_images(doc: dict) -> list:
+    """The doc's image and a wide strip of it: prompts hold one or two images of different sizes."""
+    from lmms_simignore.tasks import scienceqa_utils
+
+    visuals = scienceqa_utils.doc_to_visual(doc)
+    return visuals + [visuals[0].crop((0, 0, visuals[0].width, max(8, visuals[0].height // 3)))] if visuals else []
+
+
+def fingerprint_requests(docs: list[dict]) -> list:
+    """One `generate_until` Instance per doc: ScienceQA's prompt, 6 new tokens."""
+    from lmms_eval.api.instance import Instance
+
+    from lmms_simignore.tasks import scienceqa_utils
+
+    kwargs = {"pre_prompt": "", "post_prompt": scienceqa_utils.POST_PROMPT}
+    return [Instance("generate_until", (scienceqa_utils.doc_to_text(doc, kwargs), {"max_new_tokens": 6, "until": ["\n\n"]},
+                                        one_or_two_images, doc_id, TASK, SPLIT),
+                     idx=0, metadata={"task": TASK, "doc_id": doc_id, "repeats": 1}) for doc_id, doc in enumerate(docs)]
+
+
+def family_fingerprints(folder: str | Path, family: str) -> dict:
+    """{row: {model_args, answers, visible_per_layer (per doc)}} of one family's checkpoint in `folder`."""
+    from lmms_simignore.models.qwen_vl_simignore import Qwen2_5_VLSimignore, Qwen2VLSimignore, Qwen3VLSimignore
+
+    model_class = {"qwen2_vl": Qwen2VLSimignore, "qwen2_5_vl": Qwen2_5_VLSimignore, "qwen3_vl": Qwen3VLSimignore}[family]
+    docs = fingerprint_docs()
+    rows = {}
+    for name, model_args in FINGERPRINT_ROWS.items():
+        model = model_class(pretrained=str(folder), device="cpu", dtype="float32", batch_size=4, **SMALL_IMAGES, **model_args)
+        model.task_dict = {TASK: {SPLIT: docs}}
+        answers = model.generate_until(fingerprint_requests(docs))
+        records = sorted(model.accounting.records, key=lambda record: record["doc_id"])
+        rows[name] = {"model_args": model_args, "answers": answers,
+                      "visible_per_layer": [record["visible_per_layer"] for record in records]}
+    return rows
+
+
+def all_fingerprints(workdir: str | Path) -> dict:
+    """The expected file's content: every family's rows, each family's checkpoint built (seed 0) under `workdir`."""
+    from lmms_simignore.testbed.tiny_qwen import FAMILIES, build_tiny_qwen
+
+    families = {family: family_fingerprints(build_tiny_qwen(Path(workdir) / family, family, seed=0), family)
+                for family in FAMILIES}
+    return {"update_with": UPDATE_COMMAND, "families": families}
+
+
+def fingerprint_differences(expected: dict, actual: dict) -> list[str]:
+    """Human-readable differences between two fingerprint records ([] when they agree)."""
+    found = []
+    for family in sorted(expected["families"].keys() | actual["families"].keys()):
+        want, got = expected["families"].get(family, {}), actual["families"].get(family, {})
+        if list(want) != list(got):
+            found.append(f"{family}: rows expected {list(want)}, got {list(got)}")
+        for row in want.keys() & got.keys():
+            if want[row]["model_args"] != got[row]["model_args"]:
+                found.append(f"{family} {row}: model_args expected {want[row]['model_args']}, got {got[row]['model_args']}")
+            for key in ("answers", "visible_per_layer"):
+                if len(want[row][key]) != len(got[row][key]):
+                    found.append(f"{family} {row}: {len(want[row][key])} docs' {key} expected, got {len(got[row][key])}")
+                found += [f"{family} {row}: doc {doc_id} {key} expected {a!r}, got {b!r}"
+                          for doc_id, (a, b) in enumerate(zip(want[row][key], got[row][key])) if a != b]
+    return found
+
+
+def dump_fingerprints(record: dict) -> str:
+    """JSON with one line per row."""
+    lines = [f' "update_with": {json.dumps(record["update_with"])},', ' "families": {']
+    families = list(record["families"].items())
+    for index, (family, rows) in enumerate(families):
+        lines.append(f"  {json.dumps(family)}: {{")
+        lines.append(",\n".join(f"   {json.dumps(name)}: {json.dumps(row)}" for name, row in rows.items()))
+        lines.append("  }" + ("," if index + 1 < len(families) else ""))
+    return "{\n" + "\n".join(lines) + "\n }\n}\n"
+
+
+def run_fingerprints(expected_path: str | Path, update: bool = False, echo=print) -> int:
+    """Compare the fingerprints with (or, with `update`, write them to) the expected file: 0 when they match."""
+    expected_path = Path(expected_path)
+    if not update and not expected_path.is_file():
+        raise FileNotFoundError(f"--expected {expected_path}: no such file (create it with `{UPDATE_COMMAND}`)")
+    with tempfile.TemporaryDirectory(prefix="lmms-simignore-fingerprints-") as scratch:
+        actual = all_fingerprints(scratch)
+    count = sum(len(rows) for rows in actual["families"].values())
+    if update:
+        expected_path.parent.mkdir(parents=True, exist_ok=True)
+        expected_path.write_text(dump_fingerprints(actual))
+        echo(f"wrote {expected_path}: {count} rows")
+        return 0
+    found = fingerprint_differences(json.loads(expected_path.read_text()), actual)
+    if found:
+        echo(f"{len(found)} differences from {expected_path}:")
+        for line in found:
+            echo(f"  {line}")
+        echo(f"If the change is intended, update the file: {UPDATE_COMMAND}")
+        return 1
+    echo(f"fingerprints: all {count} rows match {expected_path}")
+    return 0
