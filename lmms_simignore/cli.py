@@ -59,6 +59,16 @@ def _fixtures(args: argparse.Namespace) -> int:
         print(f"{name}: {path}")
     if args.mipha:
         _fixtures_mipha(args)
+    if args.qwen:
+        from lmms_simignore.testbed.tiny_qwen import FAMILIES, FIXTURE_SHAPE, build_tiny_qwen
+
+        families = FAMILIES if args.qwen == "all" else tuple(args.qwen.split(","))
+        unknown = [family for family in families if family not in FAMILIES]
+        if unknown:
+            raise ValueError(f"--qwen: unknown family {unknown[0]!r}; allowed: all or {', '.join(FAMILIES)} (comma-separated)")
+        for family in families:
+            folder = build_tiny_qwen(Path(args.directory) / f"tiny-{family}", family, seed=args.seed, shape=FIXTURE_SHAPE)
+            print(f"{family}: {folder} (--model {family}_simignore)")
     return 0
 
 
@@ -332,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         "--paper-shaped", action="store_true", help="576 image tokens and 6 decoder layers, so the paper's budgets run as is"
     )
     fixtures.add_argument("--mipha", action="store_true", help="also a tiny random Mipha checkpoint in the released layout (tiny-mipha/)")
+    fixtures.add_argument("--qwen", help="also tiny random Qwen-VL checkpoints with 8 decoder layers (tiny-FAMILY/): all, or "
+                          "some of qwen2_vl, qwen2_5_vl, qwen3_vl, comma-separated")
     fixtures.set_defaults(handler=_fixtures)
 
     mipha = commands.add_parser("convert-mipha", help="convert a Mipha checkpoint (Phi-2 + SigLIP) into transformers' Llava classes")
@@ -456,13 +468,17 @@ def main(argv: list[str] | None = None) -> int:
     clusters.add_argument("--kmeans-seed", type=int, default=0, help="k-means++ seeding (default: %(default)s)")
     clusters.set_defaults(handler=_clusters)
 
-    bench = commands.add_parser("bench", help="latency, throughput and memory of every reduction against the FLOP ideal")
+    bench = commands.add_parser("bench", help="latency, throughput and memory of every reduction against the FLOP ideal "
+                                "(LLaVA-1.5, Mipha and Qwen2.5-VL shapes)")
     bench.add_argument("--out", default="benchmarks/results/latest", help="folder for bench.json and bench.md (default: %(default)s)")
-    bench.add_argument("--models", help="comma-separated: testbed, paper-shaped, llava7b-shape, llava13b-shape, mipha3b-shape "
-                       "(default: testbed,paper-shaped on a CPU; testbed,llava7b-shape on a GPU)")
-    bench.add_argument("--quick", action="store_true", help="smoke run: testbed only, batch 2, 1 warm-up, 2 repeats, 2 decode tokens; "
-                       "a pass of 8 prompts on paper-shaped at batch 1 and 4")
-    bench.add_argument("--pass-model", help="model of the ScienceQA-IMG-sized pass (default: paper-shaped on a CPU, llava7b-shape on a GPU)")
+    bench.add_argument("--models", help="comma-separated: testbed, paper-shaped, llava7b-shape, llava13b-shape, mipha3b-shape, "
+                       "qwen-tiny (a tiny Qwen2.5-VL, for CPUs), qwen2_5_vl7b-shape (Qwen2.5-VL-7B-Instruct's shape, 1280 x 960 "
+                       "photos: 1564 image tokens) (default: testbed,paper-shaped on a CPU; testbed,llava7b-shape on a GPU: "
+                       "add qwen2_5_vl7b-shape by naming it)")
+    bench.add_argument("--quick", action="store_true", help="smoke run: the --models named (default: testbed only), batch 2, 1 warm-up, "
+                       "2 repeats, 2 decode tokens; a pass of at most 8 prompts on paper-shaped at batch 1 and 4")
+    bench.add_argument("--pass-model", help="LLaVA-family model of the ScienceQA-IMG-sized pass: testbed, paper-shaped, llava7b-shape, "
+                       "llava13b-shape or mipha3b-shape (default: paper-shaped on a CPU, llava7b-shape on a GPU)")
     bench.add_argument("--pass-prompts", type=int, help="prompts in that pass; 0 skips it (default: 2017, the ScienceQA-IMG test split)")
     bench.add_argument("--pass-batch-sizes", default="1,8", help="batch sizes of that pass (default: %(default)s)")
     bench.add_argument("--pass-data", help="a local ScienceQA-IMG test split (parquet file or save_to_disk folder) for the pass; "

@@ -146,3 +146,121 @@ def test_the_mipha_shape_benches_every_method_its_siglip_tower_allows(tmp_path, 
     assert report["image_tokens"] == 16 and not any(name.startswith("vision") for name in report["rows"])
     assert report["rows"]["fastv_25"]["computed_per_layer"] == [16, 16, 4, 4]
     assert report["rows"]["pdrop"]["computed_per_layer"] == [16, 8, 4, 2]
+
+
+# -- Qwen2.5-VL ----------------------------------------------------------------------------------------------------------
+def test_the_qwen2_5_vl_7b_shape_is_the_released_config_and_its_processor_lmms_eval_s():
+    """Every number of Qwen/Qwen2.5-VL-7B-Instruct's config.json (config only: no weights), its FLOP shape, and lmms-eval's
+    pixel limits: a 1280 x 960 photo becomes 1288 x 952 pixels, 46 x 34 = 1564 image tokens."""
+    import torch
+    from PIL import Image
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from lmms_simignore.bench.flops import DecoderShape, layer_flops
+    from lmms_simignore.bench.qwen_shapes import qwen25_vl_7b_config, qwen25_vl_processor
+    from lmms_simignore.testbed.tiny_qwen import build_qwen_tokenizer
+
+    tokenizer = build_qwen_tokenizer("qwen2_5_vl")
+    config = qwen25_vl_7b_config(tokenizer)
+    text, vision = config.text_config, config.vision_config
+    assert (text.vocab_size, text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.num_attention_heads,
+            text.num_key_value_heads, text.hidden_act, text.rms_norm_eps, text.max_position_embeddings) == (
+        152064, 3584, 18944, 28, 28, 4, "silu", 1e-6, 128000)
+    assert (text.rope_parameters["rope_theta"], text.rope_parameters["mrope_section"]) == (1000000.0, [16, 24, 24])
+    assert config.tie_word_embeddings is False and text.use_sliding_window is False
+    assert (vision.depth, vision.hidden_size, vision.intermediate_size, vision.num_heads, vision.out_hidden_size,
+            vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size, vision.window_size,
+            list(vision.fullatt_block_indexes), vision.tokens_per_second, vision.hidden_act, vision.in_channels) == (
+        32, 1280, 3420, 16, 3584, 14, 2, 2, 112, [7, 15, 23, 31], 2, "silu", 3)
+    assert len(tokenizer) < text.vocab_size and config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    # the FLOP model: 28 query heads and 4 key/value heads of 128; its projections and MLP are 2 FLOPs per weight of
+    # the layer's linear maps (the q/k/v biases left out), counted on a weightless (meta) model of this config
+    shape = DecoderShape.from_text_config(text)
+    assert shape == DecoderShape(hidden=3584, intermediate=18944, heads=28, kv_heads=4, head_dim=128)
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config)
+    layer = model.model.language_model.layers[0]
+    weights = sum(module.weight.numel() for module in layer.modules() if isinstance(module, torch.nn.Linear))
+    assert layer_flops(shape, 1) - 2 * 2 * 28 * 128 == 2 * weights == 2 * 233_046_016
+    assert sum(p.numel() for p in model.parameters()) == 8_292_166_656  # the released 8.29 B
+    processor = qwen25_vl_processor(tokenizer)
+    assert (processor.image_processor.size["shortest_edge"], processor.image_processor.size["longest_edge"]) == (256 * 28 * 28, 1605632)
+    grid = processor.image_processor(images=[Image.new("RGB", (1280, 960))], return_tensors="pt")["image_grid_thw"]
+    assert grid.tolist() == [[1, 952 // 14, 1288 // 14]] and int(grid[0].prod()) // 4 == 34 * 46 == 1564
+
+
+def test_the_qwen2_5_vl_7b_shape_writes_and_loads_as_a_qwen_bench_model(tmp_path, monkeypatch):
+    """The 7B shape's writer, narrowed to run on a CPU: safetensors, processor and tokenizer that the bench loads as Qwen."""
+    import torch
+
+    from lmms_simignore.bench import qwen_shapes
+    from lmms_simignore.bench.speed import QWEN_VL_FAMILY, bench_family, load_bench_model
+
+    for key, value in {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 4, "num_key_value_heads": 2}.items():
+        monkeypatch.setitem(qwen_shapes.QWEN25_VL_7B_TEXT, key, value)
+    monkeypatch.setitem(qwen_shapes.QWEN25_VL_7B_TEXT, "rope_parameters", {"rope_type": "default", "rope_theta": 1000000.0,
+                                                                            "mrope_section": [2, 3, 3]})
+    for key, value in {"depth": 2, "hidden_size": 32, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 64,
+                       "fullatt_block_indexes": [1]}.items():
+        monkeypatch.setitem(qwen_shapes.QWEN25_VL_7B_VISION, key, value)
+    folder = qwen_shapes.write_random_shape(tmp_path / "qwen", torch.device("cpu"), torch.float32)
+    assert (folder / "model.safetensors").exists()
+    model, processor = load_bench_model(folder, torch.device("cpu"), torch.float32)
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration" and bench_family(model.config) is QWEN_VL_FAMILY
+    assert (model.config.text_config.num_key_value_heads, model.config.vision_config.window_size) == (2, 112)
+    assert processor.image_processor.size["longest_edge"] == 1605632 and processor.tokenizer.padding_side == "left"
+
+
+def test_the_qwen_tiny_bench_runs_the_qwen_rows_on_each_image_s_own_tokens(tmp_path):
+    """A quick bench of the tiny Qwen2.5-VL alone (the named model kept, no pass): its rows in order, and what each of its
+    3 layers computed on, from the 1280 x 960 photo's grid at the tiny processor's limits (16..64 tokens of 28 x 28)."""
+    import math
+
+    from qwen_vl_utils import smart_resize
+
+    from lmms_simignore.bench.flops import DecoderShape, prefill_flops
+    from lmms_simignore.bench.speed import run_bench
+
+    height, width = smart_resize(960, 1280, factor=28, min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28)
+    grid_rows, grid_cols = height // 28, width // 28  # 6 x 9
+    tokens = grid_rows * grid_cols
+
+    def half_up(fraction):
+        return int(tokens * fraction + 0.5)
+
+    report = run_bench(tmp_path, models=("qwen-tiny",), quick=True, pass_prompts=0, device="cpu", echo=lambda line: None)
+    assert list(report["models"]) == ["qwen-tiny"] and "scienceqa_pass" not in report
+    assert json.loads((tmp_path / "bench.json").read_text())["models"]["qwen-tiny"]["rows"].keys() == report["models"]["qwen-tiny"]["rows"].keys()
+    tiny = report["models"]["qwen-tiny"]
+    assert (tiny["image_tokens"], tiny["layers"], tiny["batch_size"]) == (tokens, 3, 2)
+    rows = tiny["rows"]
+    assert list(rows) == ["none", "simignore_drop_50", "simignore_mask_50", "random_drop_50", "fastv_50", "dart_50",
+                          "simignore_drop_25", "simignore_mask_25", "random_drop_25", "fastv_25", "dart_25", "pool_25",
+                          "pdrop", "simignore_auto"]
+    computed = {name: result["computed_per_layer"] for name, result in rows.items()}
+    assert computed["none"] == [tokens] * 3 and rows["none"]["ideal_prefill_speedup"] == 1.0
+    for percent, fraction in ((50, 0.5), (25, 0.25)):
+        kept = half_up(fraction)  # 27, then 14 (13.5 rounded half up)
+        assert computed[f"simignore_drop_{percent}"] == computed[f"random_drop_{percent}"] == [kept] * 3
+        assert computed[f"simignore_mask_{percent}"] == [tokens] * 3 and rows[f"simignore_mask_{percent}"]["visible_per_layer"] == [kept] * 3
+        assert computed[f"fastv_{percent}"] == computed[f"dart_{percent}"] == [tokens, tokens, kept]  # all before layer 2
+    assert computed["pool_25"] == [math.ceil(grid_rows / 2) * math.ceil(grid_cols / 2)] * 3  # 3 x 5: partial last windows
+    assert computed["pdrop"] == [tokens, half_up(0.5), int(half_up(0.5) / 2 + 0.5)]  # its layers 1 and 2 of 3, lambda 0.5
+    auto = rows["simignore_auto"]
+    assert auto["visible_per_layer"][0] <= auto["computed_per_layer"][0] <= tokens
+    # the ideal counts each row's own image tokens: text tokens = prompt tokens - the image's tokens
+    shape = DecoderShape(hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16)  # TinyQwenShape's
+    assert rows["simignore_drop_25"]["layer_flops"] == sum(prefill_flops(shape, [n - tokens + half_up(0.25)] * 3)
+                                                           for n in tiny["prompt_tokens"])
+    assert 1.0 < rows["fastv_50"]["ideal_prefill_speedup"] < rows["simignore_drop_50"]["ideal_prefill_speedup"] < rows["simignore_drop_25"]["ideal_prefill_speedup"]
+    assert f"## qwen-tiny: {tokens} image tokens, 3 layers, batch 2" in (tmp_path / "bench.md").read_text()
+
+
+def test_the_pass_runs_llava_models_only():
+    import pytest
+
+    from lmms_simignore.bench.speed import run_bench
+
+    with pytest.raises(ValueError, match="--pass-model: unknown model 'qwen-tiny'; allowed: testbed, paper-shaped"):
+        run_bench("unused", pass_model="qwen-tiny")

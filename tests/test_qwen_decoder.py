@@ -191,7 +191,8 @@ def qwen3(tmp_path_factory):
 
 def transformers_parts(model, inputs, row):
     """One row as transformers builds it, without padding: (1, L, D) embeddings with the image features scattered in,
-    (3, 1, L) positions, (L,) image flags, and each DeepStack level's (N, D) rows of the row's image."""
+    (3, 1, L) positions, (L,) image flags, and each DeepStack level's (N, D) rows of the row's image (none but on
+    Qwen3-VL)."""
     real = inputs["attention_mask"][row].bool()
     ids = inputs["input_ids"][row : row + 1, real]
     features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
@@ -200,7 +201,8 @@ def transformers_parts(model, inputs, row):
     embeds[0, is_image] = features.pooler_output[row]
     positions, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
                                               image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
-    return embeds, positions[:, row : row + 1, real], is_image, [level[row] for level in features.deepstack_features]
+    levels = getattr(features, "deepstack_features", None) or ()  # Qwen3-VL's DeepStack; none on Qwen2/2.5-VL
+    return embeds, positions[:, row : row + 1, real], is_image, [level[row] for level in levels]
 
 
 def test_image_tokens_dropped_before_the_llm_take_their_deepstack_rows_with_them(qwen3):
@@ -384,3 +386,80 @@ def test_a_pooled_image_answers_as_the_model_does_on_a_prompt_written_with_the_p
                          "deepstack_visual_embeds": [pooled_by_hand(level[row], 5, 7, 2) for level in features.deepstack_features]}
             hidden = model.model.language_model(inputs_embeds=embeds, position_ids=positions[:, None], **extra).last_hidden_state
             assert torch.allclose(ours[row], model.lm_head(hidden[0, -1]), atol=1e-5)
+
+
+# -- the other in-LLM rules against transformers' own computation at the model's own positions ------------------------
+def kept_image_columns(run, prompt, row):
+    """The image columns (of the prompt, padding included) that the last segment of `run` sees in `row`."""
+    kept = set(run.kept_columns[row][run.mask_high[row].bool()].tolist())
+    columns = set(prompt.image_positions[prompt.image_rows == row].flatten().tolist())
+    return sorted(kept & columns)
+
+
+def test_dart_keeps_what_its_rule_gives_on_the_model_s_own_cached_keys_and_hidden_states(qwen):
+    """Independently of the engine: transformers' own forward of the batch, its cached keys of layer 1 (after M-RoPE,
+    and Qwen3's key norm) and its hidden states entering layer 2 (DeepStack added) through the final norm, given to
+    DART's rule (pivots by key norm, the image tokens least similar to them), are what the stage at layer 2 keeps."""
+    from lmms_simignore.methods.dart import dart_choice, dart_stage
+
+    model, _, processor = qwen
+    inputs = batch(processor)
+    prompt, reduced = unreduced(model, inputs)
+    keep = prompt.tokens_per_image // 3
+    run = engine.LanguageModelRun(model, reduced, stages=dart_stage(2, keep, 8))
+    run.prefill()
+    with torch.inference_mode():
+        outputs = model(**inputs, use_cache=True, output_hidden_states=True)
+    norms = outputs.past_key_values.layers[1].keys.float().abs().sum(dim=(1, 3))  # (B, L)
+    hidden = model.model.language_model.norm(outputs.hidden_states[2])  # (B, L, D) entering layer 2
+    for row in range(2):
+        columns = prompt.image_positions[prompt.image_rows == row][0]  # (N,)
+        after = torch.arange(inputs["input_ids"].shape[1]) > columns[-1]
+        chosen = dart_choice(hidden[row : row + 1, columns], norms[row : row + 1, columns], torch.ones(1, len(columns), dtype=torch.bool),
+                             hidden[row : row + 1, after], norms[row : row + 1, after], torch.ones(1, int(after.sum()), dtype=torch.bool),
+                             keep=keep, pivots=8)[0]
+        assert kept_image_columns(run, prompt, row) == sorted(columns[chosen].tolist())
+
+
+def test_each_pyramiddrop_stage_keeps_what_transformers_eager_attention_ranks_highest(qwen):
+    """Two stages (layers 1 and 2) at the tokens' own positions. Independently of the engine, per row without padding:
+    transformers' eager decoder layers on the whole sequence (DeepStack added after layers 0 and 1), each stage ranking
+    the image tokens still visible by the head-averaged eager weight from the last token in the layer before it, and
+    hiding the others from every later layer by the attention mask (hiding = dropping at original positions)."""
+    from lmms_simignore.methods.pdrop import pdrop_stages
+
+    model, eager, processor = qwen
+    inputs = batch(processor)
+    prompt, reduced = unreduced(model, inputs)
+    keeps = {1: prompt.tokens_per_image // 2, 2: prompt.tokens_per_image // 5}
+    run = engine.LanguageModelRun(model, reduced, stages=pdrop_stages(tuple(keeps.items())))
+    run.prefill()
+    text_model = eager.model.language_model
+    weights = {}
+    hooks = [layer.self_attn.register_forward_hook(lambda module, args, output, index=index: weights.__setitem__(index, output[1]))
+             for index, layer in enumerate(text_model.layers)]
+    try:
+        with torch.inference_mode():
+            for row in range(2):
+                embeds, positions, is_image, levels = transformers_parts(eager, inputs, row)
+                length, image_columns = embeds.shape[1], is_image.nonzero().flatten()
+                hidden_tokens = torch.zeros(length, dtype=torch.bool)
+                hidden, rotary = embeds, text_model.rotary_emb(embeds, positions)
+                for index, layer in enumerate(text_model.layers):
+                    allowed = torch.ones(length, length, dtype=torch.bool).tril() & ~hidden_tokens[None, :]
+                    additive = torch.zeros(length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
+                    hidden = layer(hidden, attention_mask=additive[None, None], position_embeddings=rotary)
+                    if index < len(levels):
+                        hidden = hidden.clone()
+                        hidden[0, is_image] += levels[index]
+                    if index + 1 in keeps:
+                        received = weights[index][0, :, -1].mean(dim=0)  # (L,) from the last token, mean over heads
+                        candidates = image_columns[~hidden_tokens[image_columns]]
+                        kept = candidates[received[candidates].topk(keeps[index + 1]).indices]
+                        hidden_tokens[candidates] = True
+                        hidden_tokens[kept] = False
+                padding = int((inputs["attention_mask"][row] == 0).sum())
+                assert kept_image_columns(run, prompt, row) == sorted((image_columns[~hidden_tokens[image_columns]] + padding).tolist())
+    finally:
+        for hook in hooks:
+            hook.remove()

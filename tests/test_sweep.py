@@ -1,10 +1,14 @@
 """Configs under configs/: parsing, the exact commands, and the attribution table end to end through lmms-eval."""
 
+import math
 from pathlib import Path
 
 import pytest
 
+from lmms_simignore.bench import qwen_shapes
 from lmms_simignore.evaluation.sweep import format_model_args, load_config, row_runs, run_sweep
+from lmms_simignore.settings import ReductionSettings
+from lmms_simignore.testbed.tiny_qwen import build_qwen_tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -121,14 +125,26 @@ def geometry() -> dict:
 
     configs = {hub_id: shape_config(name, build_tokenizer()) for name, hub_id in HUB_IDS.items()}
     configs["shipped:shapes-llava"] = AutoConfig.from_pretrained(resolve_pretrained("shipped:shapes-llava"))
+    configs[qwen_shapes.HUB_ID] = qwen_shapes.qwen25_vl_7b_config(build_qwen_tokenizer(qwen_shapes.FAMILY))
     return configs
+
+
+def planned(model_config, settings):
+    """The settings planned as the model class plans them, refusals included: for one image of the model's (LLaVA), or
+    for an image at lmms-eval's max_pixels (Qwen-VL, whose images have their own sizes)."""
+    from lmms_simignore.engine import plan_for
+    from lmms_simignore.families.qwen_vl import MODEL_TYPES, nominal_plan
+    from lmms_simignore.models.qwen_vl_simignore import BUILTIN_CLASSES
+
+    if model_config.model_type in MODEL_TYPES:
+        return nominal_plan(model_config, settings, BUILTIN_CLASSES[model_config.model_type].max_pixels)
+    return plan_for(model_config, settings)
 
 
 
 @pytest.mark.parametrize("config_path", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.stem)
 def test_every_row_of_every_config_is_a_valid_reduction_for_its_model(config_path, tmp_path, geometry):
     """Checked before any run: the settings parse and the budgets fit the model (as the model would refuse them)."""
-    from lmms_simignore.engine import image_tokens_per_image, plan_for
     from lmms_simignore.models.presets import resolve_model_args
     from lmms_simignore.settings import REDUCTION_ARGUMENTS, ReductionSettings
 
@@ -138,10 +154,11 @@ def test_every_row_of_every_config_is_a_valid_reduction_for_its_model(config_pat
         args = {**config.model_args, **row.model_args}
         args = resolve_model_args(args.pop("preset", None), args)
         model = geometry[args["pretrained"]]
-        image_tokens, layers = image_tokens_per_image(model), model.text_config.num_hidden_layers
         settings = ReductionSettings(**{key: value for key, value in args.items() if key in fields})
-        visible = plan_for(model, settings).visible_per_layer()  # as the model class plans it, refusals included
-        assert len(visible) == layers and all(0 <= count <= image_tokens for count in visible), row.name
+        plan = planned(model, settings)
+        visible = plan.visible_per_layer()
+        assert len(visible) == model.text_config.num_hidden_layers, row.name
+        assert all(0 <= count <= plan.image_tokens for count in visible), row.name
     assert len(row_runs(config, tmp_path)) == len(config.rows)
 
 
@@ -172,6 +189,47 @@ def test_peer_rows_keep_what_their_name_says_on_llava_1_5(geometry):
             assert abs(sum(visible) / layers - int(budget)) < 1 and len(set(visible)) == 4, row.name
         else:
             assert visible == [int(budget)] * layers, row.name
+
+
+def test_qwen_peer_rows_run_offline_on_a_tiny_qwen(testbed, tmp_path):
+    """configs/peers_qwen2_5_vl.yaml as written on the fixtures' tiny Qwen2.5-VL (8 decoder layers; the task's small
+    images become 16 x 16 = 256 tokens at lmms-eval's min_pixels) through `--model qwen2_5_vl_simignore`."""
+    from lmms_simignore.testbed.tiny_qwen import FIXTURE_SHAPE, build_tiny_qwen
+
+    pytest.importorskip("torchvision")
+    folder = build_tiny_qwen(tmp_path / "tiny-qwen2_5_vl", "qwen2_5_vl", shape=FIXTURE_SHAPE)
+    config = load_config(CONFIGS / "peers_qwen2_5_vl.yaml", overrides={"pretrained": str(folder)}, tasks="scienceqa_img_local",
+                         only_rows="baseline,pdrop_22,pool_11")
+    summaries = run_sweep(config, tmp_path / "peers", include_path=testbed["tasks"], extra_args=("--limit", "2"),
+                          echo=lambda line: None)
+    assert {summary["name"]: summary["visible_per_layer"] for summary in summaries} == {
+        "baseline": [256] * 8,
+        "pdrop_22": [256, 105, 43, 43, 18, 18, 18, 18],  # layers 2/7/14 of 28 are 1/2/4 of 8; 256 x 0.41, ...
+        "pool_11": [36] * 8,  # stride 3 on 16 x 16: 5 whole windows and a partial one per side
+    }
+
+
+def test_qwen_peer_rows_keep_the_fraction_their_name_says(geometry):
+    """On Qwen2.5-VL-7B, for an image at max_pixels (45 x 45 = 2025 tokens): the fraction of each image's tokens in every
+    layer, from layer 2 for FastV and DART, on average over the 28 layers for PyramidDrop (within half a point), at least
+    it for pooling (whole windows of the 45 x 45 grid and a partial last one: 23 x 23 at 25%, 15 x 15 at 11.1%)."""
+    model = geometry[qwen_shapes.HUB_ID]
+    config = load_config(CONFIGS / "peers_qwen2_5_vl.yaml")
+    assert config.model == "qwen2_5_vl_simignore" and config.model_args["pretrained"] == qwen_shapes.HUB_ID
+    for row in config.rows[1:]:
+        method, percent = row.name.rsplit("_", 1)
+        plan = planned(model, ReductionSettings(**row.model_args))
+        tokens, visible = plan.image_tokens, plan.visible_per_layer()
+        fraction = row.model_args.get("fastv_keep", row.model_args.get("keep"))
+        assert tokens == 2025 and len(visible) == 28, row.name
+        if method in ("fastv", "dart"):
+            assert visible == [tokens] * 2 + [math.floor(fraction * tokens + 0.5)] * 26, row.name
+        elif method == "pdrop":
+            assert abs(sum(visible) / 28 / tokens - int(percent) / 100) < 0.005 and len(set(visible)) == 4, row.name
+        elif method == "pool":
+            assert visible == [{"25": 23 * 23, "11": 15 * 15}[percent]] * 28, row.name
+        else:
+            assert visible == [math.floor(fraction * tokens + 0.5)] * 28 and abs(fraction - int(percent) / 100) < 0.005, row.name
 
 
 @pytest.mark.parametrize("reported", ["{value: 1.0}", "{value: 1.0, source: a paper}", "{value: 1.0, source: a paper, protocol: vqa}"])

@@ -1,16 +1,21 @@
 """`python -m lmms_simignore bench`: latency, throughput and memory of every reduction, against the FLOP ideal.
 
 In one process and on the same prompts, for `none` and each reduction: time to first token (processor
-outputs -> embeddings, token choice, prefill, first logits), the token choice alone (the pre-LLM stage, or a
-vision-side stage's choice, merge and projection after the tower; in-LLM choices happen inside the prefill), decode tokens/s with the KV cache, end-to-end time per sample,
-and peak memory (CUDA max allocated on GPU; peak RSS on Linux CPUs, reset per measurement). Warm-up runs,
-then repetitions: medians with min-max spread, speed-ups as ratios against `none` of the same run, next to
-the ideal speed-up from `lmms_simignore.bench.flops` for the tokens each layer computes on.
+outputs -> embeddings (the vision tower included), token choice, prefill, first logits), the token choice alone (the
+pre-LLM stage after the embedding, or a vision-side stage's choice, merge and projection after the tower; in-LLM choices
+happen inside the prefill), decode tokens/s with the KV cache, end-to-end time per sample, and peak memory (CUDA max
+allocated on GPU; peak RSS on Linux CPUs, reset per measurement). Warm-up runs, then repetitions: medians with min-max
+spread, speed-ups as ratios against `none` of the same run, next to the ideal speed-up from `lmms_simignore.bench.flops`
+for the tokens each layer computes on.
 
-Models: the shipped testbed, `paper-shaped` (LLaVA-1.5's 576 image tokens in 6 narrow layers, for CPUs), and
-random-weight models with the exact shapes of LLaVA-1.5-7B and -13B (`lmms_simignore.bench.llava_shapes`; fp16 and sdpa
-on a GPU). Timing does not depend on weight values. A ScienceQA-IMG-sized pass (`lmms_simignore.bench.scienceqa_pass`)
-times 2017 prompts through the lmms-eval model class for none, Simignore (drop) and FastV at two batch sizes.
+Models: the shipped testbed, `paper-shaped` (LLaVA-1.5's 576 image tokens in 6 narrow layers, for CPUs), `qwen-tiny`
+(the tiny random Qwen2.5-VL of `lmms_simignore.testbed.tiny_qwen`, for CPUs), and random-weight models with the exact
+shapes of LLaVA-1.5-7B and -13B, Mipha-3B (`lmms_simignore.bench.llava_shapes`) and Qwen2.5-VL-7B-Instruct
+(`lmms_simignore.bench.qwen_shapes`); fp16 and sdpa on a GPU. Each family runs its own path of the engine
+(`BenchFamily`, chosen by the config's model_type): LLaVA's images of one size, budgets in tokens; Qwen-VL's 1280 x 960
+photos (1564 tokens each on the 7B shape), budgets as fractions of each image's tokens (`bench.rows`). Timing does not
+depend on weight values. A ScienceQA-IMG-sized pass (`lmms_simignore.bench.scienceqa_pass`) times 2017 prompts through
+the lmms-eval LLaVA model class for none, Simignore (drop) and FastV at two batch sizes.
 """
 
 from __future__ import annotations
@@ -19,15 +24,17 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from lmms_simignore import engine
-from lmms_simignore.bench import scienceqa_pass
+from lmms_simignore.bench import qwen_shapes, scienceqa_pass
 from lmms_simignore.bench.flops import DecoderShape, sample_prefill_flops
-from lmms_simignore.bench.rows import bench_rows
+from lmms_simignore.bench.rows import BenchRow, bench_rows, per_image_bench_rows
 from lmms_simignore.markdown import table
 from lmms_simignore.settings import ReductionSettings
 
@@ -66,29 +73,143 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_once(model, processor, settings: ReductionSettings, inputs, texts: list[str], image_seeds: list[int],
-                 decode_tokens: int) -> dict:
+@dataclass(frozen=True)
+class BenchFamily:
+    """How the bench runs one model family: its checkpoints, prompts and rows, and its two steps before the LLM.
+
+    load: (folder, device, dtype) -> (model, processor); images: (records, processor) -> the records with their images
+    at the size the bench feeds; encode: (processor, records) -> the processed batch; rows: (config) -> [BenchRow];
+    embed: (model, settings, inputs) -> what the choice starts from (timed into time to first token only); choose:
+    (model, tokenizer, settings, inputs, embedded, comparison texts, image seeds) -> (ReducedPrompt, the in-LLM stages
+    for `LanguageModelRun`) (timed as the choice).
+    """
+
+    name: str
+    load: Callable
+    images: Callable
+    encode: Callable
+    rows: Callable[..., list[BenchRow]]
+    embed: Callable
+    choose: Callable
+
+
+def _load_llava(folder: Path, device: torch.device, dtype: torch.dtype):
+    from lmms_simignore.models.mipha import load_llava
+
+    return load_llava(folder, dtype=dtype, attn_implementation="sdpa", device_map=str(device))
+
+
+def _resized(records: list[dict], processor) -> list[dict]:
+    """The shapes images at the model's input size (the image processor would resize them anyway)."""
+    image_processor = processor.image_processor
+    size = (image_processor.crop_size if image_processor.do_center_crop else image_processor.size)["height"]
+    return [{**record, "image": record["image"].resize((size, size))} for record in records]
+
+
+def _encode_llava(processor, records: list[dict]):
+    from lmms_simignore.testbed.llava_recipe import encode  # the shapes prompt format
+
+    return encode(processor, records, with_answers=False)
+
+
+def _llava_rows(config) -> list[BenchRow]:
+    return bench_rows(engine.image_tokens_per_image(config), config.text_config.num_hidden_layers,
+                      cls_token=config.vision_config.model_type == "clip_vision_model", grid=engine.image_grid(config))
+
+
+def _embed_llava(model, settings: ReductionSettings, inputs) -> tuple:
+    """(plan, the tower's hidden states) where a vision-side stage chooses after the tower (its choice, merge and
+    projection are then the choice), else (plan, the embedded prompt)."""
+    plan = engine.plan_for(model.config, settings)
+    if plan.vision is not None:
+        return plan, engine.vision_tower_states(model, inputs["pixel_values"])
+    return plan, engine.build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"))
+
+
+def _choose_llava(model, tokenizer, settings: ReductionSettings, inputs, embedded: tuple, texts: list[str],
+                  image_seeds: list[int]):
+    plan, states = embedded
+    prompt = engine.embed_prompt(model, plan, inputs, states) if plan.vision is not None else states
+    return engine.apply_pre_llm_stage(model, tokenizer, plan, prompt, texts, image_seeds), plan.layers
+
+
+QWEN_IMAGE_SIZE = (1280, 960)  # (width, height) of the field's benchmark photos
+
+
+def _load_qwen(folder: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", device_map=str(device),
+                                                        use_safetensors=True).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def _photo_sized(records: list[dict], processor) -> list[dict]:
+    """The shapes images at 1280 x 960; the processor then resizes each within its pixel limits, to multiples of
+    patch x merge (28 on Qwen2.5-VL)."""
+    return [{**record, "image": record["image"].resize(QWEN_IMAGE_SIZE)} for record in records]
+
+
+def _encode_qwen(processor, records: list[dict]):
+    """Left-padded batch: the chat template's default system turn, then one image and the shapes question per user turn."""
+    from lmms_simignore.testbed.llava_recipe import prompt_text
+
+    turns = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt_text(record)}]}] for record in records]
+    prompts = [processor.apply_chat_template(turn, tokenize=False, add_generation_prompt=True) for turn in turns]
+    return processor(text=prompts, images=[r["image"] for r in records], padding=True, padding_side="left", return_tensors="pt")
+
+
+def _qwen_rows(config) -> list[BenchRow]:
+    return per_image_bench_rows(config.text_config.num_hidden_layers)
+
+
+def _embed_qwen(model, settings: ReductionSettings, inputs):
+    """The embedded prompt, the ViT's merged image tokens in place (`families.qwen_vl.embed_prompt`)."""
+    from lmms_simignore.families import qwen_vl
+
+    return qwen_vl.embed_prompt(model, inputs)
+
+
+def _choose_qwen(model, tokenizer, settings: ReductionSettings, inputs, prompt, texts: list[str], image_seeds: list[int]):
+    """Each image planned for its own tokens and reduced before the LLM, as the Qwen-VL model classes do."""
+    plans = engine.image_plans(model.config, settings, prompt)
+    reduced = engine.apply_image_plans_before_llm(model, tokenizer, plans, prompt, texts, image_seeds)
+    return reduced, [plan.layers for plan in plans]
+
+
+LLAVA_FAMILY = BenchFamily("llava", _load_llava, _resized, _encode_llava, _llava_rows, _embed_llava, _choose_llava)
+QWEN_VL_FAMILY = BenchFamily("qwen_vl", _load_qwen, _photo_sized, _encode_qwen, _qwen_rows, _embed_qwen, _choose_qwen)
+
+
+def bench_family(config) -> BenchFamily:
+    """The bench's family of a checkpoint's config (by its model_type); refuses the others by name."""
+    from lmms_simignore.families.qwen_vl import MODEL_TYPES
+
+    families = {"llava": LLAVA_FAMILY, **{model_type: QWEN_VL_FAMILY for model_type in MODEL_TYPES}}
+    if config.model_type not in families:
+        raise ValueError(f"the bench runs {', '.join(families)} checkpoints; this one is {config.model_type!r}")
+    return families[config.model_type]
+
+
+def measure_once(model, tokenizer, family: BenchFamily, settings: ReductionSettings, inputs, texts: list[str],
+                 image_seeds: list[int], decode_tokens: int) -> dict:
     """One timed pass over the batch: seconds for the choice, time to first token and decoding, peak memory.
 
     texts: Simignore's comparison text per row; image_seeds: one per image in the batch (random choices).
     """
     device = inputs["input_ids"].device
-    plan = engine.plan_for(model.config, settings)
     with PeakMemory(device) as memory:
         _sync(device)
         started = time.perf_counter()
-        if plan.vision is not None:  # the tower runs alone; its choice, merge and projection are the choice
-            tower_states = engine.vision_tower_states(model, inputs["pixel_values"])
-        else:
-            prompt = engine.build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"))
+        embedding = family.embed(model, settings, inputs)
         _sync(device)
         embedded = time.perf_counter()
-        if plan.vision is not None:
-            prompt = engine.embed_prompt(model, plan, inputs, tower_states)
-        reduced = engine.apply_pre_llm_stage(model, processor.tokenizer, plan, prompt, texts, image_seeds)
+        reduced, stages = family.choose(model, tokenizer, settings, inputs, embedding, texts, image_seeds)
         _sync(device)
         chosen = time.perf_counter()
-        run = engine.LanguageModelRun(model, reduced, stages=plan.layers)
+        run = engine.LanguageModelRun(model, reduced, stages=stages)
         tokens = run.prefill().argmax(-1)
         _sync(device)
         first_token = time.perf_counter()
@@ -128,28 +249,29 @@ def bench_model(model, processor, records: list[dict], batch_size: int, warmup: 
     computed (`LanguageModelRun.stage_flops`: VisionDrop's next-layer attention, FastV's one row), so it is compared
     with the LLM prefill
     (from the reduced prompt to the first logits); time to first token adds the vision tower and the choice.
+    records: one image each, at the size the family feeds (`BenchFamily.images`).
     """
     from lmms_simignore.models.base import options_text
-    from lmms_simignore.testbed.llava_recipe import encode  # the shapes prompt format
 
+    family = bench_family(model.config)
     device = next(model.parameters()).device
     batch = records[:batch_size]
-    inputs = encode(processor, batch, with_answers=False).to(device)
+    inputs = family.encode(processor, batch).to(device)
     texts = [options_text(record["choices"], "options") for record in batch]  # the model class's default text
-    image_tokens = engine.image_tokens_per_image(model.config)
     image_seeds = list(range(len(batch)))  # one image per shapes record
     num_layers = model.config.text_config.num_hidden_layers
     shape = DecoderShape.from_text_config(model.config.text_config)
     prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-    rows = bench_rows(image_tokens, num_layers, cls_token=model.config.vision_config.model_type == "clip_vision_model",
-                      grid=engine.image_grid(model.config))
+    image_tokens = (inputs["input_ids"] == model.config.image_token_id).sum(dim=1).tolist()  # (B,) of its one image
+    rows = family.rows(model.config)
+    tokenizer = processor.tokenizer
     for _ in range(warmup):  # warm every path before any measurement
         for row in rows:
-            measure_once(model, processor, row.settings, inputs, texts, image_seeds, decode_tokens)
+            measure_once(model, tokenizer, family, row.settings, inputs, texts, image_seeds, decode_tokens)
     runs: dict[str, list[dict]] = {row.name: [] for row in rows}
     for repeat in range(repeats):  # round robin, so drift over time affects every row alike
         for row in rows:
-            runs[row.name].append(measure_once(model, processor, row.settings, inputs, texts, image_seeds, decode_tokens))
+            runs[row.name].append(measure_once(model, tokenizer, family, row.settings, inputs, texts, image_seeds, decode_tokens))
         progress(f"  repeat {repeat + 1}/{repeats} done")
     results = {}
     for row in rows:
@@ -159,8 +281,8 @@ def bench_model(model, processor, records: list[dict], batch_size: int, warmup: 
             run.pop("image_tokens_seen", None)
             run.pop("stage_flops", None)
         computed, visible = seen.computed.tolist(), seen.visible.tolist()  # (B, n_layers) each
-        flops = sum(sample_prefill_flops(shape, {"prompt_tokens": n, "image_tokens": image_tokens, "computed_per_layer": layers})
-                    for n, layers in zip(prompt_tokens, computed))
+        flops = sum(sample_prefill_flops(shape, {"prompt_tokens": n, "image_tokens": m, "computed_per_layer": layers})
+                    for n, m, layers in zip(prompt_tokens, image_tokens, computed))
         results[row.name] = {
             "settings": str(row.settings),
             "computed_per_layer": _batch_mean(computed),
@@ -177,7 +299,8 @@ def bench_model(model, processor, records: list[dict], batch_size: int, warmup: 
         result["ideal_prefill_speedup"] = baseline["prefill_flops"] / result["prefill_flops"]
         result["prefill_speedup_vs_ideal"] = result["prefill_speedup"] / result["ideal_prefill_speedup"]
         result["choice_share_of_prefill"] = result["choice_s"]["median"] / result["prefill_s"]["median"]
-    return {"image_tokens": image_tokens, "layers": num_layers, "batch_size": len(batch), "prompt_tokens": prompt_tokens,
+    return {"image_tokens": _batch_mean([[count] for count in image_tokens])[0],  # per image (the batch's mean if they differ)
+            "layers": num_layers, "batch_size": len(batch), "prompt_tokens": prompt_tokens,
             "rows": results}
 
 
@@ -240,7 +363,7 @@ def machine() -> dict:
 def markdown(report: dict) -> str:
     lines = [f"Machine: {report['machine']['platform']}, torch {report['machine']['torch']}, "
              f"{report['machine'].get('gpu', str(report['machine']['cpu_threads']) + ' CPU threads')}, {report['machine']['date']}",
-             "Timing does not depend on weight values (the LLaVA-shaped models have random weights).", ""]
+             "Timing does not depend on weight values (the shaped models have random weights).", ""]
     if "wrapper_overhead" in report:
         overhead = report["wrapper_overhead"]
         lines += ["## Wrapper overhead: `reduction=none` against the built-in `llava_hf` (testbed model, batch 1)", "",
@@ -296,7 +419,8 @@ def against_targets(report: dict) -> list[str]:
     return [f"## Against the targets ({where})", "", *table(["target", "measured", "met"], body).split("\n"), ""]
 
 
-BENCH_MODELS = ("testbed", "paper-shaped", "llava7b-shape", "llava13b-shape", "mipha3b-shape")
+LLAVA_BENCH_MODELS = ("testbed", "paper-shaped", "llava7b-shape", "llava13b-shape", "mipha3b-shape")  # the pass's too
+BENCH_MODELS = (*LLAVA_BENCH_MODELS, "qwen-tiny", qwen_shapes.QWEN25_VL_7B_SHAPE)
 
 
 def default_models(device: torch.device) -> tuple[str, ...]:
@@ -306,7 +430,8 @@ def default_models(device: torch.device) -> tuple[str, ...]:
 
 def bench_checkpoint(name: str, workdir: Path, device: torch.device, dtype: torch.dtype) -> Path:
     """The folder of bench model `name`: the shipped testbed, or random weights written under `workdir`:
-    `paper-shaped` (576 image tokens, 6 narrow layers) or the exact LLaVA-1.5-7B/13B shapes."""
+    `paper-shaped` (576 image tokens, 6 narrow layers), `qwen-tiny` (the tiny Qwen2.5-VL), the exact
+    Qwen2.5-VL-7B-Instruct shape, or the exact LLaVA-1.5-7B/13B and Mipha-3B shapes."""
     from lmms_simignore.shipped import shipped_model_dir
 
     if name == "testbed":
@@ -318,41 +443,50 @@ def bench_checkpoint(name: str, workdir: Path, device: torch.device, dtype: torc
         from lmms_simignore.testbed.tiny import PAPER_SHAPED, build_tiny_llava
 
         return build_tiny_llava(folder, shape=PAPER_SHAPED)
+    if name == "qwen-tiny":
+        from lmms_simignore.testbed.tiny_qwen import build_tiny_qwen
+
+        return build_tiny_qwen(folder, qwen_shapes.FAMILY)
+    if name == qwen_shapes.QWEN25_VL_7B_SHAPE:
+        return qwen_shapes.write_random_shape(folder, device, dtype)
     from lmms_simignore.bench.llava_shapes import write_random_shape
 
     return write_random_shape(name, folder, device, dtype)
 
 
 def load_bench_model(folder: Path, device: torch.device, dtype: torch.dtype):
-    """Model (straight onto `device`, sdpa attention) and processor of a bench checkpoint folder."""
-    from lmms_simignore.models.mipha import load_llava
+    """Model (straight onto `device`, sdpa attention) and processor of a bench checkpoint folder, by its family."""
+    from transformers import AutoConfig
 
-    return load_llava(folder, dtype=dtype, attn_implementation="sdpa", device_map=str(device))
+    from lmms_simignore.shipped import resolve_pretrained
+
+    return bench_family(AutoConfig.from_pretrained(resolve_pretrained(str(folder)))).load(folder, device, dtype)
 
 
-def _check_models(names, option: str) -> None:
+def _check_models(names, option: str, allowed: tuple[str, ...] = BENCH_MODELS) -> None:
     for name in names:
-        if name not in BENCH_MODELS:
-            raise ValueError(f"{option}: unknown model {name!r}; allowed: {', '.join(BENCH_MODELS)}")
+        if name not in allowed:
+            raise ValueError(f"{option}: unknown model {name!r}; allowed: {', '.join(allowed)}")
 
 
 def run_bench(out_dir: str | Path, models: tuple[str, ...] | None = None, quick: bool = False, device: str | None = None,
               batch_size: int = 4, warmup: int = 2, repeats: int = 7, decode_tokens: int = 16,
               pass_model: str | None = None, pass_prompts: int | None = None,
               pass_batch_sizes: tuple[int, ...] = (1, 8), pass_data: str | None = None, echo=print) -> dict:
-    """Benchmark `models` (default: `default_models`) and time a ScienceQA-IMG-sized pass of `pass_prompts`
-    prompts (default: the 2017 of its test split; 0 skips it) on `pass_model` (default: paper-shaped on a CPU,
-    llava7b-shape on a GPU); write bench.json and bench.md into `out_dir`."""
+    """Benchmark `models` (default: `default_models`; with `quick`, the testbed) and time a ScienceQA-IMG-sized pass of
+    `pass_prompts` prompts (default: the 2017 of its test split; 0 skips it) on `pass_model` (a LLaVA-family model;
+    default: paper-shaped on a CPU, llava7b-shape on a GPU); write bench.json and bench.md into `out_dir`. `quick`:
+    batch 2, 1 warm-up, 2 repeats, 2 decode tokens and a pass of at most 8 prompts on paper-shaped."""
     import tempfile
 
     from lmms_simignore.testbed import shapes
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    models = tuple(models or default_models(device))
+    models = tuple(models or (("testbed",) if quick else default_models(device)))
     pass_model = pass_model or ("llava7b-shape" if device.type == "cuda" else "paper-shaped")
     pass_prompts = scienceqa_pass.SCIENCEQA_IMG_TEST_QUESTIONS if pass_prompts is None else pass_prompts
     _check_models(models, "--models")
-    _check_models([pass_model], "--pass-model")
+    _check_models([pass_model], "--pass-model", LLAVA_BENCH_MODELS)  # the pass runs llava_simignore
     if pass_prompts < 0 or not pass_batch_sizes or any(size < 1 for size in pass_batch_sizes):
         raise ValueError(f"--pass-prompts must be >= 0 and --pass-batch-sizes positive; got {pass_prompts}, {pass_batch_sizes}")
     if pass_data is not None:
@@ -360,7 +494,7 @@ def run_bench(out_dir: str | Path, models: tuple[str, ...] | None = None, quick:
 
         check_local_data(pass_data)
     if quick:
-        models, batch_size, warmup, repeats, decode_tokens = ("testbed",), 2, 1, 2, 2
+        batch_size, warmup, repeats, decode_tokens = 2, 1, 2, 2
         pass_model, pass_prompts, pass_batch_sizes = "paper-shaped", min(pass_prompts, 8), (1, 4)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     records = shapes.shapes_records(batch_size, seed=shapes.HELD_OUT_SEED)
@@ -382,7 +516,7 @@ def run_bench(out_dir: str | Path, models: tuple[str, ...] | None = None, quick:
         for name in models:
             echo(f"{name}:")
             model, processor = load_bench_model(bench_checkpoint(name, Path(workdir), device, dtype), device, dtype)
-            model_records = records if name == "testbed" else _resized(records, processor)
+            model_records = bench_family(model.config).images(records, processor)
             report["models"][name] = bench_model(model, processor, model_records, batch_size, warmup, repeats, decode_tokens, progress=echo)
             save()
             del model
@@ -410,10 +544,3 @@ def run_bench(out_dir: str | Path, models: tuple[str, ...] | None = None, quick:
     echo(markdown(report))
     echo(f"wrote {out_dir / 'bench.json'} and bench.md")
     return report
-
-
-def _resized(records: list[dict], processor) -> list[dict]:
-    """The shapes images at the model's input size (the image processor would resize them anyway)."""
-    image_processor = processor.image_processor
-    size = (image_processor.crop_size if image_processor.do_center_crop else image_processor.size)["height"]
-    return [{**record, "image": record["image"].resize((size, size))} for record in records]

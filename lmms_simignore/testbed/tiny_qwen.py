@@ -120,6 +120,11 @@ class TinyQwenShape:
         return self.text_hidden // self.heads
 
 
+# the offline fixtures' shape (`python -m lmms_simignore fixtures DIR --qwen ...`): 8 decoder layers, so that
+# three-stage schedules given as fractions of the depth (PyramidDrop's 2/7/14 of 28) run as written
+FIXTURE_SHAPE = TinyQwenShape(text_layers=8)
+
+
 def patch_size_of(family: str) -> int:
     """The ViT patch size of a family: 14 for Qwen2/2.5-VL, 16 for Qwen3-VL."""
     _check_family(family)
