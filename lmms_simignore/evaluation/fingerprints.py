@@ -15,6 +15,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from lmms_simignore.evaluation.regression import report_differences
+
 FINGERPRINT_ROWS = {  # model_args of each row on the tiny models' 3 decoder layers
     "none": {},
     "simignore": dict(reduction="simignore", keep=0.4),
@@ -130,11 +132,4 @@ def run_fingerprints(expected_path: str | Path, update: bool = False, echo=print
         echo(f"wrote {expected_path}: {count} rows")
         return 0
     found = fingerprint_differences(json.loads(expected_path.read_text()), actual)
-    if found:
-        echo(f"{len(found)} differences from {expected_path}:")
-        for line in found:
-            echo(f"  {line}")
-        echo(f"If the change is intended, update the file: {UPDATE_COMMAND}")
-        return 1
-    echo(f"fingerprints: all {count} rows match {expected_path}")
-    return 0
+    return report_differences(found, expected_path, UPDATE_COMMAND, f"fingerprints: all {count} rows match", echo)

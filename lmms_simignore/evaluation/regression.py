@@ -90,11 +90,17 @@ def run_regression(expected_path: str | Path, workdir: str | Path | None = None,
         echo(f"\nwrote {expected_path}: {len(actual['rows'])} rows x {REGRESSION_QUESTIONS} predictions")
         return 0
     found = differences(json.loads(expected_path.read_text()), actual)
+    return report_differences(found, expected_path, UPDATE_COMMAND,
+                              f"\nregression: all {len(actual['rows'])} rows x {REGRESSION_QUESTIONS} predictions match", echo)
+
+
+def report_differences(found: list[str], expected_path: Path, update_command: str, matched: str, echo=print) -> int:
+    """Echo each difference from an expected file and how to update it (exit code 1), or `matched` (exit code 0)."""
     if found:
         echo(f"\n{len(found)} differences from {expected_path}:")
         for line in found:
             echo(f"  {line}")
-        echo(f"If the change is intended, update the file: {UPDATE_COMMAND}")
+        echo(f"If the change is intended, update the file: {update_command}")
         return 1
-    echo(f"\nregression: all {len(actual['rows'])} rows x {REGRESSION_QUESTIONS} predictions match {expected_path}")
+    echo(f"{matched} {expected_path}")
     return 0

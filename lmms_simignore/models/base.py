@@ -194,6 +194,26 @@ class ReducingModel(lmms):
                 )
         return user_text
 
+    def _chat_request(self, args: tuple, first: dict | None = None) -> tuple[dict, object, list, list[dict]]:
+        """A chat request (context, doc_to_messages, gen_kwargs, doc_id, task, split) -> its doc, its `ChatMessages`
+        (after `first`, a message put before the task's), their images and their messages as transformers takes them;
+        a video or audio input is refused naming the doc."""
+        from lmms_eval.protocol import ChatMessages
+
+        _, doc_to_messages, _, doc_id, task, split = args
+        doc = self.task_dict[task][split][doc_id]
+        chat = ChatMessages(messages=([first] if first else []) + list(doc_to_messages(doc)))
+        images, videos, audios = chat.extract_media()
+        if videos or audios:
+            raise ValueError(f"task {task} doc {doc_id}: {self.model_name} takes images only, got video/audio inputs")
+        return doc, chat, check_images(images, task, doc_id, self.model_name), chat.model_dump()["messages"]
+
+    @staticmethod
+    def _user_text(messages: list[dict]) -> str:
+        """The text parts of a conversation's user turns, joined by spaces."""
+        return " ".join(part["text"] for message in messages if message["role"] == "user"
+                        for part in message["content"] if part.get("type") == "text")
+
     def _image_seeds(self, batch: list[PromptRequest]) -> list[int]:
         from lmms_simignore.methods import sample_seed
 

@@ -212,26 +212,13 @@ class LlavaSimignoreChat(LlavaSimignore):
 
     def _prompt_request(self, args: tuple) -> PromptRequest:
         """Chat request (context, doc_to_messages, gen_kwargs, doc_id, task, split) -> prompt."""
-        from lmms_eval.protocol import ChatMessages
-
-        context, doc_to_messages, _, doc_id, task, split = args
-        if not callable(doc_to_messages):  # loglikelihood requests keep the simple layout
+        if not callable(args[1]):  # loglikelihood requests keep the simple layout
             return super()._prompt_request(args)
-        doc = self.task_dict[task][split][doc_id]
-        messages = ChatMessages(messages=doc_to_messages(doc))
-        images, videos, audios = messages.extract_media()
-        if videos or audios:
-            raise ValueError(f"task {task} doc {doc_id}: llava_simignore takes images only, got video/audio inputs")
-        images = _rgb(check_images(images, task, doc_id, self.model_name))
-        hf_messages = messages.model_dump()["messages"]
+        doc, _, images, hf_messages = self._chat_request(args)
         prompt = self.processor.apply_chat_template(
             hf_messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
         )
-        user_text = " ".join(
-            part["text"] for message in hf_messages if message["role"] == "user"
-            for part in message["content"] if part.get("type") == "text"
-        )
-        return PromptRequest(prompt, images, self._comparison_text(doc, user_text, task), doc_id, task)
+        return PromptRequest(prompt, _rgb(images), self._comparison_text(doc, self._user_text(hf_messages), args[4]), args[3], args[4])
 
 
 def pad_to_square(image, colour: tuple[int, ...]):

@@ -283,25 +283,13 @@ class QwenVLSimignoreChat(QwenVLSimignore):
 
     def _prompt_request(self, args: tuple) -> PromptRequest:
         """Chat request (context, doc_to_messages, gen_kwargs, doc_id, task, split) -> prompt."""
-        from lmms_eval.protocol import ChatMessages
-
-        context, doc_to_messages, _, doc_id, task, split = args
-        if not callable(doc_to_messages):  # loglikelihood requests keep the simple layout
+        if not callable(args[1]):  # loglikelihood requests keep the simple layout
             return super()._prompt_request(args)
-        doc = self.task_dict[task][split][doc_id]
-        messages = doc_to_messages(doc)
-        if self.builtin.chat_system_prompt:
-            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
-        chat = ChatMessages(messages=messages)
-        images, videos, audios = chat.extract_media()
-        if videos or audios:
-            raise ValueError(f"task {task} doc {doc_id}: {self.model_name} takes images only, got video/audio inputs")
-        check_images(images, task, doc_id, self.model_name)
-        hf_messages = chat.to_hf_messages()
+        system = {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}
+        doc, chat, _, _ = self._chat_request(args, first=system if self.builtin.chat_system_prompt else None)
+        hf_messages = chat.to_hf_messages()  # images as they are: lmms-eval's chat class gives them no pixel limits
         prompt, resized = self._rendered(hf_messages)
-        user_text = " ".join(part["text"] for message in hf_messages if message["role"] == "user"
-                             for part in message["content"] if part.get("type") == "text")
-        return PromptRequest(prompt, resized, self._comparison_text(doc, user_text, task), doc_id, task)
+        return PromptRequest(prompt, resized, self._comparison_text(doc, self._user_text(hf_messages), args[4]), args[3], args[4])
 
 
 class Qwen2VLSimignore(QwenVLSimignore):
