@@ -136,7 +136,7 @@ def place_image_features(inputs_embeds: torch.Tensor, is_image: torch.Tensor, im
                          attention_mask: torch.Tensor, position_ids: torch.Tensor,
                          image_tokens: torch.Tensor | None = None,
                          image_additions: tuple = (), image_grids: torch.Tensor | None = None,
-                         positions_for: Callable | None = None) -> PromptEmbeddings:
+                         positions_for: Callable | None = None, separated: bool = False) -> PromptEmbeddings:
     """The prompt with each image's features at its image tokens, images in row-major order of the batch.
 
     inputs_embeds: (B, L, D) token embeddings; is_image: (B, L) bool, the image tokens (one contiguous block per image);
@@ -144,7 +144,8 @@ def place_image_features(inputs_embeds: torch.Tensor, is_image: torch.Tensor, im
     position_ids: (B, L), or (B, L, 3) multimodal rotary positions; image_tokens: (B,) the rows' image tokens before
     any shortening (default: those in `is_image`); image_additions: per decoder layer from the first, (I, N, D) or one
     (N_i, D) per image (see `PromptEmbeddings`); image_grids: (I, 2) each image's token grid, where images have their
-    own sizes; positions_for: the model's positions for images of other grids (see `PromptEmbeddings`).
+    own sizes; positions_for: the model's positions for images of other grids (see `PromptEmbeddings`); separated: an
+    image's tokens may have separators between them (LLaVA-NeXT's row newlines), which stay as they are.
     """
     if isinstance(image_features, torch.Tensor):
         lengths, width = [image_features.shape[1]] * image_features.shape[0], image_features.shape[1]
@@ -155,7 +156,7 @@ def place_image_features(inputs_embeds: torch.Tensor, is_image: torch.Tensor, im
     coordinates = is_image.nonzero()  # (sum N_i, 2), row-major
     starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
     blocks = [coordinates[start:end] for start, end in zip(starts, starts[1:])]
-    if int(per_row.sum()) != sum(lengths) or not all(_one_block(block) for block in blocks):
+    if int(per_row.sum()) != sum(lengths) or not all(_one_block(block, separated) for block in blocks):
         raise ValueError(
             f"input_ids hold {per_row.tolist()} image tokens per row but pixel_values give {len(lengths)} image(s) of "
             f"{lengths} tokens; each image needs one block of its own number of image tokens, in order"
@@ -196,11 +197,13 @@ def place_image_features(inputs_embeds: torch.Tensor, is_image: torch.Tensor, im
     )
 
 
-def _one_block(coordinates: torch.Tensor) -> bool:
-    """Whether (n, 2) (row, column) coordinates are one run of consecutive columns of one row."""
+def _one_block(coordinates: torch.Tensor, separated: bool = False) -> bool:
+    """Whether (n, 2) (row, column) coordinates are one run of consecutive columns of one row (with `separated`, of
+    one row: other tokens may stand between them)."""
     if not len(coordinates):
         return True
-    return bool(coordinates[0, 0] == coordinates[-1, 0]) and int(coordinates[-1, 1] - coordinates[0, 1]) + 1 == len(coordinates)
+    consecutive = separated or int(coordinates[-1, 1] - coordinates[0, 1]) + 1 == len(coordinates)
+    return bool(coordinates[0, 0] == coordinates[-1, 0]) and consecutive
 
 
 def with_shorter_images(prompt: PromptEmbeddings, features: torch.Tensor, lengths: torch.Tensor | None = None,

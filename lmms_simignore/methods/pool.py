@@ -92,7 +92,8 @@ def _check(args: PoolArguments, context: PipelineContext) -> None:
 def _plan(args: PoolArguments, request: StageRequest) -> tuple[PreLLMStage]:
     if request.grid is None or request.available != request.image_tokens:
         raise ValueError(f"pool averages each image's grid of tokens; this model's {request.available} image tokens per "
-                         f"image form no grid (a CLS token kept, a patch dropped, or a shorter image from a stage before)")
+                         f"image form no grid (a CLS token kept, a patch dropped, tiles of several grids, or a shorter image "
+                         f"from a stage before)")
     stride = stride_for(request.budget, request.grid)
     rows, cols = pooled_size(request.grid, stride)
     return (PreLLMStage("pool", rows * cols, partial(_pool, request.grid, stride), replaces=True),)

@@ -14,6 +14,7 @@ from loguru import logger
 
 from lmms_simignore import engine
 from lmms_simignore.engine.accounting import layer_runs
+from lmms_simignore.families import llava_next
 from lmms_simignore.families.qwen_vl import MODEL_TYPES as QWEN_MODEL_TYPES
 from lmms_simignore.models.base import DTYPES, PromptRequest, ReducingModel, check_images
 from lmms_simignore.models.mipha import attach_head_bias, converted_folder, hub_mipha_snapshot, is_mipha_folder
@@ -23,6 +24,8 @@ from lmms_simignore.settings import Plan, ReductionSettings
 from lmms_simignore.shipped import resolve_pretrained
 
 IMAGE_PLACEHOLDER = "<image>"
+# the checkpoints it hosts, by model_type: LLaVA-1.5 (and converted Mipha) and LLaVA-NeXT, as lmms-eval's llava_hf does
+MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
 DEFAULT_PRETRAINED = "llava-hf/llava-1.5-7b-hf"
 
 # Vicuna v1 conversation, used when neither `chat_template=` nor the checkpoint provides a template
@@ -42,9 +45,9 @@ IMAGE_ASPECT_RATIOS = ("original", "pad")
 QUANTIZATIONS = ("none", "nf4")
 # the model_args of loading and decoding (the reduction's come from the settings and the registry): values, meaning
 LOADER_ARGUMENTS = {
-    "pretrained": (f"`{DEFAULT_PRETRAINED}`", "any `LlavaForConditionalGeneration` checkpoint with a Llama or Phi language "
-                   "model (hub id or folder; safetensors only), a Mipha folder in its released layout (converted once), or "
-                   "`shipped:shapes-llava`"),
+    "pretrained": (f"`{DEFAULT_PRETRAINED}`", "any `LlavaForConditionalGeneration` or `LlavaNextForConditionalGeneration` "
+                   "checkpoint with a Llama or Phi language model (hub id or folder; safetensors only), a Mipha folder in its "
+                   "released layout (converted once), or `shipped:shapes-llava`"),
     "revision": ("`main`", "the checkpoint's revision on the hub"),
     "preset": ("none | " + " | ".join(f"`{name}`" for name in PRESETS), "a named set of model_args (see Paper presets); "
                "yours override it"),
@@ -99,22 +102,24 @@ class LlavaSimignore(ReducingModel):
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {quantization!r}")
         self.chat_template = chat_template
 
-        from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+        from transformers import AutoConfig, AutoProcessor
 
         pretrained = resolve_pretrained(str(pretrained))
         pretrained = str(hub_mipha_snapshot(pretrained, revision) or pretrained)
         if is_mipha_folder(pretrained):  # a Mipha checkpoint in its released layout: converted once, then loaded
             pretrained, revision = str(converted_folder(pretrained)), "main"
         config = AutoConfig.from_pretrained(pretrained, revision=revision)
-        if config.model_type != "llava":
+        if config.model_type not in MODEL_CLASSES:
             hint = f"; for it use --model {config.model_type}_simignore" if config.model_type in QWEN_MODEL_TYPES else ""
             raise ValueError(
-                f"llava_simignore hosts LlavaForConditionalGeneration checkpoints (model_type 'llava'); "
-                f"pretrained={pretrained!r} has model_type {config.model_type!r}{hint}"
+                f"llava_simignore hosts {', '.join(MODEL_CLASSES.values())} checkpoints (model_type "
+                f"{' or '.join(repr(kind) for kind in MODEL_CLASSES)}); pretrained={pretrained!r} has model_type "
+                f"{config.model_type!r}{hint}"
             )
         engine.check_model_support(config)
         self.config = config
-        self.image_tokens_per_image = engine.image_tokens_per_image(config)
+        self.tiled = config.model_type in llava_next.MODEL_TYPES  # images of their own sizes, in tiles
+        self.image_tokens_per_image = llava_next.largest_image_tokens(config) if self.tiled else engine.image_tokens_per_image(config)
         self.num_layers = config.text_config.num_hidden_layers
         self._plan_for(settings)  # budgets, layers and what the methods need, before any download
 
@@ -123,7 +128,9 @@ class LlavaSimignore(ReducingModel):
         if quantization == "nf4":
             load_kwargs["quantization_config"] = nf4_quantization_config(self._device)
             device_map = device_map or {"": str(self._device)}
-        self._model = LlavaForConditionalGeneration.from_pretrained(
+        import transformers
+
+        self._model = getattr(transformers, MODEL_CLASSES[config.model_type]).from_pretrained(
             pretrained,
             revision=revision,
             dtype=DTYPES[str(dtype)],
@@ -142,13 +149,16 @@ class LlavaSimignore(ReducingModel):
         self.processor.tokenizer.padding_side = "left"
         self.pretrained = pretrained
         logger.info(
-            f"llava_simignore: {pretrained} on {self._device}, {self.image_tokens_per_image} image tokens per image, "
+            f"llava_simignore: {pretrained} on {self._device}, {self.image_tokens_per_image} image tokens per image"
+            f"{' at the most (tiles)' if self.tiled else ''}, "
             f"{self.settings}; image tokens per image visible per layer (requested): {layer_runs(self.requested_visible_per_layer)}"
         )
 
     def _plan_for(self, settings: ReductionSettings) -> Plan:
         """The settings' stages on this model; raises on budgets or layers it cannot take, or on what a method needs
         that it cannot give."""
+        if self.tiled:  # for the largest image; each batch's images are then planned for their own sizes
+            return llava_next.nominal_plan(self.config, settings)
         return engine.plan_for(self.config, settings)
 
     # -- prompts -------------------------------------------------------------------------------------
@@ -195,7 +205,9 @@ class LlavaSimignore(ReducingModel):
         )
         return inputs.to(self._device)
 
-    def _reduce(self, batch: list[PromptRequest], inputs) -> tuple[engine.ReducedPrompt, tuple]:
+    def _reduce(self, batch: list[PromptRequest], inputs) -> tuple[engine.ReducedPrompt, tuple | list]:
+        if self.tiled:
+            return self._reduce_each_image(llava_next.embed_prompt, batch, inputs)
         reduced = engine.prepare_reduced_prompt(
             self._model, self.tokenizer, self.plan, inputs, [request.comparison_text for request in batch], self._image_seeds(batch)
         )

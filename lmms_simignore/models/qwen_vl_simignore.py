@@ -255,11 +255,7 @@ class QwenVLSimignore(ReducingModel):
         return inputs.to(self._device)
 
     def _reduce(self, batch: list[PromptRequest], inputs) -> tuple[engine.ReducedPrompt, list]:
-        prompt = qwen_vl.embed_prompt(self._model, inputs)
-        plans = engine.image_plans(self.config, self.settings, prompt)
-        reduced = engine.apply_image_plans_before_llm(self._model, self.tokenizer, plans, prompt,
-                                                      [request.comparison_text for request in batch], self._image_seeds(batch))
-        return reduced, [plan.layers for plan in plans]
+        return self._reduce_each_image(qwen_vl.embed_prompt, batch, inputs)
 
     def _decode(self, tokens) -> list[str]:
         answers = self.processor.batch_decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)

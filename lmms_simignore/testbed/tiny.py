@@ -88,12 +88,35 @@ def build_tiny_llava(output_dir: str | Path, seed: int = 0, shape: TinyLlavaShap
     Loadable with `LlavaForConditionalGeneration.from_pretrained(output_dir)` and
     `AutoProcessor.from_pretrained(output_dir)`, offline.
     """
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(shape.vocab_target)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+
+    vision_config, text_config = tiny_clip_and_llama(shape, tokenizer)
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=shape.image_tokens,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(output_dir, safe_serialization=True)
+
+    build_processor(tokenizer, shape.image_size, shape.patch_size).save_pretrained(output_dir)
+    return output_dir
+
+
+def tiny_clip_and_llama(shape: TinyLlavaShape, tokenizer):
+    """The tiny CLIP tower's and Llama decoder's configs of `shape` (2 tower layers), with `tokenizer`'s ids."""
+    from transformers import CLIPVisionConfig, LlamaConfig
 
     vision_config = CLIPVisionConfig(
         hidden_size=shape.vision_hidden,
@@ -117,22 +140,7 @@ def build_tiny_llava(output_dir: str | Path, seed: int = 0, shape: TinyLlavaShap
         pad_token_id=tokenizer.pad_token_id,
         initializer_range=0.2,
     )
-    config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_id=image_token_id,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=shape.image_tokens,
-    )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(output_dir, safe_serialization=True)
-
-    build_processor(tokenizer, shape.image_size, shape.patch_size).save_pretrained(output_dir)
-    return output_dir
+    return vision_config, text_config
 
 
 def build_processor(tokenizer, image_size: int, patch_size: int):
