@@ -1,6 +1,6 @@
-"""LLaVA-NeXT's tiled images on a tiny random `LlavaNextForConditionalGeneration` (4 x 4 tokens per tile, up to 2 x 2
-tiles): every image token placed as the model places it, the newline separators never chosen, dropped or counted, and
-budgets per image over all its tiles."""
+"""LLaVA-NeXT's and LLaVA-OneVision's tiled images on tiny random models of transformers' own classes (4 x 4 tokens per
+tile; NeXT up to 2 x 2 tiles, OneVision up to 6 x 6 shrunk to about 9 tiles' worth): every image token placed as the
+model places it, the newline separators never chosen, dropped or counted, and budgets per image over all its tiles."""
 
 import math
 
@@ -12,15 +12,31 @@ from lmms_simignore import engine
 from lmms_simignore.families import llava_next
 from lmms_simignore.methods.fastv import fastv_stage
 from lmms_simignore.settings import ReductionSettings
-from lmms_simignore.testbed.tiny_llava_next import build_tiny_llava_next
+from lmms_simignore.testbed.tiny_llava_next import build_tiny_llava_next, build_tiny_llava_onevision
+
+pytest.importorskip("torchvision")  # transformers' OneVision processor needs it
+BUILDERS = {"llava_next": build_tiny_llava_next, "llava_onevision": build_tiny_llava_onevision}
 
 QUESTIONS = ["What colour is the circle?", "Is there a red square in the picture on the left?"]
 SIZES = [[(60, 40)], [(30, 90), (48, 48)]]  # width x height: a wide image, then a tall and a square one
 
 
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def tiled_models(request, tmp_path_factory):
+    """(model, eager model, processor) of one tiled family."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = BUILDERS[request.param](tmp_path_factory.mktemp(request.param))
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="sdpa").eval()
+    eager = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
+    return model, eager, processor
+
+
 @pytest.fixture(scope="module")
 def next_models(tmp_path_factory):
-    """(model, eager model, processor)."""
+    """(model, eager model, processor) of the tiny LLaVA-NeXT."""
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
     folder = build_tiny_llava_next(tmp_path_factory.mktemp("llava_next"))
@@ -47,6 +63,12 @@ def batch(processor, rows=(0, 1)):
     return processor(images=images, text=texts, return_tensors="pt", padding=True)
 
 
+def generate_positions(inputs):
+    """Positions counted from each row's first real token, as transformers' generate counts them (its forward alone
+    counts from the padded start: the same relative positions, but rounding that grows with the padding)."""
+    return engine.default_position_ids(inputs["attention_mask"])
+
+
 def unreduced(model, inputs):
     prompt = llava_next.embed_prompt(model, inputs)
     return prompt, engine.reduce_prompt(prompt, engine.every_image_token(prompt), "drop")
@@ -59,6 +81,20 @@ def newline_columns(model, inputs, row):
     embeds = model.get_input_embeddings()(inputs["input_ids"]).masked_scatter(
         (inputs["input_ids"] == model.config.image_token_id)[..., None], features)
     return (embeds[row] == model.model.image_newline).all(dim=-1).nonzero().flatten().tolist()
+
+
+def expected_image_tokens(processor, image) -> int:
+    """Image tokens of one image as transformers' processor counts them: its placeholders in a prompt of that image
+    alone, less the newline after each row of its (unpadded, and on OneVision shrunk) grid."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    placeholders = int((processor(images=[image], text=["<image>"], return_tensors="pt")["input_ids"] == processor.image_token_id).sum())
+    image_processor = processor.image_processor
+    tile = (image_processor.crop_size if getattr(image_processor, "crop_size", None) else image_processor.size)["height"]
+    patches = tile // processor.patch_size if getattr(processor, "patch_size", None) else int(processor.num_image_tokens ** 0.5)
+    height, width = select_best_resolution([image.height, image.width], image_processor.image_grid_pinpoints)
+    _, newlines = processor._get_unpadded_features(image.height, image.width, patches, patches, height // tile, width // tile)
+    return placeholders - newlines
 
 
 def test_each_image_is_its_base_view_and_unpadded_grid_without_the_newlines(next_models):
@@ -75,12 +111,25 @@ def test_each_image_is_its_base_view_and_unpadded_grid_without_the_newlines(next
     assert sorted(set(placeholders.tolist()) - set(newlines)) == prompt.image_positions[0, :64].tolist()
 
 
-def test_the_loop_gives_the_model_s_own_logits_and_generation(next_models):
-    model, _, processor = next_models
+def test_an_image_s_tokens_are_its_placeholders_but_its_newlines(tiled_models):
+    """The first prompt's one image: as many image tokens as transformers' processor counts placeholders less newlines,
+    at the placeholders where the model did not put its image_newline."""
+    model, _, processor = tiled_models
+    inputs = batch(processor)
+    prompt = llava_next.embed_prompt(model, inputs)
+    length = int(prompt.image_lengths[0])
+    assert length == expected_image_tokens(processor, noise(SIZES[0][0], 0))
+    placeholders = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten().tolist()
+    assert sorted(set(placeholders) - set(newline_columns(model, inputs, 0))) == prompt.image_positions[0, :length].tolist()
+    assert int(prompt.image_tokens[0]) == length
+
+
+def test_the_loop_gives_the_model_s_own_logits_and_generation(tiled_models):
+    model, _, processor = tiled_models
     inputs = batch(processor)
     _, reduced = unreduced(model, inputs)
     with torch.inference_mode():
-        expected = model(**inputs).logits[:, -1]
+        expected = model(**inputs, position_ids=generate_positions(inputs)).logits[:, -1]
         generated = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False,
                                    pad_token_id=processor.tokenizer.pad_token_id)[:, inputs["input_ids"].shape[1]:]
     assert torch.allclose(engine.LanguageModelRun(model, reduced).prefill(), expected, atol=1e-5)
@@ -90,8 +139,8 @@ def test_the_loop_gives_the_model_s_own_logits_and_generation(next_models):
         assert ours.tokens.tolist() == generated.tolist()
 
 
-def test_masking_and_dropping_image_tokens_compute_the_same_logits_and_keep_every_newline(next_models):
-    model, _, processor = next_models
+def test_masking_and_dropping_image_tokens_compute_the_same_logits_and_keep_every_newline(tiled_models):
+    model, _, processor = tiled_models
     inputs = batch(processor)
     prompt, reduced = unreduced(model, inputs)
     kept = prompt.image_slots & (torch.arange(prompt.tokens_per_image) % 3 == 0)[None, :]
@@ -104,17 +153,17 @@ def test_masking_and_dropping_image_tokens_compute_the_same_logits_and_keep_ever
     assert dropped.visible_image_tokens.tolist() == [int(kept[0].sum()), int(kept[1:].sum())]
 
 
-def test_fastv_keeps_half_of_each_image_by_the_eager_attention_and_never_a_newline(next_models):
+def test_fastv_keeps_half_of_each_image_by_the_eager_attention_and_never_a_newline(tiled_models):
     """Independently of the engine: layer 0's eager weights of each row's last token (mean over heads) ranked over
     the image's tokens (its placeholders that are not newlines); the newlines are still there after the stage."""
-    model, eager, processor = next_models
+    model, eager, processor = tiled_models
     inputs = batch(processor)
     prompt, reduced = unreduced(model, inputs)
     plans = engine.image_plans(model.config, ReductionSettings(reduction="fastv", fastv_layer=1), prompt)
     run = engine.LanguageModelRun(model, reduced, stages=[plan.layers for plan in plans])
     run.prefill()
     with torch.inference_mode():
-        received = eager(**inputs, output_attentions=True).attentions[0][:, :, -1].mean(dim=1)  # (B, L)
+        received = eager(**inputs, position_ids=generate_positions(inputs), output_attentions=True).attentions[0][:, :, -1].mean(dim=1)  # (B, L)
     for image in range(3):
         row, length = int(prompt.image_rows[image]), int(prompt.image_lengths[image])
         columns = prompt.image_positions[image, :length]
@@ -122,15 +171,16 @@ def test_fastv_keeps_half_of_each_image_by_the_eager_attention_and_never_a_newli
         assert sorted(kept & set(columns.tolist())) == sorted(columns[received[row, columns].topk(math.floor(length / 2 + 0.5)).indices].tolist())
     for row in range(2):
         assert set(newline_columns(model, inputs, row)) <= set(run.kept_columns[row][run.mask_high[row].bool()].tolist())
-    assert run.image_tokens_seen.visible[:, 1].tolist() == [32, 40 + 32]
+    halves = [math.floor(int(length) / 2 + 0.5) for length in prompt.image_lengths]
+    assert run.image_tokens_seen.visible[:, 1].tolist() == [halves[0], halves[1] + halves[2]]
 
 
 @pytest.mark.parametrize("settings", [dict(reduction="random", keep=0.3), dict(reduction="simignore", keep=0.4),
                                       dict(reduction="fastv", keep=0.5, fastv_layer=1), dict(reduction="pdrop", pdrop_layers="1/2"),
                                       dict(reduction="dart", keep=0.5, dart_layer=1),
                                       dict(reduction="random+fastv", keep=0.6, fastv_keep=0.25)])
-def test_each_prompt_of_a_batch_answers_as_it_does_alone(next_models, settings):
-    model, _, processor = next_models
+def test_each_prompt_of_a_batch_answers_as_it_does_alone(tiled_models, settings):
+    model, _, processor = tiled_models
     settings = ReductionSettings(**settings)
     inputs = batch(processor)
 
@@ -157,9 +207,9 @@ def test_what_is_not_defined_on_tiles_yet_is_refused_by_name(next_models, settin
 
 
 # -- through the lmms-eval class: llava_simignore hosts LLaVA-NeXT as lmms-eval's llava_hf does ---------------------------
-@pytest.fixture(scope="module")
-def next_folder(tmp_path_factory):
-    return build_tiny_llava_next(tmp_path_factory.mktemp("llava_next_class"))
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def tiled_folder(request, tmp_path_factory):
+    return BUILDERS[request.param](tmp_path_factory.mktemp(f"{request.param}_class"))
 
 
 @pytest.fixture(scope="module")
@@ -183,69 +233,55 @@ def class_model(folder, docs, **model_args):
     return model
 
 
-def test_reduction_none_answers_as_lmms_eval_s_llava_hf(next_folder, next_docs):
+def test_reduction_none_answers_as_lmms_eval_s_llava_hf(tiled_folder, next_docs):
     """lmms-eval's llava_hf (batch 1 only) on the docs with an image; it ignores the task's stop string, which has no
     effect on these short answers (checked: the answers hold no blank line)."""
     from lmms_eval.models.simple.llava_hf import LlavaHf
     from test_model import SPLIT, TASK, simple_requests
 
     docs = next_docs[:-1]
-    builtin = LlavaHf(pretrained=str(next_folder), device="cpu", device_map="cpu")
+    builtin = LlavaHf(pretrained=str(tiled_folder), device="cpu", device_map="cpu")
     builtin.task_dict = {TASK: {SPLIT: docs}}
     expected = builtin.generate_until(simple_requests(docs))
     assert not any("\n\n" in answer for answer in expected)
-    assert class_model(next_folder, docs).generate_until(simple_requests(docs)) == expected
+    assert class_model(tiled_folder, docs).generate_until(simple_requests(docs)) == expected
 
 
 @pytest.mark.parametrize("model_args", [dict(reduction="simignore", keep=0.4), dict(reduction="fastv", keep=0.5, fastv_layer=1),
                                         dict(reduction="pdrop", pdrop_layers="1/2"), dict(reduction="dart", keep=0.3, dart_layer=1),
                                         dict(reduction="random+fastv", keep=0.6, fastv_keep=0.25)])
-def test_a_batch_of_four_answers_as_each_prompt_alone_and_counts_only_image_tokens(next_folder, next_docs, model_args):
+def test_a_batch_of_four_answers_as_each_prompt_alone_and_counts_only_image_tokens(tiled_folder, next_docs, model_args):
     from test_model import simple_requests
 
-    batched = class_model(next_folder, next_docs, batch_size=4, **model_args)
+    batched = class_model(tiled_folder, next_docs, batch_size=4, **model_args)
     answers = batched.generate_until(simple_requests(next_docs))
-    assert answers == class_model(next_folder, next_docs, batch_size=1, **model_args).generate_until(simple_requests(next_docs))
-    assert answers == class_model(next_folder, next_docs, batch_size=4, use_cache=False, **model_args).generate_until(simple_requests(next_docs))
+    assert answers == class_model(tiled_folder, next_docs, batch_size=1, **model_args).generate_until(simple_requests(next_docs))
+    assert answers == class_model(tiled_folder, next_docs, batch_size=4, use_cache=False, **model_args).generate_until(simple_requests(next_docs))
     records = sorted(batched.accounting.records, key=lambda record: record["doc_id"])
-    assert [record["image_tokens"] for record in records] == [unpadded_image_tokens(batched.processor, doc["image"])
+    assert [record["image_tokens"] for record in records] == [expected_image_tokens(batched.processor, doc["image"].convert("RGB"))
                                                               for doc in next_docs[:-1]] + [0]
 
 
-def unpadded_image_tokens(processor, image) -> int:
-    """Image tokens of an image as transformers' LlavaNextProcessor counts its placeholders: the base view's 16 and
-    the unpadded grid, without the newline after each of its rows."""
-    from transformers.image_processing_utils import select_best_resolution
-
-    tile = processor.image_processor.crop_size["height"]
-    height, width = select_best_resolution([image.height, image.width], processor.image_processor.image_grid_pinpoints)
-    patches = tile // processor.patch_size
-    unpadded, newlines = processor._get_unpadded_features(image.height, image.width, patches, patches, height // tile, width // tile)
-    assert newlines > 0
-    return patches * patches + unpadded
-
-
-def test_masking_and_dropping_give_the_same_answers_through_the_class(next_folder, next_docs):
+def test_masking_and_dropping_give_the_same_answers_through_the_class(tiled_folder, next_docs):
     from test_model import simple_requests
 
-    masked = class_model(next_folder, next_docs, batch_size=3, reduction="simignore", keep=0.3, apply="mask")
-    dropped = class_model(next_folder, next_docs, batch_size=3, reduction="simignore", keep=0.3, apply="drop")
+    masked = class_model(tiled_folder, next_docs, batch_size=3, reduction="simignore", keep=0.3, apply="mask")
+    dropped = class_model(tiled_folder, next_docs, batch_size=3, reduction="simignore", keep=0.3, apply="drop")
     assert masked.generate_until(simple_requests(next_docs)) == dropped.generate_until(simple_requests(next_docs))
-    none = class_model(next_folder, next_docs, batch_size=3).generate_until(simple_requests(next_docs))
-    assert class_model(next_folder, next_docs, batch_size=3, reduction="random", keep=1.0).generate_until(simple_requests(next_docs)) == none
+    none = class_model(tiled_folder, next_docs, batch_size=3).generate_until(simple_requests(next_docs))
+    assert class_model(tiled_folder, next_docs, batch_size=3, reduction="random", keep=1.0).generate_until(simple_requests(next_docs)) == none
 
 
 @pytest.mark.parametrize("path_flags", [(), ("--force_simple",)], ids=["chat", "simple"])
-def test_reduction_none_through_lmms_eval_answers_as_llava_hf(next_folder, testbed, tmp_path, path_flags):
-    """Through the real CLI, on the offline ScienceQA-shaped task: `--model llava_simignore` on a LLaVA-NeXT checkpoint
-    as `--model llava_hf` (whose answers ignore the task's stop string, so they are cut there)."""
+def test_reduction_none_through_lmms_eval_answers_as_llava_hf(tiled_folder, testbed, tmp_path, path_flags):
+    """Through the real CLI, on the offline ScienceQA-shaped task: `--model llava_simignore` on a LLaVA-NeXT or OneVision
+    checkpoint as `--model llava_hf` (whose answers ignore the task's stop string, so they are cut there)."""
     from test_lmms_eval_cli import cut, evaluate
 
-    checkpoint = {"model": next_folder, "tasks": testbed["tasks"]}
+    checkpoint = {"model": tiled_folder, "tasks": testbed["tasks"]}
     flags = (*path_flags, "--limit", "4")
     ours, our_samples = evaluate(checkpoint, tmp_path / "ours", "reduction=none", extra_args=flags)
     _, their_samples = evaluate(checkpoint, tmp_path / "builtin", "device=cpu,device_map=cpu", model="llava_hf", extra_args=flags)
     assert [s["doc_id"] for s in our_samples] == list(range(4))
     assert [s["filtered_resps"] for s in our_samples] == [cut(s["filtered_resps"]) for s in their_samples]
-    fastv, fastv_samples = evaluate(checkpoint, tmp_path / "fastv", "reduction=fastv,keep=0.25", extra_args=flags)
-    assert [s["doc_id"] for s in fastv_samples] == list(range(4)) and "exact_match,none" in fastv["results"]["scienceqa_img_local"]
+    assert ours["config"]["model_backend"].startswith("lmms_simignore.models.llava_simignore.LlavaSimignore")

@@ -30,6 +30,7 @@ class DecoderFamily:
 DECODER_FAMILIES = {
     "llama": DecoderFamily("llama", final_norm="norm"),  # LLaVA-1.5 (Vicuna)
     "phi": DecoderFamily("phi", final_norm="final_layernorm"),  # Mipha-3B (Phi-2): partial rotary, parallel attention + MLP
+    "qwen2": DecoderFamily("qwen2", final_norm="norm"),  # LLaVA-OneVision: Llama's layout with q/k/v biases
     "qwen2_vl_text": DecoderFamily("qwen2_vl_text", final_norm="norm", rotary_axes=3),  # Qwen2-VL (Qwen2 with M-RoPE)
     "qwen2_5_vl_text": DecoderFamily("qwen2_5_vl_text", final_norm="norm", rotary_axes=3),  # Qwen2.5-VL
     # Qwen3-VL: query/key norms per head (applied by the attention rows), interleaved M-RoPE (inside its rotary module),

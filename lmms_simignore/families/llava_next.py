@@ -1,9 +1,11 @@
-"""LLaVA-NeXT (LLaVA-1.6): a processed batch as the LLM sees it, each image in tiles with newline separators.
+"""LLaVA-NeXT (LLaVA-1.6) and LLaVA-OneVision: a processed batch as the LLM sees it, each image in tiles with newline
+separators.
 
 The processor writes one `<image>` placeholder per slot of the image's packed features, which the model builds
-(`get_image_features` -> `pack_image_features`): the base view's grid of tokens (24 x 24 on the released models), then
-the rows of the unpadded high-resolution grid of its tiles, each row followed by one `image_newline` embedding (up to
-576 + 48 x 48 + 48 = 2928 placeholders of which 2880 are image tokens). The newline slots are the model's own
+(`get_image_features` -> `pack_image_features`): the base view's grid of tokens (24 x 24 on LLaVA-1.6, 27 x 27 on
+OneVision), then the rows of the unpadded high-resolution grid of its tiles (OneVision shrinks a grid larger than about 9
+tiles bilinearly first; a prompt with several images gets each as its base view alone), each row followed by one
+`image_newline` embedding (LLaVA-1.6: up to 576 + 48 x 48 + 48 = 2928 placeholders of which 2880 are image tokens). The newline slots are the model's own
 separators: this adapter places every slot as the model does, and gives the engine only the image tokens, so a
 reduction never drops or counts a newline, and every budget is per image over all its tiles. Positions are the 1-D ones
 of the whole sequence (a dropped token leaves a gap, as on LLaVA-1.5).
@@ -11,13 +13,15 @@ of the whole sequence (a dropped token leaves a gap, as on LLaVA-1.5).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lmms_simignore.engine.families import check_plan_support
 from lmms_simignore.engine.prompt import PromptEmbeddings, default_position_ids, image_tokens_per_image, place_image_features
 from lmms_simignore.settings import Plan, ReductionSettings
 
-MODEL_TYPES = ("llava_next",)
+MODEL_TYPES = ("llava_next", "llava_onevision")
 
 
 def image_layout(features: torch.Tensor, newline: torch.Tensor, base_tokens: int) -> tuple[int, int]:
@@ -47,8 +51,9 @@ def embed_prompt(model, inputs) -> PromptEmbeddings:
     image_features = []
     pixel_values = inputs.get("pixel_values")
     if pixel_values is not None and pixel_values.shape[0]:
+        extra = {key: inputs[key] for key in ("batch_num_images",) if key in inputs}  # OneVision: images per prompt
         packed = [features.to(inputs_embeds.dtype) for features in
-                  model.model.get_image_features(pixel_values, inputs["image_sizes"], return_dict=True).pooler_output]
+                  model.model.get_image_features(pixel_values, inputs["image_sizes"], return_dict=True, **extra).pooler_output]
         if int(placeholders.sum()) != sum(len(features) for features in packed):
             raise ValueError(f"input_ids hold {placeholders.sum(dim=1).tolist()} image placeholders per row but the images "
                              f"pack into {[len(features) for features in packed]} features")
@@ -68,9 +73,18 @@ def embed_prompt(model, inputs) -> PromptEmbeddings:
 
 def largest_image_tokens(config) -> int:
     """Image tokens of the largest image a model of `config` takes: the base view and the grid of its largest pinpoint
-    (an image of that pinpoint's aspect needs no padding): 576 + 48 x 48 = 2880 on LLaVA-1.6."""
-    patch = config.vision_config.patch_size
-    return image_tokens_per_image(config) + max((height // patch) * (width // patch) for height, width in config.image_grid_pinpoints)
+    (an image of that pinpoint's aspect needs no padding): 576 + 48 x 48 = 2880 on LLaVA-1.6. OneVision's
+    `anyres_max_N` shrinks a grid of more than about N tiles to N tiles' worth of tokens (its `pack_image_features`)."""
+    patch, side = config.vision_config.patch_size, config.vision_config.image_size // config.vision_config.patch_size
+    largest_tiles = getattr(config, "vision_aspect_ratio", None)
+    grids = []
+    for height, width in config.image_grid_pinpoints:
+        rows, cols = height // patch, width // patch
+        if largest_tiles is not None:
+            ratio = math.sqrt(rows * cols / (int(largest_tiles.removeprefix("anyres_max_")) * side**2))
+            rows, cols = (int(rows // ratio), int(cols // ratio)) if ratio > 1.1 else (rows, cols)
+        grids.append(rows * cols)
+    return image_tokens_per_image(config) + max(grids)
 
 
 def nominal_plan(config, settings: ReductionSettings) -> Plan:

@@ -24,8 +24,10 @@ from lmms_simignore.settings import Plan, ReductionSettings
 from lmms_simignore.shipped import resolve_pretrained
 
 IMAGE_PLACEHOLDER = "<image>"
-# the checkpoints it hosts, by model_type: LLaVA-1.5 (and converted Mipha) and LLaVA-NeXT, as lmms-eval's llava_hf does
-MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+# the checkpoints it hosts, by model_type: LLaVA-1.5 (and converted Mipha), LLaVA-NeXT and LLaVA-OneVision, as lmms-eval's
+# llava_hf does
+MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                 "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 DEFAULT_PRETRAINED = "llava-hf/llava-1.5-7b-hf"
 
 # Vicuna v1 conversation, used when neither `chat_template=` nor the checkpoint provides a template
@@ -45,9 +47,10 @@ IMAGE_ASPECT_RATIOS = ("original", "pad")
 QUANTIZATIONS = ("none", "nf4")
 # the model_args of loading and decoding (the reduction's come from the settings and the registry): values, meaning
 LOADER_ARGUMENTS = {
-    "pretrained": (f"`{DEFAULT_PRETRAINED}`", "any `LlavaForConditionalGeneration` or `LlavaNextForConditionalGeneration` "
-                   "checkpoint with a Llama or Phi language model (hub id or folder; safetensors only), a Mipha folder in its "
-                   "released layout (converted once), or `shipped:shapes-llava`"),
+    "pretrained": (f"`{DEFAULT_PRETRAINED}`", "any `LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration` or "
+                   "`LlavaOnevisionForConditionalGeneration` checkpoint with a Llama, Phi or Qwen2 language model (hub id or "
+                   "folder; safetensors only), a Mipha folder in its released layout (converted once), or "
+                   "`shipped:shapes-llava`"),
     "revision": ("`main`", "the checkpoint's revision on the hub"),
     "preset": ("none | " + " | ".join(f"`{name}`" for name in PRESETS), "a named set of model_args (see Paper presets); "
                "yours override it"),

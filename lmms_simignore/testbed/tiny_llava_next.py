@@ -1,4 +1,4 @@
-"""A tiny offline LLaVA-NeXT: a random `LlavaNextForConditionalGeneration` of the real transformers classes.
+"""Tiny offline LLaVA-NeXT and LLaVA-OneVision: random checkpoints of the real transformers classes.
 
 Its geometry is LLaVA-1.6's scaled down by 14: a CLIP tower of 24 px tiles in 6 px patches (4 x 4 = 16 tokens per
 tile, after the CLS is dropped), the released grid pinpoints scaled alike ((336, 672) -> (24, 48), ...: up to 2 x 2 tiles
@@ -63,4 +63,61 @@ def build_tiny_llava_next(output_dir: str | Path, seed: int = 0, shape: TinyLlav
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(output_dir, safe_serialization=True)
     build_next_processor(tokenizer, shape).save_pretrained(output_dir)
+    return output_dir
+
+
+# LLaVA-OneVision: SigLIP tiles of 24 px in 6 px patches (16 tokens, no CLS, every token of the last layer), a Qwen2
+# decoder, and its 6 x 6 grid pinpoints scaled from 384 px tiles: a large image's unpadded grid is shrunk bilinearly to
+# about 9 tiles' worth (anyres_max_9), as the released model's is.
+ONEVISION_TILE = 24
+RELEASED_ONEVISION_TILE = 384
+
+
+def onevision_pinpoints(tile: int = ONEVISION_TILE) -> list[list[int]]:
+    """LLaVA-OneVision's grid pinpoints (1..6 x 1..6 tiles of 384 px) for tiles of `tile` pixels."""
+    return [[tile * rows, tile * cols] for rows in range(1, 7) for cols in range(1, 7)]
+
+
+def build_onevision_processor(tokenizer, shape: TinyLlavaShape = NEXT_SHAPE):
+    """A `LlavaOnevisionProcessor` as llava-hf's OneVision checkpoints have it (SigLIP: no CLS, `full` strategy), with
+    its video processor (which needs torchvision) and the tiny LLaVA's chat template."""
+    from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    size = {"height": shape.image_size, "width": shape.image_size}
+    image_processor = LlavaOnevisionImageProcessorPil(size=size, image_grid_pinpoints=onevision_pinpoints(shape.image_size))
+    video_processor = LlavaOnevisionVideoProcessor(size=size)
+    return LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+                                   num_image_tokens=shape.image_tokens, vision_feature_select_strategy="full",
+                                   chat_template=LLAVA_CHAT_TEMPLATE)
+
+
+def build_tiny_llava_onevision(output_dir: str | Path, seed: int = 0, shape: TinyLlavaShape = NEXT_SHAPE) -> Path:
+    """Write a random tiny LLaVA-OneVision checkpoint (safetensors + processor) to `output_dir`; loadable offline with
+    `LlavaOnevisionForConditionalGeneration.from_pretrained` and `AutoProcessor.from_pretrained`."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(shape.vocab_target)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<video>"]})
+    _, llama = tiny_clip_and_llama(shape, tokenizer)
+    vision_config = SiglipVisionConfig(hidden_size=shape.vision_hidden, intermediate_size=shape.vision_hidden * 2,
+                                       num_hidden_layers=2, num_attention_heads=shape.heads, image_size=shape.image_size,
+                                       patch_size=shape.patch_size, vision_use_head=False)
+    text_config = Qwen2Config(**{key: getattr(llama, key) for key in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range")})
+    config = LlavaOnevisionConfig(
+        vision_config=vision_config, text_config=text_config, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="full", image_grid_pinpoints=onevision_pinpoints(shape.image_size),
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    with torch.no_grad():  # a distinct newline embedding, as the released one
+        model.model.image_newline.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(seed))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(output_dir, safe_serialization=True)
+    build_onevision_processor(tokenizer, shape).save_pretrained(output_dir)
     return output_dir
