@@ -315,9 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     regression.set_defaults(handler=_regression)
 
     fingerprints = commands.add_parser(
-        "fingerprints", help="every method on tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL: compare answers and token counts "
+        "fingerprints", help="every method on tiny random Qwen2-VL / 2.5-VL / 3-VL, LLaVA-NeXT and OneVision: compare answers and token counts "
         "with the expected file")
-    fingerprints.add_argument("--expected", default="tests/expected/qwen_fingerprints.json",
+    fingerprints.add_argument("--expected", default="tests/expected/fingerprints.json",
                               help="expected-fingerprints file (default: %(default)s)")
     fingerprints.add_argument("--update", action="store_true", help="write the measured fingerprints into --expected")
     fingerprints.set_defaults(handler=_fingerprints)

@@ -1,5 +1,6 @@
-"""CI guard of every method on the tiny random Qwen-VL checkpoints: answers and per-layer image tokens of each row equal
-the committed file (after an intentional change: python -m lmms_simignore fingerprints --update)."""
+"""CI guard of every method on the tiny random Qwen-VL, LLaVA-NeXT and LLaVA-OneVision checkpoints: answers and
+per-layer image tokens of each row equal the committed file (after an intentional change: python -m lmms_simignore
+fingerprints --update)."""
 
 import copy
 import json
@@ -7,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from lmms_simignore.evaluation.fingerprints import FINGERPRINT_ROWS, all_fingerprints, fingerprint_differences
+from lmms_simignore.evaluation.fingerprints import FINGERPRINT_ROWS, TILED_ROWS, all_fingerprints, fingerprint_differences
 
 pytest.importorskip("torchvision")  # transformers' Qwen-VL processors need it
 
-EXPECTED = Path(__file__).parent / "expected" / "qwen_fingerprints.json"
+EXPECTED = Path(__file__).parent / "expected" / "fingerprints.json"
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,8 @@ def test_every_method_on_every_qwen_family_answers_as_the_expected_file(measured
     found = fingerprint_differences(json.loads(EXPECTED.read_text()), measured)
     assert found == [], "\n".join(found[:40]) + "\n(intentional? python -m lmms_simignore fingerprints --update)"
     assert {family: list(rows) for family, rows in measured["families"].items()} == {
-        family: list(FINGERPRINT_ROWS) for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")}
+        **{family: list(FINGERPRINT_ROWS) for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")},
+        **{family: list(TILED_ROWS) for family in ("llava_next", "llava_onevision")}}
 
 
 def test_the_rows_differ_from_each_other_and_a_moved_answer_is_named(measured):

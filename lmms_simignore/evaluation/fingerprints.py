@@ -1,12 +1,13 @@
-"""CI fingerprints of every method on tiny random Qwen2-VL, Qwen2.5-VL and Qwen3-VL checkpoints.
+"""CI fingerprints of every method on tiny random Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT and LLaVA-OneVision
+checkpoints.
 
     python -m lmms_simignore fingerprints            # compare; exit 1 and list every moved answer or token count
     python -m lmms_simignore fingerprints --update   # an intentional change: rewrite the expected file
 
-The shipped testbed guards accuracy on LLaVA; these random models have no accuracy to guard, but their greedy answers
-and the image tokens each layer saw move whenever what a method keeps moves. Each family's checkpoint is built in code
-(seeded), the docs are ScienceQA-shaped with one or two images of different sizes each, and every row runs through the
-family's lmms-eval class in float32 on the CPU, batch 4, so the fingerprints are exact under the lock's torch.
+The shipped testbed guards accuracy on LLaVA-1.5; these random models have no accuracy to guard, but their greedy
+answers and the image tokens each layer saw move whenever what a method keeps moves. Each family's checkpoint is built in
+code (seeded), the docs are ScienceQA-shaped with one or two images of different sizes each, and every row runs through
+the family's lmms-eval class in float32 on the CPU, batch 4, so the fingerprints are exact under the lock's torch.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ FINGERPRINT_ROWS = {  # model_args of each row on the tiny models' 3 decoder lay
     "pool": dict(reduction="pool", keep=0.25),
     "random+fastv": dict(reduction="random+fastv", keep=0.6, fastv_layer=2, fastv_keep=0.25),
 }
+# the tiled LLaVA families (1-D positions): PyramidDrop with its own position rule; pooling is not defined on tiles yet
+TILED_ROWS = {name: args for name, args in FINGERPRINT_ROWS.items() if name != "pool"} | {
+    "pdrop": dict(reduction="pdrop", pdrop_layers="1/2")}
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+TILED_FAMILIES = ("llava_next", "llava_onevision")
 IMAGE_SIZES = [(48, 48), (120, 64), (64, 150), (200, 90), (40, 220), (90, 90)]  # width x height: each image its own grid
 SMALL_IMAGES = {"min_pixels": 8 * 28 * 28, "max_pixels": 40 * 28 * 28}  # 8..40 merged tokens per image
 TASK, SPLIT = "sqa_fingerprint", "test"
@@ -65,28 +71,35 @@ def fingerprint_requests(docs: list[dict]) -> list:
 
 def family_fingerprints(folder: str | Path, family: str) -> dict:
     """{row: {model_args, answers, visible_per_layer (per doc)}} of one family's checkpoint in `folder`."""
+    from lmms_simignore.models.llava_simignore import LlavaSimignore
     from lmms_simignore.models.qwen_vl_simignore import Qwen2_5_VLSimignore, Qwen2VLSimignore, Qwen3VLSimignore
 
-    model_class = {"qwen2_vl": Qwen2VLSimignore, "qwen2_5_vl": Qwen2_5_VLSimignore, "qwen3_vl": Qwen3VLSimignore}[family]
+    if family in TILED_FAMILIES:
+        model_class, rows, loading = LlavaSimignore, TILED_ROWS, {}
+    else:
+        model_class = {"qwen2_vl": Qwen2VLSimignore, "qwen2_5_vl": Qwen2_5_VLSimignore, "qwen3_vl": Qwen3VLSimignore}[family]
+        rows, loading = FINGERPRINT_ROWS, SMALL_IMAGES
     docs = fingerprint_docs()
-    rows = {}
-    for name, model_args in FINGERPRINT_ROWS.items():
-        model = model_class(pretrained=str(folder), device="cpu", dtype="float32", batch_size=4, **SMALL_IMAGES, **model_args)
+    fingerprints = {}
+    for name, model_args in rows.items():
+        model = model_class(pretrained=str(folder), device="cpu", dtype="float32", batch_size=4, **loading, **model_args)
         model.task_dict = {TASK: {SPLIT: docs}}
         answers = model.generate_until(fingerprint_requests(docs))
         records = sorted(model.accounting.records, key=lambda record: record["doc_id"])
-        rows[name] = {"model_args": model_args, "answers": answers,
-                      "visible_per_layer": [record["visible_per_layer"] for record in records]}
-    return rows
+        fingerprints[name] = {"model_args": model_args, "answers": answers,
+                              "visible_per_layer": [record["visible_per_layer"] for record in records]}
+    return fingerprints
 
 
 def all_fingerprints(workdir: str | Path) -> dict:
     """The expected file's content: every family's rows, each family's checkpoint built (seed 0) under `workdir`."""
-    from lmms_simignore.testbed.tiny_qwen import FAMILIES, build_tiny_qwen
+    from lmms_simignore.testbed.tiny_llava_next import build_tiny_llava_next, build_tiny_llava_onevision
+    from lmms_simignore.testbed.tiny_qwen import build_tiny_qwen
 
-    families = {family: family_fingerprints(build_tiny_qwen(Path(workdir) / family, family, seed=0), family)
-                for family in FAMILIES}
-    return {"update_with": UPDATE_COMMAND, "families": families}
+    builders = {"llava_next": build_tiny_llava_next, "llava_onevision": build_tiny_llava_onevision}
+    folders = {family: build_tiny_qwen(Path(workdir) / family, family, seed=0) for family in QWEN_FAMILIES}
+    folders |= {family: builders[family](Path(workdir) / family, seed=0) for family in TILED_FAMILIES}
+    return {"update_with": UPDATE_COMMAND, "families": {family: family_fingerprints(folder, family) for family, folder in folders.items()}}
 
 
 def fingerprint_differences(expected: dict, actual: dict) -> list[str]:
