@@ -469,12 +469,15 @@ def main(argv: list[str] | None = None) -> int:
     clusters.set_defaults(handler=_clusters)
 
     bench = commands.add_parser("bench", help="latency, throughput and memory of every reduction against the FLOP ideal "
-                                "(LLaVA-1.5, Mipha and Qwen2.5-VL shapes)")
+                                "(LLaVA-1.5, Mipha, Qwen2.5-VL, LLaVA-1.6 and LLaVA-OneVision shapes)")
     bench.add_argument("--out", default="benchmarks/results/latest", help="folder for bench.json and bench.md (default: %(default)s)")
     bench.add_argument("--models", help="comma-separated: testbed, paper-shaped, llava7b-shape, llava13b-shape, mipha3b-shape, "
                        "qwen-tiny (a tiny Qwen2.5-VL, for CPUs), qwen2_5_vl7b-shape (Qwen2.5-VL-7B-Instruct's shape, 1280 x 960 "
-                       "photos: 1564 image tokens) (default: testbed,paper-shaped on a CPU; testbed,llava7b-shape on a GPU: "
-                       "add qwen2_5_vl7b-shape by naming it)")
+                       "photos: 1564 image tokens), llava_next-tiny, llava_onevision-tiny (tiny tiled LLaVAs, for CPUs), "
+                       "llava_next7b-shape (LLaVA-1.6-vicuna-7B's shape, 672 x 672 images: 2 x 2 tiles, 2880 image tokens), "
+                       "llava_onevision7b-shape (LLaVA-OneVision-qwen2-7B's shape, 1152 x 1152 images: 3 x 3 tiles, 7290 image "
+                       "tokens) (default: testbed,paper-shaped on a CPU; testbed,llava7b-shape on a GPU: add the others by "
+                       "naming them)")
     bench.add_argument("--quick", action="store_true", help="smoke run: the --models named (default: testbed only), batch 2, 1 warm-up, "
                        "2 repeats, 2 decode tokens; a pass of at most 8 prompts on paper-shaped at batch 1 and 4")
     bench.add_argument("--pass-model", help="LLaVA-family model of the ScienceQA-IMG-sized pass: testbed, paper-shaped, llava7b-shape, "

@@ -247,6 +247,7 @@ def test_the_qwen_tiny_bench_runs_the_qwen_rows_on_each_image_s_own_tokens(tmp_p
         assert computed[f"fastv_{percent}"] == computed[f"dart_{percent}"] == [tokens, tokens, kept]  # all before layer 2
     assert computed["pool_25"] == [math.ceil(grid_rows / 2) * math.ceil(grid_cols / 2)] * 3  # 3 x 5: partial last windows
     assert computed["pdrop"] == [tokens, half_up(0.5), int(half_up(0.5) / 2 + 0.5)]  # its layers 1 and 2 of 3, lambda 0.5
+    assert rows["pdrop"]["settings"].endswith("stage_positions=original)")  # Qwen-VL refuses re-packing M-RoPE positions
     auto = rows["simignore_auto"]
     assert auto["visible_per_layer"][0] <= auto["computed_per_layer"][0] <= tokens
     # the ideal counts each row's own image tokens: text tokens = prompt tokens - the image's tokens
@@ -264,3 +265,159 @@ def test_the_pass_runs_llava_models_only():
 
     with pytest.raises(ValueError, match="--pass-model: unknown model 'qwen-tiny'; allowed: testbed, paper-shaped"):
         run_bench("unused", pass_model="qwen-tiny")
+
+
+# -- LLaVA-NeXT (LLaVA-1.6) and LLaVA-OneVision: tiled images --------------------------------------------------------------
+def test_the_tiled_7b_shapes_are_the_released_configs_and_their_processors_fill_every_tile():
+    """Every number of llava-hf/llava-v1.6-vicuna-7b-hf's and llava-hf/llava-onevision-qwen2-7b-ov-hf's config.json
+    (config only: parameters counted on a weightless model), and the bench's images: the largest squares whose tiles all
+    reach the LLM, 672 x 672 (2 x 2 tiles: 576 + 48 x 48 = 2880 image tokens, 48 newlines) and 1152 x 1152 (3 x 3 tiles:
+    729 + 81 x 81 = 7290, 81 newlines; anyres_max_9 leaves 9 tiles whole)."""
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from lmms_simignore.bench.flops import DecoderShape
+    from lmms_simignore.bench.speed import TILED_FAMILY, _full_tiles, bench_family
+    from lmms_simignore.bench.tiled_shapes import (LLAVA_NEXT_7B_SHAPE, LLAVA_ONEVISION_7B_SHAPE, shape_config, shape_processor,
+                                                   shape_tokenizer)
+    from lmms_simignore.families.llava_next import largest_image_tokens
+
+    def text_numbers(text):
+        return (text.vocab_size, text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.num_attention_heads,
+                text.num_key_value_heads, text.hidden_act, text.rms_norm_eps, text.max_position_embeddings,
+                text.rope_parameters["rope_theta"], text.tie_word_embeddings)
+
+    def vision_numbers(vision):
+        return (vision.model_type, vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers,
+                vision.num_attention_heads, vision.patch_size, vision.image_size)
+
+    released = {  # text, vision, (layer, strategy), parameters, full-tile side, base tokens, grid side
+        LLAVA_NEXT_7B_SHAPE: ((32064, 4096, 11008, 32, 32, 32, "silu", 1e-5, 4096, 10000.0, False),
+                              ("clip_vision_model", 1024, 4096, 24, 16, 14, 336), (-2, "default"), 7_063_431_168, 672, 576, 48),
+        LLAVA_ONEVISION_7B_SHAPE: ((152128, 3584, 18944, 28, 28, 4, "silu", 1e-6, 32768, 1000000.0, False),
+                                   ("siglip_vision_model", 1152, 4304, 26, 16, 14, 384), (-1, "full"), 8_030_807_584, 1152, 729, 81),
+    }
+    for name, (text, vision, features, parameters, side, base, grid) in released.items():
+        tokenizer = shape_tokenizer(name)
+        config = shape_config(name, tokenizer)
+        assert text_numbers(config.text_config) == text and vision_numbers(config.vision_config) == vision, name
+        assert (config.vision_feature_layer, config.vision_feature_select_strategy) == features
+        assert config.projector_hidden_act == "gelu" and config.tie_word_embeddings is False
+        assert bench_family(config) is TILED_FAMILY and len(tokenizer) < config.text_config.vocab_size
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config)
+        assert sum(p.numel() for p in model.parameters()) == parameters, name  # the released 7.06 B and 8.03 B
+        processor = shape_processor(name, tokenizer)
+        assert processor.image_processor.image_grid_pinpoints == config.image_grid_pinpoints
+        image = _full_tiles([{"image": Image.new("RGB", (640, 480))}], processor)[0]["image"]
+        assert image.size == (side, side)
+        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which shape?"}]}]
+        prompt = processor.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+        placeholders = int((processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"] == config.image_token_id).sum())
+        assert placeholders == base + grid * grid + grid, name  # the base view, then each grid row and its newline
+    next_config = shape_config(LLAVA_NEXT_7B_SHAPE, shape_tokenizer(LLAVA_NEXT_7B_SHAPE))
+    assert next_config.image_grid_pinpoints == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    assert (next_config.image_seq_length, largest_image_tokens(next_config)) == (576, 2880)
+    assert DecoderShape.from_text_config(next_config.text_config) == DecoderShape(hidden=4096, intermediate=11008, heads=32,
+                                                                                  kv_heads=32, head_dim=128)
+    onevision = shape_config(LLAVA_ONEVISION_7B_SHAPE, shape_tokenizer(LLAVA_ONEVISION_7B_SHAPE))
+    assert onevision.vision_config.vision_use_head is False and onevision.vision_aspect_ratio == "anyres_max_9"
+    assert onevision.image_grid_pinpoints == [[384 * rows, 384 * cols] for rows in range(1, 7) for cols in range(1, 7)]
+
+
+def test_the_tiled_7b_shapes_write_and_load_as_tiled_bench_models(tmp_path, monkeypatch):
+    """The 7B shapes' writer, narrowed to run on a CPU: safetensors and processor that the bench loads as tiled LLaVAs."""
+    import torch
+
+    from lmms_simignore.bench import llava_shapes, tiled_shapes
+    from lmms_simignore.bench.speed import TILED_FAMILY, bench_family, load_bench_model
+
+    small_text = {"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    small_tower = {"hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+    for key, value in small_text.items():
+        monkeypatch.setitem(tiled_shapes.VICUNA_7B, key, value)
+        monkeypatch.setitem(tiled_shapes.QWEN2_7B, key, value)
+    for key, value in small_tower.items():
+        monkeypatch.setitem(llava_shapes.CLIP_VIT_L_336, key, value)
+        monkeypatch.setitem(tiled_shapes.SIGLIP_SO400M_26, key, value)
+    monkeypatch.setitem(tiled_shapes.VICUNA_7B, "vocab_size", 512)
+    monkeypatch.setitem(tiled_shapes.QWEN2_7B, "vocab_size", 512)
+    for name, model_class in ((tiled_shapes.LLAVA_NEXT_7B_SHAPE, "LlavaNextForConditionalGeneration"),
+                              (tiled_shapes.LLAVA_ONEVISION_7B_SHAPE, "LlavaOnevisionForConditionalGeneration")):
+        folder = tiled_shapes.write_random_shape(name, tmp_path / name, torch.device("cpu"), torch.float32)
+        assert (folder / "model.safetensors").exists()
+        model, processor = load_bench_model(folder, torch.device("cpu"), torch.float32)
+        assert type(model).__name__ == model_class and bench_family(model.config) is TILED_FAMILY
+        assert model.config.text_config.num_key_value_heads == 2 and processor.tokenizer.padding_side == "left"
+        assert processor.image_processor.image_grid_pinpoints == model.config.image_grid_pinpoints
+
+
+def test_the_tiny_tiled_benches_run_the_rows_each_family_plans_on_each_image_s_own_tokens(tmp_path):
+    """A quick bench of the tiny LLaVA-NeXT and LLaVA-OneVision (no pass): the rows their family plans (no pooling,
+    VisionZip or VisionDrop on tiles), and what each of their 3 layers computed on, counted from the processor: its
+    placeholders for the full-tile image less one newline per row of the tile grid."""
+    from lmms_simignore.bench.flops import DecoderShape, prefill_flops
+    from lmms_simignore.bench.speed import run_bench
+    from lmms_simignore.testbed.tiny import build_tokenizer
+    from lmms_simignore.testbed.tiny_llava_next import NEXT_SHAPE, build_next_processor, build_onevision_processor
+
+    tokenizer = build_tokenizer(NEXT_SHAPE.vocab_target)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<video>"]})
+    tile, side = NEXT_SHAPE.image_size, NEXT_SHAPE.image_size // NEXT_SHAPE.patch_size  # 24 px tiles of 4 x 4 tokens
+    processors = {"llava_next-tiny": (build_next_processor(tokenizer), 2),  # (its processor, tiles per side of the image)
+                  "llava_onevision-tiny": (build_onevision_processor(tokenizer), 3)}
+    report = run_bench(tmp_path, models=tuple(processors), quick=True, pass_prompts=0, device="cpu", echo=lambda line: None)
+    assert list(report["models"]) == list(processors) and "scienceqa_pass" not in report
+    expected_rows = ["none", "simignore_drop_50", "simignore_mask_50", "random_drop_50", "fastv_50", "dart_50",
+                     "simignore_drop_25", "simignore_mask_25", "random_drop_25", "fastv_25", "dart_25", "pdrop", "simignore_auto"]
+    for name, (processor, tiles) in processors.items():  # a square image of tiles x tiles tiles
+        pixels = tiles * tile
+        placeholders = processor._get_number_of_features(pixels, pixels, tile, tile)
+        if processor.vision_feature_select_strategy == "default":  # LLaVA-1.6's CLS, counted then dropped
+            placeholders -= 1
+        _, newlines = processor._get_unpadded_features(pixels, pixels, side, side, tiles, tiles)
+        tokens = placeholders - newlines
+        assert (tokens, newlines) == (side * side + (tiles * side) ** 2, tiles * side)  # 16 + 8 x 8 = 80; 16 + 12 x 12 = 160
+        half, quarter = int(tokens * 0.5 + 0.5), int(tokens * 0.25 + 0.5)  # each image's budget, rounded half up
+        tiny = report["models"][name]
+        assert (tiny["image_tokens"], tiny["layers"], tiny["batch_size"]) == (tokens, 3, 2), name
+        rows = tiny["rows"]
+        assert list(rows) == expected_rows, name
+        assert not any(row.startswith(("pool", "visionzip", "visiondrop")) for row in rows)
+        computed = {row: result["computed_per_layer"] for row, result in rows.items()}
+        assert computed["none"] == [tokens] * 3 and rows["none"]["ideal_prefill_speedup"] == 1.0
+        for percent, kept in ((50, half), (25, quarter)):
+            assert computed[f"simignore_drop_{percent}"] == computed[f"random_drop_{percent}"] == [kept] * 3, name
+            assert computed[f"simignore_mask_{percent}"] == [tokens] * 3
+            assert rows[f"simignore_mask_{percent}"]["visible_per_layer"] == [kept] * 3
+            assert computed[f"fastv_{percent}"] == computed[f"dart_{percent}"] == [tokens, tokens, kept]  # all before layer 2
+        assert computed["pdrop"] == [tokens, half, int(half / 2 + 0.5)]  # its layers 1 and 2 of 3, lambda 0.5
+        assert rows["pdrop"]["settings"] == "ReductionSettings(reduction=pdrop, apply=drop, seed=0)"  # its own 1-D rule
+        auto = rows["simignore_auto"]
+        assert auto["visible_per_layer"][0] <= auto["computed_per_layer"][0] <= tokens
+        # the ideal counts the newlines with the text: text tokens = prompt tokens - the image's tokens
+        shape = DecoderShape(hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16)  # NEXT_SHAPE's decoder
+        assert rows["simignore_drop_25"]["layer_flops"] == sum(prefill_flops(shape, [n - tokens + quarter] * 3)
+                                                               for n in tiny["prompt_tokens"])
+        assert f"## {name}: {tokens} image tokens, 3 layers, batch 2" in (tmp_path / "bench.md").read_text()
+
+
+def test_per_image_rows_are_the_ones_the_family_plans():
+    """The rows follow the family's refusals, not a list of names: a family that plans only Simignore keeps none (no
+    stage) and Simignore's rows; one that refuses re-packed positions gets PyramidDrop with each token at its own."""
+    from lmms_simignore.bench.rows import per_image_bench_rows
+
+    def simignore_only(settings):
+        if settings.reduction not in ("none", "simignore"):
+            raise ValueError(f"{settings.reduction} refused")
+
+    assert [row.name for row in per_image_bench_rows(4, simignore_only)] == [
+        "none", "simignore_drop_50", "simignore_mask_50", "simignore_drop_25", "simignore_mask_25", "simignore_auto"]
+
+    def original_positions_only(settings):
+        if settings.reduction == "pdrop" and settings.stage_positions != "original":
+            raise ValueError("re-packed positions refused")
+
+    pdrop = next(row for row in per_image_bench_rows(4, original_positions_only) if row.name == "pdrop")
+    assert pdrop.settings.stage_positions == "original"

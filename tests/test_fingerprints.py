@@ -1,4 +1,4 @@
-"""CI guard of every method on the tiny random Qwen-VL, LLaVA-NeXT and LLaVA-OneVision checkpoints: answers and
+"""CI guard of every method on the tiny random Qwen-VL, LLaVA-NeXT, LLaVA-OneVision and InternVL3 checkpoints: answers and
 per-layer image tokens of each row equal the committed file (after an intentional change: python -m lmms_simignore
 fingerprints --update)."""
 
@@ -25,7 +25,7 @@ def test_every_method_on_every_qwen_family_answers_as_the_expected_file(measured
     assert found == [], "\n".join(found[:40]) + "\n(intentional? python -m lmms_simignore fingerprints --update)"
     assert {family: list(rows) for family, rows in measured["families"].items()} == {
         **{family: list(FINGERPRINT_ROWS) for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")},
-        **{family: list(TILED_ROWS) for family in ("llava_next", "llava_onevision")}}
+        **{family: list(TILED_ROWS) for family in ("llava_next", "llava_onevision", "internvl")}}
 
 
 def test_the_rows_differ_from_each_other_and_a_moved_answer_is_named(measured):

@@ -195,6 +195,19 @@ def test_each_prompt_of_a_batch_answers_as_it_does_alone(tiled_models, settings)
         assert torch.allclose(together[row], logits(batch(processor, rows=(row,)), ([row], images))[0], atol=1e-5)
 
 
+def test_the_largest_image_of_the_released_shapes_is_what_their_processors_count_at_the_most():
+    """LLaVA-1.6-7B: 576 + 48 x 48 = 2880 (672 x 672); OneVision-7B: the most over its pinpoints of the base 729 and each
+    pinpoint's grid of 27 tokens per 384 px tile, shrunk to 9 tiles' worth: 8019 at 1920 x 768 (5 x 2 tiles)."""
+    from lmms_simignore.bench import tiled_shapes
+
+    for name in tiled_shapes.SHAPES:
+        tokenizer = tiled_shapes.shape_tokenizer(name)
+        config, processor = tiled_shapes.shape_config(name, tokenizer), tiled_shapes.shape_processor(name, tokenizer)
+        most = max(expected_image_tokens(processor, Image.new("RGB", (width, height)))
+                   for height, width in processor.image_processor.image_grid_pinpoints)
+        assert llava_next.largest_image_tokens(config) == most == {"llava_next": 2880, "llava_onevision": 8019}[config.model_type]
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(reduction="visionzip", keep=32), "visionzip shortens each image inside the vision tower; on llava_next's tiles"),
     (dict(reduction="pool", keep=0.25), "80 image tokens per image form no grid \\(.* tiles of several grids"),

@@ -77,6 +77,16 @@ def test_every_model_arg_of_the_qwen_classes_is_documented_once():
     assert own_model_args(LlavaSimignore) - qwen == {"quantization", "chat_template"}
 
 
+def test_every_model_arg_of_the_internvl_class_is_documented_once():
+    from lmms_simignore.models.internvl_simignore import LOADER_ARGUMENTS as INTERNVL_LOADER_ARGUMENTS
+    from lmms_simignore.models.internvl_simignore import InternVLSimignoreChat
+
+    args = own_model_args(InternVLSimignoreChat)
+    own = args - own_model_args(LlavaSimignore)
+    assert own == set(INTERNVL_LOADER_ARGUMENTS) == {"min_patches", "max_patches"}
+    assert args - own <= set(LOADER_ARGUMENTS) | set(COMMON_HELP)
+
+
 def test_the_docs_command_finds_and_mends_a_stale_table(tmp_path):
     stale = tmp_path / "README.md"
     stale.write_text(README.read_text().replace("| `dart_pivots` | `dart` | `8` |", "| `dart_pivots` | `dart` | `4` |"))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from loguru import logger
+
 from lmms_simignore.methods.base import CLS_ATTENTION
-from lmms_simignore.methods.pool import stride_of_fraction, valid_budgets
-from lmms_simignore.settings import ReductionSettings, parse_pipeline
+from lmms_simignore.methods.pool import valid_budgets
+from lmms_simignore.settings import Plan, ReductionSettings, parse_pipeline
 
 FRACTIONS = (0.5, 0.25)  # of each image's tokens
 
@@ -27,10 +30,10 @@ def kept_tokens(image_tokens: int, fraction: float) -> int:
     return max(1, round(image_tokens * fraction))
 
 
-def _method_rows(percent: int, keep: int | float, fastv_layer: int, cls_token: bool) -> list[BenchRow]:
-    """Every method but pooling at the budget `keep` (a count, or a fraction of each image's tokens), named `..._{percent}`;
-    without a CLS token in the tower, none of the methods the registry declares as ranking by its attention."""
-    arguments = {
+def _method_arguments(percent: int, keep: int | float, fastv_layer: int) -> dict[str, dict]:
+    """Every method but pooling at the budget `keep` (a count, or a fraction of each image's tokens): row name
+    `..._{percent}` -> its `ReductionSettings` arguments."""
+    return {
         f"simignore_drop_{percent}": {"reduction": "simignore", "keep": keep, "apply": "drop"},
         f"simignore_mask_{percent}": {"reduction": "simignore", "keep": keep, "apply": "mask"},
         f"random_drop_{percent}": {"reduction": "random", "keep": keep, "apply": "drop"},
@@ -39,8 +42,13 @@ def _method_rows(percent: int, keep: int | float, fastv_layer: int, cls_token: b
         f"dart_{percent}": {"reduction": "dart", "dart_layer": fastv_layer, "keep": keep},
         f"visiondrop_{percent}": {"reduction": "visiondrop", "keep": keep},  # keep: its average
     }
-    return [BenchRow(name, ReductionSettings(**settings)) for name, settings in arguments.items()
-            if cls_token or not _reads_cls_attention(settings["reduction"])]
+
+
+def _method_rows(percent: int, keep: int, fastv_layer: int, cls_token: bool) -> list[BenchRow]:
+    """Every method but pooling at `keep` image tokens, named `..._{percent}`; without a CLS token in the tower, none of
+    the methods the registry declares as ranking by its attention."""
+    return [BenchRow(name, ReductionSettings(**arguments)) for name, arguments in _method_arguments(percent, keep, fastv_layer).items()
+            if cls_token or not _reads_cls_attention(arguments["reduction"])]
 
 
 def _reads_cls_attention(reduction: str) -> bool:
@@ -65,18 +73,35 @@ def bench_rows(image_tokens: int, num_layers: int, cls_token: bool = True, grid:
                    BenchRow("simignore_auto", ReductionSettings(reduction="simignore", keep="auto"))]
 
 
-def per_image_bench_rows(num_layers: int) -> list[BenchRow]:
-    """The rows of a model whose images have their own sizes and whose ViT has no CLS token (Qwen-VL): none, every
-    method at 50% and 25% of each image's own tokens (`keep=0.5`, `0.25`: rounded half up), pooling where the fraction
-    is 1/s² (25%: stride 2, a partial last window where 2 does not divide a side of the image's grid), PyramidDrop with
-    its defaults but each kept token at its own position (`stage_positions=original`: re-packing is not defined on
-    M-RoPE) and Simignore's adaptive budget; no VisionZip or VisionDrop rows."""
+def per_image_bench_rows(num_layers: int, nominal_plan: Callable[[ReductionSettings], Plan]) -> list[BenchRow]:
+    """The rows of a model whose images have their own sizes (Qwen-VL, LLaVA-NeXT, LLaVA-OneVision): of none, every
+    method at 50% and 25% of each image's own tokens (`keep=0.5`, `0.25`: rounded half up), pooling at both (a stride
+    where the fraction is 1/s²), PyramidDrop with its defaults (where the family refuses re-packing its positions, as on
+    M-RoPE: each kept token at its own, `stage_positions=original`) and Simignore's adaptive budget, those whose settings
+    build and that the family plans for the model's largest image: `nominal_plan` (settings -> Plan; raises ValueError
+    on what the family refuses, such as VisionZip without a CLS token or inside tiles, or pooling tiles; VisionDrop's
+    settings refuse a fraction)."""
     fastv_layer = bench_fastv_layer(num_layers)
-    rows = [BenchRow("none", ReductionSettings())]
+    choices: list[tuple[str, tuple[dict, ...]]] = [("none", ({},))]  # each row's settings arguments, by preference
     for fraction in FRACTIONS:
-        rows += _method_rows(int(fraction * 100), fraction, fastv_layer, cls_token=False)
-        if stride_of_fraction(fraction) is not None:
-            rows.append(BenchRow(f"pool_{int(fraction * 100)}", ReductionSettings(reduction="pool", keep=fraction)))
-    return rows + [
-        BenchRow("pdrop", ReductionSettings(reduction="pdrop", stage_positions="original")),
-        BenchRow("simignore_auto", ReductionSettings(reduction="simignore", keep="auto"))]
+        percent = int(fraction * 100)
+        choices += [(name, (arguments,)) for name, arguments in _method_arguments(percent, fraction, fastv_layer).items()]
+        choices.append((f"pool_{percent}", ({"reduction": "pool", "keep": fraction},)))
+    choices += [("pdrop", ({"reduction": "pdrop"}, {"reduction": "pdrop", "stage_positions": "original"})),
+                ("simignore_auto", ({"reduction": "simignore", "keep": "auto"},))]
+    rows = (_planned_row(name, alternatives, nominal_plan) for name, alternatives in choices)
+    return [row for row in rows if row is not None]
+
+
+def _planned_row(name: str, alternatives: tuple[dict, ...], nominal_plan: Callable[[ReductionSettings], Plan]) -> BenchRow | None:
+    """Row `name` with the first of `alternatives` (`ReductionSettings` arguments) whose settings build and plan, or None;
+    each refusal is logged with its reason."""
+    for arguments in alternatives:
+        try:
+            settings = ReductionSettings(**arguments)
+            nominal_plan(settings)
+        except ValueError as error:
+            logger.info(f"bench: no {name} row with {arguments}: {error}")
+            continue
+        return BenchRow(name, settings)
+    return None

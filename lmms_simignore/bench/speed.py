@@ -9,11 +9,15 @@ spread, speed-ups as ratios against `none` of the same run, next to the ideal sp
 for the tokens each layer computes on.
 
 Models: the shipped testbed, `paper-shaped` (LLaVA-1.5's 576 image tokens in 6 narrow layers, for CPUs), `qwen-tiny`
-(the tiny random Qwen2.5-VL of `lmms_simignore.testbed.tiny_qwen`, for CPUs), and random-weight models with the exact
-shapes of LLaVA-1.5-7B and -13B, Mipha-3B (`lmms_simignore.bench.llava_shapes`) and Qwen2.5-VL-7B-Instruct
-(`lmms_simignore.bench.qwen_shapes`); fp16 and sdpa on a GPU. Each family runs its own path of the engine
-(`BenchFamily`, chosen by the config's model_type): LLaVA's images of one size, budgets in tokens; Qwen-VL's 1280 x 960
-photos (1564 tokens each on the 7B shape), budgets as fractions of each image's tokens (`bench.rows`). Timing does not
+(the tiny random Qwen2.5-VL of `lmms_simignore.testbed.tiny_qwen`, for CPUs), `llava_next-tiny` and `llava_onevision-tiny`
+(the tiny tiled LLaVAs of `lmms_simignore.testbed.tiny_llava_next`, for CPUs), and random-weight models with the exact
+shapes of LLaVA-1.5-7B and -13B, Mipha-3B (`lmms_simignore.bench.llava_shapes`), Qwen2.5-VL-7B-Instruct
+(`lmms_simignore.bench.qwen_shapes`), LLaVA-1.6-vicuna-7B and LLaVA-OneVision-qwen2-7B (`lmms_simignore.bench.tiled_shapes`);
+fp16 and sdpa on a GPU. Each family runs its own path of the engine (`BenchFamily`, chosen by the config's model_type):
+LLaVA's images of one size, budgets in tokens; Qwen-VL's 1280 x 960 photos (1564 tokens each on the 7B shape) and the
+tiled LLaVAs' largest squares whose tiles all reach the LLM (672 x 672 on LLaVA-1.6: 576 + 48 x 48 = 2880 image tokens
+and 48 newline separators; 1152 x 1152 on OneVision: 729 + 81 x 81 = 7290 and 81), budgets as fractions of each image's
+tokens (`bench.rows`: the rows each family plans; separators are never chosen or counted). Timing does not
 depend on weight values. A ScienceQA-IMG-sized pass (`lmms_simignore.bench.scienceqa_pass`) times 2017 prompts through
 the lmms-eval LLaVA model class for none, Simignore (drop) and FastV at two batch sizes.
 """
@@ -32,11 +36,12 @@ from pathlib import Path
 import torch
 
 from lmms_simignore import engine
-from lmms_simignore.bench import qwen_shapes, scienceqa_pass
+from lmms_simignore.bench import qwen_shapes, scienceqa_pass, tiled_shapes
 from lmms_simignore.bench.flops import DecoderShape, sample_prefill_flops
 from lmms_simignore.bench.rows import BenchRow, bench_rows, per_image_bench_rows
 from lmms_simignore.markdown import table
 from lmms_simignore.settings import ReductionSettings
+from lmms_simignore.testbed import tiny_llava_next
 
 
 class PeakMemory:
@@ -78,7 +83,8 @@ class BenchFamily:
     """How the bench runs one model family: its checkpoints, prompts and rows, and its two steps before the LLM.
 
     load: (folder, device, dtype) -> (model, processor); images: (records, processor) -> the records with their images
-    at the size the bench feeds; encode: (processor, records) -> the processed batch; rows: (config) -> [BenchRow];
+    at the size the bench feeds; encode: (processor, records) -> the processed batch; rows: (config, processor) ->
+    [BenchRow];
     embed: (model, settings, inputs) -> what the choice starts from (timed into time to first token only); choose:
     (model, tokenizer, settings, inputs, embedded, comparison texts, image seeds) -> (ReducedPrompt, the in-LLM stages
     for `LanguageModelRun`) (timed as the choice).
@@ -112,7 +118,8 @@ def _encode_llava(processor, records: list[dict]):
     return encode(processor, records, with_answers=False)
 
 
-def _llava_rows(config) -> list[BenchRow]:
+def _llava_rows(config, processor) -> list[BenchRow]:
+    """LLaVA's rows: budgets in tokens of the config's one image size (the processor adds nothing to it)."""
     return bench_rows(engine.image_tokens_per_image(config), config.text_config.num_hidden_layers,
                       cls_token=config.vision_config.model_type == "clip_vision_model", grid=engine.image_grid(config))
 
@@ -133,10 +140,8 @@ def _choose_llava(model, tokenizer, settings: ReductionSettings, inputs, embedde
     return engine.apply_pre_llm_stage(model, tokenizer, plan, prompt, texts, image_seeds), plan.layers
 
 
-QWEN_IMAGE_SIZE = (1280, 960)  # (width, height) of the field's benchmark photos
-
-
-def _load_qwen(folder: Path, device: torch.device, dtype: torch.dtype):
+def _load_auto(folder: Path, device: torch.device, dtype: torch.dtype):
+    """`AutoModelForImageTextToText` (sdpa) and its processor, the tokenizer padding on the left."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa", device_map=str(device),
@@ -146,14 +151,9 @@ def _load_qwen(folder: Path, device: torch.device, dtype: torch.dtype):
     return model, processor
 
 
-def _photo_sized(records: list[dict], processor) -> list[dict]:
-    """The shapes images at 1280 x 960; the processor then resizes each within its pixel limits, to multiples of
-    patch x merge (28 on Qwen2.5-VL)."""
-    return [{**record, "image": record["image"].resize(QWEN_IMAGE_SIZE)} for record in records]
-
-
-def _encode_qwen(processor, records: list[dict]):
-    """Left-padded batch: the chat template's default system turn, then one image and the shapes question per user turn."""
+def _encode_chat(processor, records: list[dict]):
+    """Left-padded batch through the processor's chat template: one image and the shapes question per user turn (Qwen-VL's
+    template adds its default system turn)."""
     from lmms_simignore.testbed.llava_recipe import prompt_text
 
     turns = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt_text(record)}]}] for record in records]
@@ -161,8 +161,30 @@ def _encode_qwen(processor, records: list[dict]):
     return processor(text=prompts, images=[r["image"] for r in records], padding=True, padding_side="left", return_tensors="pt")
 
 
-def _qwen_rows(config) -> list[BenchRow]:
-    return per_image_bench_rows(config.text_config.num_hidden_layers)
+def _choose_each_image(model, tokenizer, settings: ReductionSettings, inputs, prompt, texts: list[str], image_seeds: list[int]):
+    """Each image planned for its own tokens and reduced before the LLM, as the model classes of families whose images
+    have their own sizes do (`ReducingModel._reduce_each_image`)."""
+    plans = engine.image_plans(model.config, settings, prompt)
+    reduced = engine.apply_image_plans_before_llm(model, tokenizer, plans, prompt, texts, image_seeds)
+    return reduced, [plan.layers for plan in plans]
+
+
+QWEN_IMAGE_SIZE = (1280, 960)  # (width, height) of the field's benchmark photos
+
+
+def _photo_sized(records: list[dict], processor) -> list[dict]:
+    """The shapes images at 1280 x 960; the processor then resizes each within its pixel limits, to multiples of
+    patch x merge (28 on Qwen2.5-VL)."""
+    return [{**record, "image": record["image"].resize(QWEN_IMAGE_SIZE)} for record in records]
+
+
+def _qwen_rows(config, processor) -> list[BenchRow]:
+    """The per-image rows that Qwen-VL plans for the largest image its processor makes (at its max pixels)."""
+    from lmms_simignore.families import qwen_vl
+
+    max_pixels = processor.image_processor.size["longest_edge"]
+    return per_image_bench_rows(config.text_config.num_hidden_layers,
+                                lambda settings: qwen_vl.nominal_plan(config, settings, max_pixels))
 
 
 def _embed_qwen(model, settings: ReductionSettings, inputs):
@@ -172,22 +194,39 @@ def _embed_qwen(model, settings: ReductionSettings, inputs):
     return qwen_vl.embed_prompt(model, inputs)
 
 
-def _choose_qwen(model, tokenizer, settings: ReductionSettings, inputs, prompt, texts: list[str], image_seeds: list[int]):
-    """Each image planned for its own tokens and reduced before the LLM, as the Qwen-VL model classes do."""
-    plans = engine.image_plans(model.config, settings, prompt)
-    reduced = engine.apply_image_plans_before_llm(model, tokenizer, plans, prompt, texts, image_seeds)
-    return reduced, [plan.layers for plan in plans]
+def _full_tiles(records: list[dict], processor) -> list[dict]:
+    """The shapes images as the largest squares whose tiles all reach the LLM (`tiled_shapes.full_tile_side`:
+    LLaVA-1.6 672 x 672, 2 x 2 tiles; OneVision 1152 x 1152, 3 x 3 tiles)."""
+    side = tiled_shapes.full_tile_side(processor.image_processor, getattr(processor, "vision_aspect_ratio", None))
+    return [{**record, "image": record["image"].resize((side, side))} for record in records]
+
+
+def _tiled_rows(config, processor) -> list[BenchRow]:
+    """The per-image rows that LLaVA-NeXT / OneVision plan for their largest image (`families.llava_next.nominal_plan`)."""
+    from lmms_simignore.families import llava_next
+
+    return per_image_bench_rows(config.text_config.num_hidden_layers, lambda settings: llava_next.nominal_plan(config, settings))
+
+
+def _embed_tiled(model, settings: ReductionSettings, inputs):
+    """The embedded prompt, each image's base view and tile grid in place, newlines not image tokens
+    (`families.llava_next.embed_prompt`)."""
+    from lmms_simignore.families import llava_next
+
+    return llava_next.embed_prompt(model, inputs)
 
 
 LLAVA_FAMILY = BenchFamily("llava", _load_llava, _resized, _encode_llava, _llava_rows, _embed_llava, _choose_llava)
-QWEN_VL_FAMILY = BenchFamily("qwen_vl", _load_qwen, _photo_sized, _encode_qwen, _qwen_rows, _embed_qwen, _choose_qwen)
+QWEN_VL_FAMILY = BenchFamily("qwen_vl", _load_auto, _photo_sized, _encode_chat, _qwen_rows, _embed_qwen, _choose_each_image)
+TILED_FAMILY = BenchFamily("llava_next", _load_auto, _full_tiles, _encode_chat, _tiled_rows, _embed_tiled, _choose_each_image)
 
 
 def bench_family(config) -> BenchFamily:
     """The bench's family of a checkpoint's config (by its model_type); refuses the others by name."""
-    from lmms_simignore.families.qwen_vl import MODEL_TYPES
+    from lmms_simignore.families import llava_next, qwen_vl
 
-    families = {"llava": LLAVA_FAMILY, **{model_type: QWEN_VL_FAMILY for model_type in MODEL_TYPES}}
+    families = {"llava": LLAVA_FAMILY, **{model_type: QWEN_VL_FAMILY for model_type in qwen_vl.MODEL_TYPES},
+                **{model_type: TILED_FAMILY for model_type in llava_next.MODEL_TYPES}}
     if config.model_type not in families:
         raise ValueError(f"the bench runs {', '.join(families)} checkpoints; this one is {config.model_type!r}")
     return families[config.model_type]
@@ -248,7 +287,8 @@ def bench_model(model, processor, records: list[dict], batch_size: int, warmup: 
     The ideal counts the decoder layers (`lmms_simignore.bench.flops`) and the FLOPs the in-LLM stages' own choices
     computed (`LanguageModelRun.stage_flops`: VisionDrop's next-layer attention, FastV's one row), so it is compared
     with the LLM prefill
-    (from the reduced prompt to the first logits); time to first token adds the vision tower and the choice.
+    (from the reduced prompt to the first logits); time to first token adds the vision tower and the choice. Its text
+    tokens are the prompt's other tokens, the newline separators of tiled images included.
     records: one image each, at the size the family feeds (`BenchFamily.images`).
     """
     from lmms_simignore.models.base import options_text
@@ -262,8 +302,7 @@ def bench_model(model, processor, records: list[dict], batch_size: int, warmup: 
     num_layers = model.config.text_config.num_hidden_layers
     shape = DecoderShape.from_text_config(model.config.text_config)
     prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-    image_tokens = (inputs["input_ids"] == model.config.image_token_id).sum(dim=1).tolist()  # (B,) of its one image
-    rows = family.rows(model.config)
+    rows = family.rows(model.config, processor)
     tokenizer = processor.tokenizer
     for _ in range(warmup):  # warm every path before any measurement
         for row in rows:
@@ -273,6 +312,8 @@ def bench_model(model, processor, records: list[dict], batch_size: int, warmup: 
         for row in rows:
             runs[row.name].append(measure_once(model, tokenizer, family, row.settings, inputs, texts, image_seeds, decode_tokens))
         progress(f"  repeat {repeat + 1}/{repeats} done")
+    # (B,) image tokens of each row's one image: what `none` computed on (a tiled image's newline separators are text)
+    image_tokens = runs["none"][-1]["image_tokens_seen"].computed[:, 0].tolist()
     results = {}
     for row in rows:
         seen = runs[row.name][-1].pop("image_tokens_seen")  # observed in the last repeat (the choice is deterministic)
@@ -420,7 +461,9 @@ def against_targets(report: dict) -> list[str]:
 
 
 LLAVA_BENCH_MODELS = ("testbed", "paper-shaped", "llava7b-shape", "llava13b-shape", "mipha3b-shape")  # the pass's too
-BENCH_MODELS = (*LLAVA_BENCH_MODELS, "qwen-tiny", qwen_shapes.QWEN25_VL_7B_SHAPE)
+TILED_TINY_MODELS = {"llava_next-tiny": tiny_llava_next.build_tiny_llava_next,  # for CPUs
+                     "llava_onevision-tiny": tiny_llava_next.build_tiny_llava_onevision}
+BENCH_MODELS = (*LLAVA_BENCH_MODELS, "qwen-tiny", qwen_shapes.QWEN25_VL_7B_SHAPE, *TILED_TINY_MODELS, *tiled_shapes.SHAPES)
 
 
 def default_models(device: torch.device) -> tuple[str, ...]:
@@ -430,8 +473,10 @@ def default_models(device: torch.device) -> tuple[str, ...]:
 
 def bench_checkpoint(name: str, workdir: Path, device: torch.device, dtype: torch.dtype) -> Path:
     """The folder of bench model `name`: the shipped testbed, or random weights written under `workdir`:
-    `paper-shaped` (576 image tokens, 6 narrow layers), `qwen-tiny` (the tiny Qwen2.5-VL), the exact
-    Qwen2.5-VL-7B-Instruct shape, or the exact LLaVA-1.5-7B/13B and Mipha-3B shapes."""
+    `paper-shaped` (576 image tokens, 6 narrow layers), `qwen-tiny` (the tiny Qwen2.5-VL), `llava_next-tiny` and
+    `llava_onevision-tiny` (the tiny tiled LLaVAs of `lmms_simignore.testbed.tiny_llava_next`), the exact
+    Qwen2.5-VL-7B-Instruct shape, the exact LLaVA-1.6-vicuna-7B and LLaVA-OneVision-qwen2-7B shapes, or the exact
+    LLaVA-1.5-7B/13B and Mipha-3B shapes."""
     from lmms_simignore.shipped import shipped_model_dir
 
     if name == "testbed":
@@ -447,8 +492,12 @@ def bench_checkpoint(name: str, workdir: Path, device: torch.device, dtype: torc
         from lmms_simignore.testbed.tiny_qwen import build_tiny_qwen
 
         return build_tiny_qwen(folder, qwen_shapes.FAMILY)
+    if name in TILED_TINY_MODELS:
+        return TILED_TINY_MODELS[name](folder)
     if name == qwen_shapes.QWEN25_VL_7B_SHAPE:
         return qwen_shapes.write_random_shape(folder, device, dtype)
+    if name in tiled_shapes.SHAPES:
+        return tiled_shapes.write_random_shape(name, folder, device, dtype)
     from lmms_simignore.bench.llava_shapes import write_random_shape
 
     return write_random_shape(name, folder, device, dtype)

@@ -128,8 +128,10 @@ def build_prompt_embeddings(model, input_ids, attention_mask, pixel_values=None,
         image_features = torch.stack(list(features.pooler_output)).to(inputs_embeds.dtype)  # (I, N, D)
     else:
         image_features = inputs_embeds.new_zeros(0, image_tokens_per_image(config), inputs_embeds.shape[-1])
+    grid = image_grid(config)  # every image's, where its tokens form one
+    grids = None if grid is None else torch.tensor([grid] * image_features.shape[0], device=input_ids.device).view(-1, 2)
     return place_image_features(inputs_embeds, is_image, image_features, attention_mask,
-                                default_position_ids(attention_mask), image_tokens)
+                                default_position_ids(attention_mask), image_tokens, image_grids=grids)
 
 
 def place_image_features(inputs_embeds: torch.Tensor, is_image: torch.Tensor, image_features,

@@ -137,7 +137,7 @@ def apply_image_plans_before_llm(model, tokenizer, plans: list[Plan], prompt: Pr
     for indices in groups.values():
         plan, images = plans[indices[0]], torch.tensor(indices, device=prompt.image_positions.device)
         rows = prompt.image_rows[images]
-        grid = tuple(prompt.image_grids[indices[0]].tolist()) if prompt.image_grids is not None else image_grid(model.config)
+        grid = tuple(prompt.image_grids[indices[0]].tolist()) if prompt.image_grids is not None else None
         seeds = [image_seeds[i] for i in indices] if image_seeds else []  # only random choices need them
         view = ImageTokensView(prompt.image_features[images, : plan.image_tokens], rows, seeds, grid,
                                partial(_comparison_embeddings, model, tokenizer, comparison_texts, rows))

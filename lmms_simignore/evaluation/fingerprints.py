@@ -1,5 +1,5 @@
-"""CI fingerprints of every method on tiny random Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT and LLaVA-OneVision
-checkpoints.
+"""CI fingerprints of every method on tiny random Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT, LLaVA-OneVision and
+InternVL3 checkpoints.
 
     python -m lmms_simignore fingerprints            # compare; exit 1 and list every moved answer or token count
     python -m lmms_simignore fingerprints --update   # an intentional change: rewrite the expected file
@@ -32,7 +32,7 @@ FINGERPRINT_ROWS = {  # model_args of each row on the tiny models' 3 decoder lay
 TILED_ROWS = {name: args for name, args in FINGERPRINT_ROWS.items() if name != "pool"} | {
     "pdrop": dict(reduction="pdrop", pdrop_layers="1/2")}
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-TILED_FAMILIES = ("llava_next", "llava_onevision")
+TILED_FAMILIES = ("llava_next", "llava_onevision", "internvl")
 IMAGE_SIZES = [(48, 48), (120, 64), (64, 150), (200, 90), (40, 220), (90, 90)]  # width x height: each image its own grid
 SMALL_IMAGES = {"min_pixels": 8 * 28 * 28, "max_pixels": 40 * 28 * 28}  # 8..40 merged tokens per image
 TASK, SPLIT = "sqa_fingerprint", "test"
@@ -57,24 +57,35 @@ def one_or_two_images(doc: dict) -> list:
     return visuals + [visuals[0].crop((0, 0, visuals[0].width, max(8, visuals[0].height // 3)))] if visuals else []
 
 
-def fingerprint_requests(docs: list[dict]) -> list:
-    """One `generate_until` Instance per doc: ScienceQA's prompt, 6 new tokens."""
+def fingerprint_requests(docs: list[dict], chat: bool = False) -> list:
+    """One `generate_until` Instance per doc: ScienceQA's prompt with one or two images, 6 new tokens; `chat`: as lmms-eval
+    gives a chat class (the doc's messages)."""
     from lmms_eval.api.instance import Instance
 
     from lmms_simignore.tasks import scienceqa_utils
 
     kwargs = {"pre_prompt": "", "post_prompt": scienceqa_utils.POST_PROMPT}
-    return [Instance("generate_until", (scienceqa_utils.doc_to_text(doc, kwargs), {"max_new_tokens": 6, "until": ["\n\n"]},
-                                        one_or_two_images, doc_id, TASK, SPLIT),
-                     idx=0, metadata={"task": TASK, "doc_id": doc_id, "repeats": 1}) for doc_id, doc in enumerate(docs)]
+    gen_kwargs = {"max_new_tokens": 6, "until": ["\n\n"]}
+
+    def doc_to_messages(doc):
+        content = [{"type": "image", "url": image} for image in one_or_two_images(doc)]
+        return [{"role": "user", "content": content + [{"type": "text", "text": scienceqa_utils.doc_to_text(doc, kwargs)}]}]
+
+    args = [("", doc_to_messages, dict(gen_kwargs)) if chat else (scienceqa_utils.doc_to_text(doc, kwargs), dict(gen_kwargs), one_or_two_images)
+            for doc in docs]
+    return [Instance("generate_until", (*request, doc_id, TASK, SPLIT), idx=0, metadata={"task": TASK, "doc_id": doc_id, "repeats": 1})
+            for doc_id, request in enumerate(args)]
 
 
 def family_fingerprints(folder: str | Path, family: str) -> dict:
     """{row: {model_args, answers, visible_per_layer (per doc)}} of one family's checkpoint in `folder`."""
+    from lmms_simignore.models.internvl_simignore import InternVLSimignoreChat
     from lmms_simignore.models.llava_simignore import LlavaSimignore
     from lmms_simignore.models.qwen_vl_simignore import Qwen2_5_VLSimignore, Qwen2VLSimignore, Qwen3VLSimignore
 
-    if family in TILED_FAMILIES:
+    if family == "internvl":
+        model_class, rows, loading = InternVLSimignoreChat, TILED_ROWS, {}
+    elif family in TILED_FAMILIES:
         model_class, rows, loading = LlavaSimignore, TILED_ROWS, {}
     else:
         model_class = {"qwen2_vl": Qwen2VLSimignore, "qwen2_5_vl": Qwen2_5_VLSimignore, "qwen3_vl": Qwen3VLSimignore}[family]
@@ -84,7 +95,7 @@ def family_fingerprints(folder: str | Path, family: str) -> dict:
     for name, model_args in rows.items():
         model = model_class(pretrained=str(folder), device="cpu", dtype="float32", batch_size=4, **loading, **model_args)
         model.task_dict = {TASK: {SPLIT: docs}}
-        answers = model.generate_until(fingerprint_requests(docs))
+        answers = model.generate_until(fingerprint_requests(docs, chat=not model.is_simple))
         records = sorted(model.accounting.records, key=lambda record: record["doc_id"])
         fingerprints[name] = {"model_args": model_args, "answers": answers,
                               "visible_per_layer": [record["visible_per_layer"] for record in records]}
@@ -93,10 +104,11 @@ def family_fingerprints(folder: str | Path, family: str) -> dict:
 
 def all_fingerprints(workdir: str | Path) -> dict:
     """The expected file's content: every family's rows, each family's checkpoint built (seed 0) under `workdir`."""
+    from lmms_simignore.testbed.tiny_internvl import build_tiny_internvl
     from lmms_simignore.testbed.tiny_llava_next import build_tiny_llava_next, build_tiny_llava_onevision
     from lmms_simignore.testbed.tiny_qwen import build_tiny_qwen
 
-    builders = {"llava_next": build_tiny_llava_next, "llava_onevision": build_tiny_llava_onevision}
+    builders = {"llava_next": build_tiny_llava_next, "llava_onevision": build_tiny_llava_onevision, "internvl": build_tiny_internvl}
     folders = {family: build_tiny_qwen(Path(workdir) / family, family, seed=0) for family in QWEN_FAMILIES}
     folders |= {family: builders[family](Path(workdir) / family, seed=0) for family in TILED_FAMILIES}
     return {"update_with": UPDATE_COMMAND, "families": {family: family_fingerprints(folder, family) for family, folder in folders.items()}}

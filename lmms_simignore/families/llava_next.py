@@ -75,11 +75,12 @@ def largest_image_tokens(config) -> int:
     """Image tokens of the largest image a model of `config` takes: the base view and the grid of its largest pinpoint
     (an image of that pinpoint's aspect needs no padding): 576 + 48 x 48 = 2880 on LLaVA-1.6. OneVision's
     `anyres_max_N` shrinks a grid of more than about N tiles to N tiles' worth of tokens (its `pack_image_features`)."""
-    patch, side = config.vision_config.patch_size, config.vision_config.image_size // config.vision_config.patch_size
+    tile = config.vision_config.image_size
+    side = tile // config.vision_config.patch_size  # tokens along a tile's side (384 // 14 = 27 on OneVision)
     largest_tiles = getattr(config, "vision_aspect_ratio", None)
     grids = []
     for height, width in config.image_grid_pinpoints:
-        rows, cols = height // patch, width // patch
+        rows, cols = height // tile * side, width // tile * side
         if largest_tiles is not None:
             ratio = math.sqrt(rows * cols / (int(largest_tiles.removeprefix("anyres_max_")) * side**2))
             rows, cols = (int(rows // ratio), int(cols // ratio)) if ratio > 1.1 else (rows, cols)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lmms_simignore.markdown import table
 from lmms_simignore.methods.registry import METHODS
+from lmms_simignore.models.internvl_simignore import LOADER_ARGUMENTS as INTERNVL_LOADER_ARGUMENTS
 from lmms_simignore.models.llava_simignore import LOADER_ARGUMENTS
 from lmms_simignore.models.qwen_vl_simignore import LOADER_ARGUMENTS as QWEN_LOADER_ARGUMENTS
 from lmms_simignore.settings import COMMON_HELP
@@ -54,13 +55,15 @@ def methods_table() -> str:
 
 def model_args_table() -> str:
     """Every model_arg of our classes: the pipeline's common settings, each method's own, then loading and decoding
-    (`llava_simignore`'s; the Qwen-VL classes take the same, but `quantization` and `chat_template`, and their own)."""
+    (`llava_simignore`'s; the Qwen-VL and InternVL classes take the same, but `quantization` and `chat_template`, and
+    their own)."""
     rows = [[f"`{name}`", "every pipeline", values, meaning] for name, (values, meaning) in COMMON_HELP.items()]
     for method in METHODS.values():
         rows += [[f"`{field.name}`", f"`{method.name}`", _values(field), field.metadata["help"]]
                  for field in dataclasses.fields(method.arguments)]
     rows += [[f"`{name}`", "loading and decoding", values, meaning] for name, (values, meaning) in LOADER_ARGUMENTS.items()]
     rows += [[f"`{name}`", "`qwen*_simignore`", values, meaning] for name, (values, meaning) in QWEN_LOADER_ARGUMENTS.items()]
+    rows += [[f"`{name}`", "`internvl_simignore`", values, meaning] for name, (values, meaning) in INTERNVL_LOADER_ARGUMENTS.items()]
     return table(["argument", "for", "values (default first)", "meaning"], [[_cell(cell) for cell in row] for row in rows])
 
 

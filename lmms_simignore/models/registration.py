@@ -1,5 +1,5 @@
 """lmms-eval entry points: make `--model llava_simignore` (and `qwen2_vl_simignore`, `qwen2_5_vl_simignore`,
-`qwen3_vl_simignore`) resolve to our classes after `pip install`."""
+`qwen3_vl_simignore`, `internvl_simignore`) resolve to our classes after `pip install`."""
 
 from __future__ import annotations
 
@@ -28,6 +28,14 @@ def qwen2_5_vl_simignore_manifest():
 def qwen3_vl_simignore_manifest():
     """`--model qwen3_vl_simignore`: the chat class by default, the simple one with `--force_simple`."""
     return _qwen_manifest("qwen3_vl", "Qwen3VLSimignore", "Qwen3VLSimignoreChat")
+
+
+def internvl_simignore_manifest():
+    """`--model internvl_simignore`: a chat class only, as lmms-eval's own `internvl_hf`."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="internvl_simignore",
+                         chat_class_path="lmms_simignore.models.internvl_simignore.InternVLSimignoreChat")
 
 
 def _qwen_manifest(model_id: str, simple: str, chat: str | None):
