@@ -59,6 +59,11 @@ def _fixtures(args: argparse.Namespace) -> int:
         print(f"{name}: {path}")
     if args.mipha:
         _fixtures_mipha(args)
+    if args.llava_next:
+        from lmms_simignore.testbed.tiny_llava_next import FIXTURE_SHAPE, build_tiny_llava_next
+
+        folder = build_tiny_llava_next(Path(args.directory) / "tiny-llava_next", seed=args.seed, shape=FIXTURE_SHAPE)
+        print(f"llava_next: {folder} (--model llava_simignore)")
     if args.qwen:
         from lmms_simignore.testbed.tiny_qwen import FAMILIES, FIXTURE_SHAPE, build_tiny_qwen
 
@@ -342,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         "--paper-shaped", action="store_true", help="576 image tokens and 6 decoder layers, so the paper's budgets run as is"
     )
     fixtures.add_argument("--mipha", action="store_true", help="also a tiny random Mipha checkpoint in the released layout (tiny-mipha/)")
+    fixtures.add_argument("--llava-next", action="store_true", help="also a tiny random LLaVA-NeXT checkpoint with 8 decoder "
+                          "layers (tiny-llava_next/)")
     fixtures.add_argument("--qwen", help="also tiny random Qwen-VL checkpoints with 8 decoder layers (tiny-FAMILY/): all, or "
                           "some of qwen2_vl, qwen2_5_vl, qwen3_vl, comma-separated")
     fixtures.set_defaults(handler=_fixtures)

@@ -141,7 +141,7 @@ def llava_config(text=None, vision=None, **kwargs):
     return LlavaConfig(text_config=text or {"model_type": "llama"}, vision_config=vision or {"model_type": "clip_vision_model"}, **kwargs)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "mistral", "gemma", "qwen2"])
+@pytest.mark.parametrize("family", ["qwen3", "mistral", "gemma", "olmo"])
 def test_other_language_models_are_refused_by_name(family):
     with pytest.raises(ValueError, match=f"the language model of this checkpoint is '{family}', which llava_simignore does not run"):
         engine.check_model_support(llava_config(text={"model_type": family}))

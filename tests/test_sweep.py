@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from lmms_simignore.bench import qwen_shapes
+from lmms_simignore.bench import qwen_shapes, tiled_shapes
 from lmms_simignore.evaluation.sweep import format_model_args, load_config, row_runs, run_sweep
 from lmms_simignore.settings import ReductionSettings
 from lmms_simignore.testbed.tiny_qwen import build_qwen_tokenizer
@@ -126,18 +126,23 @@ def geometry() -> dict:
     configs = {hub_id: shape_config(name, build_tokenizer()) for name, hub_id in HUB_IDS.items()}
     configs["shipped:shapes-llava"] = AutoConfig.from_pretrained(resolve_pretrained("shipped:shapes-llava"))
     configs[qwen_shapes.HUB_ID] = qwen_shapes.qwen25_vl_7b_config(build_qwen_tokenizer(qwen_shapes.FAMILY))
+    for name, hub_id in tiled_shapes.HUB_IDS.items():
+        configs[hub_id] = tiled_shapes.shape_config(name, tiled_shapes.shape_tokenizer(name))
     return configs
 
 
 def planned(model_config, settings):
-    """The settings planned as the model class plans them, refusals included: for one image of the model's (LLaVA), or
-    for an image at lmms-eval's max_pixels (Qwen-VL, whose images have their own sizes)."""
+    """The settings planned as the model class plans them, refusals included: for one image of the model's (LLaVA-1.5),
+    for an image at lmms-eval's max_pixels (Qwen-VL) or for the largest image (LLaVA-NeXT: its images have their own
+    sizes)."""
     from lmms_simignore.engine import plan_for
-    from lmms_simignore.families.qwen_vl import MODEL_TYPES, nominal_plan
+    from lmms_simignore.families import llava_next, qwen_vl
     from lmms_simignore.models.qwen_vl_simignore import BUILTIN_CLASSES
 
-    if model_config.model_type in MODEL_TYPES:
-        return nominal_plan(model_config, settings, BUILTIN_CLASSES[model_config.model_type].max_pixels)
+    if model_config.model_type in qwen_vl.MODEL_TYPES:
+        return qwen_vl.nominal_plan(model_config, settings, BUILTIN_CLASSES[model_config.model_type].max_pixels)
+    if model_config.model_type in llava_next.MODEL_TYPES:
+        return llava_next.nominal_plan(model_config, settings)
     return plan_for(model_config, settings)
 
 
@@ -207,6 +212,37 @@ def test_qwen_peer_rows_run_offline_on_a_tiny_qwen(testbed, tmp_path):
         "pdrop_22": [256, 105, 43, 43, 18, 18, 18, 18],  # layers 2/7/14 of 28 are 1/2/4 of 8; 256 x 0.41, ...
         "pool_11": [36] * 8,  # stride 3 on 16 x 16: 5 whole windows and a partial one per side
     }
+
+
+def test_llava_next_peer_rows_keep_the_tokens_their_name_says_of_a_full_tile_image(geometry):
+    """On LLaVA-1.6-7B's largest image (2880 image tokens): N in every layer, from layer 2 for FastV and DART, on average
+    over the 32 layers for PyramidDrop (within a token)."""
+    config = load_config(CONFIGS / "peers_llava_next.yaml")
+    model = geometry[config.model_args["pretrained"]]
+    for row in config.rows[1:]:
+        method, budget = row.name.rsplit("_", 1)
+        visible = planned(model, ReductionSettings(**row.model_args)).visible_per_layer()
+        if method in ("fastv", "dart"):
+            assert visible == [2880] * 2 + [int(budget)] * 30, row.name
+        elif method == "pdrop":
+            assert abs(sum(visible) / 32 - int(budget)) < 1 and len(set(visible)) == 4, row.name
+        else:
+            assert visible == [int(budget)] * 32, row.name
+
+
+def test_llava_next_peer_rows_run_offline_on_the_fixtures_tiny_llava_next(testbed, tmp_path):
+    """configs/peers_llava_next.yaml as written on the fixtures' tiny LLaVA-NeXT (8 decoder layers), through lmms-eval."""
+    from lmms_simignore.testbed.tiny_llava_next import FIXTURE_SHAPE, build_tiny_llava_next
+
+    folder = build_tiny_llava_next(tmp_path / "tiny-llava_next", shape=FIXTURE_SHAPE)
+    config = load_config(CONFIGS / "peers_llava_next.yaml", overrides={"pretrained": str(folder)}, tasks="scienceqa_img_local",
+                         only_rows="baseline,pdrop_320,dart_160")
+    summaries = {summary["name"]: summary["visible_per_layer"] for summary in run_sweep(
+        config, tmp_path / "peers", include_path=testbed["tasks"], extra_args=("--limit", "2"), echo=lambda line: None)}
+    tokens = summaries["baseline"][0]  # the task's 48 px images: their base view and grid, newlines not counted
+    assert summaries["baseline"] == [tokens] * 8 and tokens > 16
+    assert summaries["dart_160"] == [tokens] * 2 + [math.floor(0.0556 * tokens + 0.5)] * 6
+    assert summaries["pdrop_320"][0] == tokens and len(set(summaries["pdrop_320"])) == 4
 
 
 def test_qwen_peer_rows_keep_the_fraction_their_name_says(geometry):

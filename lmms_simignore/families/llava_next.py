@@ -101,9 +101,9 @@ def nominal_plan(config, settings: ReductionSettings) -> Plan:
 
 
 def check_tiled_plan(config, plan: Plan) -> None:
-    """Refuse, naming the method, what is not defined on tiled images here yet: a stage in the tower (VisionZip and
-    VisionDrop apply per tile, before the packing and unpadding) and a shorter image (pooling each tile's grid and placing
-    the newlines anew)."""
+    """Refuse, naming the method, what is not defined on tiled images here yet: a stage in the tower (the CLS-attention
+    methods select per view, before the packing and unpadding) and a shorter image (each tile's grid shortened and the
+    newlines placed anew)."""
     check_plan_support(config, plan)
     if plan.vision is not None:
         raise ValueError(f"{plan.vision.method} shortens each image inside the vision tower; on {config.model_type}'s tiles "
