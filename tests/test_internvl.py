@@ -11,7 +11,6 @@ from PIL import Image
 
 from lmms_simignore import engine
 from lmms_simignore.families import internvl
-from lmms_simignore.methods.fastv import fastv_stage  # noqa: F401
 from lmms_simignore.models.internvl_simignore import InternVLSimignoreChat
 from lmms_simignore.settings import ReductionSettings
 from lmms_simignore.tasks import scienceqa_utils
@@ -193,3 +192,26 @@ def test_reduction_none_through_lmms_eval_answers_as_internvl_hf(internvl_models
                                 extra_args=("--limit", "4"))
     assert ours_run["config"]["model_backend"].startswith("lmms_simignore.models.internvl_simignore.InternVLSimignoreChat")
     assert [s["filtered_resps"] for s in our_samples] == [s["filtered_resps"] for s in their_samples]
+
+
+def test_keeping_every_token_answers_as_no_reduction(internvl_models, docs):
+    folder = internvl_models[0]
+    none = ours(folder, docs, dtype="float32", batch_size=3).generate_until(chat_requests(docs))
+    for model_args in (dict(reduction="random", keep=1.0), dict(reduction="fastv", fastv_layer=1, fastv_ratio=0.0)):
+        assert ours(folder, docs, dtype="float32", batch_size=3, **model_args).generate_until(chat_requests(docs)) == none
+    assert ours(folder, docs, dtype="float32", batch_size=3, reduction="random", keep=0.1).generate_until(chat_requests(docs)) != none
+
+
+def test_two_processes_answer_every_doc_once_as_one_process_does(internvl_models, testbed, tmp_path):
+    import sys
+
+    from test_lmms_eval_cli import LAUNCHERS, TASK as LOCAL_TASK, evaluate
+
+    checkpoint = {"model": internvl_models[0], "tasks": testbed["tasks"]}
+    args = "reduction=dart,keep=0.3,dart_layer=1,dtype=float32"
+    single, single_samples = evaluate(checkpoint, tmp_path / "one", args, model="internvl_simignore", batch_size=2)
+    double, double_samples = evaluate(checkpoint, tmp_path / "two", args, model="internvl_simignore", batch_size=2,
+                                      launcher=(sys.executable, *LAUNCHERS["torchrun"]))
+    assert [s["doc_id"] for s in double_samples] == list(range(12))
+    assert [s["filtered_resps"] for s in double_samples] == [s["filtered_resps"] for s in single_samples]
+    assert double["results"][LOCAL_TASK]["exact_match,none"] == single["results"][LOCAL_TASK]["exact_match,none"]

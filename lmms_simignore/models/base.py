@@ -122,6 +122,29 @@ class ReducingModel(lmms):
         self._device = torch.device(device)
         return self._device
 
+    def _load(self, pretrained: str, config, revision: str, device: str | None, device_map: str | None, dtype: str,
+              attn_implementation: str | None, settings: ReductionSettings) -> None:
+        """Check `settings` on the checkpoint's `config` (its decoder, budgets, layers and what the methods need, before
+        any weights load), place this process, load the checkpoint with transformers' `AutoModelForImageTextToText`
+        (safetensors only) and reduce with `settings`."""
+        from transformers import AutoModelForImageTextToText
+
+        from lmms_simignore.engine.families import decoder_family
+
+        decoder_family(config.text_config)
+        self.config = config
+        self._plan_for(settings)
+        self._place(device)
+        self._model = AutoModelForImageTextToText.from_pretrained(
+            pretrained, revision=revision, dtype=DTYPES[str(dtype)], attn_implementation=attn_implementation,
+            device_map=device_map or None, use_safetensors=True,
+        ).eval()
+        if not device_map:
+            self._model.to(self._device)
+        else:
+            self._device = self._model.get_input_embeddings().weight.device
+        self.use_settings(settings)
+
     def _plan_for(self, settings: ReductionSettings):
         """The settings' stages on this model (raises on what it cannot take)."""
         raise NotImplementedError

@@ -14,9 +14,8 @@ from loguru import logger
 
 from lmms_simignore import engine
 from lmms_simignore.engine.accounting import layer_runs
-from lmms_simignore.engine.families import decoder_family
 from lmms_simignore.families import internvl
-from lmms_simignore.models.base import DTYPES, PromptRequest, ReducingModel, check_images, check_positive_int
+from lmms_simignore.models.base import PromptRequest, ReducingModel, check_images, check_positive_int
 from lmms_simignore.settings import Plan, ReductionSettings
 from lmms_simignore.shipped import resolve_pretrained
 
@@ -65,27 +64,14 @@ class InternVLSimignoreChat(ReducingModel):
             raise ValueError(f"min_patches={min_patches} exceeds max_patches={max_patches}")
         self.min_patches, self.max_patches = min_patches, max_patches
 
-        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoConfig, AutoProcessor
 
         pretrained = resolve_pretrained(str(pretrained))
         config = AutoConfig.from_pretrained(pretrained, revision=revision)
         if config.model_type not in internvl.MODEL_TYPES:
             raise ValueError(f"internvl_simignore hosts InternVLForConditionalGeneration checkpoints (model_type "
                              f"'internvl'); pretrained={pretrained!r} has model_type {config.model_type!r}")
-        decoder_family(config.text_config)
-        self.config = config
-        self._plan_for(settings)  # budgets, layers and what the methods need, before any weights load
-
-        self._place(device)
-        self._model = AutoModelForImageTextToText.from_pretrained(
-            pretrained, revision=revision, dtype=DTYPES[str(dtype)], attn_implementation=attn_implementation,
-            device_map=device_map or None, use_safetensors=True,
-        ).eval()
-        if not device_map:
-            self._model.to(self._device)
-        else:
-            self._device = self._model.get_input_embeddings().weight.device
-        self.use_settings(settings)
+        self._load(pretrained, config, revision, device, device_map, dtype, attn_implementation, settings)
         self.processor = AutoProcessor.from_pretrained(pretrained, revision=revision)
         self.pretrained = pretrained
         logger.info(

@@ -19,7 +19,6 @@ from loguru import logger
 
 from lmms_simignore import engine
 from lmms_simignore.engine.accounting import layer_runs
-from lmms_simignore.engine.families import decoder_family
 from lmms_simignore.families import qwen_vl
 from lmms_simignore.models.base import DTYPES, PromptRequest, ReducingModel, check_images
 from lmms_simignore.settings import Plan, ReductionSettings
@@ -143,7 +142,7 @@ class QwenVLSimignore(ReducingModel):
         self.reasoning_prompt = reasoning_prompt.replace("\\n", "\n") if reasoning_prompt else None
         self.enable_thinking = enable_thinking
 
-        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoConfig, AutoProcessor
 
         pretrained = resolve_pretrained(str(pretrained or builtin.pretrained))
         config = AutoConfig.from_pretrained(pretrained, revision=revision)
@@ -152,20 +151,7 @@ class QwenVLSimignore(ReducingModel):
             hint = f"; for it use --model {others[config.model_type]}" if config.model_type in others else ""
             raise ValueError(f"{self.model_name} hosts {builtin.model_type} checkpoints; pretrained={pretrained!r} has "
                              f"model_type {config.model_type!r}{hint}")
-        decoder_family(config.text_config)
-        self.config = config
-        self._plan_for(settings)  # budgets, layers and what the methods need, before any weights load
-
-        self._place(device)
-        self._model = AutoModelForImageTextToText.from_pretrained(
-            pretrained, revision=revision, dtype=DTYPES[str(dtype)], attn_implementation=attn_implementation,
-            device_map=device_map or None, use_safetensors=True,
-        ).eval()
-        if not device_map:
-            self._model.to(self._device)
-        else:
-            self._device = self._model.get_input_embeddings().weight.device
-        self.use_settings(settings)
+        self._load(pretrained, config, revision, device, device_map, dtype, attn_implementation, settings)
         try:
             self.processor = AutoProcessor.from_pretrained(pretrained, revision=revision, min_pixels=self.min_pixels,
                                                            max_pixels=self.max_pixels)
