@@ -19,6 +19,7 @@ from lmms_simignore.methods.base import (CLS_ATTENTION, COMMON_ARGUMENTS, IN_LLM
 from lmms_simignore.methods.registry import METHODS, argument_owners
 
 APPLY_MODES = ("drop", "mask")
+BUDGET_UNITS = ("image", "tile")
 REDUCTION_ARGUMENTS = (*COMMON_ARGUMENTS, *argument_owners())  # every model_arg the reduction settings take
 STAGE_POSITIONS = ("original", "repacked")
 COMMON_HELP = {
@@ -32,6 +33,10 @@ COMMON_HELP = {
               "position id, so they give the same answers"),
     "seed": ("`0`", "random choices (each image's depends only on the seed, task, doc and image) and sampling "
              "(`temperature>0`)"),
+    "budget_per": ("`image`", "what a count in `keep`/`ignore` is of on tiled images (LLaVA-NeXT, OneVision, InternVL): "
+                   "`image` (all its tiles together) or `tile` (`keep=128` keeps 128 per tile: 640 of an image of 5 "
+                   "views; VisionZip then keeps 128 in each view, as its authors' LLaVA-NeXT code); a fraction is the "
+                   "same share either way; an image of other models is one tile"),
     "stage_positions": ("the method's", "position ids of the tokens an in-LLM stage leaves: `original` (their own) or "
                         "`repacked` (consecutive); default: each method's own rule (see Methods)"),
 }
@@ -105,10 +110,12 @@ class ReductionSettings:
     model_args (each method's `arguments` dataclass; an argument of a method not in the pipeline is refused).
     """
 
-    __slots__ = ("reduction", "budget", "apply", "seed", "stage_positions", "given", "_methods", "_budget_owner")
+    __slots__ = ("reduction", "budget", "apply", "seed", "stage_positions", "budget_per", "given", "_methods",
+                 "_budget_owner")
 
     def __init__(self, reduction: str = "none", keep: int | float | str | None = None, ignore: int | None = None,
-                 apply: str = "drop", seed: int = 0, stage_positions: str | None = None, **arguments) -> None:
+                 apply: str = "drop", seed: int = 0, stage_positions: str | None = None, budget_per: str = "image",
+                 **arguments) -> None:
         methods = parse_pipeline(reduction)
         names = tuple(method.name for method in methods)
         check_choice("apply", apply, APPLY_MODES)
@@ -125,6 +132,9 @@ class ReductionSettings:
             check_count_or_fraction("keep", keep)
         check_count("ignore", ignore)
         budget = Budget(keep, ignore)
+        check_choice("budget_per", budget_per, BUDGET_UNITS)
+        if budget_per != "image" and not budget.given:
+            raise ValueError(f"budget_per={budget_per} says what keep/ignore count per; give keep=N or ignore=N with it")
         if not methods and budget.given:
             raise ValueError("keep/ignore have no effect with reduction=none; drop them or choose a reduction")
         if stage_positions is not None:
@@ -153,7 +163,7 @@ class ReductionSettings:
                 method.check(args, PipelineContext(budget if method.name == owner else None, names, apply, stage_positions))
             parsed.append((method, args))
         for name, value in (("reduction", reduction), ("budget", budget), ("apply", apply), ("seed", seed),
-                            ("stage_positions", stage_positions), ("given", tuple(sorted(arguments.items(), key=lambda kv: kv[0]))),
+                            ("stage_positions", stage_positions), ("budget_per", budget_per), ("given", tuple(sorted(arguments.items(), key=lambda kv: kv[0]))),
                             ("_methods", tuple(parsed)), ("_budget_owner", owner)):
             object.__setattr__(self, name, value)
 
@@ -161,7 +171,7 @@ class ReductionSettings:
         raise AttributeError(f"ReductionSettings are frozen; make new ones (cannot set {name})")
 
     def _key(self) -> tuple:
-        return self.reduction, self.budget, self.apply, self.seed, self.stage_positions, self.given
+        return self.reduction, self.budget, self.apply, self.seed, self.stage_positions, self.budget_per, self.given
 
     def __eq__(self, other) -> bool:
         return isinstance(other, ReductionSettings) and self._key() == other._key()
@@ -176,6 +186,8 @@ class ReductionSettings:
             parts += [f"apply={self.apply}", f"seed={self.seed}"]
         if self.stage_positions is not None:
             parts.append(f"stage_positions={self.stage_positions}")
+        if self.budget_per != "image":
+            parts.append(f"budget_per={self.budget_per}")
         parts += [f"{name}={value}" for name, value in self.given]
         return f"ReductionSettings({', '.join(parts)})"
 
@@ -222,13 +234,16 @@ class ReductionSettings:
         """The pipeline's methods that read the CLS token's attention in the tower."""
         return tuple(method.name for method, _ in self._methods if CLS_ATTENTION in method.needs)
 
-    def plan(self, image_tokens: int, num_layers: int, grid: tuple[int, int] | None = None) -> Plan:
-        """The stages for a model with `image_tokens` per image (on a `grid` of rows x cols, where they form one) and
-        `num_layers` decoder layers; raises, naming the argument, on budgets or layers the model cannot take."""
+    def plan(self, image_tokens: int, num_layers: int, grid: tuple[int, int] | None = None,
+             tiles: tuple[tuple[int, int], ...] | None = None, views: int = 1) -> Plan:
+        """The stages for a model with `image_tokens` per image (on a `grid` of rows x cols, where they form one; on the
+        grids `tiles`, in token order, where they form several) of `views` tiles (views of the tower) and `num_layers`
+        decoder layers; raises, naming the argument, on budgets or layers the model cannot take."""
         stages, available, after = [], image_tokens, 0
+        budget = self.budget.per_image_of(views) if self.budget_per == "tile" else self.budget
         for method, args in self._methods:
-            request = StageRequest(self.budget if method.name == self._budget_owner else None, available, image_tokens,
-                                   grid, num_layers, after, self.stage_positions)
+            request = StageRequest(budget if method.name == self._budget_owner else None, available, image_tokens,
+                                   grid, num_layers, after, self.stage_positions, tiles, views)
             for stage in method.plan(args, request):
                 if isinstance(stage, LayerStage):
                     if stage.keep > available:

@@ -354,9 +354,10 @@ def test_the_tiled_7b_shapes_write_and_load_as_tiled_bench_models(tmp_path, monk
 
 
 def test_the_tiny_tiled_benches_run_the_rows_each_family_plans_on_each_image_s_own_tokens(tmp_path):
-    """A quick bench of the tiny LLaVA-NeXT and LLaVA-OneVision (no pass): the rows their family plans (no pooling,
-    VisionZip or VisionDrop on tiles), and what each of their 3 layers computed on, counted from the processor: its
-    placeholders for the full-tile image less one newline per row of the tile grid."""
+    """A quick bench of the tiny LLaVA-NeXT and LLaVA-OneVision (no pass): the rows their family plans (pooling at 25%:
+    stride 2 on the base view and the tile grid; VisionZip on NeXT's CLIP views only; no VisionDrop on tiles), and what
+    each of their 3 layers computed on, counted from the processor: its placeholders for the full-tile image less one
+    newline per row of the tile grid."""
     from lmms_simignore.bench.flops import DecoderShape, prefill_flops
     from lmms_simignore.bench.speed import run_bench
     from lmms_simignore.testbed.tiny import build_tokenizer
@@ -369,8 +370,10 @@ def test_the_tiny_tiled_benches_run_the_rows_each_family_plans_on_each_image_s_o
                   "llava_onevision-tiny": (build_onevision_processor(tokenizer), 3)}
     report = run_bench(tmp_path, models=tuple(processors), quick=True, pass_prompts=0, device="cpu", echo=lambda line: None)
     assert list(report["models"]) == list(processors) and "scienceqa_pass" not in report
-    expected_rows = ["none", "simignore_drop_50", "simignore_mask_50", "random_drop_50", "fastv_50", "dart_50",
-                     "simignore_drop_25", "simignore_mask_25", "random_drop_25", "fastv_25", "dart_25", "pdrop", "simignore_auto"]
+    expected_rows = {name: ["none", "simignore_drop_50", "simignore_mask_50", "random_drop_50", "fastv_50", *zipped[0],
+                            "dart_50", "simignore_drop_25", "simignore_mask_25", "random_drop_25", "fastv_25", *zipped[1],
+                            "dart_25", "pool_25", "pdrop", "simignore_auto"]
+                     for name, zipped in (("llava_next-tiny", (["visionzip_50"], ["visionzip_25"])), ("llava_onevision-tiny", ([], [])))}
     for name, (processor, tiles) in processors.items():  # a square image of tiles x tiles tiles
         pixels = tiles * tile
         placeholders = processor._get_number_of_features(pixels, pixels, tile, tile)
@@ -383,9 +386,12 @@ def test_the_tiny_tiled_benches_run_the_rows_each_family_plans_on_each_image_s_o
         tiny = report["models"][name]
         assert (tiny["image_tokens"], tiny["layers"], tiny["batch_size"]) == (tokens, 3, 2), name
         rows = tiny["rows"]
-        assert list(rows) == expected_rows, name
-        assert not any(row.startswith(("pool", "visionzip", "visiondrop")) for row in rows)
+        assert list(rows) == expected_rows[name], name
         computed = {row: result["computed_per_layer"] for row, result in rows.items()}
+        pooled = (side // 2) ** 2 + (tiles * side // 2) ** 2  # 4 + 16 = 20; 4 + 36 = 40
+        assert computed["pool_25"] == [pooled] * 3, name
+        if name == "llava_next-tiny":  # 5 views: a fifth of 40 or 20 in each, 7 + 1 or 3 + 1
+            assert computed["visionzip_50"] == [5 * 8] * 3 and computed["visionzip_25"] == [5 * 4] * 3
         assert computed["none"] == [tokens] * 3 and rows["none"]["ideal_prefill_speedup"] == 1.0
         for percent, kept in ((50, half), (25, quarter)):
             assert computed[f"simignore_drop_{percent}"] == computed[f"random_drop_{percent}"] == [kept] * 3, name

@@ -147,7 +147,8 @@ def test_reduction_none_answers_as_lmms_eval_s_internvl_hf(internvl_models, docs
 
 @pytest.mark.parametrize("model_args", [dict(reduction="simignore", keep=0.4), dict(reduction="random", keep=0.3),
                                         dict(reduction="fastv", keep=0.5, fastv_layer=1), dict(reduction="pdrop", pdrop_layers="1/2"),
-                                        dict(reduction="dart", keep=0.3, dart_layer=1), dict(reduction="random+fastv", keep=0.6, fastv_keep=0.25)])
+                                        dict(reduction="dart", keep=0.3, dart_layer=1), dict(reduction="random+fastv", keep=0.6, fastv_keep=0.25),
+                                        dict(reduction="pool", keep=0.25), dict(reduction="random", keep=4, budget_per="tile")])
 def test_a_batch_of_four_answers_as_each_prompt_alone(internvl_models, docs, model_args):
     folder = internvl_models[0]
     args = dict(dtype="float32", **model_args)
@@ -171,7 +172,7 @@ def test_masking_and_dropping_give_the_same_answers_through_the_class(internvl_m
 
 @pytest.mark.parametrize("model_args, message", [
     (dict(reduction="visionzip", keep=32), "visionzip shortens each image inside the vision tower, .* refused on internvl"),
-    (dict(reduction="pool", keep=0.25), "image tokens per image form no grid"),
+    (dict(reduction="pool", keep=20), "pool keeps 1/s² .* of the 4 x 4 \\+ 4 x 4 .* grids: keep=208, 52"),
     (dict(reduction="random", keep=209), r"an image of 12 tiles and its thumbnail has 208 image tokens: keep=209 exceeds"),
     (dict(max_patches=0), "max_patches must be a positive integer"),
     (dict(min_patches=5, max_patches=4), "min_patches=5 exceeds max_patches=4"),

@@ -209,14 +209,23 @@ def test_the_largest_image_of_the_released_shapes_is_what_their_processors_count
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(reduction="visionzip", keep=32), "visionzip shortens each image inside the vision tower; on llava_next's tiles"),
-    (dict(reduction="pool", keep=0.25), "80 image tokens per image form no grid \\(.* tiles of several grids"),
     (dict(reduction="random", keep=81), "the largest image of this llava_next checkpoint has 80 image tokens: keep=81 exceeds"),
+    (dict(reduction="pool", keep=10), "pool keeps 1/s² .* of the 4 x 4 \\+ 8 x 8 grids: keep=80, 20"),
 ])
-def test_what_is_not_defined_on_tiles_yet_is_refused_by_name(next_models, settings, message):
+def test_a_budget_the_largest_image_cannot_take_is_refused_before_any_batch(next_models, settings, message):
     model, _, _ = next_models
     with pytest.raises(ValueError, match=message):
         llava_next.nominal_plan(model.config, ReductionSettings(**settings))
+
+
+def test_visionzip_is_refused_on_onevision_s_siglip_which_has_no_cls_token(tiled_models):
+    model = tiled_models[0]
+    if model.config.model_type == "llava_next":
+        assert llava_next.nominal_plan(model.config, ReductionSettings(reduction="visionzip", keep=40)).vision.tokens == 40
+    else:
+        with pytest.raises(ValueError, match="visionzip ranks patches by the CLS token's attention; the vision tower "
+                                             "'siglip_vision_model' has no CLS token"):
+            llava_next.nominal_plan(model.config, ReductionSettings(reduction="visionzip", keep=40))
 
 
 # -- through the lmms-eval class: llava_simignore hosts LLaVA-NeXT as lmms-eval's llava_hf does ---------------------------

@@ -40,7 +40,7 @@ def test_each_window_becomes_its_mean_read_row_major():
     features = torch.arange(16.0).reshape(1, 16, 1)  # a 4 x 4 grid holding 0..15 row-major
     assert pooled_grid(features, (4, 4), 2).flatten().tolist() == [2.5, 4.5, 10.5, 12.5]  # (0+1+4+5)/4, ...
     assert pooled_grid(features, (4, 4), 1).flatten().tolist() == list(range(16))
-    assert valid_budgets((24, 24)) == {576: 1, 144: 2, 64: 3, 36: 4, 16: 6, 9: 8, 4: 12, 1: 24}
+    assert valid_budgets(((24, 24),)) == {576: 1, 144: 2, 64: 3, 36: 4, 16: 6, 9: 8, 4: 12, 1: 24}
 
 
 def test_the_pooled_image_answers_like_transformers_on_a_prompt_written_with_it(grid_model, two_rows):

@@ -236,13 +236,17 @@ def test_llava_next_peer_rows_run_offline_on_the_fixtures_tiny_llava_next(testbe
 
     folder = build_tiny_llava_next(tmp_path / "tiny-llava_next", shape=FIXTURE_SHAPE)
     config = load_config(CONFIGS / "peers_llava_next.yaml", overrides={"pretrained": str(folder)}, tasks="scienceqa_img_local",
-                         only_rows="baseline,pdrop_320,dart_160")
+                         only_rows="baseline,pdrop_320,dart_160,visionzip_160,pool_320")
     summaries = {summary["name"]: summary["visible_per_layer"] for summary in run_sweep(
         config, tmp_path / "peers", include_path=testbed["tasks"], extra_args=("--limit", "2"), echo=lambda line: None)}
     tokens = summaries["baseline"][0]  # the task's 48 px images: their base view and grid, newlines not counted
     assert summaries["baseline"] == [tokens] * 8 and tokens > 16
     assert summaries["dart_160"] == [tokens] * 2 + [math.floor(0.0556 * tokens + 0.5)] * 6
     assert summaries["pdrop_320"][0] == tokens and len(set(summaries["pdrop_320"])) == 4
+    # a 48 px image in 48 px tiles: its base view (8 x 8) and 1 x 2 crops unpadded to its square (8 x 8), 3 views
+    assert tokens == 64 + 64
+    assert summaries["visionzip_160"] == [3 * 2] * 8  # 0.0556 of 128 tokens = 7: 2 in each of the 3 views
+    assert summaries["pool_320"] == [3 * 3 + 3 * 3] * 8  # stride 3 on each 8 x 8 grid, a partial last window per side
 
 
 def test_qwen_peer_rows_keep_the_fraction_their_name_says(geometry):

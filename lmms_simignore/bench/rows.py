@@ -67,7 +67,7 @@ def bench_rows(image_tokens: int, num_layers: int, cls_token: bool = True, grid:
     for fraction in FRACTIONS:
         keep = kept_tokens(image_tokens, fraction)
         rows += _method_rows(int(fraction * 100), keep, fastv_layer, cls_token)
-        if grid is not None and keep in valid_budgets(grid):  # pooling needs a whole stride of the image's grid
+        if grid is not None and keep in valid_budgets((grid,)):  # pooling needs a whole stride of the image's grid
             rows.append(BenchRow(f"pool_{int(fraction * 100)}", ReductionSettings(reduction="pool", keep=keep)))
     return rows + [BenchRow("pdrop", ReductionSettings(reduction="pdrop")),
                    BenchRow("simignore_auto", ReductionSettings(reduction="simignore", keep="auto"))]
@@ -79,7 +79,7 @@ def per_image_bench_rows(num_layers: int, nominal_plan: Callable[[ReductionSetti
     where the fraction is 1/s²), PyramidDrop with its defaults (where the family refuses re-packing its positions, as on
     M-RoPE: each kept token at its own, `stage_positions=original`) and Simignore's adaptive budget, those whose settings
     build and that the family plans for the model's largest image: `nominal_plan` (settings -> Plan; raises ValueError
-    on what the family refuses, such as VisionZip without a CLS token or inside tiles, or pooling tiles; VisionDrop's
+    on what the family refuses, such as VisionZip without a CLS token; VisionDrop's
     settings refuse a fraction)."""
     fastv_layer = bench_fastv_layer(num_layers)
     choices: list[tuple[str, tuple[dict, ...]]] = [("none", ({},))]  # each row's settings arguments, by preference

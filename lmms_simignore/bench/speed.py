@@ -40,6 +40,7 @@ from lmms_simignore.bench import qwen_shapes, scienceqa_pass, tiled_shapes
 from lmms_simignore.bench.flops import DecoderShape, sample_prefill_flops
 from lmms_simignore.bench.rows import BenchRow, bench_rows, per_image_bench_rows
 from lmms_simignore.markdown import table
+from lmms_simignore.methods.base import VISION
 from lmms_simignore.settings import ReductionSettings
 from lmms_simignore.testbed import tiny_llava_next
 
@@ -162,11 +163,9 @@ def _encode_chat(processor, records: list[dict]):
 
 
 def _choose_each_image(model, tokenizer, settings: ReductionSettings, inputs, prompt, texts: list[str], image_seeds: list[int]):
-    """Each image planned for its own tokens and reduced before the LLM, as the model classes of families whose images
-    have their own sizes do (`ReducingModel._reduce_each_image`)."""
-    plans = engine.image_plans(model.config, settings, prompt)
-    reduced = engine.apply_image_plans_before_llm(model, tokenizer, plans, prompt, texts, image_seeds)
-    return reduced, [plan.layers for plan in plans]
+    """Each image planned for its own tokens and reduced in the tower or before the LLM, as the model classes of
+    families whose images have their own sizes do (`engine.reduce_each_image`)."""
+    return engine.reduce_each_image(model, tokenizer, settings, prompt, texts, image_seeds)
 
 
 QWEN_IMAGE_SIZE = (1280, 960)  # (width, height) of the field's benchmark photos
@@ -213,7 +212,7 @@ def _embed_tiled(model, settings: ReductionSettings, inputs):
     (`families.llava_next.embed_prompt`)."""
     from lmms_simignore.families import llava_next
 
-    return llava_next.embed_prompt(model, inputs)
+    return llava_next.embed_prompt(model, inputs, keep_tower=bool(settings.methods_at(VISION)))
 
 
 LLAVA_FAMILY = BenchFamily("llava", _load_llava, _resized, _encode_llava, _llava_rows, _embed_llava, _choose_llava)

@@ -5,9 +5,12 @@ prompt after a choice of image tokens (masked, or dropped with their original po
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from lmms_simignore.engine.views import TowerView
 
 
 @dataclass
@@ -42,6 +45,21 @@ class PromptEmbeddings:
     # the model's positions for this batch with images of other grids (a shorter image): (is_image (B, L) bool,
     # attention_mask (B, L), grids (I, 2)) -> (B, L, 3); the family adapter's, for multimodal rotary positions only
     positions_for: Callable | None = None
+    # (I,) tiles (views) each image was cut into, where images come in tiles (LLaVA-NeXT: the base view and the crops;
+    # InternVL: the tiles and the thumbnail); None: one each
+    image_views: torch.Tensor | None = None
+    # each image's token grids in token order, where its tokens form several (LLaVA-NeXT: the base view's, then the
+    # unpadded grid of its crops; InternVL: each tile's); None: one grid (`image_grids`) or none
+    image_tiles: tuple[tuple[tuple[int, int], ...], ...] | None = None
+    # the family's block for a shorter image of other tiles, where its images have separators between rows: (features
+    # (K, D), tiles) -> (block (M, D), is_separator (M,) bool); None: the shorter image's tokens alone
+    lay_out: Callable | None = None
+    # the vision tower's states of the batch's views, kept for a stage in the tower (`engine.views.TowerView`, with the
+    # tiling of each image); None where no such stage runs
+    tower: TowerView | None = None
+    # (I,) the last column of each image's block where separators follow its last token (LLaVA-NeXT's last newline);
+    # None: the block ends at its last token
+    image_block_ends: torch.Tensor | None = None
 
     @property
     def tokens_per_image(self) -> int:
@@ -261,6 +279,45 @@ def with_shorter_images(prompt: PromptEmbeddings, features: torch.Tensor, length
         image_grids=grids,
         positions_for=prompt.positions_for,
     )
+
+
+def with_image_blocks(prompt: PromptEmbeddings, blocks: list[torch.Tensor], separators: list[torch.Tensor],
+                      grids: torch.Tensor | None = None,
+                      tiles: tuple[tuple[tuple[int, int], ...], ...] | None = None) -> PromptEmbeddings:
+    """The prompt with each image's whole block (from its first own token to its last, or to `image_block_ends`, the
+    separators between and after them included) replaced by a new one: `blocks[i]` (M_i, D) takes the first M_i columns of image i's old block, the rest
+    leave the sequence (rows left-packed again); its image tokens are the entries not flagged in `separators[i]` (M_i,)
+    bool. So a shorter image of a model with separators (LLaVA-NeXT's newlines) stands where the image was, with its
+    separators placed anew, at contiguous 1-D positions. grids (I, 2) / tiles: the new images' grid(s), where they
+    form some."""
+    if prompt.position_ids.dim() != 2 or prompt.image_additions:
+        raise ValueError("an image block with separators is placed on 1-D positions without per-layer image additions")
+    device = prompt.attention_mask.device
+    lengths = prompt.image_lengths.tolist() if prompt.image_lengths is not None else \
+        [prompt.tokens_per_image] * prompt.image_rows.shape[0]
+    keep = prompt.attention_mask.bool().clone()  # (B, L)
+    is_image = torch.zeros_like(keep)
+    embeds = prompt.inputs_embeds.clone()
+    for index, (block, separator, length) in enumerate(zip(blocks, separators, lengths)):
+        row = int(prompt.image_rows[index])
+        first = int(prompt.image_positions[index, 0])
+        last = int(prompt.image_positions[index, length - 1] if prompt.image_block_ends is None else prompt.image_block_ends[index])
+        if len(block) > last - first + 1:
+            raise ValueError(f"image {index}'s new block of {len(block)} tokens is longer than its {last - first + 1}")
+        end = first + len(block)
+        embeds[row, first:end] = block.to(embeds.dtype)
+        is_image[row, first:end] = ~separator.to(device)
+        keep[row, end:last + 1] = False
+    source, mask, _ = left_pack(keep)  # (B, L'), (B, L')
+    batch_rows = torch.arange(keep.shape[0], device=device)[:, None]
+    mask = mask.to(prompt.attention_mask.dtype)
+    placed = place_image_features(embeds[batch_rows, source] * mask[..., None].to(embeds.dtype),
+                                  is_image[batch_rows, source] & mask.bool(),
+                                  [block[~separator.to(block.device)] for block, separator in zip(blocks, separators)],
+                                  mask, default_position_ids(mask), prompt.image_tokens, image_grids=grids,
+                                  separated=True)
+    placed.image_views, placed.image_tiles, placed.lay_out = prompt.image_views, tiles, prompt.lay_out
+    return placed
 
 
 @torch.inference_mode()

@@ -11,8 +11,8 @@ import torch
 from lmms_simignore.engine.families import check_plan_support
 from lmms_simignore.engine.prompt import (PromptEmbeddings, ReducedPrompt, build_prompt_embeddings,
                                           embed_texts, image_grid, image_tokens_per_image, reduce_prompt,
-                                          with_shorter_images)
-from lmms_simignore.engine.views import ImageTokensView, TowerView
+                                          with_image_blocks, with_shorter_images)
+from lmms_simignore.engine.views import ImageTokensView, TiledImage, TowerView
 from lmms_simignore.methods.base import VisionStage
 from lmms_simignore.settings import Plan, ReductionSettings
 
@@ -100,23 +100,56 @@ def apply_pre_llm_stage(model, tokenizer, plan: Plan, prompt: PromptEmbeddings, 
 
 
 def image_plans(config, settings: ReductionSettings, prompt: PromptEmbeddings) -> list[Plan]:
-    """The plan of each image of `prompt` on a model whose images have their own sizes (dynamic resolution): each
+    """The plan of each image of `prompt` on a model whose images have their own sizes (dynamic resolution, tiles): each
     image's budget is of its own tokens (a fraction of them; a count larger than an image's tokens is refused, naming
-    the image's size), spatial methods work on its own grid, and images of one size share one plan."""
+    the image's size; with budget_per=tile, a count per tile), spatial methods work on its own grid(s), and images of
+    one size share one plan."""
     lengths = prompt.image_lengths.tolist() if prompt.image_lengths is not None else \
         [prompt.tokens_per_image] * prompt.image_rows.shape[0]
-    grids = prompt.image_grids.tolist() if prompt.image_grids is not None else [None] * len(lengths)
+    grids = [tuple(grid) for grid in prompt.image_grids.tolist()] if prompt.image_grids is not None else [None] * len(lengths)
+    tiles = prompt.image_tiles if prompt.image_tiles is not None else [None] * len(lengths)
+    views = prompt.image_views.tolist() if prompt.image_views is not None else [1] * len(lengths)
+    keys = list(zip(lengths, grids, tiles, views))
     plans: dict[tuple, Plan] = {}
-    for length, grid in zip(lengths, grids):
-        key = (length, tuple(grid) if grid is not None else None)
+    for key in keys:
         if key not in plans:
+            length, grid, tiling, view_count = key
             try:
-                plans[key] = settings.plan(length, config.text_config.num_hidden_layers, key[1])
+                plans[key] = settings.plan(length, config.text_config.num_hidden_layers, grid, tiling, view_count)
             except ValueError as error:
-                shape = f" ({key[1][0]} x {key[1][1]})" if key[1] else ""
+                shape = f" ({grid[0]} x {grid[1]})" if grid else ""
+                shape += f" in {view_count} tiles" if view_count > 1 else ""
                 raise ValueError(f"an image of {length} tokens{shape} in this batch: {error}") from error
             check_plan_support(config, plans[key])
-    return [plans[(length, tuple(grid) if grid is not None else None)] for length, grid in zip(lengths, grids)]
+    return [plans[key] for key in keys]
+
+
+@torch.inference_mode()
+def apply_vision_stages_to_views(model, prompt: PromptEmbeddings, plans: list[Plan]) -> PromptEmbeddings:
+    """Each image's plan's stage in the tower, on a prompt whose images the tower saw as several views
+    (`prompt.tower`: a `TowerView` with its tiling): each image's views shortened and arranged by the stage
+    (`VisionStage.shorten_views`), projected, and placed as the image's whole block (its separators leave; the
+    arrangement is the method's), at contiguous positions. Images of one plan are shortened together."""
+    groups: dict[int, list[int]] = {}
+    for index, plan in enumerate(plans):
+        groups.setdefault(id(plan), []).append(index)
+    tower, blocks = prompt.tower, [None] * len(plans)
+    for indices in groups.values():
+        stage = plans[indices[0]].vision
+        if stage.shorten_views is None:
+            raise ValueError(f"{stage.method} has no version for images the tower sees in several views (tiles)")
+        parts = [tower.tiling[i] for i in indices]
+        views = torch.cat([torch.arange(part.views.start, part.views.stop) for part in parts]).to(tower.states[0].device)
+        starts = [0, *torch.tensor([part.views.stop - part.views.start for part in parts]).cumsum(0).tolist()]
+        tiling = tuple(TiledImage(slice(start, stop), part.crop_rows, part.crop_cols)
+                       for part, start, stop in zip(parts, starts, starts[1:]))
+        view = TowerView(tuple(states[views] for states in tower.states), tower.feature_index, tower.layers, tiling)
+        for index, tokens in zip(indices, stage.shorten_views(view)):
+            blocks[index] = model.model.multi_modal_projector(tokens)
+    separators = [torch.zeros(len(block), dtype=torch.bool, device=block.device) for block in blocks]
+    shorter = with_image_blocks(prompt, blocks, separators)
+    shorter.image_views, shorter.lay_out = None, None
+    return shorter
 
 
 @torch.inference_mode()
@@ -176,8 +209,37 @@ def _with_shorter_images(prompt: PromptEmbeddings, choices: list) -> ReducedProm
         for addition, level in zip(additions, prompt.image_additions):
             addition[images, :count] = shorter.same(level[images, : plan.image_tokens]).to(addition.dtype)
     has_grids = all(shorter.grid is not None for _, _, shorter in choices)
-    shorter_prompt = with_shorter_images(prompt, features, lengths, grids if has_grids else None, tuple(additions))
+    if prompt.lay_out is not None:  # separators between the image's rows: the family lays out each shorter image
+        shorter_prompt = _with_laid_out_images(prompt, choices, features, lengths, grids if has_grids else None)
+    else:
+        shorter_prompt = with_shorter_images(prompt, features, lengths, grids if has_grids else None, tuple(additions))
     return reduce_prompt(shorter_prompt, every_image_token(shorter_prompt), "drop")
+
+
+def _with_laid_out_images(prompt: PromptEmbeddings, choices: list, features: torch.Tensor, lengths: torch.Tensor,
+                          grids: torch.Tensor | None) -> PromptEmbeddings:
+    """The prompt with each image's block replaced by its shorter image laid out by the family (`prompt.lay_out`: the
+    shorter image's tokens with separators placed anew for its tiles)."""
+    tiles: list = [None] * features.shape[0]
+    for images, _, shorter in choices:
+        for image in images.tolist():
+            tiles[image] = shorter.tiles
+    blocks, separators = zip(*(prompt.lay_out(features[image, : int(lengths[image])], tiles[image])
+                               for image in range(features.shape[0])))
+    return with_image_blocks(prompt, list(blocks), list(separators), grids,
+                             tuple(tiles) if all(tile is not None for tile in tiles) else None)
+
+
+def reduce_each_image(model, tokenizer, settings: ReductionSettings, prompt: PromptEmbeddings, comparison_texts: list[str],
+                      image_seeds: list[int]) -> tuple[ReducedPrompt, list]:
+    """A prompt of a family whose images have their own sizes (embedded by its adapter) -> the prompt the first decoder
+    layer gets and one tuple of in-LLM stages per image: each image planned for its own tokens (`image_plans`), then
+    reduced in the tower (on the views `prompt.tower` kept) or before the LLM."""
+    plans = image_plans(model.config, settings, prompt)
+    if any(plan.vision is not None for plan in plans):
+        prompt = apply_vision_stages_to_views(model, prompt, plans)
+    reduced = apply_image_plans_before_llm(model, tokenizer, plans, prompt, comparison_texts, image_seeds)
+    return reduced, [plan.layers for plan in plans]
 
 
 def prepare_reduced_prompt(model, tokenizer, plan: Plan, inputs, comparison_texts: list[str], image_seeds: list[int],

@@ -12,17 +12,29 @@ import torch
 from lmms_simignore.engine.attention import attention_received, last_token_attention, layer_key_norms, vision_layer_attention
 
 
+@dataclass(frozen=True)
+class TiledImage:
+    """Where one image's views stand in a `TowerView`'s batch of views: `views` (a slice) the base view, then
+    crop_rows x crop_cols crops, row-major (LLaVA-NeXT's anyres)."""
+
+    views: slice
+    crop_rows: int
+    crop_cols: int
+
+
 @dataclass
 class TowerView:
     """The vision tower's states of a batch's images, for a stage in the tower.
 
     states: the tower's hidden states (embeddings, then each layer's output), each (I, T, D); feature_index: which of
-    them the model projects; layers: the tower's encoder layers.
+    them the model projects; layers: the tower's encoder layers; tiling: one `TiledImage` per image where the tower saw
+    each image as several views (then I counts views), else None.
     """
 
     states: tuple[torch.Tensor, ...]
     feature_index: int
     layers: object
+    tiling: tuple[TiledImage, ...] | None = None
 
     @property
     def feature_states(self) -> torch.Tensor:

@@ -28,9 +28,11 @@ FINGERPRINT_ROWS = {  # model_args of each row on the tiny models' 3 decoder lay
     "pool": dict(reduction="pool", keep=0.25),
     "random+fastv": dict(reduction="random+fastv", keep=0.6, fastv_layer=2, fastv_keep=0.25),
 }
-# the tiled LLaVA families (1-D positions): PyramidDrop with its own position rule; pooling is not defined on tiles yet
-TILED_ROWS = {name: args for name, args in FINGERPRINT_ROWS.items() if name != "pool"} | {
-    "pdrop": dict(reduction="pdrop", pdrop_layers="1/2")}
+# the tiled families (1-D positions): PyramidDrop with its own position rule, pooling on each grid of an image, a budget
+# per tile; VisionZip on LLaVA-NeXT's views (its CLIP tower has a CLS token)
+TILED_ROWS = FINGERPRINT_ROWS | {"pdrop": dict(reduction="pdrop", pdrop_layers="1/2"),
+                                 "random_per_tile": dict(reduction="random", keep=3, budget_per="tile")}
+CLS_ROWS = {"visionzip": dict(reduction="visionzip", keep=0.3)}
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 TILED_FAMILIES = ("llava_next", "llava_onevision", "internvl")
 IMAGE_SIZES = [(48, 48), (120, 64), (64, 150), (200, 90), (40, 220), (90, 90)]  # width x height: each image its own grid
@@ -86,7 +88,7 @@ def family_fingerprints(folder: str | Path, family: str) -> dict:
     if family == "internvl":
         model_class, rows, loading = InternVLSimignoreChat, TILED_ROWS, {}
     elif family in TILED_FAMILIES:
-        model_class, rows, loading = LlavaSimignore, TILED_ROWS, {}
+        model_class, rows, loading = LlavaSimignore, TILED_ROWS | (CLS_ROWS if family == "llava_next" else {}), {}
     else:
         model_class = {"qwen2_vl": Qwen2VLSimignore, "qwen2_5_vl": Qwen2_5_VLSimignore, "qwen3_vl": Qwen3VLSimignore}[family]
         rows, loading = FINGERPRINT_ROWS, SMALL_IMAGES

@@ -3,11 +3,14 @@
 The processor cuts an image into 1..max_patches tiles (row-major, plus a thumbnail last when there are several) and
 writes `<img>` + `<IMG_CONTEXT>` x 256 per tile + `</img>`: one run of context tokens per image, no separator between its
 tiles. The model's `get_image_features` gives 256 tokens per tile (InternViT, its CLS dropped, pixel-shuffled 2 x 2 and
-projected), which go to the context tokens in order. So an image is its tiles' tokens, 256 x tiles, and every budget is
-per image over all of them; positions are the 1-D ones of the sequence (a dropped token leaves a gap).
+projected), which go to the context tokens in order. So an image is its tiles' tokens, 256 x tiles (`image_tiles`: a
+16 x 16 grid each, which pooling pools on its own), and every budget is per image over all of them (budget_per=tile:
+per tile); positions are the 1-D ones of the sequence (a dropped token leaves a gap).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -47,7 +50,13 @@ def embed_prompt(model, inputs) -> PromptEmbeddings:
             raise ValueError(f"input_ids hold runs of {runs} image tokens but pixel_values give {tiles.shape[0]} tiles of "
                              f"{tiles.shape[1]} tokens")
         image_features = list(tiles.flatten(0, 1).split(runs))  # one (tiles_i * n, D) per image
-    return place_image_features(inputs_embeds, is_image, image_features, attention_mask, default_position_ids(attention_mask))
+    prompt = place_image_features(inputs_embeds, is_image, image_features, attention_mask, default_position_ids(attention_mask))
+    if image_features:
+        side = math.isqrt(tiles.shape[1])
+        counts = [run // tiles.shape[1] for run in runs]
+        prompt.image_tiles = tuple(((side, side),) * count for count in counts)  # each tile its own grid
+        prompt.image_views = torch.tensor(counts, device=attention_mask.device)
+    return prompt
 
 
 def largest_image_tokens(config, max_patches: int) -> int:
@@ -59,8 +68,10 @@ def nominal_plan(config, settings: ReductionSettings, max_patches: int) -> Plan:
     """The settings' stages for the largest image (`max_patches` tiles + thumbnail), so that bad budgets, layers and
     methods fail before any weights load; each batch's images are then planned for their own sizes."""
     tokens = largest_image_tokens(config, max_patches)
+    side = math.isqrt(config.image_seq_length)
     try:
-        plan = settings.plan(tokens, config.text_config.num_hidden_layers, None)
+        plan = settings.plan(tokens, config.text_config.num_hidden_layers, None, ((side, side),) * (max_patches + 1),
+                             max_patches + 1)
     except ValueError as error:
         raise ValueError(f"an image of {max_patches} tiles and its thumbnail has {tokens} image tokens: {error}") from error
     if plan.vision is not None:

@@ -28,7 +28,7 @@ POSITION_RULES = ("original", "repacked", "contiguous")
 CLS_ATTENTION = "the CLS token's attention in the tower's feature layer"
 # the settings every pipeline has (not a method's): the pipeline, its budget, how a pre-LLM stage hides tokens, the seed
 # of random choices, and the position rule after in-LLM stages
-COMMON_ARGUMENTS = ("reduction", "keep", "ignore", "apply", "seed", "stage_positions")
+COMMON_ARGUMENTS = ("reduction", "keep", "ignore", "apply", "seed", "stage_positions", "budget_per")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,12 @@ class Budget:
 
     def describe(self) -> str:
         return f"keep={self.keep}, ignore={self.ignore}"
+
+    def per_image_of(self, tiles: int) -> Budget:
+        """This budget given per tile, as the budget of an image of `tiles` tiles: a count (or `ignore`) times the tiles;
+        a fraction and `auto` as they are."""
+        scale = lambda value: value * tiles if isinstance(value, int) and not isinstance(value, bool) else value  # noqa: E731
+        return Budget(scale(self.keep), scale(self.ignore))
 
     def count(self, image_tokens: int) -> int:
         """Tokens per image this budget keeps of the model's `image_tokens`."""
@@ -94,7 +100,9 @@ class StageRequest:
     budget: as in `PipelineContext`; available: image tokens per image entering the method's first stage;
     image_tokens: the model's image tokens per image (fractions are of this); grid: (rows, cols) of each image's tokens
     where they form one grid, else None; num_layers: decoder layers; after_layer: the layer of the in-LLM stage before
-    (0 without one: a stage's layer must be larger); positions: stage_positions, when given (else the method's rule).
+    (0 without one: a stage's layer must be larger); positions: stage_positions, when given (else the method's rule);
+    tiles: the grids an image's tokens form in token order, where they form several (a tiled image), else None;
+    views: the tiles (views) the tower saw of each image (LLaVA-NeXT: the base view and its crops), 1 for most models.
     """
 
     budget: Budget | None
@@ -104,16 +112,26 @@ class StageRequest:
     num_layers: int
     after_layer: int = 0
     positions: str | None = None
+    tiles: tuple[tuple[int, int], ...] | None = None
+    views: int = 1
+
+    @property
+    def grids(self) -> tuple[tuple[int, int], ...] | None:
+        """The grids of an image's tokens in token order (one where they form one), or None where they form none."""
+        return self.tiles if self.tiles is not None else (None if self.grid is None else (self.grid,))
 
 
 @dataclass(frozen=True)
 class VisionStage:
     """A stage in the vision tower: `shorten(view: TowerView) -> (I, tokens, D_tower)`, which the engine projects
-    and places where the image was, at contiguous positions."""
+    and places where the image was, at contiguous positions. On images the tower sees as several views (LLaVA-NeXT's
+    base view and crops, `TowerView.tiling`): `shorten_views(view) -> [(tokens, D_tower)]`, each image's views shortened
+    and arranged as the method's authors do for such images; None where they have no such version (refused there)."""
 
     method: str
     tokens: int
     shorten: Callable
+    shorten_views: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -134,11 +152,14 @@ class ShorterImage:
     """What a stage that replaces each image returns: `features` (I, K, D), the shorter image's tokens; `grid` (rows,
     cols) of those K tokens, row-major, where they form one (a model with multimodal rotary positions places the
     shorter image on it, as it would place an image of that grid); `same((I, N, D')) -> (I, K, D')`: the same reduction
-    applied to other rows of each image's tokens (Qwen3-VL's DeepStack levels), None where the stage has none."""
+    applied to other rows of each image's tokens (Qwen3-VL's DeepStack levels), None where the stage has none; `tiles`:
+    the grids of the K tokens in token order, where the image's tokens formed several (a tiled image's, each shortened
+    on its own), which the family lays out with its separators."""
 
     features: torch.Tensor
     grid: tuple[int, int] | None = None
     same: Callable | None = None
+    tiles: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """Pooling: the plain downsampling baseline the field's benchmarks compare (UniPruneBench's "Pool", VTC-Bench's
 "downsample", which beats most compression methods in their measurements).
 
-After the projector, each image's grid of tokens (24 x 24 on LLaVA-1.5; each image's own on Qwen-VL) is average-pooled
-with kernel = stride = s and read out row-major: a shorter image that stands where the image was, at contiguous
+After the projector, each image's grid of tokens (24 x 24 on LLaVA-1.5; each image's own on Qwen-VL; on a tiled image
+each of its grids on its own: InternVL's 16 x 16 per tile, LLaVA-NeXT's base view and the unpadded grid of its crops as
+the model packs them, its newlines then placed after each pooled row) is average-pooled with kernel = stride = s and
+read out row-major: a shorter image that stands where the image was, at contiguous
 positions (as VisionZip's shorter image; on models with multimodal rotary positions, at the positions the model gives an
 image of the pooled grid). `keep=1/s²` (0.25, 0.111, 0.0625) pools with stride s on any grid: where s does not divide a
 side, the last window of that side is partial, the mean of the tokens it covers (ceil mode), so an image of r x c
@@ -46,11 +48,11 @@ def pooled_grid(features: torch.Tensor, grid: tuple[int, int], stride: int) -> t
     return pooled.flatten(2).transpose(1, 2)  # (I, K, D)
 
 
-def valid_budgets(grid: tuple[int, int]) -> dict[int, int]:
-    """{tokens kept per image: stride} for every whole stride of the grid (the stride dividing both sides)."""
-    rows, cols = grid
-    return {(rows // stride) * (cols // stride): stride for stride in range(1, min(rows, cols) + 1)
-            if rows % stride == 0 and cols % stride == 0}
+def valid_budgets(grids: tuple[tuple[int, int], ...]) -> dict[int, int]:
+    """{tokens kept per image: stride} for every whole stride of an image's grids (a stride dividing every side)."""
+    smallest = min(min(grid) for grid in grids)
+    return {sum((rows // stride) * (cols // stride) for rows, cols in grids): stride for stride in range(1, smallest + 1)
+            if all(rows % stride == 0 and cols % stride == 0 for rows, cols in grids)}
 
 
 def stride_of_fraction(keep) -> int | None:
@@ -61,20 +63,29 @@ def stride_of_fraction(keep) -> int | None:
     return stride if abs(keep * stride * stride - 1) <= 0.01 else None
 
 
-def stride_for(budget: Budget, grid: tuple[int, int]) -> int:
-    """The stride a budget pools an image of `grid` with: a fraction 1/s² gives s; a count must be a whole stride's."""
+def stride_for(budget: Budget, grids: tuple[tuple[int, int], ...]) -> int:
+    """The stride a budget pools an image of `grids` with (one grid, or a tiled image's grids, each pooled on its own):
+    a fraction 1/s² gives s; a count must be a whole stride's."""
     stride = stride_of_fraction(budget.keep)
     if stride is not None:
         return stride
-    keep = budget.count(grid[0] * grid[1])
-    budgets = valid_budgets(grid)
+    keep = budget.count(sum(rows * cols for rows, cols in grids))
+    budgets = valid_budgets(grids)
     if keep not in budgets:
         nearest = sorted(budgets, key=lambda valid: (abs(valid - keep), valid))[:2]
+        shape = " + ".join(f"{rows} x {cols}" for rows, cols in grids)
         raise ValueError(f"pool keeps 1/s² of each image (keep=0.25: stride 2, 0.111: 3, 0.0625: 4; a partial last window "
                          f"where s does not divide a side) or (rows / s) x (cols / s) tokens for a whole stride s of the "
-                         f"{grid[0]} x {grid[1]} grid: keep={', '.join(map(str, sorted(budgets, reverse=True)))}; got "
-                         f"keep={keep}, nearest valid: {' or '.join(map(str, nearest))}")
+                         f"{shape} grid{'s' if len(grids) > 1 else ''}: keep={', '.join(map(str, sorted(budgets, reverse=True)))}; "
+                         f"got keep={keep}, nearest valid: {' or '.join(map(str, nearest))}")
     return budgets[keep]
+
+
+def pooled_tiles(features: torch.Tensor, grids: tuple[tuple[int, int], ...], stride: int) -> torch.Tensor:
+    """Each of an image's grids pooled on its own (`pooled_grid`), in order: (I, N, D) with N = the grids' tokens ->
+    (I, K, D), K = the pooled grids' tokens."""
+    sizes = [rows * cols for rows, cols in grids]
+    return torch.cat([pooled_grid(part, grid, stride) for part, grid in zip(features.split(sizes, dim=1), grids)], dim=1)
 
 
 # -- declaration -----------------------------------------------------------------------------------------------------
@@ -90,19 +101,22 @@ def _check(args: PoolArguments, context: PipelineContext) -> None:
 
 
 def _plan(args: PoolArguments, request: StageRequest) -> tuple[PreLLMStage]:
-    if request.grid is None or request.available != request.image_tokens:
+    grids = request.grids
+    if grids is None or request.available != request.image_tokens:
         raise ValueError(f"pool averages each image's grid of tokens; this model's {request.available} image tokens per "
-                         f"image form no grid (a CLS token kept, a patch dropped, tiles of several grids, or a shorter image "
-                         f"from a stage before)")
-    stride = stride_for(request.budget, request.grid)
-    rows, cols = pooled_size(request.grid, stride)
-    return (PreLLMStage("pool", rows * cols, partial(_pool, request.grid, stride), replaces=True),)
+                         f"image form no grid (a CLS token kept, a patch dropped, or a shorter image from a stage before)")
+    stride = stride_for(request.budget, grids)
+    pooled = tuple(pooled_size(grid, stride) for grid in grids)
+    return (PreLLMStage("pool", sum(rows * cols for rows, cols in pooled), partial(_pool, grids, stride), replaces=True),)
 
 
-def _pool(grid: tuple[int, int], stride: int, view) -> ShorterImage:
-    """Each image's pooled grid, and the same pooling for other rows of its tokens; view: `engine.views.ImageTokensView`."""
-    same = partial(pooled_grid, grid=grid, stride=stride)
-    return ShorterImage(same(view.image_features), pooled_size(grid, stride), same)
+def _pool(grids: tuple[tuple[int, int], ...], stride: int, view) -> ShorterImage:
+    """Each image's pooled grid(s), and the same pooling for other rows of its tokens; view:
+    `engine.views.ImageTokensView`."""
+    same = partial(pooled_tiles, grids=grids, stride=stride)
+    pooled = tuple(pooled_size(grid, stride) for grid in grids)
+    tiled = len(grids) > 1
+    return ShorterImage(same(view.image_features), None if tiled else pooled[0], same, pooled if tiled else None)
 
 
 METHOD = Method(
@@ -118,7 +132,7 @@ METHOD = Method(
            "(rows / s) · (cols / s) for a whole stride (on 24 × 24: 576, 144, 64, 36, 16, 9, 4, 1); others are refused "
            "naming the nearest",
     positions="contiguous",
-    needs=("projected image tokens on one grid per image",),
+    needs=("projected image tokens on a grid per image, or per tile of a tiled image",),
     refuses="towers whose tokens form no grid (a CLS token kept); apply=mask",
     check=_check,
     plan=_plan,

@@ -181,7 +181,7 @@ METHOD = Method(
            "schedule scaled)",
     positions="contiguous then repacked",
     needs=(CLS_ATTENTION, "the next layer's attention from the image's tokens at each LLM stage"),
-    refuses="towers without a CLS token (SigLIP)",
+    refuses="towers without a CLS token (SigLIP); tiled images (its released LLM stages cover LLaVA-1.5's one view)",
     check=_check,
     plan=_plan,
     own_budget=("visiondrop_schedule",),

@@ -14,6 +14,7 @@ places the result in the prompt.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -96,6 +97,14 @@ def visionzip_tokens(
     layer's attention, summed over heads; keys: (I, T, d) that layer's keys averaged over heads.
     Returns: (I, dominant + contextual, D).
     """
+    return visionzip_tokens_and_dominant(hidden, cls_attention, keys, dominant, contextual)[0]
+
+
+def visionzip_tokens_and_dominant(
+    hidden: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`visionzip_tokens`, and which tower tokens are the dominant ones: (I, dominant + contextual, D), (I, dominant)
+    indices into T, ascending (the CLS token, 0, first)."""
     kept = dominant_indices(cls_attention, dominant)  # (I, dominant)
     images, tokens, _ = hidden.shape
     rest = torch.ones(images, tokens, dtype=torch.bool, device=hidden.device)
@@ -106,15 +115,46 @@ def visionzip_tokens(
     merged = merge_contextual(hidden.gather(1, gather.expand(-1, -1, hidden.shape[-1])),
                               keys.gather(1, gather.expand(-1, -1, keys.shape[-1])), contextual)  # (I, C, D)
     dominant_hidden = hidden.gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1]))  # (I, dominant, D)
-    return torch.cat([dominant_hidden, merged], dim=1)
+    return torch.cat([dominant_hidden, merged], dim=1), kept
+
+
+def crops_in_raster_order(patches: torch.Tensor, crop_rows: int, crop_cols: int, side: int) -> torch.Tensor:
+    """The order in which the patches of a grid of crops come when the crops are stitched into one
+    (crop_rows * side) x (crop_cols * side) grid and read row by row.
+
+    patches: (crop_rows * crop_cols, P) each crop's patch indices into its own side x side grid, crops row-major.
+    Returns: (crop_rows * crop_cols * P,) a permutation of the flattened `patches`.
+    """
+    crop = torch.arange(patches.shape[0], device=patches.device)[:, None]  # (n, 1)
+    row = (crop // crop_cols) * side + patches // side  # (n, P) row in the stitched grid
+    column = (crop % crop_cols) * side + patches % side
+    return torch.sort((row * crop_cols * side + column).flatten(), stable=True).indices
+
+
+def tiled_image_tokens(views: torch.Tensor, dominant_index: torch.Tensor, dominant: int, crop_rows: int, crop_cols: int,
+                       side: int) -> torch.Tensor:
+    """One image's tokens as VisionZip's LLaVA-NeXT code packs its views (no unpadding, no newline tokens): the base
+    view's tokens as they are (CLS, dominant patches, contextual), then the crops' dominant patches in raster order over
+    the stitched grid of crops, then each crop's CLS token, then each crop's contextual tokens, crop by crop.
+
+    views: (V, dominant + contextual, D) each view's tokens after `visionzip_tokens`, the base view first, then the
+    crop_rows x crop_cols crops row-major; dominant_index: (V, dominant) which tower tokens are each view's dominant ones
+    (CLS first). Returns: (V * (dominant + contextual), D).
+    """
+    crops = views[1:]  # (n, dominant + contextual, D)
+    patches = crops[:, 1:dominant].flatten(0, 1)  # (n * (dominant - 1), D)
+    order = crops_in_raster_order(dominant_index[1:, 1:] - 1, crop_rows, crop_cols, side)
+    return torch.cat([views[0], patches[order], crops[:, 0], crops[:, dominant:].flatten(0, 1)])
 
 
 # -- declaration -----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class VisionZipArguments:
-    dominant: int | None = argument(None, "VisionZip's budget per image instead of `keep`: the dominant tokens, the CLS "
+    dominant: int | None = argument(None, "VisionZip's budget per view of the tower instead of `keep` (an image is one "
+                                    "view; LLaVA-NeXT's base view and crops are one each): the dominant tokens, the CLS "
                                     "token included (its LLaVA-1.5 settings: 54 / 108 / 162)")
-    contextual: int | None = argument(None, "with `dominant`: the merged contextual tokens (its settings: 10 / 20 / 30)")
+    contextual: int | None = argument(None, "with `dominant`: the merged contextual tokens per view (its settings: "
+                                      "10 / 20 / 30)")
 
     def __post_init__(self) -> None:
         if self.dominant is not None:
@@ -135,14 +175,21 @@ def check_budget(method: str, args: VisionZipArguments, context: PipelineContext
 
 
 def vision_budget(args: VisionZipArguments, request: StageRequest) -> tuple[int, int]:
-    """(dominant, contextual) tokens per image; together at most the model's image tokens."""
+    """(dominant, contextual) tokens per view of the tower (each image is one view, except a tiled image's base view
+    and crops, LLaVA-NeXT's: each view gets the image's budget divided evenly among its views, rounded down, as VisionZip
+    gives each of its 5 views 108 + 20 of 640); together at most the image's tokens."""
     if args.dominant is not None:
         dominant, contextual = args.dominant, args.contextual
     else:
-        dominant, contextual = split_budget(request.budget.count(request.image_tokens))
-    if dominant + contextual > request.image_tokens:
-        raise ValueError(f"visionzip keeps dominant={dominant} + contextual={contextual} tokens per image, more than the "
-                         f"model's {request.image_tokens} image tokens")
+        retained = request.budget.count(request.image_tokens)
+        if retained < request.views:
+            raise ValueError(f"visionzip keeps at least the CLS token of each view: keep={retained} is less than this "
+                             f"image's {request.views} views (the base view and its crops)")
+        dominant, contextual = split_budget(retained // request.views)
+    if (dominant + contextual) * request.views > request.image_tokens:
+        views = f" in each of its {request.views} views" if request.views > 1 else ""
+        raise ValueError(f"visionzip keeps dominant={dominant} + contextual={contextual} tokens per image{views}, more "
+                         f"than the model's {request.image_tokens} image tokens")
     return dominant, contextual
 
 
@@ -152,9 +199,21 @@ def shorten_in_tower(dominant: int, contextual: int, view) -> torch.Tensor:
     return visionzip_tokens(view.feature_states, cls_attention.sum(dim=1), keys.mean(dim=1), dominant, contextual)
 
 
+def shorten_views_in_tower(dominant: int, contextual: int, view) -> list[torch.Tensor]:
+    """Each tiled image's tokens, (V_i * (dominant + contextual), D) in the tower's space: every view shortened on its
+    own, then packed as `tiled_image_tokens`; view: `engine.views.TowerView` with its `tiling`."""
+    cls_attention, keys = view.feature_attention()  # (V, H, T), (V, H, T, d)
+    tokens, kept = visionzip_tokens_and_dominant(view.feature_states, cls_attention.sum(dim=1), keys.mean(dim=1),
+                                                 dominant, contextual)
+    side = math.isqrt(view.feature_states.shape[1] - 1)  # patches along a view's side (the CLS token aside)
+    return [tiled_image_tokens(tokens[image.views], kept[image.views], dominant, image.crop_rows, image.crop_cols, side)
+            for image in view.tiling]
+
+
 def _plan(args: VisionZipArguments, request: StageRequest) -> tuple[VisionStage]:
     dominant, contextual = vision_budget(args, request)
-    return (VisionStage("visionzip", dominant + contextual, partial(shorten_in_tower, dominant, contextual)),)
+    return (VisionStage("visionzip", (dominant + contextual) * request.views, partial(shorten_in_tower, dominant, contextual),
+                        partial(shorten_views_in_tower, dominant, contextual)),)
 
 
 METHOD = Method(
@@ -165,14 +224,17 @@ METHOD = Method(
             "*contextual* tokens (every (rest ÷ contextual)-th is a target, each other joins the target whose "
             "head-averaged key is most cosine-similar; a contextual token = target + mean of those that joined). The "
             "image becomes dominant (in order) + contextual tokens, a shorter image at contiguous positions, as "
-            "VisionZip's LLaVA code feeds it",
+            "VisionZip's LLaVA code feeds it; on LLaVA-NeXT each view (base view, crops) on its own, packed as its "
+            "LLaVA-NeXT code packs them (base view, crops' dominant tokens in raster order over the stitched crops, "
+            "crops' CLS, crops' contextual; no unpadding, no newlines)",
     places=(VISION,),
     arguments=VisionZipArguments,
-    budget="`keep` per image (split as VisionZip's 64 = 54 + 10, i.e. 5/32 contextual) or `dominant` + `contextual` "
-           "(the CLS token counts as dominant)",
+    budget="`keep` per image (split as VisionZip's 64 = 54 + 10, i.e. 5/32 contextual; on LLaVA-NeXT divided evenly "
+           "among the image's views: 640 = 5 × (108 + 20)) or `dominant` + `contextual` per view (the CLS token counts "
+           "as dominant)",
     positions="contiguous",
     needs=(CLS_ATTENTION, "keys of the tower's feature layer"),
-    refuses="towers without a CLS token (SigLIP)",
+    refuses="towers without a CLS token (SigLIP: OneVision); InternVL (no version by its authors)",
     check=lambda args, context: check_budget("visionzip", args, context),
     plan=_plan,
     own_budget=("dominant", "contextual"),

@@ -204,13 +204,10 @@ class ReducingModel(lmms):
 
     def _reduce_each_image(self, embed_prompt, batch: list[PromptRequest], inputs) -> tuple[engine.ReducedPrompt, list]:
         """`_reduce` for a family whose images have their own sizes: embedded by the family's `embed_prompt(model,
-        inputs)`, each image planned for its own tokens (`engine.image_plans`) and reduced before the LLM; one tuple of
-        in-LLM stages per image."""
-        prompt = embed_prompt(self._model, inputs)
-        plans = engine.image_plans(self.config, self.settings, prompt)
-        reduced = engine.apply_image_plans_before_llm(self._model, self.tokenizer, plans, prompt,
-                                                      [request.comparison_text for request in batch], self._image_seeds(batch))
-        return reduced, [plan.layers for plan in plans]
+        inputs)`, each image planned for its own tokens (`engine.image_plans`) and reduced in the tower (on the views
+        `embed_prompt` kept) or before the LLM; one tuple of in-LLM stages per image."""
+        return engine.reduce_each_image(self._model, self.tokenizer, self.settings, embed_prompt(self._model, inputs),
+                                        [request.comparison_text for request in batch], self._image_seeds(batch))
 
     def _comparison_text(self, doc: dict, user_text: str, task: str) -> str:
         """The text Simignore compares image tokens with: the doc's answer options, or the user prompt."""

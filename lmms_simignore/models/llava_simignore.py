@@ -8,6 +8,7 @@ generation happens in `lmms_simignore.engine`.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import torch
 from loguru import logger
@@ -210,7 +211,8 @@ class LlavaSimignore(ReducingModel):
 
     def _reduce(self, batch: list[PromptRequest], inputs) -> tuple[engine.ReducedPrompt, tuple | list]:
         if self.tiled:
-            return self._reduce_each_image(llava_next.embed_prompt, batch, inputs)
+            return self._reduce_each_image(partial(llava_next.embed_prompt, keep_tower=self.plan.vision is not None),
+                                           batch, inputs)
         reduced = engine.prepare_reduced_prompt(
             self._model, self.tokenizer, self.plan, inputs, [request.comparison_text for request in batch], self._image_seeds(batch)
         )

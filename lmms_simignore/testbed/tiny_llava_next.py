@@ -19,8 +19,9 @@ from lmms_simignore.testbed.tiny import TinyLlavaShape, build_tokenizer, tiny_cl
 
 NEXT_SHAPE = TinyLlavaShape(image_size=24, patch_size=6)
 # the offline fixtures' (`python -m lmms_simignore fixtures DIR --llava-next`): 8 decoder layers, so that three-stage
-# schedules given as fractions of the depth run as written
-FIXTURE_SHAPE = TinyLlavaShape(image_size=24, patch_size=6, text_layers=8)
+# schedules given as fractions of the depth run as written; 8 x 8 patches per tile, so that the peers' smallest share
+# (160 of 2880) still leaves VisionZip a token in each of an image's 5 views
+FIXTURE_SHAPE = TinyLlavaShape(image_size=48, patch_size=6, text_layers=8)
 RELEASED_TILE = 336  # LLaVA-1.6's tile size, whose pinpoints these are
 RELEASED_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
