@@ -64,6 +64,16 @@ def _fixtures(args: argparse.Namespace) -> int:
 
         folder = build_tiny_llava_next(Path(args.directory) / "tiny-llava_next", seed=args.seed, shape=FIXTURE_SHAPE)
         print(f"llava_next: {folder} (--model llava_simignore)")
+    if args.onevision:
+        from lmms_simignore.testbed.tiny_llava_next import build_tiny_llava_onevision
+
+        folder = build_tiny_llava_onevision(Path(args.directory) / "tiny-llava_onevision", seed=args.seed)
+        print(f"llava_onevision: {folder} (--model llava_simignore)")
+    if args.internvl:
+        from lmms_simignore.testbed.tiny_internvl import build_tiny_internvl
+
+        folder = build_tiny_internvl(Path(args.directory) / "tiny-internvl", seed=args.seed)
+        print(f"internvl: {folder} (--model internvl_simignore)")
     if args.qwen:
         from lmms_simignore.testbed.tiny_qwen import FAMILIES, FIXTURE_SHAPE, build_tiny_qwen
 
@@ -349,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     fixtures.add_argument("--mipha", action="store_true", help="also a tiny random Mipha checkpoint in the released layout (tiny-mipha/)")
     fixtures.add_argument("--llava-next", action="store_true", help="also a tiny random LLaVA-NeXT checkpoint with 8 decoder "
                           "layers (tiny-llava_next/)")
+    fixtures.add_argument("--onevision", action="store_true", help="also a tiny random LLaVA-OneVision checkpoint "
+                          "(tiny-llava_onevision/; needs torchvision)")
+    fixtures.add_argument("--internvl", action="store_true", help="also a tiny random InternVL checkpoint (tiny-internvl/; "
+                          "needs torchvision)")
     fixtures.add_argument("--qwen", help="also tiny random Qwen-VL checkpoints with 8 decoder layers (tiny-FAMILY/): all, or "
                           "some of qwen2_vl, qwen2_5_vl, qwen3_vl, comma-separated")
     fixtures.set_defaults(handler=_fixtures)

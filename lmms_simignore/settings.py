@@ -35,7 +35,7 @@ COMMON_HELP = {
              "(`temperature>0`)"),
     "budget_per": ("`image`", "what a count in `keep`/`ignore` is of on tiled images (LLaVA-NeXT, OneVision, InternVL): "
                    "`image` (all its tiles together) or `tile` (`keep=128` keeps 128 per tile: 640 of an image of 5 "
-                   "views; VisionZip then keeps 128 in each view, as its authors' LLaVA-NeXT code); a fraction is the "
+                   "views; a method that selects in each view of the tower then keeps 128 in each); a fraction is the "
                    "same share either way; an image of other models is one tile"),
     "stage_positions": ("the method's", "position ids of the tokens an in-LLM stage leaves: `original` (their own) or "
                         "`repacked` (consecutive); default: each method's own rule (see Methods)"),

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lmms_simignore.evaluation.fingerprints import FINGERPRINT_ROWS, TILED_ROWS, all_fingerprints, fingerprint_differences
+from lmms_simignore.evaluation.fingerprints import (CLS_ROWS, FINGERPRINT_ROWS, TILED_ROWS, all_fingerprints,
+                                                   fingerprint_differences)
 
 pytest.importorskip("torchvision")  # transformers' Qwen-VL processors need it
 
@@ -25,7 +26,7 @@ def test_every_method_on_every_qwen_family_answers_as_the_expected_file(measured
     assert found == [], "\n".join(found[:40]) + "\n(intentional? python -m lmms_simignore fingerprints --update)"
     assert {family: list(rows) for family, rows in measured["families"].items()} == {
         **{family: list(FINGERPRINT_ROWS) for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")},
-        **{family: list(TILED_ROWS) for family in ("llava_next", "llava_onevision", "internvl")}}
+        **{family: list(TILED_ROWS) for family in ("llava_onevision", "internvl")}, "llava_next": [*TILED_ROWS, *CLS_ROWS]}
 
 
 def test_the_rows_differ_from_each_other_and_a_moved_answer_is_named(measured):

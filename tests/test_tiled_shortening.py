@@ -277,3 +277,76 @@ def test_pooled_through_the_class_a_batch_of_four_answers_as_each_prompt_alone(t
 def test_visionzip_through_the_class_a_batch_of_four_answers_as_each_prompt_alone(tmp_path_factory, next_docs):  # noqa: F811
     folder = BUILDERS["llava_next"](tmp_path_factory.mktemp("llava_next_visionzip_class"))
     batch_of_four_answers_as_each_prompt_alone(folder, next_docs, dict(reduction="visionzip", keep=0.3))
+
+
+@pytest.mark.parametrize("family, model_args", [("llava_next", "reduction=visionzip,keep=0.3"),
+                                                ("llava_onevision", "reduction=pool,keep=0.25")])
+def test_two_processes_answer_every_doc_once_as_one_process_does(family, model_args, testbed, tmp_path):
+    """Through the real CLI: torchrun with 2 processes on the tiny tiled LLaVA, each doc answered once, as 1 process."""
+    import sys
+
+    from test_lmms_eval_cli import LAUNCHERS, TASK as LOCAL_TASK, evaluate
+
+    checkpoint = {"model": BUILDERS[family](tmp_path / family), "tasks": testbed["tasks"]}
+    single, single_samples = evaluate(checkpoint, tmp_path / "one", model_args, batch_size=2)
+    double, double_samples = evaluate(checkpoint, tmp_path / "two", model_args, batch_size=2,
+                                      launcher=(sys.executable, *LAUNCHERS["torchrun"]))
+    assert [s["doc_id"] for s in double_samples] == list(range(12))
+    assert [s["filtered_resps"] for s in double_samples] == [s["filtered_resps"] for s in single_samples]
+    assert double["results"][LOCAL_TASK]["exact_match,none"] == single["results"][LOCAL_TASK]["exact_match,none"]
+
+
+def test_each_pyramiddrop_stage_keeps_what_transformers_eager_attention_ranks_among_the_image_tokens(tiled):
+    """Two stages (layers 1 and 2), each token at its own position. Independently of the engine, per row without
+    padding: transformers' eager decoder layers on the whole sequence (newlines included), each stage ranking the image
+    tokens still visible (never a newline) by the head-averaged eager weight from the last token in the layer before it
+    and hiding the others from every later layer by the attention mask."""
+    from lmms_simignore.methods.pdrop import pdrop_stages
+
+    model, eager, processor = tiled
+    inputs = batch(processor)
+    prompt = llava_next.embed_prompt(model, inputs)
+    reduced = engine.reduce_prompt(prompt, engine.every_image_token(prompt), "drop")
+    keeps = {1: 20, 2: 8}  # per image, of its 64 to 112 tokens
+    run = engine.LanguageModelRun(model, reduced, stages=pdrop_stages(tuple(keeps.items())))
+    run.prefill()
+    text_model = eager.model.language_model
+    with torch.inference_mode():
+        features = torch.cat(packed_images(eager, inputs))
+        embeds = eager.get_input_embeddings()(inputs["input_ids"]).masked_scatter(
+            (inputs["input_ids"] == eager.config.image_token_id)[..., None], features)
+    newline = eager.model.image_newline
+    weights = {}
+    hooks = [layer.self_attn.register_forward_hook(lambda module, args, output, index=index: weights.__setitem__(index, output[1]))
+             for index, layer in enumerate(text_model.layers)]
+    try:
+        with torch.inference_mode():
+            for row, images in ((0, [0]), (1, [1, 2])):
+                real = inputs["attention_mask"][row].bool()
+                row_embeds, ids = embeds[row][real][None], inputs["input_ids"][row][real]
+                length = ids.shape[0]
+                is_image = (ids == eager.config.image_token_id) & ~(row_embeds[0] == newline).all(dim=-1)
+                image_columns = is_image.nonzero().flatten()
+                owner = torch.cat([torch.full((int(prompt.image_lengths[image]),), image) for image in images])  # (n,)
+                hidden_tokens = torch.zeros(length, dtype=torch.bool)
+                hidden, rotary = row_embeds, text_model.rotary_emb(row_embeds, torch.arange(length)[None])
+                for index, layer in enumerate(text_model.layers):
+                    allowed = torch.ones(length, length, dtype=torch.bool).tril() & ~hidden_tokens[None, :]
+                    additive = torch.zeros(length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
+                    hidden = layer(hidden, attention_mask=additive[None, None], position_embeddings=rotary)
+                    if index + 1 in keeps:
+                        received = weights[index][0, :, -1].mean(dim=0)  # (L,) from the last token, mean over heads
+                        for image in images:  # each image keeps its own
+                            mine = image_columns[(owner == image) & ~hidden_tokens[image_columns]]
+                            kept = mine[received[mine].topk(keeps[index + 1]).indices]
+                            hidden_tokens[mine] = True
+                            hidden_tokens[kept] = False
+                padding = int((~real).sum())
+                expected = sorted((image_columns[~hidden_tokens[image_columns]] + padding).tolist())
+                ours = set(run.kept_columns[row][run.mask_high[row].bool()].tolist())
+                columns = {int(c) for image in images for c in prompt.image_positions[image, : int(prompt.image_lengths[image])]}
+                assert sorted(ours & columns) == expected
+                assert len(expected) == keeps[2] * len(images)
+    finally:
+        for hook in hooks:
+            hook.remove()

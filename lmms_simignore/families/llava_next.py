@@ -165,8 +165,8 @@ def nominal_plan(config, settings: ReductionSettings) -> Plan:
 
 def check_tiled_plan(config, plan: Plan) -> None:
     """Refuse, naming the method, what is not defined on tiled images: a stage in the tower whose authors give no
-    version for an image seen in several views (VisionZip's packs them; the CLS-attention methods need LLaVA-NeXT's
-    CLIP, OneVision's SigLIP has no CLS), and a stage before the LLM after one in the tower."""
+    version for an image seen in several views (the CLS-attention methods also need LLaVA-NeXT's CLIP: OneVision's
+    SigLIP has no CLS), and a stage before the LLM after one in the tower."""
     check_plan_support(config, plan)
     if plan.vision is not None and plan.vision.shorten_views is None:
         raise ValueError(f"{plan.vision.method}: its authors' code gives no version for an image in tiles (a base view and "
