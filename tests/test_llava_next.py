@@ -269,19 +269,25 @@ def test_reduction_none_answers_as_lmms_eval_s_llava_hf(tiled_folder, next_docs)
     assert class_model(tiled_folder, docs).generate_until(simple_requests(docs)) == expected
 
 
+def batch_of_four_answers_as_each_prompt_alone(folder, docs, model_args) -> None:
+    """Through the class: a batch of 4 answers as batch 1 and as recomputation without the cache; each doc's image
+    tokens are what the processor counts (placeholders less newlines)."""
+    from test_model import simple_requests
+
+    batched = class_model(folder, docs, batch_size=4, **model_args)
+    answers = batched.generate_until(simple_requests(docs))
+    assert answers == class_model(folder, docs, batch_size=1, **model_args).generate_until(simple_requests(docs))
+    assert answers == class_model(folder, docs, batch_size=4, use_cache=False, **model_args).generate_until(simple_requests(docs))
+    records = sorted(batched.accounting.records, key=lambda record: record["doc_id"])
+    assert [record["image_tokens"] for record in records] == [expected_image_tokens(batched.processor, doc["image"].convert("RGB"))
+                                                              for doc in docs[:-1]] + [0]
+
+
 @pytest.mark.parametrize("model_args", [dict(reduction="simignore", keep=0.4), dict(reduction="fastv", keep=0.5, fastv_layer=1),
                                         dict(reduction="pdrop", pdrop_layers="1/2"), dict(reduction="dart", keep=0.3, dart_layer=1),
                                         dict(reduction="random+fastv", keep=0.6, fastv_keep=0.25)])
 def test_a_batch_of_four_answers_as_each_prompt_alone_and_counts_only_image_tokens(tiled_folder, next_docs, model_args):
-    from test_model import simple_requests
-
-    batched = class_model(tiled_folder, next_docs, batch_size=4, **model_args)
-    answers = batched.generate_until(simple_requests(next_docs))
-    assert answers == class_model(tiled_folder, next_docs, batch_size=1, **model_args).generate_until(simple_requests(next_docs))
-    assert answers == class_model(tiled_folder, next_docs, batch_size=4, use_cache=False, **model_args).generate_until(simple_requests(next_docs))
-    records = sorted(batched.accounting.records, key=lambda record: record["doc_id"])
-    assert [record["image_tokens"] for record in records] == [expected_image_tokens(batched.processor, doc["image"].convert("RGB"))
-                                                              for doc in next_docs[:-1]] + [0]
+    batch_of_four_answers_as_each_prompt_alone(tiled_folder, next_docs, model_args)
 
 
 def test_masking_and_dropping_give_the_same_answers_through_the_class(tiled_folder, next_docs):

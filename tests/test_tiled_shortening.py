@@ -7,7 +7,8 @@ import pytest
 import torch
 from test_internvl import batch as internvl_batch
 from test_internvl import internvl_models  # noqa: F401  (a fixture)
-from test_llava_next import BUILDERS, batch, class_model, expected_image_tokens, next_docs, tiled_folder  # noqa: F401
+from test_llava_next import (BUILDERS, batch, batch_of_four_answers_as_each_prompt_alone, next_docs,  # noqa: F401
+                             tiled_folder)
 
 from lmms_simignore import engine
 from lmms_simignore.families import internvl, llava_next
@@ -256,18 +257,6 @@ def test_what_tiles_do_not_define_is_refused_by_name(next_models, settings, mess
     model = next_models[0]
     with pytest.raises(ValueError, match=message):
         llava_next.nominal_plan(model.config, ReductionSettings(**settings))
-
-
-def batch_of_four_answers_as_each_prompt_alone(folder, docs, model_args) -> None:
-    from test_model import simple_requests
-
-    batched = class_model(folder, docs, batch_size=4, **model_args)
-    answers = batched.generate_until(simple_requests(docs))
-    assert answers == class_model(folder, docs, batch_size=1, **model_args).generate_until(simple_requests(docs))
-    assert answers == class_model(folder, docs, batch_size=4, use_cache=False, **model_args).generate_until(simple_requests(docs))
-    records = sorted(batched.accounting.records, key=lambda record: record["doc_id"])
-    assert [record["image_tokens"] for record in records] == [expected_image_tokens(batched.processor, doc["image"].convert("RGB"))
-                                                              for doc in docs[:-1]] + [0]
 
 
 def test_pooled_through_the_class_a_batch_of_four_answers_as_each_prompt_alone(tiled_folder, next_docs):  # noqa: F811
