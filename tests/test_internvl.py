@@ -148,7 +148,8 @@ def test_reduction_none_answers_as_lmms_eval_s_internvl_hf(internvl_models, docs
 @pytest.mark.parametrize("model_args", [dict(reduction="simignore", keep=0.4), dict(reduction="random", keep=0.3),
                                         dict(reduction="fastv", keep=0.5, fastv_layer=1), dict(reduction="pdrop", pdrop_layers="1/2"),
                                         dict(reduction="dart", keep=0.3, dart_layer=1), dict(reduction="random+fastv", keep=0.6, fastv_keep=0.25),
-                                        dict(reduction="pool", keep=0.25), dict(reduction="random", keep=4, budget_per="tile")])
+                                        dict(reduction="pool", keep=0.25), dict(reduction="random", keep=4, budget_per="tile"),
+                                        dict(reduction="divprune", keep=0.3)])
 def test_a_batch_of_four_answers_as_each_prompt_alone(internvl_models, docs, model_args):
     folder = internvl_models[0]
     args = dict(dtype="float32", **model_args)

@@ -339,3 +339,28 @@ def test_each_pyramiddrop_stage_keeps_what_transformers_eager_attention_ranks_am
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def test_divprune_keeps_every_newline_and_closes_up_the_positions_of_what_it_keeps(tiled):
+    """DivPrune's rule by hand on each image's tokens (its newlines left out): the prompt written with the kept tokens
+    and every newline, in order, at positions 0, 1, 2, ... through transformers' forward; batch = alone."""
+    from test_divprune import greedy_by_hand
+
+    model, _, processor = tiled
+    inputs = batch(processor)
+    settings = ReductionSettings(reduction="divprune", keep=0.3)
+    ours = our_logits(model, processor, inputs, settings)
+    newline = model.model.image_newline
+    images = packed_images(model, inputs)
+    blocks = []
+    for packed in images:
+        is_newline = (packed == newline).all(dim=-1)
+        tokens = packed[~is_newline]
+        kept = set(greedy_by_hand(tokens.tolist(), int(0.3 * len(tokens) + 0.5)))
+        image_index = torch.cumsum(~is_newline, 0) - 1
+        blocks.append(packed[is_newline | torch.tensor([bool(not n and int(i) in kept) for n, i in zip(is_newline, image_index)])])
+    for row, image_indices in ((0, [0]), (1, [1, 2])):
+        expected = written_with_blocks(model, inputs, row, [blocks[i] for i in image_indices], [len(images[i]) for i in image_indices])
+        assert torch.allclose(ours[row], expected, atol=1e-4)
+    answers_alone_as_in_the_batch(model, processor, settings)
+

@@ -350,14 +350,17 @@ def left_pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return source, mask, target
 
 
-def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str) -> ReducedPrompt:
+def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str, contiguous: bool = False) -> ReducedPrompt:
     """Hide the image tokens not in `kept` (I, K indices, or (I, N) bool flags: with "mask", any number per image):
     by masking them or by dropping them.
 
     Every remaining token keeps its original position id, so both modes compute the same function; "drop" also
-    shrinks the sequence to (B, L') with L' = the longest remaining row. (A shorter image at contiguous positions
-    is `with_shorter_images`.)
+    shrinks the sequence to (B, L') with L' = the longest remaining row. With `contiguous` (1-D positions only), the
+    remaining tokens' positions are counted anew instead, as in a prompt written without the hidden ones (both modes
+    alike). (A shorter image at contiguous positions is `with_shorter_images`.)
     """
+    if contiguous and prompt.position_ids.dim() != 2:
+        raise ValueError("contiguous positions after a stage before the LLM are defined on 1-D positions only")
     if apply not in ("mask", "drop"):
         raise ValueError(f"apply must be 'mask' or 'drop', got {apply!r}")
     batch_size = prompt.attention_mask.shape[0]
@@ -394,7 +397,7 @@ def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str) -> R
         return ReducedPrompt(
             inputs_embeds=prompt.inputs_embeds,
             attention_mask=visible.to(prompt.attention_mask.dtype),
-            position_ids=prompt.position_ids,
+            position_ids=default_position_ids(visible) if contiguous else prompt.position_ids,
             image_tokens=image_tokens,
             visible_image_tokens=visible_image_tokens,
             image_rows=prompt.image_rows,
@@ -410,7 +413,8 @@ def reduce_prompt(prompt: PromptEmbeddings, kept: torch.Tensor, apply: str) -> R
     return ReducedPrompt(
         inputs_embeds=prompt.inputs_embeds[rows, source] * mask[..., None].to(prompt.inputs_embeds.dtype),
         attention_mask=mask.to(prompt.attention_mask.dtype),
-        position_ids=prompt.position_ids[rows, source] * mask.view(*mask.shape, *[1] * (prompt.position_ids.dim() - 2)),
+        position_ids=default_position_ids(mask) if contiguous else
+        prompt.position_ids[rows, source] * mask.view(*mask.shape, *[1] * (prompt.position_ids.dim() - 2)),
         image_tokens=image_tokens,
         visible_image_tokens=visible_image_tokens,
         image_rows=prompt.image_rows,

@@ -177,14 +177,15 @@ def apply_image_plans_before_llm(model, tokenizer, plans: list[Plan], prompt: Pr
         choices.append((images, plan, plan.pre_llm.choose(view)))
     if plans[0].pre_llm.replaces:
         return _with_shorter_images(prompt, choices)
+    contiguous = plans[0].pre_llm.positions == "contiguous"
     if len(choices) == 1 and prompt.image_lengths is None:  # one plan for every image: its (I, K) indices as they are
-        return reduce_prompt(prompt, choices[0][2], plans[0].apply)
+        return reduce_prompt(prompt, choices[0][2], plans[0].apply, contiguous)
     kept = torch.zeros(prompt.image_positions.shape, dtype=torch.bool, device=prompt.image_positions.device)  # (I, N)
     for images, plan, chosen in choices:  # (I_g, K) indices, or (I_g, N_g) flags
         if chosen.dtype != torch.bool:
             chosen = torch.zeros(len(images), plan.image_tokens, dtype=torch.bool, device=kept.device).scatter_(1, chosen, True)
         kept[images, : plan.image_tokens] = chosen
-    return reduce_prompt(prompt, kept, plans[0].apply)
+    return reduce_prompt(prompt, kept, plans[0].apply, contiguous)
 
 
 def _with_shorter_images(prompt: PromptEmbeddings, choices: list) -> ReducedPrompt:

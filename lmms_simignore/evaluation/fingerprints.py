@@ -29,9 +29,10 @@ FINGERPRINT_ROWS = {  # model_args of each row on the tiny models' 3 decoder lay
     "random+fastv": dict(reduction="random+fastv", keep=0.6, fastv_layer=2, fastv_keep=0.25),
 }
 # the tiled families (1-D positions): PyramidDrop with its own position rule, pooling on each grid of an image, a budget
-# per tile; VisionZip on LLaVA-NeXT's views (its CLIP tower has a CLS token)
+# per tile, DivPrune (contiguous positions); VisionZip on LLaVA-NeXT's views (its CLIP tower has a CLS token)
 TILED_ROWS = FINGERPRINT_ROWS | {"pdrop": dict(reduction="pdrop", pdrop_layers="1/2"),
-                                 "random_per_tile": dict(reduction="random", keep=3, budget_per="tile")}
+                                 "random_per_tile": dict(reduction="random", keep=3, budget_per="tile"),
+                                 "divprune": dict(reduction="divprune", keep=0.3)}
 CLS_ROWS = {"visionzip": dict(reduction="visionzip", keep=0.3)}
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 TILED_FAMILIES = ("llava_next", "llava_onevision", "internvl")

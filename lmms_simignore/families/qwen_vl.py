@@ -90,13 +90,16 @@ def nominal_plan(config, settings: ReductionSettings, max_pixels: int) -> Plan:
 
 def check_qwen_plan(config, plan: Plan) -> None:
     """Refuse, naming the method, what a Qwen-VL model cannot give: a CLS token's attention, a stage inside the ViT,
-    positions re-packed on its multimodal rotary positions."""
+    positions re-packed or closed up on its multimodal rotary positions."""
     check_plan_support(config, plan)
     for stage in plan.layers:
         if stage.positions != "original":
             raise ValueError(f"{stage.method}'s stage at layer {stage.layer} re-packs the positions of the tokens it keeps "
                              f"(its authors' rule on 1-D positions), which is not defined for {config.model_type}'s "
                              f"multimodal rotary positions: pass stage_positions=original (each kept token keeps its own)")
+    if plan.pre_llm is not None and plan.pre_llm.positions == "contiguous":
+        raise ValueError(f"{plan.pre_llm.method} closes up the positions of the image tokens it keeps (its authors' rule on "
+                         f"1-D positions), which is not defined for {config.model_type}'s multimodal rotary positions")
     if plan.vision is not None:
         raise ValueError(f"{plan.vision.method} shortens each image inside the vision tower, which is defined here for "
                          f"CLIP towers only; {config.model_type}'s ViT (windowed attention, 2x2 patch merger, no CLS token) "

@@ -138,13 +138,16 @@ class VisionStage:
 class PreLLMStage:
     """A stage after the projector: `choose(view: ImageTokensView)` returns (I, keep) indices of the kept tokens
     (ascending), or (I, N) bool flags when `adaptive` (each image its own number); with `replaces`, a `ShorterImage`
-    instead: new image features, placed where the image was, at contiguous positions."""
+    instead: new image features, placed where the image was, at contiguous positions. `positions`: "original" (each
+    kept token at its own position, hidden ones leave gaps) or "contiguous" (the positions counted anew over what is
+    left, as a shorter prompt; 1-D positions only)."""
 
     method: str
     keep: int
     choose: Callable
     adaptive: bool = False
     replaces: bool = False
+    positions: str = "original"
 
 
 @dataclass
