@@ -4,11 +4,11 @@ transformers' forward on the prompt written with only the kept tokens."""
 
 import pytest
 import torch
-from test_engine import chat, encode, images, last_logits
+from test_engine import last_logits
 from test_fastv import row_alone
 from test_model import make_model, simple_requests
 from test_model_reductions import docs  # noqa: F401  (a fixture)
-from test_visionzip import written_with_a_shorter_image
+from test_visionzip import two_rows, written_with_a_shorter_image  # noqa: F401  (two_rows: a fixture)
 
 from lmms_simignore import engine
 from lmms_simignore.methods.divprune import divprune_indices, most_diverse
@@ -51,15 +51,6 @@ def test_random_vectors_keep_what_the_rule_written_by_hand_keeps():
     for keep in (1, 5, 17, 30):
         ours = divprune_indices(vectors, keep)
         assert [row.tolist() for row in ours] == [greedy_by_hand(image.tolist(), keep) for image in vectors]
-
-
-@pytest.fixture(scope="module")
-def two_rows(processor):
-    prompts = [chat(processor, "What colour?\nA. red\nB. blue"),
-               chat(processor, "Context: a longer context line for the second row.\nWhich one?\nA. green\nB. blue")]
-    inputs = encode(processor, prompts, images((200, 20, 20), (20, 120, 200)))
-    assert (inputs["attention_mask"][0] == 0).any()  # left padding on the first row
-    return inputs
 
 
 def test_the_prompt_is_transformers_prompt_written_with_the_most_diverse_tokens_alone(tiny_model, processor, two_rows):
