@@ -138,12 +138,7 @@ def apply_vision_stages_to_views(model, prompt: PromptEmbeddings, plans: list[Pl
         stage = plans[indices[0]].vision
         if stage.shorten_views is None:
             raise ValueError(f"{stage.method} has no version for images the tower sees in several views (tiles)")
-        parts = [tower.tiling[i] for i in indices]
-        views = torch.cat([torch.arange(part.views.start, part.views.stop) for part in parts]).to(tower.states[0].device)
-        starts = [0, *torch.tensor([part.views.stop - part.views.start for part in parts]).cumsum(0).tolist()]
-        tiling = tuple(TiledImage(slice(start, stop), part.crop_rows, part.crop_cols)
-                       for part, start, stop in zip(parts, starts, starts[1:]))
-        view = TowerView(tuple(states[views] for states in tower.states), tower.feature_index, tower.layers, tiling)
+        view = tower if len(groups) == 1 else _views_of(tower, indices)  # one plan for all: the tower's states as they are
         for index, tokens in zip(indices, stage.shorten_views(view)):
             blocks[index] = model.model.multi_modal_projector(tokens)
     separators = [torch.zeros(len(block), dtype=torch.bool, device=block.device) for block in blocks]
@@ -215,6 +210,16 @@ def _with_shorter_images(prompt: PromptEmbeddings, choices: list) -> ReducedProm
     else:
         shorter_prompt = with_shorter_images(prompt, features, lengths, grids if has_grids else None, tuple(additions))
     return reduce_prompt(shorter_prompt, every_image_token(shorter_prompt), "drop")
+
+
+def _views_of(tower: TowerView, images: list[int]) -> TowerView:
+    """The tower's states of `images`' views only (each image's base view and crops, in order), re-tiled."""
+    parts = [tower.tiling[i] for i in images]
+    views = torch.cat([torch.arange(part.views.start, part.views.stop) for part in parts]).to(tower.states[0].device)
+    starts = [0, *torch.tensor([part.views.stop - part.views.start for part in parts]).cumsum(0).tolist()]
+    tiling = tuple(TiledImage(slice(start, stop), part.crop_rows, part.crop_cols)
+                   for part, start, stop in zip(parts, starts, starts[1:]))
+    return TowerView(tuple(states[views] for states in tower.states), tower.feature_index, tower.layers, tiling)
 
 
 def _with_laid_out_images(prompt: PromptEmbeddings, choices: list, features: torch.Tensor, lengths: torch.Tensor,
