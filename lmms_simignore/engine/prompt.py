@@ -285,9 +285,9 @@ def with_image_blocks(prompt: PromptEmbeddings, blocks: list[torch.Tensor], sepa
                       grids: torch.Tensor | None = None,
                       tiles: tuple[tuple[tuple[int, int], ...], ...] | None = None) -> PromptEmbeddings:
     """The prompt with each image's whole block (from its first own token to its last, or to `image_block_ends`, the
-    separators between and after them included) replaced by a new one: `blocks[i]` (M_i, D) takes the first M_i columns of image i's old block, the rest
-    leave the sequence (rows left-packed again); its image tokens are the entries not flagged in `separators[i]` (M_i,)
-    bool. So a shorter image of a model with separators (LLaVA-NeXT's newlines) stands where the image was, with its
+    separators between and after them included) replaced by a new one: `blocks[i]` (M_i, D) takes the first M_i
+    columns of image i's old block, the rest leave the sequence (rows left-packed again); its image tokens are the
+    entries not flagged in `separators[i]` (M_i,) bool. So a shorter image of a model with separators (LLaVA-NeXT's newlines) stands where the image was, with its
     separators placed anew, at contiguous 1-D positions. grids (I, 2) / tiles: the new images' grid(s), where they
     form some."""
     if prompt.position_ids.dim() != 2 or prompt.image_additions:
