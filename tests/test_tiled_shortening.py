@@ -250,7 +250,9 @@ def test_visionzip_gives_each_of_llava_next_s_five_views_108_plus_20_of_640():
 
 @pytest.mark.parametrize("settings, message", [
     (dict(reduction="visiondrop", visiondrop_schedule="12+2/8+2/5+1", visiondrop_layers="1/2"),
-     "visiondrop: its authors' code gives no version for an image in tiles"),
+     "visiondrop on an image in tiles .*: its authors' code gives no version for an image in tiles; refused"),
+    (dict(reduction="vispruner", keep=0.3), "vispruner on an image in tiles .*: its authors' LLaVA-NeXT version .* is not "
+                                            "built here yet"),
     (dict(reduction="visionzip+simignore", dominant=6, contextual=2, keep=20), "simignore after visionzip"),
 ])
 def test_what_tiles_do_not_define_is_refused_by_name(next_models, settings, message):

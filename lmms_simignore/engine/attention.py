@@ -130,3 +130,18 @@ def vision_layer_attention(layer, hidden_in: torch.Tensor) -> tuple[torch.Tensor
     keys = attention.k_proj(normed).view(images, tokens, -1, head_dim).transpose(1, 2)  # (I, H, T, d)
     scores = (query @ keys.transpose(-1, -2)).squeeze(2).float() * attention.scale  # (I, H, T)
     return scores.softmax(dim=-1), keys
+
+
+def vision_layer_attention_received(layer, hidden_in: torch.Tensor) -> torch.Tensor:
+    """The attention each token receives in a CLIP or SigLIP encoder layer, averaged over the queries, recomputed from
+    the layer's own norm and projections (independent of the attention backend).
+
+    hidden_in: (I, T, D) the layer's input. Returns: (I, H, T) float32: column means of each head's softmax weights.
+    """
+    attention = layer.self_attn
+    images, tokens, _ = hidden_in.shape
+    normed = layer.layer_norm1(hidden_in)  # (I, T, D)
+    query = attention.q_proj(normed).view(images, tokens, -1, attention.head_dim).transpose(1, 2)  # (I, H, T, d)
+    keys = attention.k_proj(normed).view(images, tokens, -1, attention.head_dim).transpose(1, 2)  # (I, H, T, d)
+    weights = ((query @ keys.transpose(-1, -2)).float() * attention.scale).softmax(dim=-1)  # (I, H, T, T)
+    return weights.mean(dim=-2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmms_simignore.methods.base import CLS_ATTENTION
+from lmms_simignore.methods.base import CLS_ATTENTION, PATCH_ATTENTION
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,22 @@ def final_norm(language_model):
 
 
 def check_plan_support(config, plan) -> None:
-    """Refuse, naming the method, a plan whose methods need what this model cannot give (a CLS token's attention)."""
+    """Refuse, naming the method, a plan whose methods need what this model cannot give (a CLS token's attention, each
+    image token's attention in the tower)."""
     check_cls_attention(config, plan.needing(CLS_ATTENTION))
+    check_patch_attention(config, plan.needing(PATCH_ATTENTION))
+
+
+def check_patch_attention(config, needing: tuple[str, ...]) -> None:
+    """Refuse, naming them, methods that rank the image tokens by their attention in the tower (`needing`: the CLS row
+    on CLIP, the attention received on SigLIP) where the CLIP tower's CLS token is itself an image token."""
+    if not needing or config.vision_config.model_type != "clip_vision_model":
+        return
+    check_cls_attention(config, needing)
+    if config.vision_feature_select_strategy != "default":
+        raise ValueError(f"{', '.join(needing)} ranks the image tokens by the CLS token's attention; under "
+                         f"vision_feature_select_strategy={config.vision_feature_select_strategy!r} the CLS token is "
+                         f"itself an image token (supported: 'default', which projects the patches alone)")
 
 
 def check_cls_attention(config, needing: tuple[str, ...]) -> None:

@@ -4,6 +4,7 @@ image); the prompt the LLM's first layer gets."""
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import torch
@@ -36,7 +37,7 @@ def plan_for(config, settings: ReductionSettings) -> Plan:
 def vision_stage_features(model, stage: VisionStage, tower_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """(I, K, D) a vision-side stage's shorter images, projected into the LLM input space; tower_states: from
     `vision_tower_states`."""
-    view = TowerView(tower_states, model.config.vision_feature_layer % len(tower_states), model.model.vision_tower.encoder.layers)
+    view = TowerView.of(model.config, tower_states, model.model.vision_tower.encoder.layers)
     return model.model.multi_modal_projector(stage.shorten(view))
 
 
@@ -219,7 +220,7 @@ def _views_of(tower: TowerView, images: list[int]) -> TowerView:
     starts = [0, *torch.tensor([part.views.stop - part.views.start for part in parts]).cumsum(0).tolist()]
     tiling = tuple(TiledImage(slice(start, stop), part.crop_rows, part.crop_cols)
                    for part, start, stop in zip(parts, starts, starts[1:]))
-    return TowerView(tuple(states[views] for states in tower.states), tower.feature_index, tower.layers, tiling)
+    return dataclasses.replace(tower, states=tuple(states[views] for states in tower.states), tiling=tiling)
 
 
 def _with_laid_out_images(prompt: PromptEmbeddings, choices: list, features: torch.Tensor, lengths: torch.Tensor,

@@ -9,7 +9,8 @@ from typing import Callable
 
 import torch
 
-from lmms_simignore.engine.attention import attention_received, last_token_attention, layer_key_norms, vision_layer_attention
+from lmms_simignore.engine.attention import (attention_received, last_token_attention, layer_key_norms, vision_layer_attention,
+                                             vision_layer_attention_received)
 
 
 @dataclass(frozen=True)
@@ -28,22 +29,42 @@ class TowerView:
 
     states: the tower's hidden states (embeddings, then each layer's output), each (I, T, D); feature_index: which of
     them the model projects; layers: the tower's encoder layers; tiling: one `TiledImage` per image where the tower saw
-    each image as several views (then I counts views), else None.
+    each image as several views (then I counts views), else None; cls_token: whether the tower's first token is a CLS
+    token (CLIP; SigLIP has none); first_image_token: the first of the T tokens the model projects as image tokens (1
+    where its feature strategy drops the first token, "default"; 0 under "full").
     """
 
     states: tuple[torch.Tensor, ...]
     feature_index: int
     layers: object
     tiling: tuple[TiledImage, ...] | None = None
+    cls_token: bool = True
+    first_image_token: int = 1
+
+    @classmethod
+    def of(cls, config, states: tuple[torch.Tensor, ...], layers, tiling: tuple[TiledImage, ...] | None = None) -> TowerView:
+        """The view of a llava-style model's tower states, as its `config` reads them."""
+        return cls(states, config.vision_feature_layer % len(states), layers, tiling,
+                   cls_token=config.vision_config.model_type == "clip_vision_model",
+                   first_image_token=int(config.vision_feature_select_strategy == "default"))
 
     @property
     def feature_states(self) -> torch.Tensor:
         """(I, T, D) the feature layer's output (CLS first on CLIP towers)."""
         return self.states[self.feature_index]
 
+    @property
+    def image_token_states(self) -> torch.Tensor:
+        """(I, N, D) the feature layer's output at the tokens the model projects as image tokens."""
+        return self.feature_states[:, self.first_image_token:]
+
     def feature_attention(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(I, H, T) float32 the CLS row of the feature layer's attention, and (I, H, T, d) its keys."""
         return vision_layer_attention(self.layers[self.feature_index - 1], self.states[self.feature_index - 1])
+
+    def last_layer_attention_received(self) -> torch.Tensor:
+        """(I, H, T) float32 the attention each token receives in the tower's last layer, averaged over the queries."""
+        return vision_layer_attention_received(self.layers[len(self.layers) - 1], self.states[len(self.layers) - 1])
 
 
 @dataclass

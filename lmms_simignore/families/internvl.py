@@ -75,7 +75,8 @@ def nominal_plan(config, settings: ReductionSettings, max_patches: int) -> Plan:
     except ValueError as error:
         raise ValueError(f"an image of {max_patches} tiles and its thumbnail has {tokens} image tokens: {error}") from error
     if plan.vision is not None:
-        raise ValueError(f"{plan.vision.method} shortens each image inside the vision tower, defined here for CLIP towers; "
+        raise ValueError(f"{plan.vision.method} shortens each image inside the vision tower, defined here for the CLIP "
+                         f"and SigLIP towers of LLaVA-style models; "
                          f"its authors' code has no InternVL version, and InternViT's tiles are pixel-shuffled after it: "
                          f"refused on {config.model_type}")
     return plan

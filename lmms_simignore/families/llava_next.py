@@ -82,9 +82,9 @@ def embed_prompt(model, inputs, keep_tower: bool = False) -> PromptEmbeddings:
         block_ends = placeholders.nonzero()[torch.tensor([len(features) for features in packed]).cumsum(0) - 1, 1]  # (I,)
         if keep_tower:
             vision = model.model.vision_tower
-            tower = TowerView(output.hidden_states, model.config.vision_feature_layer % len(output.hidden_states),
-                              vision.encoder.layers if hasattr(vision, "encoder") else vision.vision_model.encoder.layers,
-                              tuple(tiling))
+            tower = TowerView.of(model.config, output.hidden_states,
+                                 vision.encoder.layers if hasattr(vision, "encoder") else vision.vision_model.encoder.layers,
+                                 tuple(tiling))
     prompt = place_image_features(inputs_embeds, is_image, image_features, attention_mask,
                                   default_position_ids(attention_mask), separated=True)
     prompt.image_tiles = tuple(tiles) if tiles else None
@@ -169,8 +169,8 @@ def check_tiled_plan(config, plan: Plan) -> None:
     SigLIP has no CLS), and a stage before the LLM after one in the tower."""
     check_plan_support(config, plan)
     if plan.vision is not None and plan.vision.shorten_views is None:
-        raise ValueError(f"{plan.vision.method}: its authors' code gives no version for an image in tiles (a base view and "
-                         f"the crops, as {config.model_type} sees it): refused")
+        raise ValueError(f"{plan.vision.method} on an image in tiles (a base view and the crops, as {config.model_type} "
+                         f"sees it): {plan.vision.views_refusal}; refused")
     if plan.vision is not None and plan.pre_llm is not None:
         raise ValueError(f"{plan.pre_llm.method} after {plan.vision.method}: a stage before the LLM on the shortened views "
                          f"of a tiled image is not defined")

@@ -102,5 +102,5 @@ def check_qwen_plan(config, plan: Plan) -> None:
                          f"1-D positions), which is not defined for {config.model_type}'s multimodal rotary positions")
     if plan.vision is not None:
         raise ValueError(f"{plan.vision.method} shortens each image inside the vision tower, which is defined here for "
-                         f"CLIP towers only; {config.model_type}'s ViT (windowed attention, 2x2 patch merger, no CLS token) "
-                         f"is refused")
+                         f"the CLIP and SigLIP towers of LLaVA-style models only; {config.model_type}'s ViT (windowed "
+                         f"attention, 2x2 patch merger, no CLS token) is refused")
