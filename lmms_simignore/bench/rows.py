@@ -41,6 +41,8 @@ def _method_arguments(percent: int, keep: int | float, fastv_layer: int) -> dict
         f"visionzip_{percent}": {"reduction": "visionzip", "keep": keep},
         f"dart_{percent}": {"reduction": "dart", "dart_layer": fastv_layer, "keep": keep},
         f"visiondrop_{percent}": {"reduction": "visiondrop", "keep": keep},  # keep: its average
+        f"divprune_{percent}": {"reduction": "divprune", "keep": keep},
+        f"vispruner_{percent}": {"reduction": "vispruner", "keep": keep},
     }
 
 
