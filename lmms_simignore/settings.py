@@ -14,7 +14,7 @@ import difflib
 from dataclasses import dataclass
 
 from lmms_simignore.methods.arguments import check_choice, check_count, check_count_or_fraction, check_int
-from lmms_simignore.methods.base import (CLS_ATTENTION, COMMON_ARGUMENTS, IN_LLM, PLACE_WORDS, PLACES, PRE_LLM, VISION, Budget,
+from lmms_simignore.methods.base import (CLS_ATTENTION, CLS_TOKEN, COMMON_ARGUMENTS, IN_LLM, PLACE_WORDS, PLACES, PRE_LLM, VISION, Budget,
                                          LayerStage, Method, PipelineContext, PreLLMStage, StageRequest, VisionStage)
 from lmms_simignore.methods.registry import METHODS, argument_owners
 
@@ -232,7 +232,7 @@ class ReductionSettings:
     @property
     def needs_cls_attention(self) -> tuple[str, ...]:
         """The pipeline's methods that read the CLS token's attention in the tower."""
-        return tuple(method.name for method, _ in self._methods if CLS_ATTENTION in method.needs)
+        return tuple(method.name for method, _ in self._methods if {CLS_ATTENTION, CLS_TOKEN} & set(method.needs))
 
     def plan(self, image_tokens: int, num_layers: int, grid: tuple[int, int] | None = None,
              tiles: tuple[tuple[int, int], ...] | None = None, views: int = 1) -> Plan:

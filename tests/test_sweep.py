@@ -88,7 +88,8 @@ def test_attribution_config_runs_end_to_end_offline(paper_shaped_testbed, tmp_pa
     assert f"token_log={tmp_path / 'attribution' / 'random_keep144.partial'}/tokens.jsonl" in printed[-1]
 
 
-PEER_ROWS_OFFLINE = ("visionzip_64", "dart_64", "pdrop_64", "visiondrop_64", "divprune_64", "vispruner_64")  # what attribution.yaml lacks
+PEER_ROWS_OFFLINE = ("visionzip_64", "dart_64", "pdrop_64", "visiondrop_64", "divprune_64", "vispruner_64",
+                     "prumerge_plus_64")  # what attribution.yaml lacks
 
 
 def test_peer_rows_run_offline_on_the_paper_shaped_model(paper_shaped_testbed, tmp_path):
@@ -105,6 +106,7 @@ def test_peer_rows_run_offline_on_the_paper_shaped_model(paper_shaped_testbed, t
         "visiondrop_64": [96, 96, 70, 52, 52, 38],  # 84+12 in the tower, then 60+10, 44+8, 32+6 after layers 2/3/5 of 6
         "divprune_64": [64] * 6,
         "vispruner_64": [64] * 6,
+        "prumerge_plus_64": [64] * 6,
     }
     assert all(len(summary["answers"]["scienceqa_img_local"]) == 2 for summary in summaries)
 

@@ -160,6 +160,6 @@ def test_bad_settings_are_refused(tiny_model, kwargs, message):
 
 def test_a_clip_tower_whose_cls_token_is_an_image_token_is_refused(tiny_model):
     config = tiny_model.config.__class__.from_dict({**tiny_model.config.to_dict(), "vision_feature_select_strategy": "full"})
-    with pytest.raises(ValueError, match="vispruner ranks the image tokens by the CLS token's attention; under "
+    with pytest.raises(ValueError, match="vispruner ranks the patches by the CLS token's attention; under "
                                          "vision_feature_select_strategy='full' the CLS token is itself an image token"):
         engine.plan_for(config, KEEP_8)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from loguru import logger
 
-from lmms_simignore.methods.base import CLS_ATTENTION
+from lmms_simignore.methods.base import CLS_ATTENTION, CLS_TOKEN
 from lmms_simignore.methods.pool import valid_budgets
 from lmms_simignore.settings import Plan, ReductionSettings, parse_pipeline
 
@@ -43,6 +43,7 @@ def _method_arguments(percent: int, keep: int | float, fastv_layer: int) -> dict
         f"visiondrop_{percent}": {"reduction": "visiondrop", "keep": keep},  # keep: its average
         f"divprune_{percent}": {"reduction": "divprune", "keep": keep},
         f"vispruner_{percent}": {"reduction": "vispruner", "keep": keep},
+        f"prumerge_plus_{percent}": {"reduction": "prumerge_plus", "keep": keep},
     }
 
 
@@ -54,8 +55,8 @@ def _method_rows(percent: int, keep: int, fastv_layer: int, cls_token: bool) -> 
 
 
 def _reads_cls_attention(reduction: str) -> bool:
-    """Whether a method of `reduction` ranks by the CLS token's attention in the tower (VisionZip, VisionDrop)."""
-    return any(CLS_ATTENTION in method.needs for method in parse_pipeline(reduction))
+    """Whether a method of `reduction` ranks by the CLS token's attention in the tower (VisionZip, VisionDrop, PruMerge+)."""
+    return any({CLS_ATTENTION, CLS_TOKEN} & set(method.needs) for method in parse_pipeline(reduction))
 
 
 def bench_rows(image_tokens: int, num_layers: int, cls_token: bool = True, grid: tuple[int, int] | None = None) -> list[BenchRow]:

@@ -26,12 +26,12 @@ from lmms_simignore.engine.prompt import (PromptEmbeddings, ReducedPrompt, build
                                           with_shorter_images)
 from lmms_simignore.engine.stages import (apply_image_plans_before_llm, apply_vision_stages_to_views, apply_pre_llm_stage, choose_kept_image_tokens, embed_prompt,
                                           every_image_token, image_plans, plan_for, prepare_reduced_prompt, reduce_each_image, vision_stage_features,
-                                          vision_tower_states)
+                                          vision_stage_images, vision_tower_states)
 
 __all__ = [
     "DECODER_FAMILIES", "DecodingOptions", "Generation", "ImageTokensSeen", "LanguageModelRun", "PromptEmbeddings", "ReducedPrompt",
     "TokenAccounting", "apply_image_plans_before_llm", "apply_vision_stages_to_views", "apply_pre_llm_stage", "build_prompt_embeddings", "check_model_support", "check_plan_support",
     "choose_kept_image_tokens", "continuation_logprobs", "default_position_ids", "embed_prompt", "embed_texts", "every_image_token", "final_norm", "generate", "image_grid", "image_plans",
     "image_tokens_per_image", "last_token_attention", "layer_key_norms", "layer_runs", "plan_for", "prepare_reduced_prompt", "reduce_each_image", "reduce_prompt",
-    "vision_layer_attention", "vision_stage_features", "vision_tower_states", "with_image_blocks", "with_shorter_images",
+    "vision_layer_attention", "vision_stage_features", "vision_stage_images", "vision_tower_states", "with_image_blocks", "with_shorter_images",
 ]

@@ -132,6 +132,21 @@ def vision_layer_attention(layer, hidden_in: torch.Tensor) -> tuple[torch.Tensor
     return scores.softmax(dim=-1), keys
 
 
+def vision_layer_single_head_cls_attention(layer, hidden_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CLS row of a CLIP encoder layer's attention computed as one head over the full width: softmax(q_CLS · kᵀ /
+    √D) of the layer's own norm and query/key projections (biases included), as PruMerge's hooks on `q_proj`/`k_proj`
+    compute it; and the keys.
+
+    hidden_in: (I, T, D) the layer's input, CLS first. Returns: (I, T) float32 attention, (I, T, D) keys.
+    """
+    attention = layer.self_attn
+    normed = layer.layer_norm1(hidden_in)  # (I, T, D)
+    query = attention.q_proj(normed[:, :1])  # (I, 1, D)
+    keys = attention.k_proj(normed)  # (I, T, D)
+    scores = (query @ keys.transpose(-1, -2)).squeeze(1).float() * keys.shape[-1] ** -0.5  # (I, T)
+    return scores.softmax(dim=-1), keys
+
+
 def vision_layer_attention_received(layer, hidden_in: torch.Tensor) -> torch.Tensor:
     """The attention each token receives in a CLIP or SigLIP encoder layer, averaged over the queries, recomputed from
     the layer's own norm and projections (independent of the attention backend).

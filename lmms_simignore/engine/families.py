@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmms_simignore.methods.base import CLS_ATTENTION, PATCH_ATTENTION
+from lmms_simignore.methods.base import CLS_ATTENTION, CLS_TOKEN, PATCH_ATTENTION, PATCHES_ALONE
 
 
 @dataclass(frozen=True)
@@ -78,23 +78,24 @@ def check_plan_support(config, plan) -> None:
     """Refuse, naming the method, a plan whose methods need what this model cannot give (a CLS token's attention, each
     image token's attention in the tower)."""
     check_cls_attention(config, plan.needing(CLS_ATTENTION))
-    check_patch_attention(config, plan.needing(PATCH_ATTENTION))
+    check_cls_token(config, plan.needing(CLS_TOKEN))
+    if config.vision_config.model_type == "clip_vision_model":  # SigLIP: the attention received, and no CLS token
+        check_cls_attention(config, plan.needing(PATCH_ATTENTION))
+        check_patches_alone(config, plan.needing(PATCHES_ALONE))
 
 
-def check_patch_attention(config, needing: tuple[str, ...]) -> None:
-    """Refuse, naming them, methods that rank the image tokens by their attention in the tower (`needing`: the CLS row
-    on CLIP, the attention received on SigLIP) where the CLIP tower's CLS token is itself an image token."""
-    if not needing or config.vision_config.model_type != "clip_vision_model":
-        return
-    check_cls_attention(config, needing)
-    if config.vision_feature_select_strategy != "default":
-        raise ValueError(f"{', '.join(needing)} ranks the image tokens by the CLS token's attention; under "
+def check_patches_alone(config, needing: tuple[str, ...]) -> None:
+    """Refuse, naming them, methods that rank and keep a CLIP tower's patches alone (`needing`) where its CLS token is
+    itself an image token."""
+    if needing and config.vision_feature_select_strategy != "default":
+        raise ValueError(f"{', '.join(needing)} ranks the patches by the CLS token's attention; under "
                          f"vision_feature_select_strategy={config.vision_feature_select_strategy!r} the CLS token is "
                          f"itself an image token (supported: 'default', which projects the patches alone)")
 
 
-def check_cls_attention(config, needing: tuple[str, ...]) -> None:
-    """Refuse, naming them, methods that read the CLS token's attention in the tower (`needing`) where it has none."""
+def check_cls_token(config, needing: tuple[str, ...]) -> None:
+    """Refuse, naming them, methods that read a CLS token in the tower (`needing`) where it has none, or that take one
+    feature layer where the checkpoint concatenates several."""
     if not needing:
         return
     names = ", ".join(needing)
@@ -105,6 +106,14 @@ def check_cls_attention(config, needing: tuple[str, ...]) -> None:
     if not isinstance(config.vision_feature_layer, int):
         raise ValueError(f"{names} needs one vision feature layer; this checkpoint concatenates layers "
                          f"{config.vision_feature_layer}")
+
+
+def check_cls_attention(config, needing: tuple[str, ...]) -> None:
+    """Refuse, naming them, methods that read the CLS token's attention in the tower's feature layer (`needing`) where
+    it has none."""
+    if not needing:
+        return
+    check_cls_token(config, needing)
     if config.vision_feature_layer % (config.vision_config.num_hidden_layers + 1) == 0:
-        raise ValueError(f"{names} needs the attention of the feature layer; vision_feature_layer selects the patch "
+        raise ValueError(f"{', '.join(needing)} needs the attention of the feature layer; vision_feature_layer selects the patch "
                          f"embeddings, which have none")

@@ -333,6 +333,23 @@ def embed_texts(model, token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.
     return embedding(padded), mask
 
 
+def with_longer_image_blocks(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int,
+                             extra: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) input_ids and attention_mask with `extra` more image tokens at the end of each image's block, rows
+    left-padded again to the longest: room for an image that a stage makes longer than the model's (B, L')."""
+    is_image = input_ids == image_token_id
+    block_ends = is_image & ~torch.cat([is_image[:, 1:], torch.zeros_like(is_image[:, :1])], dim=1)  # (B, L)
+    repeats = 1 + extra * block_ends.long()
+    rows = [(ids.repeat_interleave(count), mask.repeat_interleave(count))
+            for ids, mask, count in zip(input_ids, attention_mask, repeats)]
+    width = max((len(ids) for ids, _ in rows), default=0)
+    longer_ids = input_ids.new_zeros(len(rows), width)
+    longer_mask = attention_mask.new_zeros(len(rows), width)
+    for row, (ids, mask) in enumerate(rows):  # left padding, as the processor pads
+        longer_ids[row, width - len(ids):], longer_mask[row, width - len(ids):] = ids, mask
+    return longer_ids, longer_mask
+
+
 def left_pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-pack the True columns of each row: (B, L) bool -> source columns (B, L'), mask (B, L') and
     target (B, L), the output column of every input column (meaningful where `keep`).

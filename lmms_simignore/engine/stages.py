@@ -12,7 +12,7 @@ import torch
 from lmms_simignore.engine.families import check_plan_support
 from lmms_simignore.engine.prompt import (PromptEmbeddings, ReducedPrompt, build_prompt_embeddings,
                                           embed_texts, image_grid, image_tokens_per_image, reduce_prompt,
-                                          with_image_blocks, with_shorter_images)
+                                          with_image_blocks, with_longer_image_blocks, with_shorter_images)
 from lmms_simignore.engine.views import ImageTokensView, TiledImage, TowerView
 from lmms_simignore.methods.base import VisionStage
 from lmms_simignore.settings import Plan, ReductionSettings
@@ -36,9 +36,17 @@ def plan_for(config, settings: ReductionSettings) -> Plan:
 @torch.inference_mode()
 def vision_stage_features(model, stage: VisionStage, tower_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """(I, K, D) a vision-side stage's shorter images, projected into the LLM input space; tower_states: from
-    `vision_tower_states`."""
+    `vision_tower_states`. An adaptive stage's images are padded to the longest (`vision_stage_images` gives lengths)."""
+    return vision_stage_images(model, stage, tower_states)[0]
+
+
+@torch.inference_mode()
+def vision_stage_images(model, stage: VisionStage, tower_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A vision-side stage's shorter images, projected: (I, K, D), and (I,) each image's own length where the stage is
+    adaptive (else None: every image K)."""
     view = TowerView.of(model.config, tower_states, model.model.vision_tower.encoder.layers)
-    return model.model.multi_modal_projector(stage.shorten(view))
+    shorter, lengths = stage.shorten(view) if stage.adaptive else (stage.shorten(view), None)
+    return model.model.multi_modal_projector(shorter), lengths
 
 
 def every_image_token(prompt: PromptEmbeddings) -> torch.Tensor:
@@ -73,11 +81,19 @@ def embed_prompt(model, plan: Plan, inputs, tower_states: tuple[torch.Tensor, ..
     if plan.vision is None or pixel_values is None or not pixel_values.shape[0]:
         return build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], pixel_values)
     states = vision_tower_states(model, pixel_values) if tower_states is None else tower_states
-    features = vision_stage_features(model, plan.vision, states)  # (I, K, D)
+    features, lengths = vision_stage_images(model, plan.vision, states)  # (I, K, D), (I,) or None
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+    image_token_id = model.config.image_token_id
+    image_tokens = (input_ids == image_token_id).sum(dim=1)  # (B,) what the rows' images had
+    slots = image_tokens_per_image(model.config)
+    if features.shape[1] > slots:  # an adaptive stage made an image longer than the model's (PruMerge+'s can be N + 1)
+        input_ids, attention_mask = with_longer_image_blocks(input_ids, attention_mask, image_token_id,
+                                                             features.shape[1] - slots)
+        slots = features.shape[1]
     embedding = model.get_input_embeddings().weight
-    placeholders = embedding.new_zeros(features.shape[0], image_tokens_per_image(model.config), embedding.shape[1])
-    prompt = build_prompt_embeddings(model, inputs["input_ids"], inputs["attention_mask"], image_features=placeholders)
-    return with_shorter_images(prompt, features)
+    placeholders = embedding.new_zeros(features.shape[0], slots, embedding.shape[1])
+    prompt = build_prompt_embeddings(model, input_ids, attention_mask, image_features=placeholders, image_tokens=image_tokens)
+    return with_shorter_images(prompt, features, lengths)
 
 
 def _comparison_embeddings(model, tokenizer, texts: list[str], image_rows: torch.Tensor, with_bos: bool):

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from lmms_simignore.engine.attention import (attention_received, last_token_attention, layer_key_norms, vision_layer_attention,
-                                             vision_layer_attention_received)
+                                             vision_layer_attention_received, vision_layer_single_head_cls_attention)
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,11 @@ class TowerView:
     def last_layer_attention_received(self) -> torch.Tensor:
         """(I, H, T) float32 the attention each token receives in the tower's last layer, averaged over the queries."""
         return vision_layer_attention_received(self.layers[len(self.layers) - 1], self.states[len(self.layers) - 1])
+
+    def last_layer_single_head_cls_attention(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(I, T) float32 the CLS row of the tower's last layer's attention taken as one head over the full width, and
+        (I, T, D) that layer's keys."""
+        return vision_layer_single_head_cls_attention(self.layers[len(self.layers) - 1], self.states[len(self.layers) - 1])
 
 
 @dataclass

@@ -35,7 +35,10 @@ def _rows() -> tuple[tuple[str, dict], ...]:
                  (f"visionzip_{keep}", {"reduction": "visionzip", "keep": keep}),
                  (f"fastv_{keep}", {"reduction": "fastv", "fastv_layer": FASTV_LAYER, "fastv_keep": keep}),
                  (f"dart_{keep}", {"reduction": "dart", "dart_layer": FASTV_LAYER, "keep": keep}),
-                 (f"visiondrop_{keep}", {"reduction": "visiondrop", "keep": keep})]
+                 (f"visiondrop_{keep}", {"reduction": "visiondrop", "keep": keep}),
+                 (f"divprune_{keep}", {"reduction": "divprune", "keep": keep}),
+                 (f"vispruner_{keep}", {"reduction": "vispruner", "keep": keep}),
+                 (f"prumerge_plus_{keep}", {"reduction": "prumerge_plus", "keep": keep})]
     rows += [
         ("pdrop", {"reduction": "pdrop"}),
         ("simignore_16_prompt", {"reduction": "simignore", "keep": 16, "text": "prompt"}),
@@ -49,7 +52,8 @@ def _rows() -> tuple[tuple[str, dict], ...]:
 
 
 # none; Simignore, random, VisionZip (in the vision tower), FastV and DART (both from layer 2 of 4) at each budget,
-# VisionDrop at each budget as its average over layers (its published schedule scaled);
+# VisionDrop at each budget as its average over layers (its published schedule scaled), DivPrune (projector outputs),
+# VisPruner and PruMerge+ (its fixed budget; both in the vision tower) at each budget;
 # PyramidDrop with its defaults (64 -> 32 -> 16 -> 8 over layers 0-3); Simignore comparing with the whole prompt,
 # and applied as an attention mask (must answer as dropping does); two stacked rows; pooling at 16 and 4 (the whole
 # strides of the 8 x 8 grid).

@@ -26,8 +26,10 @@ PLACE_WORDS = {VISION: "in the vision tower", PRE_LLM: "before the LLM", IN_LLM:
 POSITION_RULES = ("original", "repacked", "contiguous")
 # what a method may need that not every model can give (the engine checks these before any compute)
 CLS_ATTENTION = "the CLS token's attention in the tower's feature layer"
+CLS_TOKEN = "a CLS token in the tower (CLIP)"
 PATCH_ATTENTION = ("each image token's attention in the tower (CLIP: the CLS row of the feature layer; SigLIP: the "
                    "attention it receives in the last layer)")
+PATCHES_ALONE = "the patches alone as the image tokens (on CLIP: vision_feature_select_strategy=default)"
 # the settings every pipeline has (not a method's): the pipeline, its budget, how a pre-LLM stage hides tokens, the seed
 # of random choices, and the position rule after in-LLM stages
 COMMON_ARGUMENTS = ("reduction", "keep", "ignore", "apply", "seed", "stage_positions", "budget_per")
@@ -126,7 +128,8 @@ class StageRequest:
 @dataclass(frozen=True)
 class VisionStage:
     """A stage in the vision tower: `shorten(view: TowerView) -> (I, tokens, D_tower)`, which the engine projects
-    and places where the image was, at contiguous positions. On images the tower sees as several views (LLaVA-NeXT's
+    and places where the image was, at contiguous positions; when `adaptive` (each image its own number, at most
+    `tokens`), `shorten(view) -> ((I, K, D_tower), (I,) lengths)`, image i's first K_i rows. On images the tower sees as several views (LLaVA-NeXT's
     base view and crops, `TowerView.tiling`): `shorten_views(view) -> [(tokens, D_tower)]`, each image's views shortened
     and arranged as the method's authors do for such images; None where there is no such version (refused there, with
     `views_refusal`, why)."""
@@ -136,6 +139,7 @@ class VisionStage:
     shorten: Callable
     shorten_views: Callable | None = None
     views_refusal: str = "its authors' code gives no version for an image in tiles"
+    adaptive: bool = False
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,11 @@ its module plus one entry in `_MODULES`' list."""
 
 from __future__ import annotations
 
-from lmms_simignore.methods import dart, divprune, fastv, pdrop, pool, random_tokens, simignore, visiondrop, vispruner, visionzip
+from lmms_simignore.methods import (dart, divprune, fastv, pdrop, pool, prumerge_plus, random_tokens, simignore, visiondrop,
+                                    vispruner, visionzip)
 from lmms_simignore.methods.base import COMMON_ARGUMENTS, Method
 
-_MODULES = (simignore, random_tokens, fastv, pdrop, dart, visionzip, visiondrop, pool, divprune, vispruner)
+_MODULES = (simignore, random_tokens, fastv, pdrop, dart, visionzip, visiondrop, pool, divprune, vispruner, prumerge_plus)
 
 
 def register(registry: dict[str, Method], method: Method) -> None:

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from lmms_simignore.methods.arguments import argument, check_fraction
-from lmms_simignore.methods.base import (PATCH_ATTENTION, VISION, Method, PipelineContext, StageRequest, VisionStage,
-                                         require_keep_or_ignore)
+from lmms_simignore.methods.base import (PATCH_ATTENTION, PATCHES_ALONE, VISION, Method, PipelineContext, StageRequest,
+                                         VisionStage, require_keep_or_ignore)
 
 DROPPED_PER_ROUND = 8  # its code's cap on the duplicates removed in one round
 
@@ -122,7 +122,7 @@ METHOD = Method(
     arguments=VisPrunerArguments,
     budget="`keep`/`ignore` per image (count or fraction of the model's image tokens), required: the final count T",
     positions="contiguous",
-    needs=(PATCH_ATTENTION, "the feature layer's states"),
+    needs=(PATCH_ATTENTION, PATCHES_ALONE, "the feature layer's states"),
     refuses="tiled images (LLaVA-NeXT, OneVision: its NeXT version is not built yet; InternVL, Qwen-VL: no version by "
             "its authors); a CLIP tower whose CLS token is itself an image token (vision_feature_select_strategy=full)",
     check=_check,
