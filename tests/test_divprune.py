@@ -4,9 +4,9 @@ transformers' forward on the prompt written with only the kept tokens."""
 
 import pytest
 import torch
+from method_checks import (assert_batch_answers_as_each_row_alone_and_cached_as_recomputed,
+                           assert_keeping_every_token_is_no_reduction, assert_the_class_batches_as_alone_and_counts_each_layer)
 from test_engine import last_logits
-from test_fastv import row_alone
-from test_model import make_model, simple_requests
 from test_model_reductions import docs  # noqa: F401  (a fixture)
 from test_visionzip import two_rows, written_with_a_shorter_image  # noqa: F401  (two_rows: a fixture)
 
@@ -80,32 +80,15 @@ def test_masking_and_dropping_compute_the_same_logits_at_the_same_closed_up_posi
 
 
 def test_keeping_every_token_is_no_reduction(tiny_model, processor, two_rows):
-    everything = engine.plan_for(tiny_model.config, ReductionSettings(reduction="divprune", keep=1.0))
-    kept_all = engine.prepare_reduced_prompt(tiny_model, processor.tokenizer, everything, two_rows, ["", ""], [])
-    none = engine.prepare_reduced_prompt(tiny_model, processor.tokenizer, engine.plan_for(tiny_model.config, ReductionSettings()),
-                                         two_rows, ["", ""], [])
-    assert torch.equal(kept_all.position_ids, none.position_ids)
-    assert torch.allclose(last_logits(tiny_model, kept_all), last_logits(tiny_model, none), atol=1e-5)
+    assert_keeping_every_token_is_no_reduction(tiny_model, processor, two_rows, ReductionSettings(reduction="divprune", keep=1.0))
 
 
 def test_a_batch_answers_as_each_row_alone_and_cached_as_recomputed(tiny_model, processor, two_rows):
-    from test_engine import run
-
-    plan = engine.plan_for(tiny_model.config, KEEP_6)
-    reduced = engine.prepare_reduced_prompt(tiny_model, processor.tokenizer, plan, two_rows, ["", ""], [])
-    cached = run(tiny_model, processor, reduced)
-    assert torch.equal(cached, run(tiny_model, processor, reduced, use_cache=False))
-    for row in range(2):
-        alone = engine.prepare_reduced_prompt(tiny_model, processor.tokenizer, plan, row_alone(two_rows, row), [""], [])
-        assert run(tiny_model, processor, alone)[0].tolist() == cached[row].tolist()
+    assert_batch_answers_as_each_row_alone_and_cached_as_recomputed(tiny_model, processor, two_rows, KEEP_6)
 
 
 def test_divprune_through_the_model_class_counts_what_each_layer_saw(testbed, docs):  # noqa: F811
-    model = make_model(testbed, docs, reduction="divprune", keep=8, batch_size=3)
-    answers = model.generate_until(simple_requests(docs))
-    assert answers == make_model(testbed, docs, reduction="divprune", keep=8, batch_size=1).generate_until(simple_requests(docs))
-    records = sorted(model.accounting.records, key=lambda record: record["doc_id"])
-    assert [r["computed_per_layer"] for r in records] == [[8, 8, 8]] * 5 + [[0, 0, 0]]  # the last doc has no image
+    assert_the_class_batches_as_alone_and_counts_each_layer(testbed, docs, 8, reduction="divprune")
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -8,9 +8,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from test_engine import last_logits, run
-from test_fastv import row_alone
-from test_model import make_model, simple_requests
+from method_checks import assert_batch_answers_as_each_row_alone_and_cached_as_recomputed, assert_the_class_batches_as_alone_and_counts_each_layer
+from test_engine import last_logits
 from test_model_reductions import docs  # noqa: F401  (a fixture)
 from test_visionzip import written_with_a_shorter_image
 
@@ -220,23 +219,13 @@ def test_an_image_one_token_longer_than_the_model_s_is_placed_in_one_more_slot(t
         assert real.tolist() == original[: span[-1] + 1].tolist() + [image_id] + original[span[-1] + 1:].tolist()
 
 
-def test_a_batch_answers_as_each_row_alone_and_cached_as_recomputed(tiny_model, processor, two_prompts):
-    for settings in (KEEP_8, AUTO):
-        plan = engine.plan_for(tiny_model.config, settings)
-        reduced = engine.prepare_reduced_prompt(tiny_model, processor.tokenizer, plan, two_prompts, ["", ""], [])
-        cached = run(tiny_model, processor, reduced)
-        assert torch.equal(cached, run(tiny_model, processor, reduced, use_cache=False))
-        for row in range(2):
-            alone = engine.prepare_reduced_prompt(tiny_model, processor.tokenizer, plan, row_alone(two_prompts, row), [""], [])
-            assert run(tiny_model, processor, alone)[0].tolist() == cached[row].tolist()
+@pytest.mark.parametrize("settings", [KEEP_8, AUTO], ids=["keep=8", "keep=auto"])
+def test_a_batch_answers_as_each_row_alone_and_cached_as_recomputed(tiny_model, processor, two_prompts, settings):
+    assert_batch_answers_as_each_row_alone_and_cached_as_recomputed(tiny_model, processor, two_prompts, settings)
 
 
 def test_prumerge_plus_through_the_model_class_counts_what_each_layer_saw(testbed, docs):  # noqa: F811
-    model = make_model(testbed, docs, reduction="prumerge_plus", keep=8, batch_size=3)
-    answers = model.generate_until(simple_requests(docs))
-    assert answers == make_model(testbed, docs, reduction="prumerge_plus", keep=8, batch_size=1).generate_until(simple_requests(docs))
-    records = sorted(model.accounting.records, key=lambda record: record["doc_id"])
-    assert [r["computed_per_layer"] for r in records] == [[8, 8, 8]] * 5 + [[0, 0, 0]]  # the last doc has no image
+    assert_the_class_batches_as_alone_and_counts_each_layer(testbed, docs, 8, reduction="prumerge_plus")
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -196,6 +196,9 @@ def write_csv(rows: list[dict], path: Path) -> None:
             })
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """Accuracy against the mean image tokens per layer, one line per (method, task); the unreduced model dashed."""
     import matplotlib
@@ -208,6 +211,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for row in rows:
         groups.setdefault((row["method"], row["task"]), []).append(row)
     several_tasks = len({row["task"] for row in rows}) > 1
+    colours = plt.get_cmap("tab20").colors  # a colour and a marker of its own for each of up to 20 lines
+    styles = iter([(colours[(2 * i) % 20 + (2 * i) // 20 % 2], MARKERS[i % len(MARKERS)]) for i in range(len(groups))])
     for (method, task), members in groups.items():
         members = sorted(members, key=lambda row: row["mean_visible"])
         label = f"{method} [{task}]" if several_tasks else method
@@ -216,7 +221,8 @@ def plot(rows: list[dict], path: Path) -> None:
             axis.axhline(y[0], linestyle="--", color="grey", linewidth=1)
             axis.plot(x, y, marker="*", markersize=12, linestyle="none", color="grey", label=f"{label} (all tokens)")
         else:
-            axis.plot(x, y, marker="o", label=label)
+            colour, marker = next(styles)
+            axis.plot(x, y, marker=marker, color=colour, label=label)
     axis.set_xlabel("image tokens per layer (mean over layers)")
     axis.set_ylabel(f"{rows[0]['metric']}")
     axis.grid(alpha=0.3)
