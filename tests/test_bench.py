@@ -15,9 +15,10 @@ def test_quick_bench_writes_every_row_with_its_flop_ideal(tmp_path):
     assert (testbed["image_tokens"], testbed["layers"]) == (64, 4)
     rows = testbed["rows"]
     assert list(rows) == ["none", "simignore_drop_50", "simignore_mask_50", "random_drop_50", "fastv_50", "visionzip_50",
-                          "dart_50", "visiondrop_50", "divprune_50", "vispruner_50", "prumerge_plus_50", "simignore_drop_25",
-                          "simignore_mask_25", "random_drop_25", "fastv_25", "visionzip_25", "dart_25", "visiondrop_25",
-                          "divprune_25", "vispruner_25", "prumerge_plus_25", "pool_25", "pdrop", "simignore_auto"]
+                          "dart_50", "visiondrop_50", "divprune_50", "vispruner_50", "prumerge_plus_50", "sparsevlm_50",
+                          "simignore_drop_25", "simignore_mask_25", "random_drop_25", "fastv_25", "visionzip_25", "dart_25",
+                          "visiondrop_25", "divprune_25", "vispruner_25", "prumerge_plus_25", "sparsevlm_25", "pool_25",
+                          "pdrop", "simignore_auto"]
     assert rows["pool_25"]["computed_per_layer"] == [16] * 4  # the 8 x 8 grid pooled 2 x 2
     auto = rows["simignore_auto"]  # each image its own number; dropped rows are padded to the batch's largest
     visible, computed = auto["visible_per_layer"], auto["computed_per_layer"]
@@ -32,6 +33,7 @@ def test_quick_bench_writes_every_row_with_its_flop_ideal(tmp_path):
     assert rows["visiondrop_25"]["computed_per_layer"] == [24, 18, 13, 10]  # its schedule scaled to an average of 16
     assert rows["divprune_25"]["computed_per_layer"] == rows["vispruner_25"]["computed_per_layer"] == [16] * 4
     assert rows["prumerge_plus_25"]["computed_per_layer"] == [16] * 4  # 15 chosen + the merged rest
+    assert rows["sparsevlm_25"]["computed_per_layer"] == [64, 19, 9, 5]  # its 64-token schedule / 4: 17, 8, 4 + merged
     assert rows["visionzip_25"]["ideal_prefill_speedup"] == rows["simignore_drop_25"]["ideal_prefill_speedup"]
     assert 1.0 < rows["fastv_50"]["ideal_prefill_speedup"] < rows["simignore_drop_50"]["ideal_prefill_speedup"] < rows["simignore_drop_25"]["ideal_prefill_speedup"]
     for result in rows.values():
@@ -118,7 +120,7 @@ def test_a_bench_stopped_part_way_keeps_the_rows_it_finished(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_bench(tmp_path, quick=True, echo=stop_at_the_second_batch_size)
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert list(report["models"]) == ["testbed"] and len(report["models"]["testbed"]["rows"]) == 24
+    assert list(report["models"]) == ["testbed"] and len(report["models"]["testbed"]["rows"]) == 26
     # batch size 1 is kept whole (its rows were measured side by side); nothing of batch size 4
     assert [(r["batch_size"], r["row"]) for r in report["scienceqa_pass"]["results"]] == [
         (1, "none"), (1, "simignore_drop_288"), (1, "fastv_288")]

@@ -175,6 +175,8 @@ def test_masking_and_dropping_give_the_same_answers_through_the_class(internvl_m
     (dict(reduction="visionzip", keep=32), "visionzip shortens each image inside the vision tower, .* refused on internvl"),
     (dict(reduction="vispruner", keep=32), "vispruner shortens each image inside the vision tower, .* its authors' code has "
                                            "no InternVL version"),
+    (dict(reduction="sparsevlm", sparsevlm_layers="0/1", sparsevlm_schedule="20/10"),
+     "sparsevlm's stage at layer 1 merges image tokens, .* internvl gives each image its own"),
     (dict(reduction="pool", keep=20), "pool keeps 1/s² .* of the 4 x 4 \\+ 4 x 4 .* grids: keep=208, 52"),
     (dict(reduction="random", keep=209), r"an image of 12 tiles and its thumbnail has 208 image tokens: keep=209 exceeds"),
     (dict(max_patches=0), "max_patches must be a positive integer"),

@@ -89,7 +89,7 @@ def test_attribution_config_runs_end_to_end_offline(paper_shaped_testbed, tmp_pa
 
 
 PEER_ROWS_OFFLINE = ("visionzip_64", "dart_64", "pdrop_64", "visiondrop_64", "divprune_64", "vispruner_64",
-                     "prumerge_plus_64")  # what attribution.yaml lacks
+                     "prumerge_plus_64", "sparsevlm_64")  # what attribution.yaml lacks
 
 
 def test_peer_rows_run_offline_on_the_paper_shaped_model(paper_shaped_testbed, tmp_path):
@@ -107,6 +107,7 @@ def test_peer_rows_run_offline_on_the_paper_shaped_model(paper_shaped_testbed, t
         "divprune_64": [64] * 6,
         "vispruner_64": [64] * 6,
         "prumerge_plus_64": [64] * 6,
+        "sparsevlm_64": [576, 82, 32, 32, 18, 18],  # after layers 2/6/15 of 32 = 0/1/3 of 6: 66 + 16 merged, 30 + 2, 17 + 1
     }
     assert all(len(summary["answers"]["scienceqa_img_local"]) == 2 for summary in summaries)
 
@@ -196,6 +197,8 @@ def test_peer_rows_keep_what_their_name_says_on_llava_1_5(geometry):
             assert visible == [576] * 2 + [int(budget)] * 30, row.name
         elif method in ("pdrop", "visiondrop"):
             assert abs(sum(visible) / layers - int(budget)) < 1 and len(set(visible)) == 4, row.name
+        elif method == "sparsevlm":  # its code's schedule for N: all 576 up to its first pruning layer (2), then 3 stages
+            assert visible[:3] == [576] * 3 and len(set(visible)) == 4, row.name
         else:
             assert visible == [int(budget)] * layers, row.name
 

@@ -253,6 +253,8 @@ def test_visionzip_gives_each_of_llava_next_s_five_views_108_plus_20_of_640():
      "visiondrop on an image in tiles .*: its authors' code gives no version for an image in tiles; refused"),
     (dict(reduction="vispruner", keep=0.3), "vispruner on an image in tiles .*: its authors' LLaVA-NeXT version .* is not "
                                             "built here yet"),
+    (dict(reduction="sparsevlm", sparsevlm_layers="0/1", sparsevlm_schedule="20/10"),
+     "sparsevlm's stage at layer 1 merges image tokens, .* gives each image its own"),
     (dict(reduction="visionzip+simignore", dominant=6, contextual=2, keep=20), "simignore after visionzip"),
 ])
 def test_what_tiles_do_not_define_is_refused_by_name(next_models, settings, message):

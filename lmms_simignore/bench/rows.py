@@ -44,6 +44,7 @@ def _method_arguments(percent: int, keep: int | float, fastv_layer: int) -> dict
         f"divprune_{percent}": {"reduction": "divprune", "keep": keep},
         f"vispruner_{percent}": {"reduction": "vispruner", "keep": keep},
         f"prumerge_plus_{percent}": {"reduction": "prumerge_plus", "keep": keep},
+        f"sparsevlm_{percent}": {"reduction": "sparsevlm", "keep": keep},  # keep: its schedule for it
     }
 
 

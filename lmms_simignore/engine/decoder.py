@@ -4,6 +4,7 @@ tokens each layer saw; and generation and teacher-forced log-probabilities on to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -279,7 +280,7 @@ class LanguageModelRun:
                 layer_output=layer_output, position_embeddings=position_embeddings, visible=visible,
                 is_image=is_image, image_rows=image_rows[images], image_columns=previous.image_columns[images],
                 image_visible=previous.image_visible[images], keep=stage.keep, final_norm=self.final_norm,
-                count_flops=self._count_stage_flops,
+                count_flops=self._count_stage_flops, first_layer=partial(self._first_layer_inputs, previous, images),
             )
             group_choice = stage.choose(view)
             if tuple(group_choice.kept.shape) != (len(images), stage.keep):
@@ -309,6 +310,24 @@ class LanguageModelRun:
         segment.image_visible = slots
         segment.image_token_index = previous.image_token_index.gather(1, choice.kept)
         segment.rebuild = choice.rebuild
+
+    def _first_layer_inputs(self, segment: _Segment, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`LayerView.first_layer_inputs` of `images` (I,) in `segment`'s sequence: from the prompt the first layer got."""
+        prompt = self.prompt
+        rows, image_columns = prompt.image_rows[images], prompt.image_columns[images]  # (I,), (I, N)
+        embeds, length = prompt.inputs_embeds, prompt.inputs_embeds.shape[1]
+        image = embeds[rows[:, None], image_columns]  # (I, N, D)
+        is_image = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        is_image[prompt.image_rows[:, None].expand_as(prompt.image_columns), prompt.image_columns] = True
+        columns = torch.arange(length, device=embeds.device)
+        after = (columns[None] > image_columns.amax(dim=1, keepdim=True)) & prompt.attention_mask[rows].bool() & ~is_image[rows]
+        counts = after.sum(dim=1)  # (I,)
+        text_columns = torch.sort((~after).long(), dim=1, stable=True).indices[:, : int(counts.max()) if len(counts) else 0]
+        text_real = torch.arange(text_columns.shape[1], device=embeds.device)[None] < counts[:, None]  # (I, T)
+        text = embeds[rows[:, None], text_columns]  # (I, T, D)
+        here = segment.columns[rows] if segment.columns is not None else columns.expand(len(rows), -1)  # (I, S) prompt column
+        here = here.masked_fill(~segment.mask[rows, : here.shape[1]].bool(), -1)  # left padding first: ascending
+        return image, prompt.image_visible[images], text, text_real, torch.searchsorted(here.contiguous(), text_columns.contiguous())
 
     def _count_stage_flops(self, flops: int) -> None:
         self.stage_flops += int(flops)

@@ -101,7 +101,8 @@ class LayerView:
     image's tokens still present sit; image_visible: (I, M) which of them are visible (the candidates); keep: image
     tokens per image the stage keeps; final_norm: the language model's norm after its last layer; count_flops(n): told
     the FLOPs of what the view computes (the projections and attention scores a stage asks for), so that a stage's own
-    work is counted with the layers'.
+    work is counted with the layers'; first_layer(): what the first decoder layer got of each image and of the text
+    after it (`first_layer_inputs`).
     """
 
     layer: object
@@ -117,6 +118,7 @@ class LayerView:
     keep: int
     final_norm: object
     count_flops: Callable = lambda flops: None
+    first_layer: Callable | None = None
 
     def _projection_flops(self, layer, rows: int, queries: int, keys: int) -> int:
         """2 x multiply-adds of `queries` query and `keys` key projections in `layer`, per row, over `rows` rows."""
@@ -139,6 +141,22 @@ class LayerView:
     def normed_output(self) -> torch.Tensor:
         """(B, S, D): `layer`'s output through the final norm."""
         return self.final_norm(self.layer_output)
+
+    def first_layer_inputs(self) -> tuple[torch.Tensor, ...]:
+        """What the first decoder layer got: (I, N, D) each image's visible tokens and (I, N) which are real; (I, T, D)
+        the text after it in its row (its row's tokens after the image's last, other images' tokens left out) and (I, T)
+        which are real; (I, T) where those text tokens sit in this sequence."""
+        return self.first_layer()
+
+    def layer_attention_from(self, query_columns: torch.Tensor, query_weights: torch.Tensor) -> torch.Tensor:
+        """(I, S) float32 the attention each column of an image's row receives in `layer` (on its input; causal, softmax
+        over the visible columns), mean over heads, summed over the queries at `query_columns` (I, Q) with
+        `query_weights` (I, Q)."""
+        images, queries = query_columns.shape
+        received, _, score_flops = attention_received(self.layer, self.layer_input, self.position_embeddings,
+                                                      self.image_rows, query_columns, query_weights, self.visible)
+        self.count_flops(self._projection_flops(self.layer, images, queries, self.layer_input.shape[1]) + score_flops)
+        return received
 
     def next_layer_attention_from_images(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(I, S) float32 the attention each column of an image's row receives in `next_layer` (causal, on the current

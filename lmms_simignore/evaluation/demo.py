@@ -38,7 +38,8 @@ def _rows() -> tuple[tuple[str, dict], ...]:
                  (f"visiondrop_{keep}", {"reduction": "visiondrop", "keep": keep}),
                  (f"divprune_{keep}", {"reduction": "divprune", "keep": keep}),
                  (f"vispruner_{keep}", {"reduction": "vispruner", "keep": keep}),
-                 (f"prumerge_plus_{keep}", {"reduction": "prumerge_plus", "keep": keep})]
+                 (f"prumerge_plus_{keep}", {"reduction": "prumerge_plus", "keep": keep}),
+                 (f"sparsevlm_{keep}", {"reduction": "sparsevlm", "keep": keep})]
     rows += [
         ("pdrop", {"reduction": "pdrop"}),
         ("simignore_16_prompt", {"reduction": "simignore", "keep": 16, "text": "prompt"}),
@@ -53,7 +54,8 @@ def _rows() -> tuple[tuple[str, dict], ...]:
 
 # none; Simignore, random, VisionZip (in the vision tower), FastV and DART (both from layer 2 of 4) at each budget,
 # VisionDrop at each budget as its average over layers (its published schedule scaled), DivPrune (projector outputs),
-# VisPruner and PruMerge+ (its fixed budget; both in the vision tower) at each budget;
+# VisPruner and PruMerge+ (its fixed budget; both in the vision tower) at each budget, SparseVLM (its schedule for the
+# budget, scaled from its 64-token one; inside the LLM);
 # PyramidDrop with its defaults (64 -> 32 -> 16 -> 8 over layers 0-3); Simignore comparing with the whole prompt,
 # and applied as an attention mask (must answer as dropping does); two stacked rows; pooling at 16 and 4 (the whole
 # strides of the 8 x 8 grid).

@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from lmms_simignore.engine.families import check_plan_support
+from lmms_simignore.engine.families import check_merging_stages, check_plan_support
 from lmms_simignore.engine.prompt import PromptEmbeddings, default_position_ids, image_tokens_per_image, place_image_features
 from lmms_simignore.engine.views import TiledImage, TowerView
 from lmms_simignore.settings import Plan, ReductionSettings
@@ -166,7 +166,7 @@ def nominal_plan(config, settings: ReductionSettings) -> Plan:
 def check_tiled_plan(config, plan: Plan) -> None:
     """Refuse, naming the method, what is not defined on tiled images: a stage in the tower whose authors give no
     version for an image seen in several views (the CLS-attention methods also need LLaVA-NeXT's CLIP: OneVision's
-    SigLIP has no CLS), and a stage before the LLM after one in the tower."""
+    SigLIP has no CLS), a stage before the LLM after one in the tower, and an in-LLM stage that merges."""
     check_plan_support(config, plan)
     if plan.vision is not None and plan.vision.shorten_views is None:
         raise ValueError(f"{plan.vision.method} on an image in tiles (a base view and the crops, as {config.model_type} "
@@ -174,3 +174,4 @@ def check_tiled_plan(config, plan: Plan) -> None:
     if plan.vision is not None and plan.pre_llm is not None:
         raise ValueError(f"{plan.pre_llm.method} after {plan.vision.method}: a stage before the LLM on the shortened views "
                          f"of a tiled image is not defined")
+    check_merging_stages(config, plan)

@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-from lmms_simignore.engine.families import check_cls_attention, check_plan_support
+from lmms_simignore.engine.families import check_cls_attention, check_merging_stages, check_plan_support
 from lmms_simignore.engine.prompt import PromptEmbeddings, place_image_features
 from lmms_simignore.settings import Plan, ReductionSettings
 
@@ -92,6 +92,7 @@ def check_qwen_plan(config, plan: Plan) -> None:
     """Refuse, naming the method, what a Qwen-VL model cannot give: a CLS token's attention, a stage inside the ViT,
     positions re-packed or closed up on its multimodal rotary positions."""
     check_plan_support(config, plan)
+    check_merging_stages(config, plan)
     for stage in plan.layers:
         if stage.positions != "original":
             raise ValueError(f"{stage.method}'s stage at layer {stage.layer} re-packs the positions of the tokens it keeps "

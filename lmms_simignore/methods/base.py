@@ -187,13 +187,14 @@ class LayerChoice:
 class LayerStage:
     """A stage inside the LLM: layers >= `layer` see `keep` image tokens per image, chosen by `choose(view:
     LayerView) -> LayerChoice` from what the layers before computed; positions "original" (each token keeps its
-    position id) or "repacked" (the tokens left close ranks)."""
+    position id) or "repacked" (the tokens left close ranks); `merges`: its choice makes new tokens (a `rebuild`)."""
 
     method: str
     layer: int
     keep: int
     choose: Callable
     positions: str = "original"
+    merges: bool = False
 
 
 @dataclass(frozen=True)

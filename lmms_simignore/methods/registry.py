@@ -3,11 +3,12 @@ its module plus one entry in `_MODULES`' list."""
 
 from __future__ import annotations
 
-from lmms_simignore.methods import (dart, divprune, fastv, pdrop, pool, prumerge_plus, random_tokens, simignore, visiondrop,
-                                    vispruner, visionzip)
+from lmms_simignore.methods import (dart, divprune, fastv, pdrop, pool, prumerge_plus, random_tokens, simignore, sparsevlm,
+                                    visiondrop, vispruner, visionzip)
 from lmms_simignore.methods.base import COMMON_ARGUMENTS, Method
 
-_MODULES = (simignore, random_tokens, fastv, pdrop, dart, visionzip, visiondrop, pool, divprune, vispruner, prumerge_plus)
+_MODULES = (simignore, random_tokens, fastv, pdrop, dart, visionzip, visiondrop, pool, divprune, vispruner, prumerge_plus,
+            sparsevlm)
 
 
 def register(registry: dict[str, Method], method: Method) -> None:

@@ -191,5 +191,6 @@ METHOD = Method(
 def visiondrop_stages(layer_keeps: tuple[tuple[int, int], ...], merged: tuple[int, ...], order: str = "end",
                       positions: str = "repacked") -> tuple[LayerStage, ...]:
     """VisionDrop's LLM stages at the given (layer, keep) pairs, `merged[i]` of stage i's keep merged (what its plan gives)."""
-    return tuple(LayerStage("visiondrop", layer, keep, partial(choose_dominant_and_merge, count, order), positions=positions)
+    return tuple(LayerStage("visiondrop", layer, keep, partial(choose_dominant_and_merge, count, order), positions=positions,
+                            merges=count > 0)
                  for (layer, keep), count in zip(layer_keeps, merged))
