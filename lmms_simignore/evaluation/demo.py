@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmms_simignore.engine.accounting import layer_runs
+from lmms_simignore.evaluation.leaderboard import line_styles
 from lmms_simignore.evaluation.sweep import SweepConfig, SweepRow, run_sweep
 from lmms_simignore.markdown import table
 from lmms_simignore.methods.base import IN_LLM
@@ -149,6 +150,17 @@ def kept_from_a_layer(method: str) -> bool:
     return METHODS[method].places == (IN_LLM,)
 
 
+def curve_label(method: str, rows: list[dict]) -> str:
+    """The method's name in the curve's legend; for a method inside the LLM, the layer from which its budget holds (all
+    image tokens before it), counted from its rows' tokens per layer, and whether the budget names a schedule."""
+    if not kept_from_a_layer(method):
+        return method
+    seen = [[int(count) for count in row["visible_per_layer"]] for row in rows]
+    first = min(next((layer for layer, count in enumerate(counts) if count < IMAGE_TOKENS), len(counts)) for counts in seen)
+    schedule = any(len(set(counts[first:])) > 1 for counts in seen)
+    return f"{method} ({'its schedule ' if schedule else ''}from layer {first}; all {IMAGE_TOKENS} before)"
+
+
 def curve_table(summaries: list[dict], task: str = TASK) -> str:
     """Markdown: overall accuracy of each method at each budget of the rows (share of the image tokens), and `none`."""
     none = next(s for s in summaries if s["name"] == "none")["all_metrics"][task]["exact_match"]
@@ -169,11 +181,12 @@ def plot_curve(summaries: list[dict], path: Path, task: str = TASK) -> None:
 
     from lmms_simignore.testbed.shapes import OPTIONS
 
-    figure, axis = plt.subplots(figsize=(6, 4), constrained_layout=True)
-    for method, points in curve(summaries, task).items():
-        if points:
-            label = f"{method} (from layer {FASTV_LAYER}; all {IMAGE_TOKENS} before)" if kept_from_a_layer(method) else method
-            axis.plot([100 * keep / IMAGE_TOKENS for keep, _ in points], [value for _, value in points], marker="o", label=label)
+    figure, axis = plt.subplots(figsize=(9, 4.2), constrained_layout=True)
+    methods = {method: points for method, points in curve(summaries, task).items() if points}
+    for (method, points), (colour, marker) in zip(methods.items(), line_styles(len(methods))):
+        label = curve_label(method, [summary for name, _, summary in _curve_rows(summaries) if name == method])
+        axis.plot([100 * keep / IMAGE_TOKENS for keep, _ in points], [value for _, value in points], marker=marker,
+                  color=colour, label=label)
     none = next(s for s in summaries if s["name"] == "none")["all_metrics"][task]["exact_match"]
     axis.axhline(none, linestyle="--", color="grey", linewidth=1, label=f"none (all {IMAGE_TOKENS} tokens)")
     chance = sum(1 / len(options) for options in OPTIONS.values()) / len(OPTIONS)
@@ -185,6 +198,6 @@ def plot_curve(summaries: list[dict], path: Path, task: str = TASK) -> None:
     axis.set_ylabel("accuracy (held-out shapes questions)")
     axis.set_ylim(0, 1.02)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the plot: no line hidden
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -199,6 +199,14 @@ def write_csv(rows: list[dict], path: Path) -> None:
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
 
 
+def line_styles(count: int) -> list[tuple[tuple, str]]:
+    """A (colour, marker) of its own for each of `count` lines (distinct colours for up to 20)."""
+    import matplotlib.pyplot as plt
+
+    colours = plt.get_cmap("tab20").colors  # the saturated ten first, then their light partners
+    return [(colours[(2 * i) % 20 + (2 * i) // 20 % 2], MARKERS[i % len(MARKERS)]) for i in range(count)]
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """Accuracy against the mean image tokens per layer, one line per (method, task); the unreduced model dashed."""
     import matplotlib
@@ -211,8 +219,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for row in rows:
         groups.setdefault((row["method"], row["task"]), []).append(row)
     several_tasks = len({row["task"] for row in rows}) > 1
-    colours = plt.get_cmap("tab20").colors  # a colour and a marker of its own for each of up to 20 lines
-    styles = iter([(colours[(2 * i) % 20 + (2 * i) // 20 % 2], MARKERS[i % len(MARKERS)]) for i in range(len(groups))])
+    styles = iter(line_styles(len(groups)))
     for (method, task), members in groups.items():
         members = sorted(members, key=lambda row: row["mean_visible"])
         label = f"{method} [{task}]" if several_tasks else method
