@@ -11,6 +11,7 @@ from method_checks import assert_batch_answers_as_each_row_alone_and_cached_as_r
 from test_fastv import padded_batch, unreduced  # noqa: F401  (padded_batch is a fixture)
 from test_model import make_model, simple_requests
 from test_model_reductions import docs  # noqa: F401  (a fixture)
+from test_visiondrop import layer_one_input
 
 from lmms_simignore import engine
 from lmms_simignore.methods.sparsevlm import density_peak_clusters, merged_tokens, raters, scaled_schedule
@@ -114,22 +115,6 @@ def layer_zero(eager, reduced):
         for handle in handles:
             handle.remove()
     return seen["output"], seen["weights"]
-
-
-def layer_one_input(eager, reduced, stages):
-    """(B, S', D) hidden states and (B, S') positions that layer 1 is given in the prompt pass with `stages`."""
-    seen = {}
-
-    def keep_input(module, args, kwargs):
-        seen.setdefault("input", args[0] if args else kwargs["hidden_states"])
-        seen.setdefault("positions", kwargs["position_ids"])
-
-    handle = eager.model.language_model.layers[1].register_forward_pre_hook(keep_input, with_kwargs=True)
-    try:
-        engine.LanguageModelRun(eager, reduced, stages=stages).prefill()
-    finally:
-        handle.remove()
-    return seen["input"], seen["positions"]
 
 
 def expected_row(inputs, image_token_id, reduced, row, output, weights):
