@@ -267,8 +267,8 @@ METHOD = Method(
            "compute on 206.5 / 145.4 / 82.3 image tokens on average for 192 / 128 / 64)",
     positions="repacked",
     needs=("the layer-0 input embeddings of the text after the image", "each pruning layer's attention from the raters"),
-    refuses="multimodal rotary positions with repacked positions (Qwen-VL: stage_positions=original); tiled images "
-            "(its code is LLaVA-1.5's)",
+    refuses="models whose images have their own sizes (Qwen-VL, LLaVA-NeXT, OneVision, InternVL): its stages merge "
+            "tokens, which the layer loop handles for a batch's images of one size only (its code covers LLaVA-1.5)",
     check=_check,
     plan=_plan,
     own_budget=("sparsevlm_schedule",),
