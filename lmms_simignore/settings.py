@@ -154,8 +154,9 @@ class ReductionSettings:
                              f"or the other budget")
         if budget.adaptive and not METHODS[owner].adaptive_budget:
             takers = [name for name, method in METHODS.items() if method.adaptive_budget]
-            raise ValueError(f"keep=auto is an adaptive budget (each image its own number), which {', '.join(takers)} "
-                             f"takes, not {owner}: reduction={reduction}")
+            who = takers[0] if len(takers) == 1 else f"{', '.join(takers[:-1])} and {takers[-1]}"
+            raise ValueError(f"keep=auto is an adaptive budget (each image its own number), which only {who} "
+                             f"{'takes' if len(takers) == 1 else 'take'}, not {owner}: reduction={reduction}")
         parsed = []
         for method in methods:
             args = method.arguments(**{name: value for name, value in arguments.items() if owners[name] == method.name})

@@ -61,7 +61,8 @@ def test_keep_auto_through_the_model_class(testbed, docs):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(reduction="random", keep="auto"), "keep=auto is an adaptive budget .each image its own number., which simignore takes, not random"),
+    (dict(reduction="random", keep="auto"), "keep=auto is an adaptive budget .each image its own number., which only "
+                                            "simignore and prumerge_plus take, not random"),
     (dict(reduction="simignore+fastv", keep="auto"), "reduction=simignore alone"),
     (dict(reduction="simignore", keep="auto", order="middle"), "takes neither order= nor the published walk"),
     (dict(reduction="simignore", keep="auto", auto_margin=-0.1), "auto_margin must be a non-negative number"),

@@ -97,7 +97,7 @@ def test_a_budget_without_a_whole_stride_is_refused_naming_the_nearest(grid_mode
 @pytest.mark.parametrize("kwargs, message", [
     (dict(reduction="pool"), "pool needs exactly one of keep=N"),
     (dict(reduction="pool", keep=9, apply="mask"), "pool makes new tokens .* only apply=drop"),
-    (dict(reduction="pool", keep="auto"), "which simignore takes, not pool"),
+    (dict(reduction="pool", keep="auto"), "which only simignore and prumerge_plus take, not pool"),
 ])
 def test_bad_pool_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
