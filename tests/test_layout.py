@@ -54,8 +54,8 @@ def test_the_tree_has_its_parts_and_no_leftover_flat_modules():
     assert top == ["__init__.py", "__main__.py", "bench", "cli.py", "engine", "evaluation", "families", "local_data.py",
                    "lockfile.py", "markdown.py", "methods", "models", "settings.py", "shipped.py", "testbed"]
     methods = sorted(path.stem for path in (PACKAGE / "methods").glob("*.py"))
-    assert methods == ["__init__", "arguments", "base", "dart", "divprune", "fastv", "pdrop", "pool", "random_tokens", "registry", "selection",
-                       "simignore", "visiondrop", "visionzip"]
+    assert methods == ["__init__", "arguments", "base", "dart", "divprune", "fastv", "pdrop", "pool", "prumerge_plus", "random_tokens",
+                       "registry", "selection", "simignore", "sparsevlm", "visiondrop", "visionzip", "vispruner"]
 
 
 def test_the_settings_the_engine_and_the_families_name_no_method():

@@ -134,8 +134,8 @@ def vision_layer_attention(layer, hidden_in: torch.Tensor) -> tuple[torch.Tensor
 
 def vision_layer_single_head_cls_attention(layer, hidden_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The CLS row of a CLIP encoder layer's attention computed as one head over the full width: softmax(q_CLS · kᵀ /
-    √D) of the layer's own norm and query/key projections (biases included), as PruMerge's hooks on `q_proj`/`k_proj`
-    compute it; and the keys.
+    √D) of the layer's own norm and query/key projections (biases included), as hooks on `q_proj`/`k_proj` would give
+    them; and the keys.
 
     hidden_in: (I, T, D) the layer's input, CLS first. Returns: (I, T) float32 attention, (I, T, D) keys.
     """

@@ -86,7 +86,7 @@ def embed_prompt(model, plan: Plan, inputs, tower_states: tuple[torch.Tensor, ..
     image_token_id = model.config.image_token_id
     image_tokens = (input_ids == image_token_id).sum(dim=1)  # (B,) what the rows' images had
     slots = image_tokens_per_image(model.config)
-    if features.shape[1] > slots:  # an adaptive stage made an image longer than the model's (PruMerge+'s can be N + 1)
+    if features.shape[1] > slots:  # an adaptive stage made an image longer than the model's: room for it
         input_ids, attention_mask = with_longer_image_blocks(input_ids, attention_mask, image_token_id,
                                                              features.shape[1] - slots)
         slots = features.shape[1]
