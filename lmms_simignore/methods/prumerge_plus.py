@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from lmms_simignore.methods.base import (CLS_TOKEN, PATCHES_ALONE, VISION, Method, PipelineContext, StageRequest,
                                          VisionStage, require_keep_or_ignore)
+from lmms_simignore.methods.selection import descending_order
 
 MERGED_NEIGHBOURS = 32  # its code's topk(cos_sim_matrix, k=32)
 FENCE = 1.5  # Tukey's outlier fence: above Q3 + 1.5 IQR
@@ -41,11 +42,6 @@ def outlier_share(attention: torch.Tensor) -> torch.Tensor:
     values = attention.float()
     q1, q3 = torch.quantile(values, torch.tensor([0.25, 0.75], device=values.device), dim=1)  # (I,), (I,)
     return (values > (q3 + FENCE * (q3 - q1))[:, None]).sum(dim=1).double() / values.shape[1]
-
-
-def by_descending_attention(attention: torch.Tensor, count: int) -> torch.Tensor:
-    """(N,) -> (count,) indices of the highest values, highest first (ties: the lower index first)."""
-    return torch.sort(-attention.float(), stable=True).indices[:count]
 
 
 def spread_not_in(start_stop_step: tuple[int, int, int], taken: torch.Tensor) -> torch.Tensor:
@@ -63,7 +59,7 @@ def adaptive_indices(attention: torch.Tensor) -> torch.Tensor:
         raise ValueError("prumerge_plus keep=auto: no patch's CLS attention is an outlier (above Q3 + 1.5 IQR) on this "
                          "image, and its code divides by that share (1/0); use a fixed budget, keep=N")
     stride = int(int(1 / share) / 3)  # >= 1: above Q3 + 1.5 IQR lie at most about a quarter of the values
-    top = by_descending_attention(attention, int(tokens * share))
+    top = descending_order(attention)[: int(tokens * share)]
     return torch.cat([top, spread_not_in((0, tokens - 1, stride), top)])
 
 
@@ -73,8 +69,8 @@ def fixed_indices(attention: torch.Tensor, chosen: int) -> torch.Tensor:
     tokens = attention.shape[0]
     by_attention = max(int(tokens * float(outlier_share(attention[None])[0])), 1)
     if chosen <= by_attention:
-        return by_descending_attention(attention, chosen)
-    top = by_descending_attention(attention, by_attention)
+        return descending_order(attention)[:chosen]
+    top = descending_order(attention)[:by_attention]
     return torch.cat([top, spread_not_in((0, tokens, max(1, tokens // chosen)), top)[: chosen - by_attention]])
 
 
@@ -90,7 +86,7 @@ def merge_into_kept(states: torch.Tensor, keys: torch.Tensor, attention: torch.T
     unit = F.normalize(keys.float(), dim=-1)
     similarity = unit[kept] @ unit.T  # (K, N)
     similarity[torch.arange(len(kept), device=kept.device), kept] = float("-inf")  # a patch is not its own neighbour
-    neighbours = torch.sort(-similarity, dim=1, stable=True).indices[:, : min(MERGED_NEIGHBOURS, tokens - 1)]  # (K, n)
+    neighbours = descending_order(similarity)[:, : min(MERGED_NEIGHBOURS, tokens - 1)]  # (K, n)
     weights = attention[neighbours].to(states.dtype)[..., None]  # (K, n, 1)
     merged = states[kept] + (weights * states[neighbours]).sum(dim=1)
     rest = torch.ones(tokens, dtype=torch.bool, device=states.device)

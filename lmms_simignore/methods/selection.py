@@ -8,6 +8,12 @@ import torch
 ORDERS = ("unimportant", "middle", "important", "random")
 
 
+def descending_order(scores: torch.Tensor) -> torch.Tensor:
+    """(..., N) scores -> (..., N) indices, highest score first (ties: the lower index first); compared in float32 at
+    least (float64 as it is)."""
+    return torch.sort(-(scores if scores.dtype == torch.float64 else scores.float()), dim=-1, stable=True).indices
+
+
 def select_top_k(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices of the `keep` highest-scoring tokens of each row, in ascending (sequence) order.
 

@@ -33,7 +33,7 @@ import torch
 
 from lmms_simignore.methods.arguments import argument, check_choice, round_half_up
 from lmms_simignore.methods.base import IN_LLM, Budget, LayerChoice, LayerStage, Method, PipelineContext, StageRequest
-from lmms_simignore.methods.selection import select_top_k
+from lmms_simignore.methods.selection import descending_order, select_top_k
 
 # its code's `sparse_token_dict`: image tokens kept (before recycling) at each of its three pruning layers
 SCHEDULES = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
@@ -80,7 +80,7 @@ def density_peak_clusters(tokens: torch.Tensor, clusters: int) -> tuple[torch.Te
     density = (-(nearest ** 2).mean(dim=1)).exp()  # (m,)
     denser = density[None, :] > density[:, None]  # (m, m): j denser than i
     delta = torch.where(denser, distance, distance.max()).amin(dim=1)  # (m,)
-    centres = torch.sort(-(delta * density), stable=True).indices[:clusters]  # (c,)
+    centres = descending_order(delta * density)[:clusters]  # (c,)
     assignment = torch.sort(distance[centres], dim=0, stable=True).indices[0]  # (m,) the nearest centre of each token
     assignment[centres] = torch.arange(clusters, device=tokens.device)
     return centres, assignment
@@ -129,7 +129,7 @@ def choose_and_recycle(kept: int, positions: str, view) -> LayerChoice:
     pruned_flags.scatter_(1, top, False)
     pruned = pruned_flags.nonzero()[:, 1].reshape(images, -1)  # (I, n) ascending
     recycled = recycled_count(pruned.shape[1])
-    best = torch.sort(-scores.gather(1, pruned), dim=1, stable=True).indices[:, :recycled]  # (I, m) by descending score
+    best = descending_order(scores.gather(1, pruned))[:, :recycled]  # (I, m) by descending score
     recycled_index = pruned.gather(1, best)  # (I, m) indices into the M candidates
     states = view.layer_output[view.image_rows[:, None], columns.gather(1, recycled_index)]  # (I, m, D)
     plans = [density_peak_clusters(image_states, merged_count) for image_states in states]

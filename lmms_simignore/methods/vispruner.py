@@ -28,13 +28,9 @@ import torch.nn.functional as F
 from lmms_simignore.methods.arguments import argument, check_fraction
 from lmms_simignore.methods.base import (PATCH_ATTENTION, PATCHES_ALONE, VISION, Method, PipelineContext, StageRequest,
                                          VisionStage, require_keep_or_ignore)
+from lmms_simignore.methods.selection import descending_order
 
 DROPPED_PER_ROUND = 8  # its code's cap on the duplicates removed in one round
-
-
-def by_descending_attention(attention: torch.Tensor) -> torch.Tensor:
-    """(I, N) attention -> (I, N) token indices, highest attention first (ties: the lower index first)."""
-    return torch.sort(-attention.float(), dim=1, stable=True).indices
 
 
 def thin_for_diversity(normalised: torch.Tensor, residual: torch.Tensor, diverse: int) -> torch.Tensor:
@@ -50,7 +46,7 @@ def thin_for_diversity(normalised: torch.Tensor, residual: torch.Tensor, diverse
         dropped = min(DROPPED_PER_ROUND, residual.shape[1] - diverse)
         even, odd = residual[:, 0::2], residual[:, 1::2]
         scores = (normalised[rows, even] @ normalised[rows, odd].transpose(1, 2)).amax(dim=-1)  # (I, ceil(R/2))
-        survivors = torch.sort(-scores, dim=1, stable=True).indices[:, dropped:]  # descending score, the first `dropped` go
+        survivors = descending_order(scores)[:, dropped:]  # the `dropped` highest-scoring go
         residual = torch.cat([even.gather(1, survivors), odd], dim=1)
     return residual if diverse > 0 else residual[:, :0]
 
@@ -65,7 +61,7 @@ def vispruner_indices(states: torch.Tensor, attention: torch.Tensor, keep: int, 
     if not 1 <= keep <= tokens:
         raise ValueError(f"vispruner keeps between 1 and the image's {tokens} tokens, got {keep}")
     important = int(keep * important_ratio)
-    order = by_descending_attention(attention)  # (I, N)
+    order = descending_order(attention)  # (I, N)
     normalised = F.normalize(states.float(), dim=-1)
     diverse = thin_for_diversity(normalised, order[:, important:], keep - important)
     return torch.cat([order[:, :important], diverse], dim=1).sort(dim=1).values
