@@ -53,6 +53,13 @@ def test_random_vectors_keep_what_the_rule_written_by_hand_keeps():
         assert [row.tolist() for row in ours] == [greedy_by_hand(image.tolist(), keep) for image in vectors]
 
 
+def test_exact_duplicates_never_take_a_place_twice():
+    """Tokens 0-3 equal, 4 another direction: 4 first (its nearest is farthest), then 0, then the duplicates of 0 tie
+    with it at distance 0 and the lowest unchosen one comes (its code's argmax would pick 0 again)."""
+    points = torch.tensor([[[1.0, 0.0]] * 4 + [[0.0, 1.0]]])  # (1, 5, 2)
+    assert divprune_indices(points, 4)[0].tolist() == [0, 1, 2, 4] == greedy_by_hand(points[0].tolist(), 4)
+
+
 def test_the_prompt_is_transformers_prompt_written_with_the_most_diverse_tokens_alone(tiny_model, processor, two_rows):
     """Independently of the engine: the rule by hand on transformers' projector outputs; the prompt written with those
     tokens only (at positions 0, 1, 2, ...) through transformers' forward."""

@@ -149,7 +149,8 @@ def test_reduction_none_answers_as_lmms_eval_s_internvl_hf(internvl_models, docs
                                         dict(reduction="fastv", keep=0.5, fastv_layer=1), dict(reduction="pdrop", pdrop_layers="1/2"),
                                         dict(reduction="dart", keep=0.3, dart_layer=1), dict(reduction="random+fastv", keep=0.6, fastv_keep=0.25),
                                         dict(reduction="pool", keep=0.25), dict(reduction="random", keep=4, budget_per="tile"),
-                                        dict(reduction="divprune", keep=0.3)])
+                                        dict(reduction="divprune", keep=0.3),
+                                        dict(reduction="sparsevlm", sparsevlm_layers="0/1", sparsevlm_schedule="40/12")])
 def test_a_batch_of_four_answers_as_each_prompt_alone(internvl_models, docs, model_args):
     folder = internvl_models[0]
     args = dict(dtype="float32", **model_args)
@@ -175,8 +176,6 @@ def test_masking_and_dropping_give_the_same_answers_through_the_class(internvl_m
     (dict(reduction="visionzip", keep=32), "visionzip shortens each image inside the vision tower, .* refused on internvl"),
     (dict(reduction="vispruner", keep=32), "vispruner shortens each image inside the vision tower, .* its authors' code has "
                                            "no InternVL version"),
-    (dict(reduction="sparsevlm", sparsevlm_layers="0/1", sparsevlm_schedule="20/10"),
-     "sparsevlm's stage at layer 1 merges image tokens, .* internvl gives each image its own"),
     (dict(reduction="pool", keep=20), "pool keeps 1/s² .* of the 4 x 4 \\+ 4 x 4 .* grids: keep=208, 52"),
     (dict(reduction="random", keep=209), r"an image of 12 tiles and its thumbnail has 208 image tokens: keep=209 exceeds"),
     (dict(max_patches=0), "max_patches must be a positive integer"),

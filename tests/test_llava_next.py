@@ -285,7 +285,8 @@ def batch_of_four_answers_as_each_prompt_alone(folder, docs, model_args) -> None
 
 @pytest.mark.parametrize("model_args", [dict(reduction="simignore", keep=0.4), dict(reduction="fastv", keep=0.5, fastv_layer=1),
                                         dict(reduction="pdrop", pdrop_layers="1/2"), dict(reduction="dart", keep=0.3, dart_layer=1),
-                                        dict(reduction="random+fastv", keep=0.6, fastv_keep=0.25), dict(reduction="divprune", keep=0.3)])
+                                        dict(reduction="random+fastv", keep=0.6, fastv_keep=0.25), dict(reduction="divprune", keep=0.3),
+                                        dict(reduction="sparsevlm", sparsevlm_layers="0/1", sparsevlm_schedule="40/12")])
 def test_a_batch_of_four_answers_as_each_prompt_alone_and_counts_only_image_tokens(tiled_folder, next_docs, model_args):
     batch_of_four_answers_as_each_prompt_alone(tiled_folder, next_docs, model_args)
 

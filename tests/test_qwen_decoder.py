@@ -288,7 +288,9 @@ def test_a_fraction_is_of_each_image_s_own_tokens_and_a_larger_count_than_an_ima
                                       dict(reduction="fastv", keep=0.5), dict(reduction="pdrop", pdrop_layers="1/2", stage_positions="original"),
                                       dict(reduction="dart", keep=0.5, dart_layer=1),
                                       dict(reduction="random+fastv", keep=0.6, fastv_keep=0.25),
-                                      dict(reduction="pool", keep=0.25)])
+                                      dict(reduction="pool", keep=0.25),
+                                      dict(reduction="sparsevlm", sparsevlm_layers="1", sparsevlm_schedule="3",
+                                           stage_positions="original")])
 def test_each_prompt_of_a_batch_of_images_of_different_sizes_answers_as_it_does_alone(qwen, settings):
     """Batch = each prompt alone (its images keep what their own plans keep), and the layers see each image's budget."""
     model, _, processor = qwen
@@ -463,3 +465,84 @@ def test_each_pyramiddrop_stage_keeps_what_transformers_eager_attention_ranks_hi
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def test_sparsevlm_keeps_what_its_raters_eager_attention_ranks_highest_and_merges_at_the_centre_s_place(qwen):
+    """One stage after layer 1, each token at its own M-RoPE position. Independently of the engine, per row without
+    padding: raters by hand on the layer-0 inputs of the text after the image; the image tokens' scores from layer 1's
+    eager weights (mean over heads, then raters); the top 10 of N stay, the best int(0.3 x (N - 10)) + 1 of the rest
+    (at most 10) form one cluster (DPC-kNN by hand on layer 1's output, DeepStack added) whose centre's place holds their mean."""
+    from test_sparsevlm import dpc_by_hand, raters_by_hand
+
+    model, eager, processor = qwen
+    inputs = batch(processor, size=(168, 112))  # N = 24 image tokens each (20 on Qwen3-VL's 16-pixel patches)
+    prompt, reduced = unreduced(model, inputs)
+    count = prompt.tokens_per_image
+    recycled_count = int(0.3 * (count - 10)) + 1
+    assert count in (20, 24) and recycled_count < 10
+    settings = ReductionSettings(reduction="sparsevlm", sparsevlm_layers="1", sparsevlm_schedule="10", stage_positions="original")
+    run = engine.LanguageModelRun(model, reduced, stages=engine.image_plans(model.config, settings, prompt)[0].layers)
+    seen = {}
+    run.observe = lambda index, layer, hidden, *rest: seen.__setitem__(index, hidden.clone())
+    run.prefill()
+    text_model = eager.model.language_model
+    weights = {}
+    hooks = [layer.self_attn.register_forward_hook(lambda module, args, output, index=index: weights.__setitem__(index, output[1]))
+             for index, layer in enumerate(text_model.layers)]
+    try:
+        with torch.inference_mode():
+            for row in range(2):
+                embeds, positions, is_image, levels = transformers_parts(eager, inputs, row)
+                image_columns = is_image.nonzero().flatten()
+                text = list(range(int(image_columns[-1]) + 1, embeds.shape[1]))
+                rates = raters_by_hand(embeds[0, image_columns].tolist(), embeds[0, text].tolist())
+                rater_rows = [column for column, rated in zip(text, rates) if rated]
+                hidden, rotary = embeds, text_model.rotary_emb(embeds, positions)
+                causal = torch.zeros(embeds.shape[1], embeds.shape[1]).masked_fill(
+                    ~torch.ones(embeds.shape[1], embeds.shape[1], dtype=torch.bool).tril(), torch.finfo(torch.float32).min)
+                for index in range(2):
+                    hidden = text_model.layers[index](hidden, attention_mask=causal[None, None], position_embeddings=rotary)
+                    if index < len(levels):
+                        hidden = hidden.clone()
+                        hidden[0, is_image] += levels[index]
+                scores = weights[1][0].mean(dim=0)[rater_rows][:, image_columns].mean(dim=0)  # (N,)
+                order = sorted(range(count), key=lambda i: (-float(scores[i]), i))
+                kept, recycled = order[:10], order[10 : 10 + recycled_count]
+                centre = recycled[dpc_by_hand(hidden[0, image_columns[recycled]].tolist(), 1)[0][0]]
+                padding = int((inputs["attention_mask"][row] == 0).sum())
+                assert kept_image_columns(run, prompt, row) == sorted((image_columns[kept + [centre]] + padding).tolist())
+                merged = hidden[0, image_columns[recycled]].sum(dim=0) / (recycled_count + 1e-6)
+                at = run.kept_columns[row].tolist().index(int(image_columns[centre]) + padding)
+                torch.testing.assert_close(seen[2][row, at], merged, atol=1e-4, rtol=1e-4)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_divprune_keeps_the_most_diverse_merged_patches_at_their_own_m_rope_positions(qwen):
+    """Independently of the engine: DivPrune's rule by hand on each image's merged patches as the model gives them; the
+    language model of transformers fed only the kept image tokens (and the text) at their own M-RoPE positions (with
+    their DeepStack rows on Qwen3-VL) gives our logits, as LightCompress keeps the original ids."""
+    from test_divprune import greedy_by_hand
+
+    model, _, processor = qwen
+    images = [Image.effect_noise((168, 112), sigma).convert("RGB") for sigma in (40, 90)]  # no ties of plain colour
+    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                                           add_generation_prompt=True) for q in QUESTIONS]
+    inputs = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    settings = ReductionSettings(reduction="divprune", keep=0.3, divprune_positions="original")
+    prompt = qwen_vl.embed_prompt(model, inputs)
+    reduced, stages = engine.reduce_each_image(model, processor.tokenizer, settings, prompt, ["x"] * 2, [0, 1])
+    ours = engine.LanguageModelRun(model, reduced, stages=stages).prefill()
+    with torch.inference_mode():
+        for row in range(2):
+            embeds, positions, is_image, levels = transformers_parts(model, inputs, row)
+            image_columns = is_image.nonzero().flatten()
+            kept = greedy_by_hand(embeds[0, image_columns].tolist(), math.floor(0.3 * len(image_columns) + 0.5))
+            keep = ~is_image
+            keep[image_columns[kept]] = True
+            extra = {"visual_pos_masks": is_image[keep][None], "deepstack_visual_embeds": [level[kept] for level in levels]} \
+                if levels else {}
+            hidden = model.model.language_model(inputs_embeds=embeds[:, keep], position_ids=positions[:, :, keep],
+                                                **extra).last_hidden_state
+            assert torch.allclose(ours[row], model.lm_head(hidden[0, -1]), atol=1e-5)

@@ -146,9 +146,10 @@ def test_token_accounting_counts_each_image_s_own_budget(folders, docs):
     ({"reduction": "pdrop"}, "pdrop's stage at layer 1 re-packs the positions .* pass stage_positions=original"),
     ({"reduction": "random", "keep": 5000}, r"an image at max_pixels=1605632 has 2025 tokens \(45 x 45\): keep=5000 exceeds"),
     ({"reduction": "pool", "keep": 100}, "pool keeps 1/s² of each image"),
-    ({"reduction": "divprune", "keep": 100}, "divprune closes up the positions .* not defined for qwen2_5_vl's multimodal rotary"),
-    ({"reduction": "sparsevlm", "sparsevlm_layers": "0/1", "sparsevlm_schedule": "100/50", "stage_positions": "original"},
-     "sparsevlm's stage at layer 1 merges image tokens, .* qwen2_5_vl gives each image its own"),
+    ({"reduction": "divprune", "keep": 100}, "divprune closes up the positions .* not defined for qwen2_5_vl's multimodal rotary "
+                                             "positions: pass divprune_positions=original"),
+    ({"reduction": "sparsevlm", "sparsevlm_layers": "0/1", "sparsevlm_schedule": "100/50"},
+     "sparsevlm's stage at layer 1 re-packs the positions .* pass stage_positions=original"),
     ({"reduction": "vispruner", "keep": 100}, "vispruner shortens each image inside the vision tower, .* qwen2_5_vl's ViT "
                                               "\\(windowed attention, 2x2 patch merger, no CLS token\\) is refused"),
     ({"enable_thinking": True}, "enable_thinking switches Qwen3-VL's chat template; qwen2_5_vl_simignore hosts qwen2_5_vl"),

@@ -55,11 +55,8 @@ def written_with_blocks(model, inputs, row: int, blocks: list[torch.Tensor], run
 def our_logits(model, processor, inputs, settings, seeds=(0, 1, 2)) -> torch.Tensor:
     """What the model classes run on a tiled LLaVA family: (B, V) last logits."""
     prompt = llava_next.embed_prompt(model, inputs, keep_tower=bool(settings.methods_at("vision")))
-    plans = engine.image_plans(model.config, settings, prompt)
-    if any(plan.vision is not None for plan in plans):
-        prompt = engine.apply_vision_stages_to_views(model, prompt, plans)
-    reduced = engine.apply_image_plans_before_llm(model, processor.tokenizer, plans, prompt, ["x"] * 2, list(seeds))
-    return engine.LanguageModelRun(model, reduced, stages=[plan.layers for plan in plans]).prefill()
+    reduced, stages = engine.reduce_each_image(model, processor.tokenizer, settings, prompt, ["x"] * 2, list(seeds))
+    return engine.LanguageModelRun(model, reduced, stages=stages).prefill()
 
 
 def packed_images(model, inputs) -> list[torch.Tensor]:
@@ -251,10 +248,7 @@ def test_visionzip_gives_each_of_llava_next_s_five_views_108_plus_20_of_640():
 @pytest.mark.parametrize("settings, message", [
     (dict(reduction="visiondrop", visiondrop_schedule="12+2/8+2/5+1", visiondrop_layers="1/2"),
      "visiondrop on an image in tiles .*: its authors' code gives no version for an image in tiles; refused"),
-    (dict(reduction="vispruner", keep=0.3), "vispruner on an image in tiles .*: its authors' LLaVA-NeXT version .* is not "
-                                            "built here yet"),
-    (dict(reduction="sparsevlm", sparsevlm_layers="0/1", sparsevlm_schedule="20/10"),
-     "sparsevlm's stage at layer 1 merges image tokens, .* gives each image its own"),
+    (dict(reduction="prumerge_plus", keep=8), "prumerge_plus on an image in tiles .*: its authors' code is LLaVA-1.5's"),
     (dict(reduction="visionzip+simignore", dominant=6, contextual=2, keep=20), "simignore after visionzip"),
 ])
 def test_what_tiles_do_not_define_is_refused_by_name(next_models, settings, message):
@@ -267,9 +261,11 @@ def test_pooled_through_the_class_a_batch_of_four_answers_as_each_prompt_alone(t
     batch_of_four_answers_as_each_prompt_alone(tiled_folder, next_docs, dict(reduction="pool", keep=0.25))
 
 
-def test_visionzip_through_the_class_a_batch_of_four_answers_as_each_prompt_alone(tmp_path_factory, next_docs):  # noqa: F811
-    folder = BUILDERS["llava_next"](tmp_path_factory.mktemp("llava_next_visionzip_class"))
-    batch_of_four_answers_as_each_prompt_alone(folder, next_docs, dict(reduction="visionzip", keep=0.3))
+@pytest.mark.parametrize("model_args", [dict(reduction="visionzip", keep=0.3), dict(reduction="vispruner", keep=0.3),
+                                        dict(reduction="vispruner+fastv", keep=0.5, fastv_keep=0.25, fastv_layer=1)])
+def test_tower_stages_through_the_class_a_batch_of_four_answers_as_each_prompt_alone(tmp_path_factory, next_docs, model_args):  # noqa: F811
+    folder = BUILDERS["llava_next"](tmp_path_factory.mktemp("llava_next_tower_class"))
+    batch_of_four_answers_as_each_prompt_alone(folder, next_docs, model_args)
 
 
 @pytest.mark.parametrize("family, model_args", [("llava_next", "reduction=visionzip,keep=0.3"),
@@ -368,3 +364,62 @@ def test_divprune_keeps_every_newline_and_closes_up_the_positions_of_what_it_kee
         assert torch.allclose(ours[row], expected, atol=1e-4)
     answers_alone_as_in_the_batch(model, processor, settings)
 
+
+
+def vispruner_next_reference(eager, pixel_values, image_size, keep: int, crop_rows: int, crop_cols: int) -> torch.Tensor:
+    """One image's block as VisPruner's LLaVA-NeXT code builds it, independently of the engine: each view's T = `keep`
+    patches by its rule written out (the CLS row of the eager attention of the feature layer, mean over heads; the
+    feature layer's states), a mask per view; the crops' masks stitched and unpadded as the features are (its permutes,
+    transformers' `unpad_image`), a True column for the newlines; the packed features (base, rows + newlines) masked."""
+    from test_vispruner import vispruner_by_hand
+    from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+    with torch.inference_mode():
+        out = eager.model.vision_tower(pixel_values, output_hidden_states=True, output_attentions=True)
+        packed = eager.model.get_image_features(pixel_values[None], torch.tensor([image_size]), return_dict=True).pooler_output[0]
+    layer = eager.config.vision_feature_layer
+    states, attention = out.hidden_states[layer][:, 1:], out.attentions[layer][:, :, 0, 1:].mean(dim=1)  # (V, P, D), (V, P)
+    side = int(states.shape[1] ** 0.5)
+    masks = torch.zeros(states.shape[:2], dtype=torch.bool)
+    for view in range(len(states)):
+        masks[view, vispruner_by_hand(states[view].tolist(), attention[view].tolist(), keep, 0.5)] = True
+    crops = masks[1:].view(crop_rows, crop_cols, side, side).permute(0, 2, 1, 3).reshape(1, crop_rows * side, crop_cols * side)
+    crops = unpad_image(crops, image_size)
+    crops = torch.cat([crops, torch.ones(*crops.shape[:-1], 1, dtype=torch.bool)], dim=-1).flatten()
+    return packed[torch.cat([masks[0], crops])]
+
+
+@pytest.mark.parametrize("settings, per_view", [(dict(keep=0.5), [6, 8, 8]), (dict(keep=5, budget_per="tile"), [5] * 3)])
+def test_vispruner_on_llava_next_keeps_each_view_s_patches_through_the_unpadding_as_its_authors_code(next_models, settings,
+                                                                                                     per_view):
+    """Each view keeps T of its 16 patches (keep=0.5 of 64 tokens in 5 views: 6 per view; of 64 in 4 views and of 80 in
+    5: 8; or keep=N per tile); the prompt written with the block its code builds (newlines kept) gives our logits, at
+    positions 0, 1, 2, ... as its code feeds them; batch = alone."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    model, eager, processor = next_models
+    inputs = batch(processor)
+    settings = ReductionSettings(reduction="vispruner", **settings)
+    ours = our_logits(model, processor, inputs, settings)
+    blocks = []
+    for image, size in enumerate(inputs["image_sizes"].tolist()):
+        crop_rows, crop_cols = get_anyres_image_grid_shape(size, model.config.image_grid_pinpoints, model.config.vision_config.image_size)
+        views = inputs["pixel_values"][image, : 1 + crop_rows * crop_cols]
+        blocks.append(vispruner_next_reference(eager, views, size, per_view[image], crop_rows, crop_cols))
+    images = packed_images(model, inputs)
+    assert [len(block) for block in blocks] != [len(packed) for packed in images]
+    for row, image_indices in ((0, [0]), (1, [1, 2])):
+        expected = written_with_blocks(model, inputs, row, [blocks[i] for i in image_indices], [len(images[i]) for i in image_indices])
+        assert torch.allclose(ours[row], expected, atol=1e-4)
+    answers_alone_as_in_the_batch(model, processor, settings)
+
+
+def test_vispruner_is_refused_on_onevision_whose_grids_its_masks_cannot_follow(tiled):
+    model = tiled[0]
+    settings = ReductionSettings(reduction="vispruner", keep=0.3)
+    if model.config.model_type == "llava_next":
+        assert llava_next.nominal_plan(model.config, settings).vision.select_views is not None
+    else:
+        with pytest.raises(ValueError, match="vispruner on llava_onevision: .* anyres_max_9 .* cannot carry, and their "
+                                             "code refuses"):
+            llava_next.nominal_plan(model.config, settings)

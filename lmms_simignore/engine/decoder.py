@@ -362,13 +362,11 @@ def image_groups(stages, images: int, device) -> list[tuple[torch.Tensor, tuple[
 
 def _combined(chosen_by_group, images: int, method: str, layer: int) -> tuple[LayerChoice, torch.Tensor]:
     """One choice for all images from each group's -> (LayerChoice with (I, K) kept, K the largest group's keep: a group
-    that keeps fewer repeats its last kept index), (I, K) bool: which kept entries are real."""
+    that keeps fewer repeats its last kept index, and, where the groups merge, its last content), (I, K) bool: which kept
+    entries are real."""
     if len(chosen_by_group) == 1 and len(chosen_by_group[0][0]) == images:
         kept = chosen_by_group[0][1].kept
         return chosen_by_group[0][1], torch.ones(kept.shape, dtype=torch.bool, device=kept.device)
-    if any(choice.rebuild is not None for _, choice in chosen_by_group):
-        raise ValueError(f"{method}'s stage at layer {layer} merges image tokens, which needs the batch's images to be of "
-                         f"one size for now (use batch_size=1 with one image per prompt)")
     width = max(choice.kept.shape[1] for _, choice in chosen_by_group)
     device = chosen_by_group[0][1].kept.device
     kept = torch.zeros(images, width, dtype=torch.long, device=device)
@@ -380,7 +378,25 @@ def _combined(chosen_by_group, images: int, method: str, layer: int) -> tuple[La
         kept[group, :count] = choice.kept
         kept[group, count:] = choice.kept[:, -1:] if count else 0
         slots[group, :count] = True
-    return LayerChoice(kept), slots
+    merges = any(choice.rebuild is not None for _, choice in chosen_by_group)
+    return LayerChoice(kept, partial(_rebuilt_by_group, chosen_by_group, width) if merges else None), slots
+
+
+def _rebuilt_by_group(chosen_by_group, width: int, candidates: torch.Tensor) -> torch.Tensor:
+    """The kept slots' content (I, K, D) of every image from its candidates' states (I, M, D), each group's by its own
+    choice (the kept candidates as they are where a group merges nothing); a group's last content fills its slots past
+    its own keep (repeats of its last kept index)."""
+    content = candidates.new_zeros(candidates.shape[0], width, candidates.shape[-1])
+    for group, choice in chosen_by_group:
+        own = candidates[group]  # (I_g, M, D)
+        if choice.rebuild is not None:
+            own = choice.rebuild(own)
+        else:
+            own = own.gather(1, choice.kept[..., None].expand(-1, -1, own.shape[-1]))
+        count = own.shape[1]
+        content[group, :count] = own.to(content.dtype)
+        content[group, count:] = own[:, -1:].to(content.dtype)
+    return content
 
 
 def _image_columns_in(is_image: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

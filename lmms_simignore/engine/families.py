@@ -84,16 +84,6 @@ def check_plan_support(config, plan) -> None:
         check_patches_alone(config, plan.needing(PATCHES_ALONE))
 
 
-def check_merging_stages(config, plan) -> None:
-    """Refuse, naming the method, an in-LLM stage that merges image tokens on a model whose images have their own sizes
-    (each size its own plan): merging is handled for a batch's images of one plan only."""
-    for stage in plan.layers:
-        if stage.merges:
-            raise ValueError(f"{stage.method}'s stage at layer {stage.layer} merges image tokens, which is handled here for "
-                             f"images of one size (LLaVA-1.5's, Mipha's); {config.model_type} gives each image its own "
-                             f"number of tokens: refused")
-
-
 def check_patches_alone(config, needing: tuple[str, ...]) -> None:
     """Refuse, naming them, methods that rank and keep a CLIP tower's patches alone (`needing`) where its CLS token is
     itself an image token."""

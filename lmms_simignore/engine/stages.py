@@ -13,7 +13,7 @@ from lmms_simignore.engine.families import check_plan_support
 from lmms_simignore.engine.prompt import (PromptEmbeddings, ReducedPrompt, build_prompt_embeddings,
                                           embed_texts, image_grid, image_tokens_per_image, reduce_prompt,
                                           with_image_blocks, with_longer_image_blocks, with_shorter_images)
-from lmms_simignore.engine.views import ImageTokensView, TiledImage, TowerView
+from lmms_simignore.engine.views import ImageTokensView, TowerView
 from lmms_simignore.methods.base import VisionStage
 from lmms_simignore.settings import Plan, ReductionSettings
 
@@ -165,6 +165,28 @@ def apply_vision_stages_to_views(model, prompt: PromptEmbeddings, plans: list[Pl
 
 
 @torch.inference_mode()
+def kept_in_views(prompt: PromptEmbeddings, plans: list[Plan]) -> torch.Tensor:
+    """(I, N) bool: the image tokens each image's plan's stage in the tower keeps (`VisionStage.select_views`: the patches
+    kept in each view, carried to the image's tokens where the model packs them, `TiledImage.token_views`). Images of
+    one plan are chosen together."""
+    groups: dict[int, list[int]] = {}
+    for index, plan in enumerate(plans):
+        groups.setdefault(id(plan), []).append(index)
+    tower = prompt.tower
+    kept = torch.zeros(prompt.image_positions.shape, dtype=torch.bool, device=prompt.image_positions.device)
+    for indices in groups.values():
+        view = tower if len(groups) == 1 else _views_of(tower, indices)
+        flags = plans[indices[0]].vision.select_views(view)  # (V_g, P)
+        for index, image in zip(indices, view.tiling):
+            if image.token_views is None:
+                raise ValueError(f"{plans[index].vision.method}: this model packs an image's views otherwise than as their "
+                                 f"patches (a grid shrunk by interpolation), so the patches kept in each view cannot be "
+                                 f"carried to the image's tokens")
+            kept[index, : len(image.token_views)] = flags[image.views].flatten()[image.token_views]
+    return kept
+
+
+@torch.inference_mode()
 def apply_image_plans_before_llm(model, tokenizer, plans: list[Plan], prompt: PromptEmbeddings, comparison_texts: list[str],
                                  image_seeds: list[int]) -> ReducedPrompt:
     """Each image's plan's stage after the projector on `prompt` (one plan per image: `image_plans`; images of one plan
@@ -234,8 +256,7 @@ def _views_of(tower: TowerView, images: list[int]) -> TowerView:
     parts = [tower.tiling[i] for i in images]
     views = torch.cat([torch.arange(part.views.start, part.views.stop) for part in parts]).to(tower.states[0].device)
     starts = [0, *torch.tensor([part.views.stop - part.views.start for part in parts]).cumsum(0).tolist()]
-    tiling = tuple(TiledImage(slice(start, stop), part.crop_rows, part.crop_cols)
-                   for part, start, stop in zip(parts, starts, starts[1:]))
+    tiling = tuple(dataclasses.replace(part, views=slice(start, stop)) for part, start, stop in zip(parts, starts, starts[1:]))
     return dataclasses.replace(tower, states=tuple(states[views] for states in tower.states), tiling=tiling)
 
 
@@ -259,6 +280,8 @@ def reduce_each_image(model, tokenizer, settings: ReductionSettings, prompt: Pro
     layer gets and one tuple of in-LLM stages per image: each image planned for its own tokens (`image_plans`), then
     reduced in the tower (on the views `prompt.tower` kept) or before the LLM."""
     plans = image_plans(model.config, settings, prompt)
+    if any(plan.vision is not None and plan.vision.select_views is not None for plan in plans):
+        return reduce_prompt(prompt, kept_in_views(prompt, plans), "drop", contiguous=True), [plan.layers for plan in plans]
     if any(plan.vision is not None for plan in plans):
         prompt = apply_vision_stages_to_views(model, prompt, plans)
     reduced = apply_image_plans_before_llm(model, tokenizer, plans, prompt, comparison_texts, image_seeds)

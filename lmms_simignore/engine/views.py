@@ -16,11 +16,14 @@ from lmms_simignore.engine.attention import (attention_received, last_token_atte
 @dataclass(frozen=True)
 class TiledImage:
     """Where one image's views stand in a `TowerView`'s batch of views: `views` (a slice) the base view, then
-    crop_rows x crop_cols crops, row-major (LLaVA-NeXT's anyres)."""
+    crop_rows x crop_cols crops, row-major (LLaVA-NeXT's anyres); token_views: (N,) where each of the image's N tokens
+    comes from, an index into its views' patches (V x P, flattened), as the model packs them (the crops' stitched grid
+    unpadded), or None where the model packs them otherwise (a grid shrunk by interpolation)."""
 
     views: slice
     crop_rows: int
     crop_cols: int
+    token_views: torch.Tensor | None = None
 
 
 @dataclass

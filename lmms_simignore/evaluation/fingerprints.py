@@ -27,13 +27,18 @@ FINGERPRINT_ROWS = {  # model_args of each row on the tiny models' 3 decoder lay
     "dart": dict(reduction="dart", dart_layer=1, keep=0.4),
     "pool": dict(reduction="pool", keep=0.25),
     "random+fastv": dict(reduction="random+fastv", keep=0.6, fastv_layer=2, fastv_keep=0.25),
+    "divprune": dict(reduction="divprune", keep=0.3, divprune_positions="original"),
+    # one stage after layer 1: Qwen3-VL's DeepStack adds to the outputs of layers 0 and 1, which a merged token lacks
+    "sparsevlm": dict(reduction="sparsevlm", sparsevlm_layers="1", sparsevlm_schedule="5", stage_positions="original"),
 }
 # the tiled families (1-D positions): PyramidDrop with its own position rule, pooling on each grid of an image, a budget
-# per tile, DivPrune (contiguous positions); VisionZip on LLaVA-NeXT's views (its CLIP tower has a CLS token)
+# per tile, DivPrune (contiguous positions), SparseVLM's two stages (re-packed); VisionZip and VisPruner on LLaVA-NeXT's
+# views (its CLIP tower has a CLS token)
 TILED_ROWS = FINGERPRINT_ROWS | {"pdrop": dict(reduction="pdrop", pdrop_layers="1/2"),
                                  "random_per_tile": dict(reduction="random", keep=3, budget_per="tile"),
-                                 "divprune": dict(reduction="divprune", keep=0.3)}
-CLS_ROWS = {"visionzip": dict(reduction="visionzip", keep=0.3)}
+                                 "divprune": dict(reduction="divprune", keep=0.3),
+                                 "sparsevlm": dict(reduction="sparsevlm", sparsevlm_layers="0/1", sparsevlm_schedule="12/5")}
+CLS_ROWS = {"visionzip": dict(reduction="visionzip", keep=0.3), "vispruner": dict(reduction="vispruner", keep=0.3)}
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 TILED_FAMILIES = ("llava_next", "llava_onevision", "internvl")
 IMAGE_SIZES = [(48, 48), (120, 64), (64, 150), (200, 90), (40, 220), (90, 90)]  # width x height: each image its own grid

@@ -14,7 +14,6 @@ import math
 
 import torch
 
-from lmms_simignore.engine.families import check_merging_stages
 from lmms_simignore.engine.prompt import PromptEmbeddings, default_position_ids, place_image_features
 from lmms_simignore.settings import Plan, ReductionSettings
 
@@ -80,5 +79,4 @@ def nominal_plan(config, settings: ReductionSettings, max_patches: int) -> Plan:
                          f"and SigLIP towers of LLaVA-style models; "
                          f"its authors' code has no InternVL version, and InternViT's tiles are pixel-shuffled after it: "
                          f"refused on {config.model_type}")
-    check_merging_stages(config, plan)
     return plan

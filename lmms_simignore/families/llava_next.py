@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from lmms_simignore.engine.families import check_merging_stages, check_plan_support
+from lmms_simignore.engine.families import check_plan_support
 from lmms_simignore.engine.prompt import PromptEmbeddings, default_position_ids, image_tokens_per_image, place_image_features
 from lmms_simignore.engine.views import TiledImage, TowerView
 from lmms_simignore.settings import Plan, ReductionSettings
@@ -77,7 +77,8 @@ def embed_prompt(model, inputs, keep_tower: bool = False) -> PromptEmbeddings:
             crops = crop_grid(model.config, image_size) if cols else (0, 0)
             start = sum(views)
             views.append(1 + crops[0] * crops[1])
-            tiling.append(TiledImage(slice(start, start + views[-1]), *crops))
+            sources = token_views(base_side, crops, image_size, (rows, cols), features.device)
+            tiling.append(TiledImage(slice(start, start + views[-1]), *crops, sources))
         is_image[placeholders] = ~torch.cat(separators)
         block_ends = placeholders.nonzero()[torch.tensor([len(features) for features in packed]).cumsum(0) - 1, 1]  # (I,)
         if keep_tower:
@@ -100,6 +101,24 @@ def crop_grid(config, image_size: list[int]) -> tuple[int, int]:
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
     return tuple(get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, config.vision_config.image_size))
+
+
+def token_views(side: int, crops: tuple[int, int], image_size: list[int], grid: tuple[int, int],
+                device) -> torch.Tensor | None:
+    """(N,) where each of an image's tokens comes from among its views' patches (V x side², flattened): the base view's,
+    then the stitched grid of its `crops` (rows, cols) unpadded for its `image_size` (height, width) by the model's own
+    `unpad_image`, row-major; None where that is not the packed `grid` (rows, cols) (OneVision shrinks a large grid)."""
+    from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+    patches = side * side
+    base = torch.arange(patches, device=device)
+    if not crops[0] * crops[1]:
+        return base
+    view = 1 + torch.arange(crops[0] * crops[1], device=device).view(crops[0], 1, crops[1], 1)  # (rows, 1, cols, 1)
+    patch = torch.arange(patches, device=device).view(1, side, 1, side)  # (1, side, 1, side)
+    stitched = (view * patches + patch).reshape(1, crops[0] * side, crops[1] * side)
+    unpadded = unpad_image(stitched, image_size)[0]
+    return torch.cat([base, unpadded.flatten()]) if tuple(unpadded.shape) == tuple(grid) else None
 
 
 def lay_out(newline: torch.Tensor, features: torch.Tensor, tiles: tuple[tuple[int, int], ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,12 +185,16 @@ def nominal_plan(config, settings: ReductionSettings) -> Plan:
 def check_tiled_plan(config, plan: Plan) -> None:
     """Refuse, naming the method, what is not defined on tiled images: a stage in the tower whose authors give no
     version for an image seen in several views (the CLS-attention methods also need LLaVA-NeXT's CLIP: OneVision's
-    SigLIP has no CLS), a stage before the LLM after one in the tower, and an in-LLM stage that merges."""
+    SigLIP has no CLS), and a stage before the LLM after one in the tower."""
     check_plan_support(config, plan)
-    if plan.vision is not None and plan.vision.shorten_views is None:
+    if plan.vision is not None and plan.vision.shorten_views is None and plan.vision.select_views is None:
         raise ValueError(f"{plan.vision.method} on an image in tiles (a base view and the crops, as {config.model_type} "
                          f"sees it): {plan.vision.views_refusal}; refused")
+    if plan.vision is not None and plan.vision.select_views is not None and getattr(config, "vision_aspect_ratio", None):
+        raise ValueError(f"{plan.vision.method} on {config.model_type}: its authors' LLaVA-NeXT code carries each view's "
+                         f"kept patches through the unpadding as a mask, which {config.model_type}'s "
+                         f"{config.vision_aspect_ratio} (a large grid shrunk by bilinear interpolation) cannot carry, and "
+                         f"their code refuses that aspect setting; refused")
     if plan.vision is not None and plan.pre_llm is not None:
         raise ValueError(f"{plan.pre_llm.method} after {plan.vision.method}: a stage before the LLM on the shortened views "
                          f"of a tiled image is not defined")
-    check_merging_stages(config, plan)

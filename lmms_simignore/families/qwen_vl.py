@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-from lmms_simignore.engine.families import check_cls_attention, check_merging_stages, check_plan_support
+from lmms_simignore.engine.families import check_cls_attention, check_plan_support
 from lmms_simignore.engine.prompt import PromptEmbeddings, place_image_features
 from lmms_simignore.settings import Plan, ReductionSettings
 
@@ -92,7 +92,6 @@ def check_qwen_plan(config, plan: Plan) -> None:
     """Refuse, naming the method, what a Qwen-VL model cannot give: a CLS token's attention, a stage inside the ViT,
     positions re-packed or closed up on its multimodal rotary positions."""
     check_plan_support(config, plan)
-    check_merging_stages(config, plan)
     for stage in plan.layers:
         if stage.positions != "original":
             raise ValueError(f"{stage.method}'s stage at layer {stage.layer} re-packs the positions of the tokens it keeps "
@@ -100,7 +99,8 @@ def check_qwen_plan(config, plan: Plan) -> None:
                              f"multimodal rotary positions: pass stage_positions=original (each kept token keeps its own)")
     if plan.pre_llm is not None and plan.pre_llm.positions == "contiguous":
         raise ValueError(f"{plan.pre_llm.method} closes up the positions of the image tokens it keeps (its authors' rule on "
-                         f"1-D positions), which is not defined for {config.model_type}'s multimodal rotary positions")
+                         f"1-D positions), which is not defined for {config.model_type}'s multimodal rotary positions: "
+                         f"pass {plan.pre_llm.method}_positions=original (each kept token at its own position)")
     if plan.vision is not None:
         raise ValueError(f"{plan.vision.method} shortens each image inside the vision tower, which is defined here for "
                          f"the CLIP and SigLIP towers of LLaVA-style models only; {config.model_type}'s ViT (windowed "

@@ -131,13 +131,16 @@ class VisionStage:
     and places where the image was, at contiguous positions; when `adaptive` (each image its own number, at most
     `tokens`), `shorten(view) -> ((I, K, D_tower), (I,) lengths)`, image i's first K_i rows. On images the tower sees as several views (LLaVA-NeXT's
     base view and crops, `TowerView.tiling`): `shorten_views(view) -> [(tokens, D_tower)]`, each image's views shortened
-    and arranged as the method's authors do for such images; None where there is no such version (refused there, with
-    `views_refusal`, why)."""
+    and arranged as the method's authors do for such images; or `select_views(view) -> (V, P) bool`, the patches kept
+    in each view, which the engine carries to the image's tokens as the model packs them (`TiledImage.token_views`) and
+    keeps in order at contiguous positions, the model's separators kept; None of both where there is no such version
+    (refused there, with `views_refusal`, why)."""
 
     method: str
     tokens: int
     shorten: Callable
     shorten_views: Callable | None = None
+    select_views: Callable | None = None
     views_refusal: str = "its authors' code gives no version for an image in tiles"
     adaptive: bool = False
 

@@ -10,7 +10,11 @@ position ids). No attention is read, so it runs under any attention backend.
 Its code takes K = round(ratio x N) with Python's round (half to even) from `SUBSET_RATIO` (0.098 by default); here the
 budget is `keep`/`ignore` per image as for every method (a fraction rounded half up: the two differ only at exact
 halves). Its LLaVA-NeXT run ranks the whole image span, the row newlines included; here the newlines are never chosen
-or dropped (they stay, and the kept image tokens close up around them).
+or dropped (they stay, and the kept image tokens close up around them). Where tokens are exact duplicates (a plain
+image through a tower without absolute position embeddings: Qwen-VL's), every unchosen one ties at distance 0 with the
+chosen ones and its code's `argmax` picks a chosen token again (feeding it twice); here the lowest-index unchosen one. Its code has no Qwen-VL version, and contiguous
+positions are not defined on M-RoPE's: `divprune_positions=original` keeps each kept token at its own position, as
+LightCompress's Qwen2.5-VL DivPrune keeps the original M-RoPE ids (the only positions Qwen-VL takes).
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from lmms_simignore.methods.arguments import argument, check_choice
 from lmms_simignore.methods.base import PRE_LLM, Method, PipelineContext, PreLLMStage, StageRequest, require_keep_or_ignore
+
+POSITION_RULES = ("contiguous", "original")
 
 
 def cosine_distances(features: torch.Tensor) -> torch.Tensor:
@@ -43,8 +50,9 @@ def most_diverse(distances: torch.Tensor, keep: int) -> torch.Tensor:
     rows = torch.arange(images, device=distances.device)
     nearest_other = distances.topk(min(2, tokens), dim=1, largest=False).values[:, -1]  # (I, N)
     chosen = [nearest_other.argmax(dim=1)]  # (I,)
-    to_chosen = distances[rows, chosen[0]]  # (I, N) each token's distance to the nearest chosen one
+    to_chosen = distances[rows, chosen[0]].clone()  # (I, N) each token's distance to the nearest chosen one
     for _ in range(keep - 1):
+        to_chosen[rows, chosen[-1]] = float("-inf")  # never again, even where exact duplicates tie with it at 0
         chosen.append(to_chosen.argmax(dim=1))
         to_chosen = torch.minimum(to_chosen, distances[rows, chosen[-1]])
     return torch.stack(chosen, dim=1)
@@ -58,7 +66,15 @@ def divprune_indices(features: torch.Tensor, keep: int) -> torch.Tensor:
 # -- declaration -----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DivPruneArguments:
-    """None of its own: `keep`/`ignore` give K."""
+    """`keep`/`ignore` give K."""
+
+    divprune_positions: str = argument(
+        "contiguous", "the kept tokens' positions: `contiguous` (counted anew, as its LLaVA code feeds them) or `original` "
+                      "(each its own, as LightCompress's Qwen2.5-VL DivPrune; what Qwen-VL's M-RoPE takes)",
+        " | ".join(POSITION_RULES))
+
+    def __post_init__(self) -> None:
+        check_choice("divprune_positions", self.divprune_positions, POSITION_RULES)
 
 
 def _check(args: DivPruneArguments, context: PipelineContext) -> None:
@@ -70,7 +86,7 @@ def _plan(args: DivPruneArguments, request: StageRequest) -> tuple[PreLLMStage]:
     if not 1 <= keep <= request.available:
         raise ValueError(f"divprune keeps {keep} image tokens per image; between 1 and the {request.available} that reach "
                          f"it")
-    return (PreLLMStage("divprune", keep, partial(_choose, keep), positions="contiguous"),)
+    return (PreLLMStage("divprune", keep, partial(_choose, keep), positions=args.divprune_positions),)
 
 
 def _choose(keep: int, view) -> torch.Tensor:
@@ -90,7 +106,7 @@ METHOD = Method(
     budget="`keep`/`ignore` per image (count or fraction of the model's image tokens), required",
     positions="contiguous",
     needs=("projected image tokens",),
-    refuses="multimodal rotary positions (Qwen-VL: its contiguous positions are defined on 1-D ones)",
+    refuses="contiguous positions on multimodal rotary ones (Qwen-VL: pass divprune_positions=original)",
     check=_check,
     plan=_plan,
 )

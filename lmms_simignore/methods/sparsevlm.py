@@ -20,7 +20,8 @@ modelling_sparse_llama.py`, `score.py`, `utils.py`):
   merged tokens after the kept ones: not built).
 
 Ties go to the lower index (its code breaks density ties with 1e-6 random noise). Its code runs one image per batch;
-here each image is rated by the text after it in its own row (other images' tokens are not text).
+here each image is rated by the text after it in its own row (other images' tokens are not text). Its code covers
+LLaVA-1.5; on the other families the same rule takes each image's tokens as one set (all its tiles; never a newline).
 """
 
 from __future__ import annotations
@@ -267,8 +268,9 @@ METHOD = Method(
            "compute on 206.5 / 145.4 / 82.3 image tokens on average for 192 / 128 / 64)",
     positions="repacked",
     needs=("the layer-0 input embeddings of the text after the image", "each pruning layer's attention from the raters"),
-    refuses="models whose images have their own sizes (Qwen-VL, LLaVA-NeXT, OneVision, InternVL): its stages merge "
-            "tokens, which the layer loop handles for a batch's images of one size only (its code covers LLaVA-1.5)",
+    refuses="re-packed positions on multimodal rotary ones (Qwen-VL: pass stage_positions=original, each merged token "
+            "at its centre's); a stage before Qwen3-VL's last DeepStack layer (a merged token has no row of its "
+            "additions)",
     check=_check,
     plan=_plan,
     own_budget=("sparsevlm_schedule",),

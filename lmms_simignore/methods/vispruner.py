@@ -12,6 +12,10 @@ min(8, surplus) highest-scoring even-place tokens and lines up the kept even-pla
 odd-place ones for the next round. The kept tokens stay in their original order, projected, at contiguous positions
 (its LLaVA code drops the others from the sequence and passes no position ids).
 
+On LLaVA-NeXT (its `prepare_inputs_labels_for_multimodal`, `spatial_unpad`): T tokens in each view, the base view's
+and each crop's chosen alone as above; each crop's kept set, a mask over its patches, is stitched with the crops' grid
+and unpadded as the features are, each newline kept; the image's kept tokens, in order, at contiguous positions.
+
 Ties (attention, similarity) go to the lower index here (its code sorts unstably). Its code fails on a shape mismatch
 where a round meets an odd number of remaining tokens or would drop more than the even places hold (small budgets: at
 T = 8 of 576); here the even places then hold one token more, and a round drops at most all of them.
@@ -94,9 +98,13 @@ def _plan(args: VisPrunerArguments, request: StageRequest) -> tuple[VisionStage]
     keep = request.budget.count(request.image_tokens)
     if not 1 <= keep <= request.image_tokens:
         raise ValueError(f"vispruner keeps {keep} image tokens per image; between 1 and the model's {request.image_tokens}")
-    return (VisionStage("vispruner", keep, partial(shorten_in_tower, keep, args.important_ratio),
-                        views_refusal="its authors' LLaVA-NeXT version (each view pruned alone, the masks carried through "
-                                      "the unpadding, every newline kept) is not built here yet"),)
+    per_view = keep // request.views  # a tiled image: its code's T in each view (32 x 5 = 160 on LLaVA-NeXT)
+    if per_view < 1:
+        raise ValueError(f"vispruner keeps T tokens in each view of a tiled image: keep={keep} is less than this image's "
+                         f"{request.views} views (the base view and its crops)")
+    return (VisionStage("vispruner", keep if request.views == 1 else per_view * request.views,
+                        partial(shorten_in_tower, keep, args.important_ratio),
+                        select_views=partial(select_in_views, per_view, args.important_ratio)),)
 
 
 def shorten_in_tower(keep: int, important_ratio: float, view) -> torch.Tensor:
@@ -106,6 +114,16 @@ def shorten_in_tower(keep: int, important_ratio: float, view) -> torch.Tensor:
     return states.gather(1, kept[..., None].expand(-1, -1, states.shape[-1]))
 
 
+def select_in_views(keep: int, important_ratio: float, view) -> torch.Tensor:
+    """(V, P) bool: the patches VisPruner keeps in each view of tiled images (LLaVA-NeXT's base view and crops), `keep`
+    (T) in each, chosen in each view alone as in one image (its LLaVA-NeXT code); view: `engine.views.TowerView`."""
+    states = view.image_token_states
+    if keep > states.shape[1]:
+        raise ValueError(f"vispruner keeps {keep} tokens in each view, more than a view's {states.shape[1]} patches")
+    kept = vispruner_indices(states, image_token_attention(view), keep, important_ratio)
+    return torch.zeros(states.shape[:2], dtype=torch.bool, device=states.device).scatter_(1, kept, True)
+
+
 METHOD = Method(
     name="vispruner",
     title="VisPruner (Zhang et al., ICCV 2025)",
@@ -113,14 +131,18 @@ METHOD = Method(
             "ones by the tower's attention (CLIP: the CLS row of the feature layer; SigLIP: the attention received in "
             "the last layer), the rest thinned for *diversity* by its rounds of even/odd matching (cosine of the "
             "feature layer's states, up to 8 duplicates dropped a round); kept tokens in order, at contiguous "
-            "positions, as its LLaVA code feeds them",
+            "positions, as its LLaVA code feeds them; on LLaVA-NeXT each view (base view, crops) on its own, the crops' "
+            "kept patches carried through the unpadding, every newline kept, as its LLaVA-NeXT code",
     places=(VISION,),
     arguments=VisPrunerArguments,
-    budget="`keep`/`ignore` per image (count or fraction of the model's image tokens), required: the final count T",
+    budget="`keep`/`ignore` per image (count or fraction of the model's image tokens), required: the final count T; on "
+           "LLaVA-NeXT T in each view, the image's budget divided evenly among its views as its code's 32 × 5 = 160 "
+           "(the crops' kept patches in their padding leave with the unpadding, so at most that many reach the LLM)",
     positions="contiguous",
     needs=(PATCH_ATTENTION, PATCHES_ALONE, "the feature layer's states"),
-    refuses="tiled images (LLaVA-NeXT, OneVision: its NeXT version is not built yet; InternVL, Qwen-VL: no version by "
-            "its authors); a CLIP tower whose CLS token is itself an image token (vision_feature_select_strategy=full)",
+    refuses="OneVision (its anyres_max shrinks large grids, which the views' masks cannot follow; its code refuses "
+            "that aspect setting); InternVL and Qwen-VL (no version by its authors); a CLIP tower whose CLS token is "
+            "itself an image token (vision_feature_select_strategy=full)",
     check=_check,
     plan=_plan,
 )
