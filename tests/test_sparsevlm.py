@@ -29,6 +29,14 @@ def test_its_budgets_give_the_counts_its_code_gives_on_llava_1_5():
         assert visible == [576] * 3 + [first] * 4 + [second] * 9 + [third] * 16, keep
 
 
+def test_a_fraction_is_its_schedule_for_that_share_of_each_image_s_tokens():
+    """keep=1/3 of 576 is 192: its own schedule; of 147 tokens 49, the 64 one scaled by 49/64."""
+    fraction = ReductionSettings(reduction="sparsevlm", keep=1 / 3)
+    assert [stage.keep for stage in fraction.plan(576, 32, (24, 24)).layers] == [309, 204, 113]
+    assert [stage.keep for stage in fraction.plan(147, 32, (7, 21)).layers] == [
+        stay + merged for stay, merged in [(51, 3), (23, 2), (13, 1)]]
+
+
 def test_other_budgets_scale_the_nearest_of_its_schedules():
     assert scaled_schedule(192) == (300, 200, 110) and scaled_schedule(64) == (66, 30, 17)
     assert scaled_schedule(32) == (33, 15, 9)  # 64's halved, rounded half up
@@ -190,7 +198,7 @@ def test_sparsevlm_through_the_model_class_counts_what_each_layer_saw(testbed, d
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(reduction="sparsevlm"), "sparsevlm needs one of keep=N and sparsevlm_schedule="),
-    (dict(reduction="sparsevlm", keep=0.3), "sparsevlm is budgeted by keep=N"),
+    (dict(reduction="sparsevlm", ignore=100), "sparsevlm is budgeted by keep=N"),
     (dict(reduction="sparsevlm", sparsevlm_schedule="10/20"), "sparsevlm_schedule must be .* non-increasing"),
     (dict(reduction="sparsevlm", sparsevlm_layers="2/1", keep=64), "sparsevlm_layers must be increasing"),
     (dict(reduction="sparsevlm", keep=64, sparsevlm_schedule="10"), "no stage of reduction=sparsevlm takes them"),

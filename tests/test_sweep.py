@@ -211,13 +211,15 @@ def test_qwen_peer_rows_run_offline_on_a_tiny_qwen(testbed, tmp_path):
     pytest.importorskip("torchvision")
     folder = build_tiny_qwen(tmp_path / "tiny-qwen2_5_vl", "qwen2_5_vl", shape=FIXTURE_SHAPE)
     config = load_config(CONFIGS / "peers_qwen2_5_vl.yaml", overrides={"pretrained": str(folder)}, tasks="scienceqa_img_local",
-                         only_rows="baseline,pdrop_22,pool_11")
+                         only_rows="baseline,pdrop_22,pool_11,sparsevlm_11")
     summaries = run_sweep(config, tmp_path / "peers", include_path=testbed["tasks"], extra_args=("--limit", "2"),
                           echo=lambda line: None)
     assert {summary["name"]: summary["visible_per_layer"] for summary in summaries} == {
         "baseline": [256] * 8,
         "pdrop_22": [256, 105, 43, 43, 18, 18, 18, 18],  # layers 2/7/14 of 28 are 1/2/4 of 8; 256 x 0.41, ...
         "pool_11": [36] * 8,  # stride 3 on 16 x 16: 5 whole windows and a partial one per side
+        # 11.1% of 256 is 28: its 64 schedule x 28/64 = 29/13/7 kept after layers 1/2/4 (2/6/15 of 32), + 7, 1, 1 merged
+        "sparsevlm_11": [256, 256, 29 + 7, 13 + 1, 13 + 1, 7 + 1, 7 + 1, 7 + 1],
     }
 
 
@@ -233,6 +235,8 @@ def test_llava_next_peer_rows_keep_the_tokens_their_name_says_of_a_full_tile_ima
             assert visible == [2880] * 2 + [int(budget)] * 30, row.name
         elif method == "pdrop":
             assert abs(sum(visible) / 32 - int(budget)) < 1 and len(set(visible)) == 4, row.name
+        elif method == "sparsevlm":  # its schedule for N: every token up to its first pruning layer (2), then 3 stages
+            assert visible[:3] == [2880] * 3 and len(set(visible)) == 4 and visible[3] > int(budget) > visible[-1], row.name
         else:
             assert visible == [int(budget)] * 32, row.name
 
@@ -243,7 +247,7 @@ def test_llava_next_peer_rows_run_offline_on_the_fixtures_tiny_llava_next(testbe
 
     folder = build_tiny_llava_next(tmp_path / "tiny-llava_next", shape=FIXTURE_SHAPE)
     config = load_config(CONFIGS / "peers_llava_next.yaml", overrides={"pretrained": str(folder)}, tasks="scienceqa_img_local",
-                         only_rows="baseline,pdrop_320,dart_160,visionzip_160,pool_320")
+                         only_rows="baseline,pdrop_320,dart_160,visionzip_160,pool_320,vispruner_160")
     summaries = {summary["name"]: summary["visible_per_layer"] for summary in run_sweep(
         config, tmp_path / "peers", include_path=testbed["tasks"], extra_args=("--limit", "2"), echo=lambda line: None)}
     tokens = summaries["baseline"][0]  # the task's 48 px images: their base view and grid, newlines not counted
@@ -254,6 +258,8 @@ def test_llava_next_peer_rows_run_offline_on_the_fixtures_tiny_llava_next(testbe
     assert tokens == 64 + 64
     assert summaries["visionzip_160"] == [3 * 2] * 8  # 0.0556 of 128 tokens = 7: 2 in each of the 3 views
     assert summaries["pool_320"] == [3 * 3 + 3 * 3] * 8  # stride 3 on each 8 x 8 grid, a partial last window per side
+    # 2 patches in each view; the crops' kept patches in their padding (the outer quarters of the 8 x 16 grid) leave
+    assert summaries["vispruner_160"][1:] == summaries["vispruner_160"][:-1] and 2 <= summaries["vispruner_160"][0] <= 6
 
 
 def test_qwen_peer_rows_keep_the_fraction_their_name_says(geometry):
@@ -275,6 +281,9 @@ def test_qwen_peer_rows_keep_the_fraction_their_name_says(geometry):
             assert abs(sum(visible) / 28 / tokens - int(percent) / 100) < 0.005 and len(set(visible)) == 4, row.name
         elif method == "pool":
             assert visible == [{"25": 23 * 23, "11": 15 * 15}[percent]] * 28, row.name
+        elif method == "sparsevlm":  # its schedule for the share: every token up to layer 2 (2/32 of 28), then 3 stages
+            average = math.floor(fraction * tokens + 0.5)
+            assert visible[:3] == [tokens] * 3 and len(set(visible)) == 4 and visible[3] > average > visible[-1], row.name
         else:
             assert visible == [math.floor(fraction * tokens + 0.5)] * 28 and abs(fraction - int(percent) / 100) < 0.005, row.name
 

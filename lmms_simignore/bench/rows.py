@@ -81,7 +81,8 @@ def per_image_bench_rows(num_layers: int, nominal_plan: Callable[[ReductionSetti
     """The rows of a model whose images have their own sizes (Qwen-VL, LLaVA-NeXT, LLaVA-OneVision): of none, every
     method at 50% and 25% of each image's own tokens (`keep=0.5`, `0.25`: rounded half up), pooling at both (a stride
     where the fraction is 1/s²), PyramidDrop with its defaults (where the family refuses re-packing its positions, as on
-    M-RoPE: each kept token at its own, `stage_positions=original`) and Simignore's adaptive budget, those whose settings
+    M-RoPE: each kept token at its own, `stage_positions=original`; DivPrune likewise with `divprune_positions=original`)
+    and Simignore's adaptive budget, those whose settings
     build and that the family plans for the model's largest image: `nominal_plan` (settings -> Plan; raises ValueError
     on what the family refuses, such as VisionZip without a CLS token; VisionDrop's
     settings refuse a fraction)."""
@@ -89,7 +90,8 @@ def per_image_bench_rows(num_layers: int, nominal_plan: Callable[[ReductionSetti
     choices: list[tuple[str, tuple[dict, ...]]] = [("none", ({},))]  # each row's settings arguments, by preference
     for fraction in FRACTIONS:
         percent = int(fraction * 100)
-        choices += [(name, (arguments,)) for name, arguments in _method_arguments(percent, fraction, fastv_layer).items()]
+        choices += [(name, (arguments, {**arguments, "divprune_positions": "original"}) if arguments["reduction"] == "divprune"
+                     else (arguments,)) for name, arguments in _method_arguments(percent, fraction, fastv_layer).items()]
         choices.append((f"pool_{percent}", ({"reduction": "pool", "keep": fraction},)))
     choices += [("pdrop", ({"reduction": "pdrop"}, {"reduction": "pdrop", "stage_positions": "original"})),
                 ("simignore_auto", ({"reduction": "simignore", "keep": "auto"},))]

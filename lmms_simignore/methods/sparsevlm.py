@@ -214,9 +214,10 @@ class SparseVLMArguments:
 
 def _check(args: SparseVLMArguments, context: PipelineContext) -> None:
     budget = context.budget or Budget()
-    if budget.ignore is not None or budget.adaptive or isinstance(budget.keep, float):
+    if budget.ignore is not None or budget.adaptive:
         raise ValueError(f"sparsevlm is budgeted by keep=N (its schedule for an average of N image tokens: 192, 128 or 64 "
-                         f"as its code, others scaled) or sparsevlm_schedule=, not {budget.describe()}")
+                         f"as its code, others scaled; a fraction: of each image's tokens) or sparsevlm_schedule=, not "
+                         f"{budget.describe()}")
     if (budget.keep is None) == (args.sparsevlm_schedule is None):
         raise ValueError(f"sparsevlm needs one of keep=N and sparsevlm_schedule=; got keep={budget.keep}, "
                          f"sparsevlm_schedule={args.sparsevlm_schedule}")
@@ -264,7 +265,7 @@ METHOD = Method(
     places=(IN_LLM,),
     arguments=SparseVLMArguments,
     budget="`keep=N`: its schedule for N (192 / 128 / 64 as its code names them; others the nearest of those scaled by "
-           "N / it), or `sparsevlm_schedule`; each stage keeps its count + the merged tokens (on LLaVA-1.5 the layers "
+           "N / it; a fraction: N of each image's own tokens, as on Qwen-VL), or `sparsevlm_schedule`; each stage keeps its count + the merged tokens (on LLaVA-1.5 the layers "
            "compute on 206.5 / 145.4 / 82.3 image tokens on average for 192 / 128 / 64)",
     positions="repacked",
     needs=("the layer-0 input embeddings of the text after the image", "each pruning layer's attention from the raters"),
