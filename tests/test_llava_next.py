@@ -10,7 +10,6 @@ from PIL import Image
 
 from lmms_simignore import engine
 from lmms_simignore.families import llava_next
-from lmms_simignore.methods.fastv import fastv_stage
 from lmms_simignore.settings import ReductionSettings
 from lmms_simignore.testbed.tiny_llava_next import build_tiny_llava_next, build_tiny_llava_onevision
 

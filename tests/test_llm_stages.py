@@ -2,8 +2,7 @@
 a stage at layer K keeps, per image, the image tokens still present that layer K-1's last prompt token attends to most."""
 
 import pytest
-import torch
-from test_engine import GREEDY_8, run
+from test_engine import run
 from test_fastv import padded_batch, row_alone, unreduced  # noqa: F401  (padded_batch is a fixture)
 
 from lmms_simignore import engine

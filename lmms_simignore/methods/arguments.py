@@ -66,9 +66,11 @@ def resolve_count(name: str, value, image_tokens: int) -> int:
     return int(value)
 
 
-def parse_layers(name: str, given) -> tuple[int, ...] | tuple[float, ...]:
-    """'8/16/24' (or an int, or a tuple) -> (8, 16, 24), increasing decoder layers >= 1; '0.25/0.5/0.75' -> (0.25, 0.5,
-    0.75), increasing fractions of the depth in (0, 1) (resolved per model by `resolve_layers`)."""
+def parse_layers(name: str, given, lowest: int = 1, examples: tuple[str, str] = ("8/16/24", "0.25/0.5/0.75")
+                 ) -> tuple[int, ...] | tuple[float, ...]:
+    """'8/16/24' (or an int, or a tuple) -> (8, 16, 24), increasing decoder layers >= `lowest`; '0.25/0.5/0.75' ->
+    (0.25, 0.5, 0.75), increasing fractions of the depth in (0, 1) ([0, 1) where `lowest` is 0), resolved per model
+    (`resolve_layers`). `examples`: a layers and a fractions example for the error message."""
     layers = given
     if isinstance(layers, (int, float)) and not is_bool(layers):
         layers = (layers,)
@@ -78,11 +80,11 @@ def parse_layers(name: str, given) -> tuple[int, ...] | tuple[float, ...]:
         except ValueError:
             layers = None
     valid = isinstance(layers, (tuple, list)) and bool(layers) and list(layers) == sorted(set(layers)) and (
-        all(isinstance(x, int) and not is_bool(x) and x >= 1 for x in layers)
-        or all(isinstance(x, float) and 0 < x < 1 for x in layers))
+        all(isinstance(x, int) and not is_bool(x) and x >= lowest for x in layers)
+        or all(isinstance(x, float) and (0 <= x if lowest == 0 else 0 < x) and x < 1 for x in layers))
     if not valid:
-        raise ValueError(f"{name} must be increasing decoder layers >= 1 separated by '/', e.g. 8/16/24, or increasing "
-                         f"fractions of the depth, e.g. 0.25/0.5/0.75; got {given!r}")
+        raise ValueError(f"{name} must be increasing decoder layers >= {lowest} separated by '/', e.g. {examples[0]}, or "
+                         f"increasing fractions of the depth, e.g. {examples[1]}; got {given!r}")
     return tuple(layers)
 
 

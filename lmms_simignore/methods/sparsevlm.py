@@ -32,7 +32,7 @@ from functools import partial
 
 import torch
 
-from lmms_simignore.methods.arguments import argument, check_choice, round_half_up
+from lmms_simignore.methods.arguments import argument, check_choice, parse_layers, round_half_up
 from lmms_simignore.methods.base import IN_LLM, Budget, LayerChoice, LayerStage, Method, PipelineContext, StageRequest
 from lmms_simignore.methods.selection import descending_order, select_top_k
 
@@ -156,24 +156,6 @@ def recycled_content(top: torch.Tensor, recycled: torch.Tensor, assignments: tor
 
 
 # -- declaration -----------------------------------------------------------------------------------------------------
-def parse_pruning_layers(given) -> tuple:
-    """'2/6/15' -> (2, 6, 15), increasing layers >= 0; '0.0625/0.1875/0.46875' -> fractions of the depth in [0, 1)."""
-    layers = given
-    if isinstance(layers, str):
-        try:
-            layers = tuple(float(part) if "." in part else int(part) for part in layers.split("/"))
-        except ValueError:
-            layers = None
-    valid = isinstance(layers, (tuple, list)) and bool(layers) and list(layers) == sorted(set(layers)) and (
-        all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers)
-        or all(isinstance(x, float) and 0 <= x < 1 for x in layers))
-    if not valid:
-        raise ValueError(f"sparsevlm_layers must be increasing decoder layers >= 0 whose attention prunes, separated by '/', "
-                         f"e.g. 2/6/15 (its code's on 32 layers), or fractions of the depth, e.g. 0.0625/0.1875/0.46875; "
-                         f"got {given!r}")
-    return tuple(layers)
-
-
 def parse_counts(given) -> tuple[int, ...]:
     """'300/200/110' -> (300, 200, 110): image tokens kept (before recycling) at each pruning layer, non-increasing."""
     try:
@@ -207,7 +189,8 @@ class SparseVLMArguments:
 
     def __post_init__(self) -> None:
         if self.sparsevlm_layers is not None:
-            object.__setattr__(self, "sparsevlm_layers", parse_pruning_layers(self.sparsevlm_layers))
+            object.__setattr__(self, "sparsevlm_layers", parse_layers("sparsevlm_layers", self.sparsevlm_layers, lowest=0,
+                                                                       examples=("2/6/15", "0.0625/0.1875/0.46875")))
         if self.sparsevlm_schedule is not None:
             object.__setattr__(self, "sparsevlm_schedule", parse_counts(self.sparsevlm_schedule))
 

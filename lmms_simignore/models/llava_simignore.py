@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from functools import partial
 
-import torch
 from loguru import logger
 
 from lmms_simignore import engine
