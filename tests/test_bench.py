@@ -242,8 +242,8 @@ def test_the_qwen_tiny_bench_runs_the_qwen_rows_on_each_image_s_own_tokens(tmp_p
     assert (tiny["image_tokens"], tiny["layers"], tiny["batch_size"]) == (tokens, 3, 2)
     rows = tiny["rows"]
     assert list(rows) == ["none", "simignore_drop_50", "simignore_mask_50", "random_drop_50", "fastv_50", "dart_50",
-                          "simignore_drop_25", "simignore_mask_25", "random_drop_25", "fastv_25", "dart_25", "pool_25",
-                          "pdrop", "simignore_auto"]
+                          "divprune_50", "simignore_drop_25", "simignore_mask_25", "random_drop_25", "fastv_25", "dart_25",
+                          "divprune_25", "pool_25", "pdrop", "simignore_auto"]
     computed = {name: result["computed_per_layer"] for name, result in rows.items()}
     assert computed["none"] == [tokens] * 3 and rows["none"]["ideal_prefill_speedup"] == 1.0
     for percent, fraction in ((50, 0.5), (25, 0.25)):
@@ -251,6 +251,8 @@ def test_the_qwen_tiny_bench_runs_the_qwen_rows_on_each_image_s_own_tokens(tmp_p
         assert computed[f"simignore_drop_{percent}"] == computed[f"random_drop_{percent}"] == [kept] * 3
         assert computed[f"simignore_mask_{percent}"] == [tokens] * 3 and rows[f"simignore_mask_{percent}"]["visible_per_layer"] == [kept] * 3
         assert computed[f"fastv_{percent}"] == computed[f"dart_{percent}"] == [tokens, tokens, kept]  # all before layer 2
+        assert computed[f"divprune_{percent}"] == [kept] * 3
+        assert rows[f"divprune_{percent}"]["settings"].endswith("divprune_positions=original)")  # M-RoPE: its own positions
     assert computed["pool_25"] == [math.ceil(grid_rows / 2) * math.ceil(grid_cols / 2)] * 3  # 3 x 5: partial last windows
     assert computed["pdrop"] == [tokens, half_up(0.5), int(half_up(0.5) / 2 + 0.5)]  # its layers 1 and 2 of 3, lambda 0.5
     assert rows["pdrop"]["settings"].endswith("stage_positions=original)")  # Qwen-VL refuses re-packing M-RoPE positions
@@ -361,7 +363,8 @@ def test_the_tiled_7b_shapes_write_and_load_as_tiled_bench_models(tmp_path, monk
 
 def test_the_tiny_tiled_benches_run_the_rows_each_family_plans_on_each_image_s_own_tokens(tmp_path):
     """A quick bench of the tiny LLaVA-NeXT and LLaVA-OneVision (no pass): the rows their family plans (pooling at 25%:
-    stride 2 on the base view and the tile grid; VisionZip on NeXT's CLIP views only; no VisionDrop on tiles), and what
+    stride 2 on the base view and the tile grid; VisionZip and VisPruner on NeXT's CLIP views only; no VisionDrop on
+    tiles; no SparseVLM, whose three pruning layers 3 layers cannot hold), and what
     each of their 3 layers computed on, counted from the processor: its placeholders for the full-tile image less one
     newline per row of the tile grid."""
     from lmms_simignore.bench.flops import DecoderShape, prefill_flops
@@ -377,9 +380,10 @@ def test_the_tiny_tiled_benches_run_the_rows_each_family_plans_on_each_image_s_o
     report = run_bench(tmp_path, models=tuple(processors), quick=True, pass_prompts=0, device="cpu", echo=lambda line: None)
     assert list(report["models"]) == list(processors) and "scienceqa_pass" not in report
     expected_rows = {name: ["none", "simignore_drop_50", "simignore_mask_50", "random_drop_50", "fastv_50", *zipped[0],
-                            "dart_50", "divprune_50", "simignore_drop_25", "simignore_mask_25", "random_drop_25", "fastv_25",
-                            *zipped[1], "dart_25", "divprune_25", "pool_25", "pdrop", "simignore_auto"]
-                     for name, zipped in (("llava_next-tiny", (["visionzip_50"], ["visionzip_25"])), ("llava_onevision-tiny", ([], [])))}
+                            "dart_50", "divprune_50", *pruned[0], "simignore_drop_25", "simignore_mask_25", "random_drop_25",
+                            "fastv_25", *zipped[1], "dart_25", "divprune_25", *pruned[1], "pool_25", "pdrop", "simignore_auto"]
+                     for name, zipped, pruned in (("llava_next-tiny", (["visionzip_50"], ["visionzip_25"]), (["vispruner_50"], ["vispruner_25"])),
+                                                  ("llava_onevision-tiny", ([], []), ([], [])))}
     for name, (processor, tiles) in processors.items():  # a square image of tiles x tiles tiles
         pixels = tiles * tile
         placeholders = processor._get_number_of_features(pixels, pixels, tile, tile)
@@ -398,6 +402,7 @@ def test_the_tiny_tiled_benches_run_the_rows_each_family_plans_on_each_image_s_o
         assert computed["pool_25"] == [pooled] * 3, name
         if name == "llava_next-tiny":  # 5 views: a fifth of 40 or 20 in each, 7 + 1 or 3 + 1
             assert computed["visionzip_50"] == [5 * 8] * 3 and computed["visionzip_25"] == [5 * 4] * 3
+            assert computed["vispruner_50"] == [5 * 8] * 3 and computed["vispruner_25"] == [5 * 4] * 3  # no padding to leave
         assert computed["none"] == [tokens] * 3 and rows["none"]["ideal_prefill_speedup"] == 1.0
         for percent, kept in ((50, half), (25, quarter)):
             assert computed[f"simignore_drop_{percent}"] == computed[f"random_drop_{percent}"] == [kept] * 3, name
