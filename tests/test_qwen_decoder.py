@@ -260,6 +260,10 @@ def test_a_merging_stage_inside_the_deepstack_layers_is_refused(qwen3):
     merging = LayerStage("probe", 1, 4, lambda view: LayerChoice(torch.arange(4).expand(2, -1), rebuild=lambda hidden: hidden[:, :4]))
     with pytest.raises(ValueError, match="merges image tokens, but this model adds image features to the outputs of layers up to 1"):
         engine.LanguageModelRun(model, reduced, stages=(merging,)).prefill()
+    settings = ReductionSettings(reduction="sparsevlm", sparsevlm_layers="0/1", sparsevlm_schedule="6/3", stage_positions="original")
+    with pytest.raises(ValueError, match="sparsevlm's stage at layer 1 merges image tokens, but qwen3_vl adds image features to "
+                                         "the outputs of layers 0-1 \\(DeepStack\\), .* at layer 2 or later"):
+        qwen_vl.nominal_plan(model.config, settings, max_pixels=40 * 28 * 28)  # before any compute
 
 
 # -- budgets per image under dynamic resolution: each image planned for its own tokens ---------------------------------

@@ -90,9 +90,15 @@ def nominal_plan(config, settings: ReductionSettings, max_pixels: int) -> Plan:
 
 def check_qwen_plan(config, plan: Plan) -> None:
     """Refuse, naming the method, what a Qwen-VL model cannot give: a CLS token's attention, a stage inside the ViT,
-    positions re-packed or closed up on its multimodal rotary positions."""
+    positions re-packed or closed up on its multimodal rotary positions, a merging stage among Qwen3-VL's DeepStack
+    layers."""
     check_plan_support(config, plan)
+    deepstack = len(getattr(config.vision_config, "deepstack_visual_indexes", None) or ())  # Qwen3-VL's added levels
     for stage in plan.layers:
+        if stage.merges and stage.layer < deepstack:
+            raise ValueError(f"{stage.method}'s stage at layer {stage.layer} merges image tokens, but {config.model_type} adds "
+                             f"image features to the outputs of layers 0-{deepstack - 1} (DeepStack), which a merged token "
+                             f"has no row of: its stage must be at layer {deepstack} or later")
         if stage.positions != "original":
             raise ValueError(f"{stage.method}'s stage at layer {stage.layer} re-packs the positions of the tokens it keeps "
                              f"(its authors' rule on 1-D positions), which is not defined for {config.model_type}'s "
