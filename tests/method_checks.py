@@ -2,6 +2,8 @@
 token is no reduction, a batch answers as each row alone and cached decoding as recomputation, and the model class
 batches as it answers alone while counting what each layer saw."""
 
+from contextlib import contextmanager
+
 import torch
 from test_engine import last_logits, run
 from test_fastv import row_alone
@@ -41,3 +43,17 @@ def assert_the_class_batches_as_alone_and_counts_each_layer(testbed, docs, keep:
     assert answers == make_model(testbed, docs, keep=keep, batch_size=1, **model_args).generate_until(simple_requests(docs))
     records = sorted(model.accounting.records, key=lambda record: record["doc_id"])
     assert [r["computed_per_layer"] for r in records] == [[keep] * 3] * 5 + [[0, 0, 0]]
+
+
+@contextmanager
+def eager_attention_weights(layers):
+    """{layer index: (B, H, L, L) its attention weights} of every forward of the eager decoder `layers` inside the block
+    (each layer's last)."""
+    weights = {}
+    hooks = [layer.self_attn.register_forward_hook(lambda module, args, output, index=index: weights.__setitem__(index, output[1]))
+             for index, layer in enumerate(layers)]
+    try:
+        yield weights
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from method_checks import eager_attention_weights
 from PIL import Image
 
 from lmms_simignore import engine
@@ -441,34 +442,27 @@ def test_each_pyramiddrop_stage_keeps_what_transformers_eager_attention_ranks_hi
     run = engine.LanguageModelRun(model, reduced, stages=pdrop_stages(tuple(keeps.items())))
     run.prefill()
     text_model = eager.model.language_model
-    weights = {}
-    hooks = [layer.self_attn.register_forward_hook(lambda module, args, output, index=index: weights.__setitem__(index, output[1]))
-             for index, layer in enumerate(text_model.layers)]
-    try:
-        with torch.inference_mode():
-            for row in range(2):
-                embeds, positions, is_image, levels = transformers_parts(eager, inputs, row)
-                length, image_columns = embeds.shape[1], is_image.nonzero().flatten()
-                hidden_tokens = torch.zeros(length, dtype=torch.bool)
-                hidden, rotary = embeds, text_model.rotary_emb(embeds, positions)
-                for index, layer in enumerate(text_model.layers):
-                    allowed = torch.ones(length, length, dtype=torch.bool).tril() & ~hidden_tokens[None, :]
-                    additive = torch.zeros(length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
-                    hidden = layer(hidden, attention_mask=additive[None, None], position_embeddings=rotary)
-                    if index < len(levels):
-                        hidden = hidden.clone()
-                        hidden[0, is_image] += levels[index]
-                    if index + 1 in keeps:
-                        received = weights[index][0, :, -1].mean(dim=0)  # (L,) from the last token, mean over heads
-                        candidates = image_columns[~hidden_tokens[image_columns]]
-                        kept = candidates[received[candidates].topk(keeps[index + 1]).indices]
-                        hidden_tokens[candidates] = True
-                        hidden_tokens[kept] = False
-                padding = int((inputs["attention_mask"][row] == 0).sum())
-                assert kept_image_columns(run, prompt, row) == sorted((image_columns[~hidden_tokens[image_columns]] + padding).tolist())
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with eager_attention_weights(text_model.layers) as weights, torch.inference_mode():
+        for row in range(2):
+            embeds, positions, is_image, levels = transformers_parts(eager, inputs, row)
+            length, image_columns = embeds.shape[1], is_image.nonzero().flatten()
+            hidden_tokens = torch.zeros(length, dtype=torch.bool)
+            hidden, rotary = embeds, text_model.rotary_emb(embeds, positions)
+            for index, layer in enumerate(text_model.layers):
+                allowed = torch.ones(length, length, dtype=torch.bool).tril() & ~hidden_tokens[None, :]
+                additive = torch.zeros(length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
+                hidden = layer(hidden, attention_mask=additive[None, None], position_embeddings=rotary)
+                if index < len(levels):
+                    hidden = hidden.clone()
+                    hidden[0, is_image] += levels[index]
+                if index + 1 in keeps:
+                    received = weights[index][0, :, -1].mean(dim=0)  # (L,) from the last token, mean over heads
+                    candidates = image_columns[~hidden_tokens[image_columns]]
+                    kept = candidates[received[candidates].topk(keeps[index + 1]).indices]
+                    hidden_tokens[candidates] = True
+                    hidden_tokens[kept] = False
+            padding = int((inputs["attention_mask"][row] == 0).sum())
+            assert kept_image_columns(run, prompt, row) == sorted((image_columns[~hidden_tokens[image_columns]] + padding).tolist())
 
 
 def test_sparsevlm_keeps_what_its_raters_eager_attention_ranks_highest_and_merges_at_the_centre_s_place(qwen):
@@ -490,37 +484,30 @@ def test_sparsevlm_keeps_what_its_raters_eager_attention_ranks_highest_and_merge
     run.observe = lambda index, layer, hidden, *rest: seen.__setitem__(index, hidden.clone())
     run.prefill()
     text_model = eager.model.language_model
-    weights = {}
-    hooks = [layer.self_attn.register_forward_hook(lambda module, args, output, index=index: weights.__setitem__(index, output[1]))
-             for index, layer in enumerate(text_model.layers)]
-    try:
-        with torch.inference_mode():
-            for row in range(2):
-                embeds, positions, is_image, levels = transformers_parts(eager, inputs, row)
-                image_columns = is_image.nonzero().flatten()
-                text = list(range(int(image_columns[-1]) + 1, embeds.shape[1]))
-                rates = raters_by_hand(embeds[0, image_columns].tolist(), embeds[0, text].tolist())
-                rater_rows = [column for column, rated in zip(text, rates) if rated]
-                hidden, rotary = embeds, text_model.rotary_emb(embeds, positions)
-                causal = torch.zeros(embeds.shape[1], embeds.shape[1]).masked_fill(
-                    ~torch.ones(embeds.shape[1], embeds.shape[1], dtype=torch.bool).tril(), torch.finfo(torch.float32).min)
-                for index in range(2):
-                    hidden = text_model.layers[index](hidden, attention_mask=causal[None, None], position_embeddings=rotary)
-                    if index < len(levels):
-                        hidden = hidden.clone()
-                        hidden[0, is_image] += levels[index]
-                scores = weights[1][0].mean(dim=0)[rater_rows][:, image_columns].mean(dim=0)  # (N,)
-                order = sorted(range(count), key=lambda i: (-float(scores[i]), i))
-                kept, recycled = order[:10], order[10 : 10 + recycled_count]
-                centre = recycled[dpc_by_hand(hidden[0, image_columns[recycled]].tolist(), 1)[0][0]]
-                padding = int((inputs["attention_mask"][row] == 0).sum())
-                assert kept_image_columns(run, prompt, row) == sorted((image_columns[kept + [centre]] + padding).tolist())
-                merged = hidden[0, image_columns[recycled]].sum(dim=0) / (recycled_count + 1e-6)
-                at = run.kept_columns[row].tolist().index(int(image_columns[centre]) + padding)
-                torch.testing.assert_close(seen[2][row, at], merged, atol=1e-4, rtol=1e-4)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with eager_attention_weights(text_model.layers) as weights, torch.inference_mode():
+        for row in range(2):
+            embeds, positions, is_image, levels = transformers_parts(eager, inputs, row)
+            image_columns = is_image.nonzero().flatten()
+            text = list(range(int(image_columns[-1]) + 1, embeds.shape[1]))
+            rates = raters_by_hand(embeds[0, image_columns].tolist(), embeds[0, text].tolist())
+            rater_rows = [column for column, rated in zip(text, rates) if rated]
+            hidden, rotary = embeds, text_model.rotary_emb(embeds, positions)
+            causal = torch.zeros(embeds.shape[1], embeds.shape[1]).masked_fill(
+                ~torch.ones(embeds.shape[1], embeds.shape[1], dtype=torch.bool).tril(), torch.finfo(torch.float32).min)
+            for index in range(2):
+                hidden = text_model.layers[index](hidden, attention_mask=causal[None, None], position_embeddings=rotary)
+                if index < len(levels):
+                    hidden = hidden.clone()
+                    hidden[0, is_image] += levels[index]
+            scores = weights[1][0].mean(dim=0)[rater_rows][:, image_columns].mean(dim=0)  # (N,)
+            order = sorted(range(count), key=lambda i: (-float(scores[i]), i))
+            kept, recycled = order[:10], order[10 : 10 + recycled_count]
+            centre = recycled[dpc_by_hand(hidden[0, image_columns[recycled]].tolist(), 1)[0][0]]
+            padding = int((inputs["attention_mask"][row] == 0).sum())
+            assert kept_image_columns(run, prompt, row) == sorted((image_columns[kept + [centre]] + padding).tolist())
+            merged = hidden[0, image_columns[recycled]].sum(dim=0) / (recycled_count + 1e-6)
+            at = run.kept_columns[row].tolist().index(int(image_columns[centre]) + padding)
+            torch.testing.assert_close(seen[2][row, at], merged, atol=1e-4, rtol=1e-4)
 
 
 def test_divprune_keeps_the_most_diverse_merged_patches_at_their_own_m_rope_positions(qwen):

@@ -5,6 +5,7 @@ written by hand with the expected image block."""
 
 import pytest
 import torch
+from method_checks import eager_attention_weights
 from test_internvl import batch as internvl_batch
 from test_internvl import internvl_models  # noqa: F401  (a fixture)
 from test_llava_next import (BUILDERS, batch, batch_of_four_answers_as_each_prompt_alone, next_docs,  # noqa: F401
@@ -305,40 +306,33 @@ def test_each_pyramiddrop_stage_keeps_what_transformers_eager_attention_ranks_am
         embeds = eager.get_input_embeddings()(inputs["input_ids"]).masked_scatter(
             (inputs["input_ids"] == eager.config.image_token_id)[..., None], features)
     newline = eager.model.image_newline
-    weights = {}
-    hooks = [layer.self_attn.register_forward_hook(lambda module, args, output, index=index: weights.__setitem__(index, output[1]))
-             for index, layer in enumerate(text_model.layers)]
-    try:
-        with torch.inference_mode():
-            for row, images in ((0, [0]), (1, [1, 2])):
-                real = inputs["attention_mask"][row].bool()
-                row_embeds, ids = embeds[row][real][None], inputs["input_ids"][row][real]
-                length = ids.shape[0]
-                is_image = (ids == eager.config.image_token_id) & ~(row_embeds[0] == newline).all(dim=-1)
-                image_columns = is_image.nonzero().flatten()
-                owner = torch.cat([torch.full((int(prompt.image_lengths[image]),), image) for image in images])  # (n,)
-                hidden_tokens = torch.zeros(length, dtype=torch.bool)
-                hidden, rotary = row_embeds, text_model.rotary_emb(row_embeds, torch.arange(length)[None])
-                for index, layer in enumerate(text_model.layers):
-                    allowed = torch.ones(length, length, dtype=torch.bool).tril() & ~hidden_tokens[None, :]
-                    additive = torch.zeros(length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
-                    hidden = layer(hidden, attention_mask=additive[None, None], position_embeddings=rotary)
-                    if index + 1 in keeps:
-                        received = weights[index][0, :, -1].mean(dim=0)  # (L,) from the last token, mean over heads
-                        for image in images:  # each image keeps its own
-                            mine = image_columns[(owner == image) & ~hidden_tokens[image_columns]]
-                            kept = mine[received[mine].topk(keeps[index + 1]).indices]
-                            hidden_tokens[mine] = True
-                            hidden_tokens[kept] = False
-                padding = int((~real).sum())
-                expected = sorted((image_columns[~hidden_tokens[image_columns]] + padding).tolist())
-                ours = set(run.kept_columns[row][run.mask_high[row].bool()].tolist())
-                columns = {int(c) for image in images for c in prompt.image_positions[image, : int(prompt.image_lengths[image])]}
-                assert sorted(ours & columns) == expected
-                assert len(expected) == keeps[2] * len(images)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with eager_attention_weights(text_model.layers) as weights, torch.inference_mode():
+        for row, images in ((0, [0]), (1, [1, 2])):
+            real = inputs["attention_mask"][row].bool()
+            row_embeds, ids = embeds[row][real][None], inputs["input_ids"][row][real]
+            length = ids.shape[0]
+            is_image = (ids == eager.config.image_token_id) & ~(row_embeds[0] == newline).all(dim=-1)
+            image_columns = is_image.nonzero().flatten()
+            owner = torch.cat([torch.full((int(prompt.image_lengths[image]),), image) for image in images])  # (n,)
+            hidden_tokens = torch.zeros(length, dtype=torch.bool)
+            hidden, rotary = row_embeds, text_model.rotary_emb(row_embeds, torch.arange(length)[None])
+            for index, layer in enumerate(text_model.layers):
+                allowed = torch.ones(length, length, dtype=torch.bool).tril() & ~hidden_tokens[None, :]
+                additive = torch.zeros(length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
+                hidden = layer(hidden, attention_mask=additive[None, None], position_embeddings=rotary)
+                if index + 1 in keeps:
+                    received = weights[index][0, :, -1].mean(dim=0)  # (L,) from the last token, mean over heads
+                    for image in images:  # each image keeps its own
+                        mine = image_columns[(owner == image) & ~hidden_tokens[image_columns]]
+                        kept = mine[received[mine].topk(keeps[index + 1]).indices]
+                        hidden_tokens[mine] = True
+                        hidden_tokens[kept] = False
+            padding = int((~real).sum())
+            expected = sorted((image_columns[~hidden_tokens[image_columns]] + padding).tolist())
+            ours = set(run.kept_columns[row][run.mask_high[row].bool()].tolist())
+            columns = {int(c) for image in images for c in prompt.image_positions[image, : int(prompt.image_lengths[image])]}
+            assert sorted(ours & columns) == expected
+            assert len(expected) == keeps[2] * len(images)
 
 
 def test_divprune_keeps_every_newline_and_closes_up_the_positions_of_what_it_keeps(tiled):
