@@ -440,10 +440,12 @@ def test_per_image_rows_are_the_ones_the_family_plans():
     pdrop = next(row for row in per_image_bench_rows(4, original_positions_only) if row.name == "pdrop")
     assert pdrop.settings.stage_positions == "original"
 
-    def contiguous_refused(settings):
+    def own_positions_refused(settings):
         if settings.reduction == "divprune" and "divprune_positions" not in dict(settings.given):
             raise ValueError("contiguous positions refused")
+        if settings.reduction == "sparsevlm" and settings.stage_positions != "original":
+            raise ValueError("re-packed positions refused")
 
-    divprune = [row for row in per_image_bench_rows(4, contiguous_refused) if row.settings.reduction == "divprune"]
-    assert [(row.name, dict(row.settings.given)) for row in divprune] == [
-        ("divprune_50", {"divprune_positions": "original"}), ("divprune_25", {"divprune_positions": "original"})]
+    rows = {row.name: row.settings for row in per_image_bench_rows(8, own_positions_refused)}
+    assert [dict(rows[f"divprune_{percent}"].given) for percent in (50, 25)] == [{"divprune_positions": "original"}] * 2
+    assert [rows[f"sparsevlm_{percent}"].stage_positions for percent in (50, 25)] == ["original"] * 2

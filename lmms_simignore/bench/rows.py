@@ -77,11 +77,15 @@ def bench_rows(image_tokens: int, num_layers: int, cls_token: bool = True, grid:
                    BenchRow("simignore_auto", ReductionSettings(reduction="simignore", keep="auto"))]
 
 
+# where a family refuses a method's own position rule (closing up or re-packing M-RoPE positions): each kept token at its own
+ORIGINAL_POSITIONS = {"divprune": ({"divprune_positions": "original"},), "sparsevlm": ({"stage_positions": "original"},)}
+
+
 def per_image_bench_rows(num_layers: int, nominal_plan: Callable[[ReductionSettings], Plan]) -> list[BenchRow]:
     """The rows of a model whose images have their own sizes (Qwen-VL, LLaVA-NeXT, LLaVA-OneVision): of none, every
     method at 50% and 25% of each image's own tokens (`keep=0.5`, `0.25`: rounded half up), pooling at both (a stride
     where the fraction is 1/s²), PyramidDrop with its defaults (where the family refuses re-packing its positions, as on
-    M-RoPE: each kept token at its own, `stage_positions=original`; DivPrune likewise with `divprune_positions=original`)
+    M-RoPE: each kept token at its own, `stage_positions=original`; DivPrune and SparseVLM likewise, `ORIGINAL_POSITIONS`)
     and Simignore's adaptive budget, those whose settings
     build and that the family plans for the model's largest image: `nominal_plan` (settings -> Plan; raises ValueError
     on what the family refuses, such as VisionZip without a CLS token; VisionDrop's
@@ -90,8 +94,8 @@ def per_image_bench_rows(num_layers: int, nominal_plan: Callable[[ReductionSetti
     choices: list[tuple[str, tuple[dict, ...]]] = [("none", ({},))]  # each row's settings arguments, by preference
     for fraction in FRACTIONS:
         percent = int(fraction * 100)
-        choices += [(name, (arguments, {**arguments, "divprune_positions": "original"}) if arguments["reduction"] == "divprune"
-                     else (arguments,)) for name, arguments in _method_arguments(percent, fraction, fastv_layer).items()]
+        choices += [(name, (arguments, *({**arguments, **own} for own in ORIGINAL_POSITIONS.get(arguments["reduction"], ()))))
+                    for name, arguments in _method_arguments(percent, fraction, fastv_layer).items()]
         choices.append((f"pool_{percent}", ({"reduction": "pool", "keep": fraction},)))
     choices += [("pdrop", ({"reduction": "pdrop"}, {"reduction": "pdrop", "stage_positions": "original"})),
                 ("simignore_auto", ({"reduction": "simignore", "keep": "auto"},))]
