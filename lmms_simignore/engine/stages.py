@@ -141,17 +141,23 @@ def image_plans(config, settings: ReductionSettings, prompt: PromptEmbeddings) -
     return [plans[key] for key in keys]
 
 
+def images_by_plan(plans: list[Plan]) -> list[list[int]]:
+    """The indices of the images that share each plan (`image_plans` gives images of one size one plan), in order."""
+    groups: dict[int, list[int]] = {}
+    for index, plan in enumerate(plans):
+        groups.setdefault(id(plan), []).append(index)
+    return list(groups.values())
+
+
 @torch.inference_mode()
 def apply_vision_stages_to_views(model, prompt: PromptEmbeddings, plans: list[Plan]) -> PromptEmbeddings:
     """Each image's plan's stage in the tower, on a prompt whose images the tower saw as several views
     (`prompt.tower`: a `TowerView` with its tiling): each image's views shortened and arranged by the stage
     (`VisionStage.shorten_views`), projected, and placed as the image's whole block (its separators leave; the
     arrangement is the method's), at contiguous positions. Images of one plan are shortened together."""
-    groups: dict[int, list[int]] = {}
-    for index, plan in enumerate(plans):
-        groups.setdefault(id(plan), []).append(index)
+    groups = images_by_plan(plans)
     tower, blocks = prompt.tower, [None] * len(plans)
-    for indices in groups.values():
+    for indices in groups:
         stage = plans[indices[0]].vision
         if stage.shorten_views is None:
             raise ValueError(f"{stage.method} has no version for images the tower sees in several views (tiles)")
@@ -169,12 +175,10 @@ def kept_in_views(prompt: PromptEmbeddings, plans: list[Plan]) -> torch.Tensor:
     """(I, N) bool: the image tokens each image's plan's stage in the tower keeps (`VisionStage.select_views`: the patches
     kept in each view, carried to the image's tokens where the model packs them, `TiledImage.token_views`). Images of
     one plan are chosen together."""
-    groups: dict[int, list[int]] = {}
-    for index, plan in enumerate(plans):
-        groups.setdefault(id(plan), []).append(index)
+    groups = images_by_plan(plans)
     tower = prompt.tower
     kept = torch.zeros(prompt.image_positions.shape, dtype=torch.bool, device=prompt.image_positions.device)
-    for indices in groups.values():
+    for indices in groups:
         view = tower if len(groups) == 1 else _views_of(tower, indices)
         flags = plans[indices[0]].vision.select_views(view)  # (V_g, P)
         for index, image in zip(indices, view.tiling):
@@ -197,11 +201,9 @@ def apply_image_plans_before_llm(model, tokenizer, plans: list[Plan], prompt: Pr
     """
     if all(plan.pre_llm is None for plan in plans):
         return reduce_prompt(prompt, every_image_token(prompt), "drop")
-    groups: dict[int, list[int]] = {}
-    for index, plan in enumerate(plans):
-        groups.setdefault(id(plan), []).append(index)
+    groups = images_by_plan(plans)
     choices = []
-    for indices in groups.values():
+    for indices in groups:
         plan, images = plans[indices[0]], torch.tensor(indices, device=prompt.image_positions.device)
         rows = prompt.image_rows[images]
         grid = tuple(prompt.image_grids[indices[0]].tolist()) if prompt.image_grids is not None else None

@@ -12,8 +12,8 @@ budget is `keep`/`ignore` per image as for every method (a fraction rounded half
 halves). Its LLaVA-NeXT run ranks the whole image span, the row newlines included; here the newlines are never chosen
 or dropped (they stay, and the kept image tokens close up around them). Where tokens are exact duplicates (a plain
 image through a tower without absolute position embeddings: Qwen-VL's), every unchosen one ties at distance 0 with the
-chosen ones and its code's `argmax` picks a chosen token again (feeding it twice); here the lowest-index unchosen one. Its code has no Qwen-VL version, and contiguous
-positions are not defined on M-RoPE's: `divprune_positions=original` keeps each kept token at its own position, as
+chosen ones and its code's `argmax` picks a chosen token again (feeding it twice); here the lowest-index unchosen one.
+Its code has no Qwen-VL version, and contiguous positions are not defined on M-RoPE's: `divprune_positions=original` keeps each kept token at its own position, as
 LightCompress's Qwen2.5-VL DivPrune keeps the original M-RoPE ids (the only positions Qwen-VL takes).
 """
 

@@ -248,7 +248,8 @@ METHOD = Method(
     places=(IN_LLM,),
     arguments=SparseVLMArguments,
     budget="`keep=N`: its schedule for N (192 / 128 / 64 as its code names them; others the nearest of those scaled by "
-           "N / it; a fraction: N of each image's own tokens, as on Qwen-VL), or `sparsevlm_schedule`; each stage keeps its count + the merged tokens (on LLaVA-1.5 the layers "
+           "N / it; a fraction: N of each image's own tokens, as on Qwen-VL), or `sparsevlm_schedule`; each stage keeps "
+           "its count + the merged tokens (on LLaVA-1.5 the layers "
            "compute on 206.5 / 145.4 / 82.3 image tokens on average for 192 / 128 / 64)",
     positions="repacked",
     needs=("the layer-0 input embeddings of the text after the image", "each pruning layer's attention from the raters"),
