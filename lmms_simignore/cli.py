@@ -174,7 +174,8 @@ def _shapes_task(args: argparse.Namespace) -> int:
         seed, name, num_questions = (1 if args.seed is None else args.seed), (args.name or "shapes_local"), 500
     if args.num_questions is not None:
         num_questions = args.num_questions
-    print(write_shapes_task(args.out, num_questions=num_questions, seed=seed, task_name=name))
+    for path in write_shapes_task(args.out, num_questions=num_questions, seed=seed, task_name=name, multiple_choice=args.multiple_choice):
+        print(path)
     return 0
 
 
@@ -412,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     shapes_task.add_argument("--name", help="task name for --tasks (default: shapes_local)")
     shapes_task.add_argument("--held-out", action="store_true",
                              help="the model card's held-out split as task shapes_heldout (seed 10000, 1000 questions), as the main job runs it")
+    shapes_task.add_argument("--multiple-choice", action="store_true",
+                             help="also write NAME_mc: the same questions as a multiple-choice (log-likelihood) task, metric acc")
     shapes_task.set_defaults(handler=_shapes_task)
 
     pretrain = commands.add_parser(

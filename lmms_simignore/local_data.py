@@ -3,8 +3,10 @@ YAML that reads it with a shipped recipe."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+# Named by every derived multiple-choice task: built on lmms-eval's simple path for chat model classes too.
+MULTIPLE_CHOICE_CLASS = "lmms_simignore.tasks.multiple_choice.MultipleChoiceTask"
 
 
 def check_local_data(data_path: str | Path) -> Path:
@@ -47,5 +49,28 @@ def write_local_task(
         config.update({"dataset_path": str(data_path), "dataset_kwargs": {"load_from_disk": True}})
     else:
         config.update({"dataset_path": "parquet", "dataset_kwargs": {"data_files": {"test": str(data_path)}}})
-    yaml_path.write_text(json.dumps(config, indent=2) + "\n")  # JSON is valid YAML
+    yaml_path.write_text(derived_task_yaml(config))
     return yaml_path
+
+
+def read_task_config(yaml_path: str | Path) -> dict:
+    """A task YAML as lmms-eval reads it, its `include:`s followed (`!function` tags left as their names)."""
+    from lmms_eval.utils import load_yaml_config
+
+    return load_yaml_config(str(yaml_path), mode="simple")
+
+
+def output_type(yaml_path: str | Path) -> str | None:
+    """The `output_type` of a task YAML, its `include:`s followed."""
+    return read_task_config(yaml_path).get("output_type")
+
+
+def derived_task_yaml(config: dict) -> str:
+    """The YAML text of a task that `include:`s another; a multiple-choice one also names `MULTIPLE_CHOICE_CLASS`
+    (a YAML tag, which JSON cannot hold; the recipe itself must not: lmms-eval indexes a YAML with `class:` as a task)."""
+    import yaml
+
+    text = yaml.safe_dump(config, sort_keys=False, width=1000)
+    if output_type(config["include"]) == "multiple_choice":
+        text += f"class: !function {MULTIPLE_CHOICE_CLASS}\n"
+    return text

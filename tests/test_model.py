@@ -170,12 +170,13 @@ def test_generation_errors_propagate(testbed, docs):
         model.generate_until(simple_requests(docs, num_beams=2))
 
 
-def test_loglikelihood_with_keep_all_matches_a_plain_forward(testbed, docs, tiny_model, processor):
+def test_loglikelihood_is_the_mean_negative_log_likelihood_of_the_continuation_in_a_plain_forward(testbed, docs, tiny_model, processor):
+    """lmms-eval's convention (its own llava classes return HF's loss; multiple choice takes the least)."""
     model = make_model(testbed, docs)
     doc = docs[0]
     context = scienceqa_utils.doc_to_text(doc, PROMPT_KWARGS)
     request = Instance("loglikelihood", (context, " B", scienceqa_utils.doc_to_visual, 0, TASK, SPLIT), idx=0, metadata={"task": TASK, "doc_id": 0, "repeats": 1})
-    (logprob, greedy), = model.loglikelihood([request])
+    (loss, greedy), = model.loglikelihood([request])
 
     prompt = model._prompt_request((context, {}, scienceqa_utils.doc_to_visual, 0, TASK, SPLIT)).prompt
     image = scienceqa_utils.doc_to_visual(doc)
@@ -185,8 +186,8 @@ def test_loglikelihood_with_keep_all_matches_a_plain_forward(testbed, docs, tiny
     with torch.inference_mode():
         logits = tiny_model(**full).logits[0, -n - 1 : -1].float()
     target = full["input_ids"][0, -n:]
-    expected = torch.log_softmax(logits, -1).gather(-1, target[:, None]).sum()
-    assert logprob == pytest.approx(float(expected), rel=1e-4)
+    expected = -torch.log_softmax(logits, -1).gather(-1, target[:, None]).mean()
+    assert n > 1 and loss == pytest.approx(float(expected), rel=1e-4)
     assert greedy == bool((logits.argmax(-1) == target).all())
 
 

@@ -196,12 +196,12 @@ def test_loglikelihood_without_reduction_is_the_model_s_own_forward(folders, doc
     context = scienceqa_utils.doc_to_text(docs[1], PROMPT_KWARGS)
     request = Instance("loglikelihood", (context, " B.", scienceqa_utils.doc_to_visual, 1, TASK, SPLIT), idx=0,
                        metadata={"task": TASK, "doc_id": 1, "repeats": 1})
-    (logprob, greedy), = model.loglikelihood([request])
+    (loss, greedy), = model.loglikelihood([request])
     prompt = model._prompt_request((context, {}, scienceqa_utils.doc_to_visual, 1, TASK, SPLIT))
     full = model.processor(text=[prompt.prompt + " B."], images=prompt.images, return_tensors="pt")
     count = len(model.tokenizer(prompt.prompt + " B.").input_ids) - len(model.tokenizer(prompt.prompt).input_ids)
     with torch.inference_mode():
         logits = model.model(**full).logits[0, -count - 1 : -1].float()
     target = full["input_ids"][0, -count:]
-    assert logprob == pytest.approx(float(torch.log_softmax(logits, -1).gather(-1, target[:, None]).sum()), rel=1e-4)
+    assert loss == pytest.approx(-float(torch.log_softmax(logits, -1).gather(-1, target[:, None]).mean()), rel=1e-4)
     assert greedy == bool((logits.argmax(-1) == target).all())

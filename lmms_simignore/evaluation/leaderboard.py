@@ -108,7 +108,9 @@ def _tokens_by_objects(tasks_dir: Path, task: str, accounting: TokenAccounting) 
     task_yaml = tasks_dir / f"{task}.yaml"
     if not task_yaml.is_file():
         return None
-    files = json.loads(task_yaml.read_text()).get("dataset_kwargs", {}).get("data_files", {})
+    from lmms_simignore.local_data import read_task_config
+
+    files = read_task_config(task_yaml).get("dataset_kwargs", {}).get("data_files", {})
     data = Path(files.get("test", "")) if isinstance(files, dict) else None
     if data is None or not data.is_file():
         return None

@@ -17,7 +17,7 @@ import torch
 from loguru import logger
 from tqdm import tqdm
 
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 
 from lmms_simignore import engine
@@ -38,6 +38,22 @@ class PromptRequest:
     comparison_text: str
     doc_id: int
     task: str
+
+
+@dataclass
+class LoglikelihoodResult(GenerationResult):
+    """One log-likelihood response as lmms-eval's tasks read it: `text` holds the pair (loss, is_greedy), where loss is
+    the mean negative log-likelihood of the continuation's tokens (lmms-eval's own `llava` and `llava_hf` classes
+    return that, and its multiple-choice scoring takes the option of least loss).
+
+    The pair travels in a `GenerationResult` because lmms-eval's evaluator passes such a result's text on untouched,
+    while a bare tuple would become its string; it reads as the pair: `loss, is_greedy = result`."""
+
+    def __iter__(self):
+        return iter(self.text)
+
+    def __getitem__(self, index):
+        return self.text[index]
 
 
 def world() -> tuple[int, int, int]:
@@ -358,8 +374,9 @@ class ReducingModel(lmms):
         return answers
 
     # -- log-likelihood --------------------------------------------------------------------------------------------------
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """Sum of log-probabilities of each continuation after its (reduced) prompt, and whether it is greedy."""
+    def loglikelihood(self, requests: list[Instance]) -> list[LoglikelihoodResult]:
+        """Per request (context, continuation, doc_to_visual, doc_id, task, split): the mean negative log-likelihood of
+        the continuation's tokens after the (reduced) prompt, and whether greedy decoding would produce them."""
         results = []
         for context, doc_to_target, doc_to_visual, doc_id, task, split in tqdm(
             [request.args for request in requests], disable=self.rank != 0, desc=f"{self.model_name} loglikelihood"
@@ -377,7 +394,7 @@ class ReducingModel(lmms):
                              for key, value in inputs.items()}
             reduced, stages = self._reduce([request], prompt_inputs)
             logprobs, greedy = engine.continuation_logprobs(self._model, reduced, inputs["input_ids"][:, prompt_length:], stages=stages)
-            results.append((float(logprobs.sum()), bool(greedy.all())))
+            results.append(LoglikelihoodResult((-float(logprobs.float().mean()), bool(greedy.all()))))
         return results
 
     def generate_until_multi_round(self, requests):

@@ -103,10 +103,11 @@ def shapes_records(num_questions: int, seed: int, max_objects: int = MAX_OBJECTS
 
 
 def write_shapes_task(out_dir: str | Path, num_questions: int = 500, seed: int = 1, task_name: str = "shapes_local",
-                      max_objects: int = MAX_OBJECTS) -> Path:
-    """Generate a split as parquet under `out_dir/data` and a task YAML `out_dir/{task_name}.yaml`; returns the YAML.
+                      max_objects: int = MAX_OBJECTS, multiple_choice: bool = False) -> list[Path]:
+    """Generate a split as parquet under `out_dir/data` and a task YAML `out_dir/{task_name}.yaml` (with
+    `multiple_choice`, also `{task_name}_mc.yaml`: the same questions scored by log-likelihood); returns the YAMLs.
 
-    Pass `out_dir` to lmms-eval's --include_path and `task_name` to --tasks.
+    Pass `out_dir` to lmms-eval's --include_path and the task names to --tasks.
     """
     import json
 
@@ -127,4 +128,7 @@ def write_shapes_task(out_dir: str | Path, num_questions: int = 500, seed: int =
     parquet = out_dir / "data" / f"{task_name}_seed{seed}_n{num_questions}.parquet"
     parquet.parent.mkdir(parents=True, exist_ok=True)
     Dataset.from_list(records, features=features).to_parquet(str(parquet))
-    return write_local_task(out_dir, parquet, task_name=task_name, template="_shapes_template.yaml")
+    written = [write_local_task(out_dir, parquet, task_name=task_name, template="_shapes_template.yaml")]
+    if multiple_choice:
+        written.append(write_local_task(out_dir, parquet, task_name=f"{task_name}_mc", template="_shapes_mc_template.yaml"))
+    return written
