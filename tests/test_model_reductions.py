@@ -2,6 +2,7 @@
 
 import pytest
 from lmms_eval.api.instance import Instance
+from test_fastv import padded_batch  # noqa: F401  (a fixture)
 from test_model import PROMPT_KWARGS, SPLIT, TASK, make_model, simple_requests
 
 from lmms_simignore.models.llava_simignore import LlavaSimignore
@@ -187,3 +188,25 @@ def test_simignore_then_pdrop_answers_alike_masked_or_dropped(testbed, docs):
     assert masked.generate_until(simple_requests(docs)) == dropped.generate_until(simple_requests(docs))
     records = sorted(masked.accounting.records, key=lambda record: record["doc_id"])
     assert records[0]["visible_per_layer"] == [12, 6, 3] and records[0]["computed_per_layer"] == [25, 6, 3]
+
+
+def test_keeping_no_image_token_is_the_prompt_without_its_image(tiny_model, processor, padded_batch):  # noqa: F811
+    """`reduction=random,keep=0` (the suite's zero-image-token row): the LLM computes on the text alone, each text
+    token at its own position (the image's positions left empty), as transformers' model fed the prompt without its
+    image tokens."""
+    import torch
+
+    from lmms_simignore import engine
+    from lmms_simignore.settings import ReductionSettings
+
+    inputs, options = padded_batch
+    plan = engine.plan_for(tiny_model.config, ReductionSettings(reduction="random", keep=0))
+    reduced = engine.prepare_reduced_prompt(tiny_model, processor.tokenizer, plan, inputs, options, [0, 1])
+    ours = engine.LanguageModelRun(tiny_model, reduced).prefill()
+    positions = engine.default_position_ids(inputs["attention_mask"])
+    for row in range(2):
+        text = (inputs["attention_mask"][row] == 1) & (inputs["input_ids"][row] != tiny_model.config.image_token_id)
+        with torch.inference_mode():
+            logits = tiny_model(input_ids=inputs["input_ids"][row : row + 1, text], position_ids=positions[row : row + 1, text]).logits
+        torch.testing.assert_close(ours[row], logits[0, -1], atol=1e-5, rtol=1e-4)
+    assert reduced.visible_image_tokens.tolist() == [0, 0] and reduced.image_columns.shape[1] == 0
