@@ -283,6 +283,17 @@ def _clusters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probes(args: argparse.Namespace) -> int:
+    from lmms_simignore.evaluation.probes import run_probes
+
+    try:
+        run_probes(args.out, pretrained=args.pretrained, num_questions=args.num_questions, seed=args.seed, reduction=args.reduction,
+                   data=args.data, echo=lambda line: print(line, flush=True))
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"probes: {error}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from lmms_simignore.bench.speed import run_bench
 
@@ -491,6 +502,18 @@ def main(argv: list[str] | None = None) -> int:
     clusters.add_argument("--data", help="a local ScienceQA-IMG test split (parquet or save_to_disk folder) instead of shapes questions")
     clusters.add_argument("--kmeans-seed", type=int, default=0, help="k-means++ seeding (default: %(default)s)")
     clusters.set_defaults(handler=_clusters)
+
+    probes = commands.add_parser("probes", help="linear probes of object count, colour, shape, size and position from the "
+                                 "hidden states per decoder layer (image tokens, text after the image, last token), without "
+                                 "and with a reduction (PNG + JSON)")
+    probes.add_argument("--out", default="outputs/probes", help="folder for probes.json and probes.png (default: %(default)s)")
+    probes.add_argument("--pretrained", default="shipped:shapes-llava", help="a llava checkpoint (default: %(default)s)")
+    probes.add_argument("--num-questions", type=int, default=300, help="generated shapes prompts per set (1-6 objects for the "
+                        "count; one object for the rest), 60%% to fit, 40%% held out (default: %(default)s)")
+    probes.add_argument("--seed", type=int, help="shapes generator seed (default: the held-out seed, 10000)")
+    probes.add_argument("--reduction", metavar="KEY=VALUE,...", help="also probe with this reduction, e.g. reduction=simignore,keep=16")
+    probes.add_argument("--data", help="not supported: a local split carries no attribute labels (refused with the reason)")
+    probes.set_defaults(handler=_probes)
 
     bench = commands.add_parser("bench", help="latency, throughput and memory of every reduction against the FLOP ideal "
                                 "(LLaVA-1.5, Mipha, Qwen2.5-VL, LLaVA-1.6 and LLaVA-OneVision shapes)")
