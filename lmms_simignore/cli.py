@@ -133,7 +133,16 @@ def _sweep(args: argparse.Namespace) -> int:
         key, value = item.split("=", 1)
         overrides[key] = value
     try:
-        config = load_config(args.config, overrides=overrides, tasks=args.tasks, only_rows=args.rows)
+        config = load_config(args.config, overrides=overrides, tasks=args.tasks, only_rows=args.rows, model=args.model)
+        if args.local_tasks:
+            if args.include_path:
+                raise ValueError("--local-tasks is the folder of the local copies' YAMLs; do not pass --include_path too")
+            from dataclasses import replace
+
+            from lmms_simignore.evaluation.sweep import local_task_names
+
+            config = replace(config, tasks=local_task_names(config.tasks, args.local_tasks))
+            args.include_path = args.local_tasks
     except ValueError as error:
         raise SystemExit(str(error))
     include_path = Path(args.include_path).resolve() if args.include_path else None
@@ -142,13 +151,22 @@ def _sweep(args: argparse.Namespace) -> int:
     from lmms_simignore.evaluation.sweep import default_processes
 
     processes = args.processes if args.processes is not None else default_processes()
-    run_sweep(config, output, include_path=include_path, extra_args=extra, dry_run=args.dry_run, processes=processes,
-              reuse_stale=args.reuse_stale)
-    if not args.dry_run:
+    from lmms_simignore.evaluation.sweep import SweepFailed
+
+    failure = None
+    try:
+        run_sweep(config, output, include_path=include_path, extra_args=extra, dry_run=args.dry_run, processes=processes,
+                  reuse_stale=args.reuse_stale, keep_going=args.keep_going)
+    except SweepFailed as error:
+        failure = error
+    if not args.dry_run and (failure is None or len(failure.failed) < len(config.rows)):
         from lmms_simignore.evaluation.leaderboard import write_leaderboard
 
         write_leaderboard(output, echo=lambda line: None)
         print(f"leaderboard: {Path(output) / 'leaderboard.md'} (.csv, .png)")
+    if failure is not None:
+        print(f"error: {failure} (see {Path(output) / 'failed.json'})", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
@@ -159,6 +177,45 @@ def _leaderboard(args: argparse.Namespace) -> int:
         write_leaderboard(args.directory)
     except FileNotFoundError as error:
         raise SystemExit(str(error))
+    return 0
+
+
+def _task_list(args: argparse.Namespace) -> list[str]:
+    """--tasks a,b, or the tasks of --config FILE."""
+    if bool(args.tasks) == bool(args.config):
+        raise SystemExit("give the tasks: --tasks a,b or --config FILE (a sweep config's tasks), one of the two")
+    if args.config:
+        from lmms_simignore.evaluation.sweep import load_config
+
+        return load_config(args.config).tasks.split(",")
+    return [task.strip() for task in args.tasks.split(",") if task.strip()]
+
+
+def _local_tasks(args: argparse.Namespace) -> int:
+    from lmms_simignore.local_data import write_builtin_local_task
+
+    data = Path(args.data)
+    if not data.is_dir():
+        raise SystemExit(f"--data {data}: expected the folder of TASK.parquet files (save-task-data writes it)")
+    tasks = _task_list(args) if (args.tasks or args.config) else sorted(path.stem for path in data.glob("*.parquet"))
+    if not tasks:
+        raise SystemExit(f"--data {data}: no TASK.parquet in it")
+    for task in tasks:
+        copy = data / f"{task}.parquet"
+        if not copy.exists() and (data / task).is_dir():
+            copy = data / task  # a save_to_disk folder
+        try:
+            print(write_builtin_local_task(args.out, task, copy))
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"--data: {error}")
+    return 0
+
+
+def _save_task_data(args: argparse.Namespace) -> int:
+    from lmms_simignore.local_data import save_task_data
+
+    for task in _task_list(args):
+        print(save_task_data(task, args.out), flush=True)
     return 0
 
 
@@ -390,12 +447,18 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("config", help="sweep YAML (see configs/)")
     sweep.add_argument("--output", help="folder for the rows' outputs, table.md and summary.json (default: outputs/<config name>)")
     sweep.add_argument("--tasks", help="replace the config's tasks (e.g. a local copy)")
+    sweep.add_argument("--model", help="replace the config's lmms-eval model class (e.g. qwen2_5_vl_simignore for a Qwen2.5-VL pretrained=)")
+    sweep.add_argument("--local-tasks", metavar="DIR", help="run each task T of the config (or --tasks) as its local copy T_local from DIR "
+                       "(the YAMLs `local-tasks` writes: lmms-eval's own task reading a local test split)")
     sweep.add_argument("--include_path", "--include-path", dest="include_path", help="lmms-eval --include_path for task YAMLs outside lmms-eval")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model_arg for every row, over the config's (repeatable)")
     sweep.add_argument("--limit", type=int, help="lmms-eval --limit: only the first N docs per task")
     sweep.add_argument("--rows", metavar="NAME,NAME", help="run only these rows of the config (default: all)")
     sweep.add_argument("--dry-run", action="store_true", help="print the lmms-eval commands, run nothing")
     sweep.add_argument("--processes", type=int, help="processes per row (accelerate launch when > 1; default: one per visible GPU, else 1)")
+    sweep.add_argument("--keep-going", action="store_true",
+                       help="run the other rows when one fails (e.g. a method the model's family refuses); exit 1 at the end, "
+                       "the failed rows and their first error line in failed.json")
     sweep.add_argument("--reuse-stale", action="store_true",
                        help="read back finished rows produced by another commit / package version as they are (default: run them again)")
     sweep.set_defaults(handler=_sweep)
@@ -416,6 +479,20 @@ def main(argv: list[str] | None = None) -> int:
     make_task.add_argument("--name", help="task name (default: scienceqa_img_local, or scienceqa_img_llava_local with --protocol llava)")
     make_task.add_argument("--out", required=True, help="folder for the YAML; pass it to lmms-eval --include_path")
     make_task.set_defaults(handler=_make_task)
+
+    local = commands.add_parser("local-tasks", help="write TASK_local.yaml per built-in lmms-eval task: its own definition reading a "
+                                "local copy of its test split (for machines without internet)")
+    local.add_argument("--data", required=True, help="folder of TASK.parquet files (or TASK/ save_to_disk folders), as save-task-data writes")
+    local.add_argument("--out", required=True, help="folder for the YAMLs: pass it to sweep --local-tasks or lmms-eval --include_path")
+    local.add_argument("--tasks", help="comma-separated built-in task names (default: every TASK.parquet in --data)")
+    local.add_argument("--config", help="the tasks of this sweep config instead")
+    local.set_defaults(handler=_local_tasks)
+
+    save = commands.add_parser("save-task-data", help="download built-in lmms-eval tasks' test splits as TASK.parquet (needs internet)")
+    save.add_argument("--out", required=True, help="folder for the parquet files")
+    save.add_argument("--tasks", help="comma-separated built-in task names")
+    save.add_argument("--config", help="the tasks of this sweep config instead")
+    save.set_defaults(handler=_save_task_data)
 
     shapes_task = commands.add_parser("shapes-task", help="generate a shapes benchmark split and its lmms-eval task YAML")
     shapes_task.add_argument("--out", required=True, help="folder for the data and the YAML; pass it to lmms-eval --include_path")

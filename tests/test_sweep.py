@@ -427,3 +427,40 @@ def test_sweep_passes_reuse_stale_on(tmp_path, monkeypatch, flags, reuse_stale):
     monkeypatch.setattr(sweep, "run_sweep", lambda *args, **kwargs: seen.update(kwargs))
     assert main(["sweep", str(CONFIGS / "table3.yaml"), "--output", str(tmp_path), "--dry-run", *flags]) == 0
     assert seen["reuse_stale"] is reuse_stale
+
+
+def test_keep_going_runs_the_other_rows_and_lists_the_failed_ones(tmp_path, monkeypatch):
+    """Row b fails (as a row the model's family refuses): without --keep-going the sweep stops there; with it, row c
+    runs, failed.json names b with its first error line, the command exits 1 after writing the leaderboard of a and c."""
+    import json
+    import sys
+
+    from lmms_simignore import cli
+    from lmms_simignore.evaluation import sweep
+    from lmms_simignore.evaluation.runs import LmmsEvalFailed
+
+    script = tmp_path / "fake_lmms_eval.py"
+    script.write_text(FAKE_LMMS_EVAL.replace('args = sys.argv[sys.argv.index("lmms_eval") + 1:]', '''args = sys.argv[sys.argv.index("lmms_eval") + 1:]
+if "keep=2" in args[args.index("--model_args") + 1]:
+    sys.exit("ValueError: visiondrop is budgeted by keep=N")'''))
+    (tmp_path / "config.yaml").write_text("name: fake\nmodel: fake\ntasks: fake_task\n"
+                                          "rows: [{name: a}, {name: b, model_args: {keep: 2}}, {name: c, model_args: {keep: 3}}]\n")
+    monkeypatch.setattr(sweep, "launcher", lambda processes: (sys.executable, str(script)))
+    with pytest.raises(LmmsEvalFailed, match="visiondrop is budgeted"):
+        run_sweep(load_config(tmp_path / "config.yaml"), tmp_path / "stop", echo=lambda line: None)
+    assert not (tmp_path / "stop" / "c").exists()
+    exit_code = cli.main(["sweep", str(tmp_path / "config.yaml"), "--output", str(tmp_path / "on"), "--keep-going"])
+    assert exit_code == 1
+    assert json.loads((tmp_path / "on" / "failed.json").read_text()) == {"b": "ValueError: visiondrop is budgeted by keep=N"}
+    assert [entry["name"] for entry in json.loads((tmp_path / "on" / "summary.json").read_text())] == ["a", "c"]
+    assert (tmp_path / "on" / "leaderboard.md").is_file()
+
+
+def test_local_tasks_names_each_task_s_local_copy_or_the_missing_one(tmp_path):
+    from lmms_simignore.evaluation.sweep import local_task_names
+
+    (tmp_path / "mme_local.yaml").write_text("task: mme_local\n")
+    (tmp_path / "pope_local.yaml").write_text("task: pope_local\n")
+    assert local_task_names("mme,pope", tmp_path) == "mme_local,pope_local"
+    with pytest.raises(ValueError, match="no local copy of gqa .*gqa_local.yaml.*local-tasks --data DATA"):
+        local_task_names("mme,gqa", tmp_path)

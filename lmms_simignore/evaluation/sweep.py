@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from lmms_simignore.engine.accounting import TokenAccounting, layer_runs
-from lmms_simignore.evaluation.runs import RUN_DIR, EvalRun, current_code, read_samples, reuse_state, run_lmms_eval
+from lmms_simignore.evaluation.runs import RUN_DIR, EvalRun, LmmsEvalFailed, current_code, read_samples, reuse_state, run_lmms_eval
 from lmms_simignore.markdown import table
 
 
@@ -72,9 +72,10 @@ class SweepConfig:
     shapes_task: dict | None = None  # {name, questions, seed}: generate this shapes split for the rows (offline testbed)
 
 
-def load_config(path: str | Path, overrides: dict | None = None, tasks: str | None = None, only_rows: str | None = None) -> SweepConfig:
+def load_config(path: str | Path, overrides: dict | None = None, tasks: str | None = None, only_rows: str | None = None,
+                model: str | None = None) -> SweepConfig:
     """Read a sweep YAML; `overrides` replace model_args in every row (e.g. a local `pretrained`), `tasks` the tasks,
-    `only_rows` ("name,name") keeps those rows (in the config's order)."""
+    `only_rows` ("name,name") keeps those rows (in the config's order), `model` the lmms-eval model class."""
     path = Path(path)
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or not data["rows"]:
@@ -113,7 +114,7 @@ def load_config(path: str | Path, overrides: dict | None = None, tasks: str | No
         raise ValueError(f"{path}: give `tasks:` in the config or --tasks")
     return SweepConfig(
         name=str(data.get("name", path.stem)),
-        model=str(data.get("model", "llava_simignore")),
+        model=str(model or data.get("model", "llava_simignore")),
         tasks=str(tasks or data["tasks"]),
         batch_size=int(data.get("batch_size", 1)),
         model_args=dict(data.get("model_args") or {}),
@@ -121,6 +122,17 @@ def load_config(path: str | Path, overrides: dict | None = None, tasks: str | No
         overrides=dict(overrides or {}),
         shapes_task=dict(shapes_task) if shapes_task is not None else None,
     )
+
+
+def local_task_names(tasks: str, folder: str | Path) -> str:
+    """The tasks "a,b" as their local copies in `folder` ("a_local,b_local": the YAMLs `local-tasks` writes there); a
+    task without one is refused, naming it."""
+    folder = Path(folder)
+    missing = [task for task in tasks.split(",") if not (folder / f"{task}_local.yaml").is_file()]
+    if missing:
+        raise ValueError(f"--local-tasks {folder}: no local copy of {', '.join(missing)} (expected {missing[0]}_local.yaml "
+                         f"there; write it with `python -m lmms_simignore local-tasks --data DATA --out {folder}`)")
+    return ",".join(f"{task}_local" for task in tasks.split(","))
 
 
 def format_model_args(model_args: dict) -> str:
@@ -254,10 +266,13 @@ def run_sweep(
     show_table: bool = True,
     processes: int = 1,
     reuse_stale: bool = False,
+    keep_going: bool = False,
 ) -> list[dict]:
     """Run every row (skipping finished ones), write table.md and summary.json, return the row summaries.
 
-    A finished row produced by other code than now (`runs.code_change`) runs again, unless `reuse_stale`."""
+    A finished row produced by other code than now (`runs.code_change`) runs again, unless `reuse_stale`. A row whose
+    lmms-eval run fails stops the sweep (`runs.LmmsEvalFailed`); with `keep_going` the other rows run, the failed ones
+    (each with its first error line) go to failed.json, and `SweepFailed` is raised at the end."""
     output_dir = Path(output_dir).resolve()
     if config.shapes_task is not None:
         if include_path is not None:
@@ -273,7 +288,7 @@ def run_sweep(
         for run in runs:
             echo(" ".join(run.command()))
         return []
-    summaries = []
+    summaries, failed = [], {}
     current = current_code()
     for index, run in enumerate(runs, start=1):
         state, changes = reuse_state(run, current)
@@ -286,8 +301,23 @@ def run_sweep(
             again = f"; it ran with other arguments ({'; '.join(changes)}), running it again" if state == "changed" else ""
             echo(f"[{index}/{len(runs)}] {run.name}: running{' x ' + str(processes) + ' processes' if processes > 1 else ''}{again} "
                  f"(in {run.output_dir.name}.partial until it finishes)")
-        results = run_lmms_eval(run, echo=echo, reuse_stale=reuse_stale)
+        try:
+            results = run_lmms_eval(run, echo=echo, reuse_stale=reuse_stale)
+        except LmmsEvalFailed as failure:
+            if not keep_going:
+                raise
+            echo(f"row {run.name} failed: {failure.first_error or 'exit code ' + str(failure.exit_code)} (log: {failure.log_path}); "
+                 f"going on (--keep-going)")
+            failed[run.name] = failure.first_error or f"exit code {failure.exit_code}"
+            continue
         summaries.append(summarize_row(run, results))
+    failed_path = output_dir / "failed.json"
+    if failed:
+        failed_path.write_text(json.dumps(failed, indent=2))
+    elif failed_path.exists():
+        failed_path.unlink()
+    if not summaries:
+        raise SweepFailed(failed)
     reported = {row.name: row.reported for row in config.rows if row.reported is not None}
     if reported:
         (output_dir / "reported.json").write_text(json.dumps(reported, indent=2))
@@ -297,4 +327,14 @@ def run_sweep(
     if show_table:
         echo(f"\n{table}")
     echo(f"\nrows, logs and per-sample outputs: {output_dir}")
+    if failed:
+        raise SweepFailed(failed)
     return summaries
+
+
+class SweepFailed(Exception):
+    """Rows whose lmms-eval run failed in a sweep that went on (`keep_going`): {row: first error line}."""
+
+    def __init__(self, failed: dict[str, str]):
+        self.failed = failed
+        super().__init__(f"{len(failed)} row(s) failed: " + "; ".join(f"{name}: {error}" for name, error in failed.items()))
