@@ -107,9 +107,18 @@ def test_leaderboard_lists_every_row_with_tokens_flops_and_provenance(finished_s
         assert row["git_commit"] and row["date"].startswith("20")
         samples = list((finished_sweep / row["row"]).rglob("*_samples_shapes_heldout.jsonl"))
         assert len(samples) == 1 and len(samples[0].read_text().splitlines()) == 40  # every doc once
+        # the score and the measures against none come from the samples lmms-eval logged
+        scores = [json.loads(line)["exact_match"] for line in samples[0].read_text().splitlines()]
+        assert float(row["value"]) == pytest.approx(sum(scores) / 40)
+        assert float(row["relative_accuracy"]) == pytest.approx(100 * float(row["value"]) / float(by_name["none"]["value"]))
+        assert row["compared_samples"] == "40"
+    assert (by_name["none"]["agreement"], by_name["none"]["kept"]) == ("1.0", "1.0")
     markdown = (finished_sweep / "leaderboard.md").read_text()
     assert "| row | method | task | metric | value | acc_colour |" in markdown and "Provenance" in markdown
-    assert (finished_sweep / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| shipped:shapes-llava | shapes_heldout | exact_match |" in markdown and "no zero-image row" in markdown
+    assert "no `pool` row, no split" in markdown
+    for figure in ("leaderboard.png", "pareto.png"):
+        assert (finished_sweep / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_reported_figures_stay_in_their_own_labelled_column(finished_sweep, tmp_path):
