@@ -35,10 +35,12 @@ def read_csv(path):
 
 # columns that depend on when and where a row ran, not on what it computed
 RUN_SPECIFIC = {"wall_s", "date", "command", "git_commit"}
+# columns that depend on which other rows the sweep has: whether a row is on the Pareto frontier among them
+AMONG_ROWS = {"flops_frontier", "time_frontier"}
 
 
 def comparable(rows):
-    return [{key: value for key, value in row.items() if key not in RUN_SPECIFIC} for row in rows]
+    return [{key: value for key, value in row.items() if key not in RUN_SPECIFIC | AMONG_ROWS} for row in rows]
 
 
 def config_rows(folder, names):

@@ -475,13 +475,19 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def _pareto_panel(axis, group: list[dict], cost: str, frontier: str, scale: float) -> None:
     """One (model, task)'s rows as labelled points of accuracy against `cost` (a row key, times `scale`), `none` a grey
-    star, the frontier (`frontier`: a row key) a step line: the best accuracy reached at or below each cost."""
+    star, the frontier (`frontier`: a row key) a step line: the best accuracy reached at or below each cost. Rows at
+    the same point share one label."""
     points = [row for row in group if row[cost] is not None]
+    at: dict[tuple[float, float], list[dict]] = {}
     for row in points:
-        none = row["method"] == "none"
-        axis.plot(row[cost] * scale, row["value"], marker="*" if none else "o", markersize=12 if none else 6,
-                  color="grey" if none else ("tab:red" if row[frontier] else "tab:blue"), linestyle="none")
-        axis.annotate(row["row"], (row[cost] * scale, row["value"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        at.setdefault((row[cost] * scale, row["value"]), []).append(row)
+    for (x, y), members in at.items():
+        none = any(row["method"] == "none" for row in members)
+        on_front = any(row[frontier] for row in members)
+        axis.plot(x, y, marker="*" if none else "o", markersize=12 if none else 6,
+                  color="grey" if none else ("tab:red" if on_front else "tab:blue"), linestyle="none")
+        axis.annotate(", ".join(row["row"] for row in members), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                      fontweight="bold" if on_front else "normal")
     front = sorted((row for row in points if row[frontier]), key=lambda row: row[cost])
     if front:
         axis.step([row[cost] * scale for row in front], [row["value"] for row in front], where="post", color="tab:red",
@@ -501,7 +507,7 @@ def pareto_plot(rows: list[dict], path: Path, bench: dict | None = None) -> None
 
     groups = _groups(rows)
     columns = 2 if bench is not None else 1
-    figure, axes = plt.subplots(len(groups), columns, figsize=(6.5 * columns, 4.5 * len(groups)), constrained_layout=True,
+    figure, axes = plt.subplots(len(groups), columns, figsize=(8 * columns, 6 * len(groups)), constrained_layout=True,
                                 squeeze=False)
     several_models = len({row["model"] for row in rows}) > 1
     for (model, task), group, panels in zip(groups, groups.values(), axes):
