@@ -174,8 +174,8 @@ def _leaderboard(args: argparse.Namespace) -> int:
     from lmms_simignore.evaluation.leaderboard import write_leaderboard
 
     try:
-        write_leaderboard(args.directory)
-    except FileNotFoundError as error:
+        write_leaderboard(args.directory, bench=args.bench)
+    except (FileNotFoundError, ValueError) as error:
         raise SystemExit(str(error))
     return 0
 
@@ -463,8 +463,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="read back finished rows produced by another commit / package version as they are (default: run them again)")
     sweep.set_defaults(handler=_sweep)
 
-    leaderboard = commands.add_parser("leaderboard", help="finished sweep rows in DIR -> leaderboard.md, .csv and .png with provenance")
+    leaderboard = commands.add_parser("leaderboard", help="finished sweep rows in DIR -> leaderboard.md, .csv, .png and pareto.png with provenance")
     leaderboard.add_argument("directory", help="a sweep's output folder")
+    leaderboard.add_argument("--bench", metavar="FILE", help="a bench.json (`bench`): pareto.png gains accuracy against the "
+                             "measured LLM prefill of the rows it ran with the same settings on the same decoder")
     leaderboard.set_defaults(handler=_leaderboard)
 
     make_task = commands.add_parser("make-task", help="write a ScienceQA-IMG task YAML that reads a local copy of the data")

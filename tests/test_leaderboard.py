@@ -35,10 +35,12 @@ def read_csv(path):
 
 # columns that depend on when and where a row ran, not on what it computed
 RUN_SPECIFIC = {"wall_s", "date", "command", "git_commit"}
+# columns that depend on which other rows the sweep has: whether a row is on the Pareto frontier among them
+AMONG_ROWS = {"flops_frontier", "time_frontier"}
 
 
 def comparable(rows):
-    return [{key: value for key, value in row.items() if key not in RUN_SPECIFIC} for row in rows]
+    return [{key: value for key, value in row.items() if key not in RUN_SPECIFIC | AMONG_ROWS} for row in rows]
 
 
 def config_rows(folder, names):
@@ -107,9 +109,18 @@ def test_leaderboard_lists_every_row_with_tokens_flops_and_provenance(finished_s
         assert row["git_commit"] and row["date"].startswith("20")
         samples = list((finished_sweep / row["row"]).rglob("*_samples_shapes_heldout.jsonl"))
         assert len(samples) == 1 and len(samples[0].read_text().splitlines()) == 40  # every doc once
+        # the score and the measures against none come from the samples lmms-eval logged
+        scores = [json.loads(line)["exact_match"] for line in samples[0].read_text().splitlines()]
+        assert float(row["value"]) == pytest.approx(sum(scores) / 40)
+        assert float(row["relative_accuracy"]) == pytest.approx(100 * float(row["value"]) / float(by_name["none"]["value"]))
+        assert row["compared_samples"] == "40"
+    assert (by_name["none"]["agreement"], by_name["none"]["kept"]) == ("1.0", "1.0")
     markdown = (finished_sweep / "leaderboard.md").read_text()
     assert "| row | method | task | metric | value | acc_colour |" in markdown and "Provenance" in markdown
-    assert (finished_sweep / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| shipped:shapes-llava | shapes_heldout | exact_match |" in markdown and "no zero-image row" in markdown
+    assert "no `pool` row, no split" in markdown
+    for figure in ("leaderboard.png", "pareto.png"):
+        assert (finished_sweep / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_reported_figures_stay_in_their_own_labelled_column(finished_sweep, tmp_path):

@@ -4,6 +4,14 @@ A row is a folder that `runs.run_lmms_eval` finished (it holds `provenance.json`
 half-written rows (`*.partial`) are never read. Per row: the main metric and its breakdowns, the image tokens
 each decoder layer saw and their average, the prefill FLOPs relative to the `reduction=none` row of the same
 model and task (`lmms_simignore.bench.flops`), wall time, and where the numbers come from.
+
+Against the `none` row of the same model and task, sample by sample where lmms-eval logged the samples
+(`lmms_simignore.evaluation.measures`): relative accuracy (%) and its mean over the suite's tasks; agreement (the share of
+answers identical to `none`'s, the share of `none`'s correct answers kept); each task's image dependence (`none` minus
+the row that saw no image token, found by its token accounting); VTC-Bench's split by each `pool` row (the samples it
+still answers vs those it loses) with every row's accuracy on both; and pareto.png: accuracy against mean prefill
+FLOPs, and against the prefill time `bench` measured (`--bench bench.json`) for the rows it ran with the same settings
+on the same decoder, the frontier drawn.
 """
 
 from __future__ import annotations
@@ -13,7 +21,8 @@ import json
 from pathlib import Path
 
 from lmms_simignore.engine.accounting import TokenAccounting, layer_runs
-from lmms_simignore.evaluation.runs import PROVENANCE, find_results
+from lmms_simignore.evaluation import measures
+from lmms_simignore.evaluation.runs import PROVENANCE, find_results, read_samples
 from lmms_simignore.evaluation.sweep import main_metric, protocol_label, task_metrics
 from lmms_simignore.markdown import table
 
@@ -71,6 +80,7 @@ def collect_rows(directory: str | Path) -> list[dict]:
         flops = sum(sample_prefill_flops(shape, r) for r in with_images) / len(with_images) if shape and with_images else None
         for task in provenance["tasks"].split(","):
             metric, value = main_metric(results[task])
+            answers, answers_note = _answers(row_dir, task, metric)
             rows.append({
                 "row": str(row_dir.relative_to(directory)),
                 "method": method_name(args),
@@ -86,6 +96,9 @@ def collect_rows(directory: str | Path) -> list[dict]:
                 "tokens_by_objects": _tokens_by_objects(directory / "tasks", task, accounting),
                 "wall_s": provenance["wall_s"],
                 "provenance": provenance,
+                "answers": answers,  # doc_id -> measures.Answer, None when not readable (answers_note says why)
+                "answers_note": answers_note,
+                "no_image_tokens": measures.sees_no_image_tokens([r for r in accounting.records if r.get("task") == task]),
             })
     summary = directory / "summary.json"  # the sweep's row order, when the sweep wrote one
     if summary.is_file():
@@ -96,10 +109,118 @@ def collect_rows(directory: str | Path) -> list[dict]:
     for row in rows:
         row["reported"] = reported.get(row["row"])
     for row in rows:  # FLOPs relative to the unreduced row of the same model and task
-        baseline = next((b for b in rows if b["method"] == "none" and (b["model"], b["task"]) == (row["model"], row["task"])), None)
+        baseline = _baseline(rows, row)
         usable = baseline is not None and baseline["prefill_flops"] and row["prefill_flops"] is not None
         row["flops_vs_baseline"] = row["prefill_flops"] / baseline["prefill_flops"] if usable else None
+    _add_measures(rows)
     return rows
+
+
+def _baseline(rows: list[dict], row: dict) -> dict | None:
+    """The (first) `none` row of `row`'s model and task."""
+    return next((b for b in rows if b["method"] == "none" and (b["model"], b["task"]) == (row["model"], row["task"])), None)
+
+
+def _answers(row_dir: Path, task: str, metric: str) -> tuple[dict | None, str | None]:
+    """(doc_id -> Answer, None) from the samples lmms-eval logged, or (None, why not)."""
+    try:
+        return measures.answers(read_samples(row_dir, task), metric), None
+    except FileNotFoundError:
+        return None, "no samples logged (--log_samples)"
+    except ValueError as error:
+        return None, str(error)
+
+
+def _add_measures(rows: list[dict]) -> None:
+    """Relative accuracy and its suite average, agreement with `none`, image dependence, the split by each `pool`
+    row and the FLOPs Pareto frontier, into each row (see the module docstring)."""
+    suites: dict[str, list[str]] = {}  # the suite of a model: every task a row of it ran, in order
+    for row in rows:
+        suites.setdefault(row["model"], [])
+        if row["task"] not in suites[row["model"]]:
+            suites[row["model"]].append(row["task"])
+    for row in rows:
+        baseline = _baseline(rows, row)
+        row["relative"] = measures.relative_accuracy(row["value"], baseline["value"] if baseline else None)
+        both = baseline is not None and row["answers"] is not None and baseline["answers"] is not None
+        row["agreement"] = measures.agreement(row["answers"], baseline["answers"]) if both else None
+        zero = next((z for z in rows if z["no_image_tokens"] and (z["model"], z["task"]) == (row["model"], row["task"])), None)
+        row["zero_image_row"] = zero["row"] if zero else None
+        row["image_dependence"] = baseline["value"] - zero["value"] if zero and baseline else None
+        pools = [p for p in rows if p["method"] == "pool" and (p["model"], p["task"]) == (row["model"], row["task"])]
+        row["splits"] = {pool["row"]: measures.split(pool["answers"], row["answers"])
+                         for pool in pools if pool["answers"] is not None and row["answers"] is not None}
+    for row in rows:
+        row["bench_prefill_s"] = row["time_frontier"] = None  # measured prefill: add_bench_times
+        relative = {other["task"]: other["relative"] for other in rows if other["row"] == row["row"]}
+        row["suite_average"] = measures.suite_average(relative, suites[row["model"]])
+    for group in _groups(rows).values():
+        priced = [row for row in group if row["prefill_flops"] is not None]
+        front = measures.pareto_front([(row["prefill_flops"], row["value"]) for row in priced])
+        for index, row in enumerate(priced):
+            row["flops_frontier"] = index in front
+        for row in group:
+            row.setdefault("flops_frontier", None)
+
+
+def _groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Rows by (model, task), in row order."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["task"]), []).append(row)
+    return groups
+
+
+def reduction_settings(model_args: str):
+    """The `ReductionSettings` a row's model_args (as lmms-eval parses them, a preset resolved) build."""
+    from lmms_eval.utils import simple_parse_args_string
+
+    from lmms_simignore.models.presets import resolve_model_args
+    from lmms_simignore.settings import REDUCTION_ARGUMENTS, ReductionSettings
+
+    args = simple_parse_args_string(model_args)
+    args = resolve_model_args(args.pop("preset", None), args)
+    return ReductionSettings(**{name: value for name, value in args.items() if name in REDUCTION_ARGUMENTS})
+
+
+def add_bench_times(rows: list[dict], report: dict, source: str = "bench.json") -> dict[str, str]:
+    """Each row's measured LLM prefill (`bench_prefill_s`: the median seconds for the bench's batch) from a bench report
+    (bench.json), where it is measured on the same shape: the bench model that ran the row's model's decoder
+    (`measures.runs_decoder`), and its row with the same reduction settings. Returns {sweep model: bench model}.
+
+    Raises ValueError, with the numbers compared, when no bench model ran any sweep model's decoder."""
+    matched, compared = {}, []
+    shapes: dict = {}
+    for model in dict.fromkeys(row["model"] for row in rows):
+        shape = _decoder_shape(model, shapes)
+        sample = next((row for row in rows if row["model"] == model and row["visible_per_layer"]), None)
+        if shape is None or sample is None:
+            compared.append(f"sweep model {model}: no decoder shape or token accounting to compare")
+            continue
+        layers, image_tokens = len(sample["visible_per_layer"]), sample["image_tokens"]
+        found = [name for name, bench in report["models"].items() if measures.runs_decoder(bench, shape, layers, image_tokens)]
+        if found:
+            matched[model] = found[0]
+        else:
+            compared.append(f"sweep model {model}: {layers} layers, {image_tokens:g} image tokens, {shape}")
+    if not matched:
+        benches = "; ".join(f"{name}: {bench['layers']} layers, {bench['image_tokens']:g} image tokens, none row "
+                            f"{bench['rows']['none']['prefill_flops']:.6g} FLOPs for prompts of {bench['prompt_tokens']} tokens"
+                            for name, bench in report["models"].items() if "none" in bench["rows"])
+        raise ValueError(f"{source}: no bench model ran the decoder of a sweep model ({'; '.join(compared)}); "
+                         f"the bench's: {benches or 'none with a none row'}")
+    for row in rows:
+        if row["model"] in matched:
+            settings = repr(reduction_settings(row["provenance"]["model_args"]))
+            bench = report["models"][matched[row["model"]]]["rows"]
+            same = next((result for result in bench.values() if result["settings"] == settings), None)
+            row["bench_prefill_s"] = same["prefill_s"]["median"] if same else None
+    for group in _groups(rows).values():
+        timed = [row for row in group if row["bench_prefill_s"] is not None]
+        front = measures.pareto_front([(row["bench_prefill_s"], row["value"]) for row in timed])
+        for index, row in enumerate(timed):
+            row["time_frontier"] = index in front
+    return matched
 
 
 def _tokens_by_objects(tasks_dir: Path, task: str, accounting: TokenAccounting) -> dict[str, float] | None:
@@ -134,7 +255,98 @@ def _breakdown_columns(rows: list[dict]) -> list[str]:
     return names
 
 
-def markdown(rows: list[dict]) -> str:
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}% ({part}/{whole})" if whole else "-"
+
+
+def _fraction(part: int, whole: int) -> str:
+    return f"{part / whole:.3f} ({part}/{whole})" if whole else "-"
+
+
+def measures_markdown(rows: list[dict], bench: dict | None = None) -> list[str]:
+    """The measures against `none` as Markdown lines: relative accuracy, agreement, image dependence per task, the
+    downsampling splits and the Pareto frontiers. bench: {"source", "machine", "batch_size", "matched"} of a bench
+    report whose times the rows carry (`add_bench_times`)."""
+    tasks = list(dict.fromkeys(row["task"] for row in rows))
+    several_models = len({row["model"] for row in rows}) > 1
+    folders = list(dict.fromkeys(row["row"] for row in rows))
+    by_folder = {folder: [row for row in rows if row["row"] == folder] for folder in folders}
+    body = []
+    for folder in folders:
+        members = {row["task"]: row for row in by_folder[folder]}
+        first = by_folder[folder][0]
+        cells = [folder, first["method"], *([first["model"]] if several_models else [])]
+        cells += ["-" if task not in members or members[task]["relative"] is None else f"{members[task]['relative']:.1f}" for task in tasks]
+        body.append(cells + [str(first["suite_average"])])
+    header = ["row", "method", *(["model"] if several_models else []), *(f"{task} %" for task in tasks), "suite average %"]
+    lines = ["Relative accuracy: the main metric as a percentage of the `none` row of the same model and task; the suite "
+             "average is the mean over the model's tasks (every task its rows ran) where the row has one: a task the row "
+             "did not run, or one without a `none` row, is left out, and the average then says over how many tasks", "",
+             table(header, body, align="ll" + "l" * several_models + "r" * (len(tasks) + 1)), ""]
+
+    body, notes = [], []
+    for row in rows:
+        agreement = row["agreement"]
+        if agreement is None:
+            why = row["answers_note"] or ("no `none` row" if _baseline(rows, row) is None else _baseline(rows, row)["answers_note"])
+            notes.append(f"{row['row']} ({row['task']}): {why}")
+            continue
+        body.append([row["row"], row["task"], agreement.compared, _percent(agreement.same, agreement.compared),
+                     _percent(agreement.kept, agreement.baseline_correct)])
+    lines += ["Agreement with `none`, sample by sample (matched by lmms-eval's doc_id over the samples both rows logged)", ""]
+    if body:
+        lines += [table(["row", "task", "samples compared", "same answer as none", "none's correct answers kept"], body, align="llrrr"), ""]
+    lines += [*(f"- no agreement for {note}" for note in notes), *([""] if notes else [])]
+
+    body = []
+    for (model, task), group in _groups(rows).items():
+        baseline = _baseline(rows, group[0])
+        zero = next((row for row in group if row["no_image_tokens"]), None)
+        cells = [model, task, group[0]["metric"], "no none row" if baseline is None else f"{baseline['value']:.4f}"]
+        if zero is None:
+            cells += ["no zero-image row", "-", "-"]
+        else:
+            cells += [zero["row"], f"{zero['value']:.4f}", "-" if zero["image_dependence"] is None else f"{zero['image_dependence']:+.4f}"]
+        body.append(cells)
+    lines += ["Tasks: image dependence = `none` minus the row that saw no image token (its token accounting: image tokens "
+              "in every prompt, 0 visible at every layer)", "",
+              table(["model", "task", "metric", "none", "zero-image row", "its value", "image dependence"], body, align="lllrlrr"), ""]
+
+    pools = [row for row in rows if row["method"] == "pool"]
+    if not pools:
+        lines += ["Downsampling split (VTC-Bench): no `pool` row, no split", ""]
+    for pool in pools:
+        group = _groups(rows)[(pool["model"], pool["task"])]
+        parts = [(row, row["splits"].get(pool["row"])) for row in group]
+        parts = [(row, part) for row, part in parts if part is not None]
+        if not parts:
+            lines += [f"Downsampling split by {pool['row']} ({pool['task']}): {pool['answers_note']}", ""]
+            continue
+        own = next(part for row, part in parts if row is pool)
+        lines += [f"Downsampling split (VTC-Bench) by {pool['row']} ({pool['mean_visible']:g} image tokens per layer) on "
+                  f"{pool['task']}: easy = the {own.easy} samples it answers correctly, hard = the {own.hard} it loses", "",
+                  table(["row", "method", "easy accuracy", "hard accuracy"],
+                        [[row["row"], row["method"], _fraction(part.easy_correct, part.easy), _fraction(part.hard_correct, part.hard)]
+                         for row, part in parts], align="llrr"), ""]
+
+    lines += ["Pareto frontier (pareto.png): the rows no other row beats on both accuracy and cost, cheapest first", ""]
+    for (model, task), group in _groups(rows).items():
+        where = f"{task}" + (f" ({model})" if several_models else "")
+        on_front = sorted((row for row in group if row["flops_frontier"]), key=lambda row: row["prefill_flops"])
+        lines.append(f"- {where}, mean prefill FLOPs per sample: " + (", ".join(row["row"] for row in on_front) or "no FLOP estimate"))
+        if bench is not None:
+            timed = sorted((row for row in group if row["time_frontier"]), key=lambda row: row["bench_prefill_s"])
+            measured = sum(row["bench_prefill_s"] is not None for row in group)
+            lines.append(f"- {where}, measured LLM prefill ({measured} of {len(group)} rows measured): "
+                         + (", ".join(row["row"] for row in timed) or "none"))
+    if bench is not None:
+        lines.append(f"- measured: {bench['source']} ({bench['machine']}, batch {bench['batch_size']}), the bench model that ran "
+                     f"the decoder of " + "; ".join(f"{model}: {name}" for model, name in bench["matched"].items())
+                     + "; a row's time is the bench row's with the same reduction settings")
+    return lines + [""]
+
+
+def markdown(rows: list[dict], bench: dict | None = None) -> str:
     breakdowns = _breakdown_columns(rows)
     with_reported = any(row["reported"] for row in rows)
     header = ["row", "method", "task", "metric", "value", *breakdowns, "image tokens per layer", "mean / total", "prefill FLOPs vs none", "wall s"]
@@ -158,6 +370,7 @@ def markdown(rows: list[dict]) -> str:
                     for row in adaptive]
         lines += ["Image tokens kept per image (mean over layers) by the number of objects in the image", "",
                   table(["row", *(f"{n} object{'s' * (n > 1)}" for n in counts)], by_count, align="l" + "r" * len(counts)), ""]
+    lines += measures_markdown(rows, bench)
     lines += ["Provenance", ""]
     provenance = []
     seen = set()
@@ -174,10 +387,31 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines + [table(header, provenance)])
 
 
+def _measure_columns(row: dict, pools: list[str]) -> dict:
+    """The CSV's measures against `none` (empty where there is none): relative accuracy and suite average in %,
+    agreement and kept as shares, the split accuracies by each pool row, the Pareto frontiers, the measured prefill."""
+    agreement, average = row["agreement"], row["suite_average"]
+    columns = {
+        "relative_accuracy": row["relative"], "suite_average": average.value, "suite_tasks": f"{average.tasks}/{average.of}",
+        "compared_samples": agreement.compared if agreement else None, "agreement": agreement.same_share if agreement else None,
+        "kept": agreement.kept_share if agreement else None, "zero_image_row": row["zero_image_row"],
+        "image_dependence": row["image_dependence"], "flops_frontier": row["flops_frontier"],
+        "bench_prefill_s": row["bench_prefill_s"], "time_frontier": row["time_frontier"],
+    }
+    for pool in pools:
+        part = row["splits"].get(pool)
+        columns[f"easy_accuracy_{pool}"] = part.easy_accuracy if part else None
+        columns[f"hard_accuracy_{pool}"] = part.hard_accuracy if part else None
+    return {key: "" if value is None else value for key, value in columns.items()}
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     breakdowns = sorted({name for row in rows for name in row["breakdown"]})
+    pools = list(dict.fromkeys(row["row"] for row in rows if row["method"] == "pool"))
+    measure_fields = list(_measure_columns(rows[0], pools))
     fields = ["row", "method", "model", "task", "metric", "value", *breakdowns, "image_tokens", "mean_visible", "visible_per_layer",
-              "prefill_flops", "flops_vs_baseline", "wall_s", "tokens_by_objects", "reported_value", "reported_source", "reported_protocol", "date", "git_commit", "lmms_simignore", "lmms_eval", "transformers", "torch", "command"]
+              "prefill_flops", "flops_vs_baseline", "wall_s", "tokens_by_objects", "reported_value", "reported_source", "reported_protocol",
+              *measure_fields, "date", "git_commit", "lmms_simignore", "lmms_eval", "transformers", "torch", "command"]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
@@ -192,6 +426,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
                 "reported_source": row["reported"]["source"] if row["reported"] else "",
                 "reported_protocol": protocol_label(row["reported"]) if row["reported"] else "",
                 "tokens_by_objects": json.dumps(row["tokens_by_objects"]) if row["tokens_by_objects"] else "",
+                **_measure_columns(row, pools),
                 "date": p["date"], "git_commit": p["git_commit"], "lmms_simignore": p["versions"]["lmms-simignore"],
                 "lmms_eval": p["versions"]["lmms-eval"], "transformers": p["versions"]["transformers"], "torch": p["versions"]["torch"],
                 "command": " ".join(p["command"]),
@@ -240,16 +475,85 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def write_leaderboard(directory: str | Path, echo=print) -> list[dict]:
-    """Write leaderboard.md, leaderboard.csv and leaderboard.png into `directory`; return the rows."""
+def _pareto_panel(axis, group: list[dict], cost: str, frontier: str, scale: float) -> None:
+    """One (model, task)'s rows as labelled points of accuracy against `cost` (a row key, times `scale`), `none` a grey
+    star, the frontier (`frontier`: a row key) a step line: the best accuracy reached at or below each cost. Rows at
+    the same point share one label."""
+    points = [row for row in group if row[cost] is not None]
+    at: dict[tuple[float, float], list[dict]] = {}
+    for row in points:
+        at.setdefault((row[cost] * scale, row["value"]), []).append(row)
+    for (x, y), members in at.items():
+        none = any(row["method"] == "none" for row in members)
+        on_front = any(row[frontier] for row in members)
+        axis.plot(x, y, marker="*" if none else "o", markersize=12 if none else 6,
+                  color="grey" if none else ("tab:red" if on_front else "tab:blue"), linestyle="none")
+        axis.annotate(", ".join(row["row"] for row in members), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                      fontweight="bold" if on_front else "normal")
+    front = sorted((row for row in points if row[frontier]), key=lambda row: row[cost])
+    if front:
+        axis.step([row[cost] * scale for row in front], [row["value"] for row in front], where="post", color="tab:red",
+                  linewidth=1, label="Pareto frontier")
+        axis.legend(fontsize=8, loc="lower right")
+    axis.grid(alpha=0.3)
+
+
+def pareto_plot(rows: list[dict], path: Path, bench: dict | None = None) -> None:
+    """Accuracy against mean prefill FLOPs per sample, one panel per (model, task); with `bench`, a second panel per
+    (model, task) against the measured LLM prefill of the rows the bench ran (`add_bench_times`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
+
+    groups = _groups(rows)
+    columns = 2 if bench is not None else 1
+    figure, axes = plt.subplots(len(groups), columns, figsize=(8 * columns, 6 * len(groups)), constrained_layout=True,
+                                squeeze=False)
+    several_models = len({row["model"] for row in rows}) > 1
+    for (model, task), group, panels in zip(groups, groups.values(), axes):
+        title = task + (f" ({model})" if several_models else "")
+        _pareto_panel(panels[0], group, "prefill_flops", "flops_frontier", 1.0)
+        panels[0].xaxis.set_major_formatter(EngFormatter(unit="FLOP"))
+        panels[0].set_xlabel("mean prefill FLOPs per sample (decoder layers)")
+        panels[0].set_ylabel(group[0]["metric"])
+        panels[0].set_title(f"{title}: accuracy against FLOPs", fontsize=10)
+        if bench is not None:
+            _pareto_panel(panels[1], group, "bench_prefill_s", "time_frontier", 1000.0)
+            panels[1].set_xlabel(f"measured LLM prefill, ms per batch of {bench['batch_size']} ({bench['machine']})")
+            panels[1].set_ylabel(group[0]["metric"])
+            measured = sum(row["bench_prefill_s"] is not None for row in group)
+            panels[1].set_title(f"{title}: against measured time ({measured} of {len(group)} rows benched)", fontsize=10)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def read_bench(path: str | Path, rows: list[dict]) -> dict:
+    """A bench report (bench.json of `python -m lmms_simignore bench`) put beside the rows (`add_bench_times`): its
+    source, machine, batch size and which bench model stands for which sweep model."""
+    report = json.loads(Path(path).read_text())
+    matched = add_bench_times(rows, report, source=str(path))
+    machine = report["machine"]
+    return {"source": str(path), "machine": machine.get("gpu") or f"CPU, {machine['cpu_threads']} threads",
+            "batch_size": report["settings"]["batch_size"], "matched": matched}
+
+
+def write_leaderboard(directory: str | Path, echo=print, bench: str | Path | None = None) -> list[dict]:
+    """Write leaderboard.md, leaderboard.csv, leaderboard.png and pareto.png into `directory`; return the rows.
+
+    bench: a bench.json whose measured prefill times go beside the rows it ran on the same decoder (`add_bench_times`;
+    ValueError when it ran none of the sweep's models)."""
     directory = Path(directory)
     rows = collect_rows(directory)
     if not rows:
         raise FileNotFoundError(f"{directory}: no finished rows (folders with provenance.json and lmms-eval results)")
-    table = markdown(rows)
+    measured = read_bench(bench, rows) if bench is not None else None
+    table = markdown(rows, measured)
     (directory / "leaderboard.md").write_text(f"# Leaderboard: {directory.name}\n\n{table}\n")
     write_csv(rows, directory / "leaderboard.csv")
     plot(rows, directory / "leaderboard.png")
+    pareto_plot(rows, directory / "pareto.png", measured)
     echo(table)
-    echo(f"\nwrote {directory / 'leaderboard.md'}, leaderboard.csv and leaderboard.png")
+    echo(f"\nwrote {directory / 'leaderboard.md'}, leaderboard.csv, leaderboard.png and pareto.png")
     return rows
