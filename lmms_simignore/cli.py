@@ -57,6 +57,14 @@ def _fixtures(args: argparse.Namespace) -> int:
     paths = build_offline_testbed(args.directory, num_docs=args.num_docs, seed=args.seed, shape=shape)
     for name, path in paths.items():
         print(f"{name}: {path}")
+    if args.suite:
+        from lmms_simignore.local_data import write_builtin_local_task
+        from lmms_simignore.testbed.suite_data import write_suite_data
+
+        tasks_dir = Path(args.directory) / "suite-tasks"
+        for task, parquet in write_suite_data(Path(args.directory) / "suite-data", docs_per_task=args.suite_docs, seed=args.seed).items():
+            write_builtin_local_task(tasks_dir, task, parquet)
+        print(f"suite: {tasks_dir} (synthetic docs in each suite task's schema; sweep --local-tasks {tasks_dir})")
     if args.mipha:
         _fixtures_mipha(args)
     if args.llava_next:
@@ -425,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     fixtures.add_argument(
         "--paper-shaped", action="store_true", help="576 image tokens and 6 decoder layers, so the paper's budgets run as is"
     )
+    fixtures.add_argument("--suite", action="store_true", help="also synthetic local copies of the suite's tasks (configs/suite.yaml) "
+                          "in each task's schema: suite-data/TASK.parquet and suite-tasks/TASK_local.yaml")
+    fixtures.add_argument("--suite-docs", type=int, default=4, help="docs per suite task, even (default: %(default)s)")
     fixtures.add_argument("--mipha", action="store_true", help="also a tiny random Mipha checkpoint in the released layout (tiny-mipha/)")
     fixtures.add_argument("--llava-next", action="store_true", help="also a tiny random LLaVA-NeXT checkpoint with 8 decoder "
                           "layers (tiny-llava_next/)")

@@ -11,7 +11,7 @@ import pytest
 from lmms_simignore.bench.flops import DecoderShape, sample_prefill_flops
 from lmms_simignore.evaluation.leaderboard import write_leaderboard
 from lmms_simignore.evaluation.measures import (Answer, Agreement, Split, SuiteAverage, agreement, answers, pareto_front,
-                                                relative_accuracy, runs_decoder, sees_no_image_tokens, shared_docs, split,
+                                                relative_accuracy, runs_decoder, sample_correct, sees_no_image_tokens, shared_docs, split,
                                                 suite_average)
 from lmms_simignore.settings import ReductionSettings
 
@@ -36,14 +36,22 @@ def test_answers_are_the_filtered_responses_scored_by_the_main_metric():
     assert answers(records, "exact_match") == {0: Answer(["A"], True, "q0"), 1: Answer("B", False, "q1")}
 
 
-@pytest.mark.parametrize("records, message", [
-    ([{"doc_id": 0, "filtered_resps": "A", "exact_match": 1.0}] * 2, "doc_id 0 is logged twice"),
-    ([{"doc_id": 0, "filtered_resps": "A", "exact_match": 0.5}], "exact_match is 0.5"),
-    ([{"doc_id": 0, "filtered_resps": "A"}], "exact_match is None"),
+def test_answers_refuse_a_doc_logged_twice():
+    with pytest.raises(ValueError, match="doc_id 0 is logged twice"):
+        answers([{"doc_id": 0, "filtered_resps": "A", "exact_match": 1.0}] * 2, "exact_match")
+
+
+@pytest.mark.parametrize("value, correct", [
+    (1.0, True), (0, False), (True, True), (0.5, None), (None, None),
+    ({"question_id": "existence/1.png", "category": "existence", "score": 1.0}, True),  # MME
+    ({"question_id": "1", "score": 0.0, "prediction": "no", "ground_truth": "yes"}, False),  # POPE
+    ({"question_type": "Regular Text Recognition", "score": 1, "prediction": "cat"}, True),  # OCRBench
+    ({"pred": "B", "answer": "B", "question_id": "7"}, True), ({"pred": "l", "answer": "D", "question_id": "0"}, False),  # SEED
+    ({"index": 0, "answer": "A", "prediction": "A."}, None),  # MMBench: scored over a question's rotated copies only
+    ({"id": "validation_Art_1", "answer": "B", "parsed_pred": ["D"]}, None),  # MMMU: parsed by its aggregation
 ])
-def test_answers_refuse_a_doc_logged_twice_and_a_score_that_is_not_right_or_wrong(records, message):
-    with pytest.raises(ValueError, match=message):
-        answers(records, "exact_match")
+def test_a_sample_is_right_or_wrong_where_the_task_s_per_sample_value_says_so(value, correct):
+    assert sample_correct(value) is correct
 
 
 def test_rows_that_logged_other_prompts_for_a_doc_id_are_not_compared():
@@ -239,15 +247,17 @@ def test_without_none_pool_or_zero_image_rows_the_leaderboard_says_so(tmp_path):
     assert "Downsampling split (VTC-Bench): no `pool` row, no split" in markdown
 
 
-def test_a_graded_per_sample_score_leaves_the_per_sample_measures_out_and_says_why(tmp_path):
+def test_a_graded_per_sample_score_leaves_kept_and_the_split_out_and_says_why(tmp_path):
     write_row(tmp_path, "none", "reduction=none", "ABC", 64, metric="anls", scores=[1.0, 0.5, 1.0])
     write_row(tmp_path, "pool_16", "reduction=pool,keep=16", "ABD", 16, metric="anls", scores=[1.0, 0.5, 0.0])
     write_leaderboard(tmp_path, echo=lambda line: None)
     rows = read_csv(tmp_path / "leaderboard.csv")
     assert float(rows["pool_16"]["relative_accuracy"]) == pytest.approx(100 * 0.5 / (2.5 / 3))  # the aggregate still compares
-    assert rows["pool_16"]["agreement"] == rows["pool_16"]["easy_accuracy_pool_16"] == ""
+    assert float(rows["pool_16"]["agreement"]) == pytest.approx(2 / 3)  # answers A, B are none's; D is not
+    assert rows["pool_16"]["kept"] == rows["pool_16"]["easy_accuracy_pool_16"] == ""
     markdown = (tmp_path / "leaderboard.md").read_text()
-    assert "- no agreement for pool_16 (quiz): doc_id 1: anls is 0.5; per-sample measures need a 0/1 score per sample" in markdown
+    assert "| pool_16 | quiz | 3 | 66.7% (2/3) | - |" in markdown
+    assert "Downsampling split by pool_16 (quiz): the task's anls does not say per sample whether an answer is right" in markdown
 
 
 def test_rows_that_ran_other_documents_under_one_task_name_are_refused(tmp_path):

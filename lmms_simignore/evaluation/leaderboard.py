@@ -148,8 +148,9 @@ def _add_measures(rows: list[dict]) -> None:
         row["zero_image_row"] = zero["row"] if zero else None
         row["image_dependence"] = baseline["value"] - zero["value"] if zero and baseline else None
         pools = [p for p in rows if p["method"] == "pool" and (p["model"], p["task"]) == (row["model"], row["task"])]
-        row["splits"] = {pool["row"]: measures.split(pool["answers"], row["answers"])
-                         for pool in pools if pool["answers"] is not None and row["answers"] is not None}
+        splits = {pool["row"]: measures.split(pool["answers"], row["answers"])
+                  for pool in pools if pool["answers"] is not None and row["answers"] is not None}
+        row["splits"] = {name: part for name, part in splits.items() if part is not None}
     for row in rows:
         row["bench_prefill_s"] = row["time_frontier"] = None  # measured prefill: add_bench_times
         relative = {other["task"]: other["relative"] for other in rows if other["row"] == row["row"]}
@@ -255,7 +256,7 @@ def _breakdown_columns(rows: list[dict]) -> list[str]:
     return names
 
 
-def _percent(part: int, whole: int) -> str:
+def _percent(part: int | None, whole: int | None) -> str:
     return f"{100 * part / whole:.1f}% ({part}/{whole})" if whole else "-"
 
 
@@ -320,7 +321,8 @@ def measures_markdown(rows: list[dict], bench: dict | None = None) -> list[str]:
         parts = [(row, row["splits"].get(pool["row"])) for row in group]
         parts = [(row, part) for row, part in parts if part is not None]
         if not parts:
-            lines += [f"Downsampling split by {pool['row']} ({pool['task']}): {pool['answers_note']}", ""]
+            why = pool["answers_note"] or f"the task's {pool['metric']} does not say per sample whether an answer is right"
+            lines += [f"Downsampling split by {pool['row']} ({pool['task']}): {why}", ""]
             continue
         own = next(part for row, part in parts if row is pool)
         lines += [f"Downsampling split (VTC-Bench) by {pool['row']} ({pool['mean_visible']:g} image tokens per layer) on "

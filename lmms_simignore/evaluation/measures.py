@@ -24,31 +24,49 @@ from lmms_simignore.bench.flops import DecoderShape, sample_prefill_flops
 
 @dataclass(frozen=True)
 class Answer:
-    """One logged sample: the model's answer (lmms-eval's `filtered_resps`), whether it was right (the task's main
-    metric for the sample), and the prompt lmms-eval logged (`input`), to tell that two rows ran the same document."""
+    """One logged sample: the model's answer (lmms-eval's `filtered_resps`), whether it was right (from the task's main
+    metric for the sample; None when that does not say), and the prompt lmms-eval logged (`input`), to tell that two
+    rows ran the same document."""
 
     response: object
-    correct: bool
+    correct: bool | None
     prompt: str | None = None
 
 
-def answers(records: list[dict], metric: str) -> dict[int, Answer]:
-    """lmms-eval's per-sample records of one task -> {doc_id: Answer}.
+def sample_correct(value) -> bool | None:
+    """Whether one sample was answered correctly, from the value a task's `process_results` gave its main metric: a
+    0/1 score; a record with a 0/1 `score` (MME, POPE, OCRBench); a record of `pred` and `answer` (SEED-Bench).
+    None for anything else (a graded score such as 0.5, a record the task scores only over all samples)."""
+    if isinstance(value, dict):
+        if "score" in value:
+            return sample_correct(value["score"])
+        if {"pred", "answer"} <= value.keys() and isinstance(value["pred"], str):
+            return value["pred"] == value["answer"]
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return value == 1
+    return None
 
-    Refuses (ValueError) a doc_id logged twice and a sample whose `metric` is missing or not 0/1: agreement and the
-    split count right and wrong answers, which a graded score (0.5) does not give."""
+
+def answers(records: list[dict], metric: str) -> dict[int, Answer]:
+    """lmms-eval's per-sample records of one task -> {doc_id: Answer}; refuses (ValueError) a doc_id logged twice.
+
+    Agreement compares the answers of every sample; "kept" and the split count right and wrong answers, which only
+    samples whose correctness `sample_correct` reads give."""
     found: dict[int, Answer] = {}
     for record in records:
         doc_id = record["doc_id"]
         if doc_id in found:
             raise ValueError(f"doc_id {doc_id} is logged twice")
-        value = record.get(metric)
-        if isinstance(value, bool):
-            value = int(value)
-        if not isinstance(value, (int, float)) or value not in (0, 1):
-            raise ValueError(f"doc_id {doc_id}: {metric} is {value!r}; per-sample measures need a 0/1 score per sample")
-        found[doc_id] = Answer(record["filtered_resps"], value == 1, record.get("input"))
+        found[doc_id] = Answer(record["filtered_resps"], sample_correct(record.get(metric)), record.get("input"))
     return found
+
+
+def scored(docs: dict[int, Answer]) -> bool:
+    """Whether every sample's correctness is known."""
+    return all(answer.correct is not None for answer in docs.values())
 
 
 def shared_docs(row: dict[int, Answer], other: dict[int, Answer]) -> list[int]:
@@ -97,8 +115,8 @@ class Agreement:
 
     compared: int
     same: int  # answered exactly as `none` answered
-    baseline_correct: int  # `none` answered correctly
-    kept: int  # of those, the row answered correctly too
+    baseline_correct: int | None  # `none` answered correctly (None: correctness unknown)
+    kept: int | None  # of those, the row answered correctly too
 
     @property
     def same_share(self) -> float | None:
@@ -110,11 +128,14 @@ class Agreement:
 
 
 def agreement(row: dict[int, Answer], baseline: dict[int, Answer]) -> Agreement:
-    """How often `row` gives `baseline`'s answer, and how many of `baseline`'s correct answers it keeps."""
+    """How often `row` gives `baseline`'s answer, and how many of `baseline`'s correct answers it keeps (None, None
+    when a sample's correctness is unknown)."""
     shared = shared_docs(row, baseline)
+    same = sum(row[doc_id].response == baseline[doc_id].response for doc_id in shared)
+    if not (scored(row) and scored(baseline)):
+        return Agreement(compared=len(shared), same=same, baseline_correct=None, kept=None)
     right = [doc_id for doc_id in shared if baseline[doc_id].correct]
-    return Agreement(compared=len(shared), same=sum(row[doc_id].response == baseline[doc_id].response for doc_id in shared),
-                     baseline_correct=len(right), kept=sum(row[doc_id].correct for doc_id in right))
+    return Agreement(compared=len(shared), same=same, baseline_correct=len(right), kept=sum(row[doc_id].correct for doc_id in right))
 
 
 def sees_no_image_tokens(records: list[dict]) -> bool:
@@ -142,9 +163,12 @@ class Split:
         return self.hard_correct / self.hard if self.hard else None
 
 
-def split(reference: dict[int, Answer], row: dict[int, Answer]) -> Split:
-    """`row`'s accuracy on the samples `reference` still answers correctly and on those it loses (VTC-Bench's split)."""
+def split(reference: dict[int, Answer], row: dict[int, Answer]) -> Split | None:
+    """`row`'s accuracy on the samples `reference` still answers correctly and on those it loses (VTC-Bench's split);
+    None when a sample's correctness is unknown."""
     shared = shared_docs(row, reference)
+    if not (scored(reference) and scored(row)):
+        return None
     easy = [doc_id for doc_id in shared if reference[doc_id].correct]
     hard = [doc_id for doc_id in shared if not reference[doc_id].correct]
     return Split(len(easy), sum(row[doc_id].correct for doc_id in easy), len(hard), sum(row[doc_id].correct for doc_id in hard))

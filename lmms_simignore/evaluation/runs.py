@@ -171,8 +171,10 @@ def offline_environment() -> dict[str, str]:
 
 
 def find_results(output_dir: Path) -> Path | None:
-    """The newest `*_results.json` lmms-eval wrote under `output_dir`, if any."""
-    found = sorted(Path(output_dir).rglob("*_results.json"), key=lambda path: path.stat().st_mtime)
+    """The newest `*_results.json` lmms-eval wrote under `output_dir`, if any (not a task's own file of that name under
+    `submissions/`, which MMBench's scorer writes before lmms-eval's results exist)."""
+    found = sorted((path for path in Path(output_dir).rglob("*_results.json") if "submissions" not in path.relative_to(output_dir).parts),
+                   key=lambda path: path.stat().st_mtime)
     return found[-1] if found else None
 
 

@@ -34,6 +34,9 @@ class TinyLlavaShape:
     heads: int = 4
     kv_heads: int = 2
     vocab_target: int = 400
+    # no token for the control bytes text files and spreadsheets refuse (a random model emits any token it has; some
+    # tasks' own scorers write the replies into an .xlsx)
+    printable_vocabulary: bool = False
 
     @property
     def image_tokens(self) -> int:
@@ -42,7 +45,9 @@ class TinyLlavaShape:
 
 # LLaVA-1.5's token geometry at toy width: 48 px images in 2 px patches give 576 image tokens, and 6 decoder
 # layers leave room for FastV at layer 5, so the paper's budgets (ignore 124, keep 144 at layer 5) run as is.
-PAPER_SHAPED = TinyLlavaShape(image_size=48, patch_size=2, vision_hidden=16, text_hidden=32, text_layers=6)
+PAPER_SHAPED = TinyLlavaShape(image_size=48, patch_size=2, vision_hidden=16, text_hidden=32, text_layers=6,
+                              printable_vocabulary=True)
+CONTROL_BYTES = bytes([*range(0, 9), 11, 12, *range(14, 32)])  # what openpyxl refuses in a cell
 
 
 def _corpus() -> list[str]:
@@ -54,9 +59,9 @@ def _corpus() -> list[str]:
     return lines * 4
 
 
-def build_tokenizer(vocab_size: int = 400, corpus: list[str] | None = None):
+def build_tokenizer(vocab_size: int = 400, corpus: list[str] | None = None, printable: bool = False):
     """A byte-level BPE tokenizer with Llama-style specials (`<s>` prepended) and an `<image>` token,
-    trained on `corpus` (default: the fixtures' prompt vocabulary)."""
+    trained on `corpus` (default: the fixtures' prompt vocabulary); `printable`: no token for `CONTROL_BYTES`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -64,9 +69,11 @@ def build_tokenizer(vocab_size: int = 400, corpus: list[str] | None = None):
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if printable:  # each byte's symbol, as the byte-level pre-tokenizer writes it
+        control = {backend.pre_tokenizer.pre_tokenize_str(chr(byte))[0][0] for byte in CONTROL_BYTES}
+        alphabet = [symbol for symbol in alphabet if symbol not in control]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet)
     backend.train_from_iterator(corpus if corpus is not None else _corpus(), trainer=trainer)
     backend.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", backend.token_to_id("<s>"))]
@@ -92,7 +99,7 @@ def build_tiny_llava(output_dir: str | Path, seed: int = 0, shape: TinyLlavaShap
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(shape.vocab_target)
+    tokenizer = build_tokenizer(shape.vocab_target, printable=shape.printable_vocabulary)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
 
     vision_config, text_config = tiny_clip_and_llama(shape, tokenizer)
