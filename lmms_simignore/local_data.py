@@ -130,12 +130,13 @@ def write_builtin_local_task(task_dir: str | Path, task: str, data_path: str | P
     return yaml_path
 
 
-def save_task_data(task: str, out_dir: str | Path) -> Path:
+def save_task_data(task: str, out_dir: str | Path, include_path: str | Path | None = None) -> Path:
     """Download lmms-eval's built-in `task` (on a machine with internet) and save its test split as
-    `out_dir/{task}.parquet`, the local copy `write_builtin_local_task` reads (processed docs for PROCESSED_COPIES)."""
+    `out_dir/{task}.parquet`, the local copy `write_builtin_local_task` reads (processed docs for PROCESSED_COPIES).
+    `include_path`: a folder of more task YAMLs (lmms-eval's --include_path)."""
     from lmms_eval.tasks import TaskManager, get_task_dict
 
-    loaded = get_task_dict([task], TaskManager("ERROR"))[task]
+    loaded = get_task_dict([task], TaskManager("ERROR", include_path=[str(include_path)] if include_path else None))[task]
     split = loaded.config.test_split
     docs = loaded.test_docs() if task in PROCESSED_COPIES else loaded.dataset[split]
     out = Path(out_dir) / f"{task}.parquet"

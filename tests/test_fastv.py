@@ -171,7 +171,7 @@ def test_continuation_logprobs_match_step_by_step_generation(tiny_model, padded_
     inputs, _ = padded_batch
     reduced = unreduced(tiny_model, inputs)
     greedy = engine.generate(tiny_model, reduced, GREEDY_8, [-1], 0, stages=fastv_stage(1, 6)).tokens  # no eos
-    logprobs, is_greedy = engine.continuation_logprobs(tiny_model, reduced, greedy, stages=fastv_stage(1, 6))
+    logprobs, is_greedy, _ = engine.continuation_logprobs(tiny_model, reduced, greedy, stages=fastv_stage(1, 6))
     assert logprobs.shape == greedy.shape and bool(is_greedy.all())
     recomputed = engine.LanguageModelRun(tiny_model, reduced, stages=fastv_stage(1, 6), use_cache=False)
     logits = torch.cat([recomputed.prefill()[:, None], recomputed.feed(greedy[:, :-1])], dim=1)  # no cache: all recomputed

@@ -296,3 +296,11 @@ def test_a_bench_of_other_decoders_is_refused_with_what_was_compared(sweep):
     assert completed.returncode != 0
     assert "no bench model ran the decoder of a sweep model" in completed.stderr
     assert "4 layers, 64 image tokens" in completed.stderr and "testbed: 4 layers, 16 image tokens" in completed.stderr
+
+
+def test_a_sample_without_the_main_metric_is_scored_by_the_task_s_next_metric_it_has():
+    """SEED-Bench gives `seed_image` to image docs only; a video doc is scored by `seed_video`."""
+    records = [{"doc_id": 0, "filtered_resps": ["B"], "seed_image": {"pred": "B", "answer": "B"}, "seed_all": {"pred": "B", "answer": "B"}},
+               {"doc_id": 1, "filtered_resps": ["C"], "seed_video": {"pred": "C", "answer": "A"}, "seed_all": {"pred": "C", "answer": "A"}}]
+    assert [answer.correct for answer in answers(records, "seed_image", ("seed_video", "seed_all")).values()] == [True, False]
+    assert answers(records, "seed_image")[1].correct is None

@@ -455,14 +455,15 @@ def generate(
 @torch.inference_mode()
 def continuation_logprobs(
     model, prompt: ReducedPrompt, continuation: torch.Tensor, stages: tuple[LayerStage, ...] = (),
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, ImageTokensSeen]:
     """Log-probabilities of `continuation` (B, C) token by token after a reduced prompt (teacher forcing), with the
     plan's in-LLM `stages`.
 
-    Returns (B, C) float32 log-probabilities and (B, C) bool: whether each token was the greedy choice.
+    Returns (B, C) float32 log-probabilities, (B, C) bool: whether each token was the greedy choice, and the image
+    tokens each layer saw in the prompt pass.
     """
     run = LanguageModelRun(model, prompt, stages=stages, use_cache=True)
     first = run.prefill()[:, None]  # (B, 1, V)
     logits = first if continuation.shape[1] == 1 else torch.cat([first, run.feed(continuation[:, :-1])], dim=1)
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, C, V)
-    return logprobs.gather(-1, continuation[..., None]).squeeze(-1), logits.argmax(-1) == continuation
+    return logprobs.gather(-1, continuation[..., None]).squeeze(-1), logits.argmax(-1) == continuation, run.image_tokens_seen

@@ -80,7 +80,7 @@ def collect_rows(directory: str | Path) -> list[dict]:
         flops = sum(sample_prefill_flops(shape, r) for r in with_images) / len(with_images) if shape and with_images else None
         for task in provenance["tasks"].split(","):
             metric, value = main_metric(results[task])
-            answers, answers_note = _answers(row_dir, task, metric)
+            answers, answers_note = _answers(row_dir, task, metric, tuple(task_metrics(results[task])))
             rows.append({
                 "row": str(row_dir.relative_to(directory)),
                 "method": method_name(args),
@@ -121,10 +121,10 @@ def _baseline(rows: list[dict], row: dict) -> dict | None:
     return next((b for b in rows if b["method"] == "none" and (b["model"], b["task"]) == (row["model"], row["task"])), None)
 
 
-def _answers(row_dir: Path, task: str, metric: str) -> tuple[dict | None, str | None]:
+def _answers(row_dir: Path, task: str, metric: str, others: tuple[str, ...]) -> tuple[dict | None, str | None]:
     """(doc_id -> Answer, None) from the samples lmms-eval logged, or (None, why not)."""
     try:
-        return measures.answers(read_samples(row_dir, task), metric), None
+        return measures.answers(read_samples(row_dir, task), metric, others), None
     except FileNotFoundError:
         return None, "no samples logged (--log_samples)"
     except ValueError as error:

@@ -50,17 +50,20 @@ def sample_correct(value) -> bool | None:
     return None
 
 
-def answers(records: list[dict], metric: str) -> dict[int, Answer]:
+def answers(records: list[dict], metric: str, others: tuple[str, ...] = ()) -> dict[int, Answer]:
     """lmms-eval's per-sample records of one task -> {doc_id: Answer}; refuses (ValueError) a doc_id logged twice.
 
-    Agreement compares the answers of every sample; "kept" and the split count right and wrong answers, which only
-    samples whose correctness `sample_correct` reads give."""
+    A sample's correctness is read from its main `metric`, or, where the task gives that metric only to some samples
+    (SEED-Bench: `seed_image` to image docs), from the first of the task's `others` it has. Agreement compares the
+    answers of every sample; "kept" and the split count right and wrong answers, which only samples whose correctness
+    `sample_correct` reads give."""
     found: dict[int, Answer] = {}
     for record in records:
         doc_id = record["doc_id"]
         if doc_id in found:
             raise ValueError(f"doc_id {doc_id} is logged twice")
-        found[doc_id] = Answer(record["filtered_resps"], sample_correct(record.get(metric)), record.get("input"))
+        value = next((record[name] for name in (metric, *others) if name in record), None)
+        found[doc_id] = Answer(record["filtered_resps"], sample_correct(value), record.get("input"))
     return found
 
 

@@ -376,7 +376,8 @@ class ReducingModel(lmms):
     # -- log-likelihood --------------------------------------------------------------------------------------------------
     def loglikelihood(self, requests: list[Instance]) -> list[LoglikelihoodResult]:
         """Per request (context, continuation, doc_to_visual, doc_id, task, split): the mean negative log-likelihood of
-        the continuation's tokens after the (reduced) prompt, and whether greedy decoding would produce them."""
+        the continuation's tokens after the (reduced) prompt, and whether greedy decoding would produce them. Each
+        request's prompt pass is counted in the token accounting (a multiple-choice doc: once per option)."""
         results = []
         for context, doc_to_target, doc_to_visual, doc_id, task, split in tqdm(
             [request.args for request in requests], disable=self.rank != 0, desc=f"{self.model_name} loglikelihood"
@@ -393,8 +394,10 @@ class ReducingModel(lmms):
             prompt_inputs = {key: value[:, :prompt_length] if key in ("input_ids", "attention_mask", "mm_token_type_ids") else value
                              for key, value in inputs.items()}
             reduced, stages = self._reduce([request], prompt_inputs)
-            logprobs, greedy = engine.continuation_logprobs(self._model, reduced, inputs["input_ids"][:, prompt_length:], stages=stages)
+            logprobs, greedy, seen = engine.continuation_logprobs(self._model, reduced, inputs["input_ids"][:, prompt_length:], stages=stages)
+            self._account([request], prompt_inputs, reduced.image_tokens, seen)  # each option's prompt pass
             results.append(LoglikelihoodResult((-float(logprobs.float().mean()), bool(greedy.all()))))
+        self._report_accounting()
         return results
 
     def generate_until_multi_round(self, requests):
