@@ -34,10 +34,12 @@ def parse_model_args(model_args: str) -> dict[str, str]:
 
 def method_name(args: dict[str, str]) -> str:
     """The method a row runs: its preset, else its reduction (default none), with `apply=mask` and an adaptive budget
-    (keep=auto: its own line in the accuracy-tokens plot) marked."""
+    (keep=auto: its own line in the accuracy-tokens plot) marked; a row that keeps no image token is "no image tokens"."""
     if "preset" in args:
         return f"preset {args['preset']}"
     method = args.get("reduction", "none")
+    if args.get("keep") == "0":
+        return "no image tokens"  # whichever reduction keeps them
     if args.get("keep") == "auto":
         method = f"{method} keep=auto"
     return f"{method} (mask)" if args.get("apply") == "mask" and method != "none" else method
