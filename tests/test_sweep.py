@@ -51,41 +51,62 @@ def paper_shaped_testbed(tmp_path_factory):
     return build_offline_testbed(tmp_path_factory.mktemp("paper_shaped"), num_docs=4, seed=0, shape=PAPER_SHAPED)
 
 
-def test_attribution_config_runs_end_to_end_offline(paper_shaped_testbed, tmp_path):
-    """Every row of configs/attribution.yaml through the real lmms-eval CLI, with the paper's budgets
-    (576 image tokens, FastV at layer 5) on a toy model of LLaVA-1.5's token geometry."""
-    config = load_config(
-        CONFIGS / "attribution.yaml", overrides={"pretrained": str(paper_shaped_testbed["model"])}, tasks="scienceqa_img_local"
-    )
+ATTRIBUTION_LAYERS = {  # image tokens each of the paper-shaped model's 6 layers sees, per row of attribution.yaml
+    "baseline": [576] * 6,
+    "simignore_mask": [452] * 6,
+    "simignore_drop": [452] * 6,
+    "fastv_k5_keep144": [576] * 5 + [144],
+    "fastv_k2_r50": [576] * 2 + [288] * 4,
+    "simignore_fastv": [452] * 5 + [144],
+    "paper_preset": [452] * 5 + [144],
+    "random_ignore124": [452] * 6,
+    "random_fastv": [452] * 5 + [144],
+    "random_keep144": [144] * 6,
+}
+# rows that run through lmms-eval (each mechanism once: mask, drop, a pipeline, a preset); every row is planned
+ATTRIBUTION_RUN = ("baseline", "simignore_mask", "simignore_drop", "simignore_fastv", "paper_preset")
+
+
+def test_attribution_config_plans_the_paper_budgets_on_a_model_of_llava_1_5_s_geometry(paper_shaped_testbed):
+    """Every row of configs/attribution.yaml, planned as the model class plans it, on a toy model of LLaVA-1.5's token
+    geometry (576 image tokens, FastV at layer 5)."""
+    from transformers import AutoConfig
+
+    from lmms_simignore.models.presets import resolve_model_args
+    from lmms_simignore.settings import REDUCTION_ARGUMENTS
+
+    config = load_config(CONFIGS / "attribution.yaml")
+    model = AutoConfig.from_pretrained(paper_shaped_testbed["model"])
+    planned_layers = {}
+    for row in config.rows:
+        args = resolve_model_args(row.model_args.get("preset"), {k: v for k, v in row.model_args.items() if k != "preset"})
+        settings = ReductionSettings(**{key: value for key, value in args.items() if key in REDUCTION_ARGUMENTS})
+        planned_layers[row.name] = planned(model, settings).visible_per_layer()
+    assert planned_layers == ATTRIBUTION_LAYERS
+
+
+def test_attribution_rows_run_end_to_end_offline(paper_shaped_testbed, tmp_path):
+    """Rows of configs/attribution.yaml through the real lmms-eval CLI, with the paper's budgets: the image tokens each
+    layer saw, as counted while the model ran, are the planned ones; mask = drop through the CLI."""
+    config = load_config(CONFIGS / "attribution.yaml", overrides={"pretrained": str(paper_shaped_testbed["model"])},
+                         tasks="scienceqa_img_local", only_rows=",".join(ATTRIBUTION_RUN))
     lines = []
     summaries = run_sweep(
         config, tmp_path / "attribution", include_path=paper_shaped_testbed["tasks"], extra_args=("--limit", "3"), echo=lines.append
     )
     rows = {summary["name"]: summary for summary in summaries}
-    assert list(rows) == [row.name for row in config.rows]
-    expected_layers = {
-        "baseline": [576] * 6,
-        "simignore_mask": [452] * 6,
-        "simignore_drop": [452] * 6,
-        "fastv_k5_keep144": [576] * 5 + [144],
-        "fastv_k2_r50": [576] * 2 + [288] * 4,
-        "simignore_fastv": [452] * 5 + [144],
-        "paper_preset": [452] * 5 + [144],
-        "random_ignore124": [452] * 6,
-        "random_fastv": [452] * 5 + [144],
-        "random_keep144": [144] * 6,
-    }
-    assert {name: row["visible_per_layer"] for name, row in rows.items()} == expected_layers
+    assert list(rows) == list(ATTRIBUTION_RUN)
+    assert {name: row["visible_per_layer"] for name, row in rows.items()} == {name: ATTRIBUTION_LAYERS[name] for name in ATTRIBUTION_RUN}
     assert rows["simignore_fastv"]["mean_visible"] == pytest.approx((5 * 452 + 144) / 6)
     assert all(len(row["answers"]["scienceqa_img_local"]) == 3 for row in rows.values())
     assert rows["simignore_mask"]["answers"] == rows["simignore_drop"]["answers"]  # mask = drop, through the CLI
     assert rows["simignore_fastv"]["answers"] != rows["baseline"]["answers"]
     table = (tmp_path / "attribution" / "table.md").read_text()
     assert "| simignore_fastv | 0.0000 | layers 0-4: 452, layer 5: 144 | 400.7 / 576 |" in table
-    assert any("[10/10] random_keep144: running" in line for line in lines)
+    assert any("[5/5] paper_preset: running" in line for line in lines)
     printed = [line for line in lines if line.startswith("  $ ")]  # the command each row really ran
-    assert len(printed) == 10 and "{run_dir}" not in "".join(printed)
-    assert f"token_log={tmp_path / 'attribution' / 'random_keep144.partial'}/tokens.jsonl" in printed[-1]
+    assert len(printed) == 5 and "{run_dir}" not in "".join(printed)
+    assert f"token_log={tmp_path / 'attribution' / 'paper_preset.partial'}/tokens.jsonl" in printed[-1]
 
 
 PEER_ROWS_OFFLINE = ("visionzip_64", "dart_64", "pdrop_64", "visiondrop_64", "divprune_64", "vispruner_64",
