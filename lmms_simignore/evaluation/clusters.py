@@ -10,12 +10,12 @@ A cluster whose removal raises accuracy holds tokens that hurt ("spy" tokens). W
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from lmms_simignore import engine
+from lmms_simignore.evaluation.reports import write_report
 from lmms_simignore.evaluation.samples import shapes_prompts
 from lmms_simignore.methods import pairwise_similarity
 
@@ -150,10 +150,7 @@ def run_clusters(out_dir: str | Path, k: int = 8, pretrained: str = "shipped:sha
     model, processor = load_llava(pretrained)
     records, prompts, source = question_samples(processor, num_questions, seed=seed, data=data)
     report = {"model": pretrained, "questions": source, **cluster_report(model, processor, records, k, seed=kmeans_seed, prompts=prompts)}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "clusters.json").write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, out_dir / "clusters.png")
+    out_dir = write_report(out_dir, "clusters", report, plot)
     echo(cluster_table(report))
     echo(f"\nall tokens: accuracy {report['accuracy_all_tokens']:.3f}; wrote {out_dir / 'clusters.json'} and clusters.png")
     return report

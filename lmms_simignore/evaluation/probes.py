@@ -22,7 +22,6 @@ read. Writes probes.json and probes.png, and prints a Markdown table.
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from lmms_simignore import engine
+from lmms_simignore.evaluation.reports import write_report
 from lmms_simignore.settings import ReductionSettings
 from lmms_simignore.testbed import scenes, shapes
 
@@ -272,10 +272,7 @@ def run_probes(out_dir: str | Path, pretrained: str = "shipped:shapes-llava", nu
         "attribute_set": SCENE_SETS,
         "accuracy": {name: probe_accuracies(by_set, labels) for name, by_set in features.items()},
     }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "probes.json").write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, out_dir / "probes.png")
+    out_dir = write_report(out_dir, "probes", report, plot)
     echo(probe_table(report))
     echo(f"\nwrote {out_dir / 'probes.json'} and probes.png")
     return report

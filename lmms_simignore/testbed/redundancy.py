@@ -7,11 +7,11 @@ writes a JSON and a plot against the number of objects in the image.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from lmms_simignore.evaluation.reports import write_report
 from lmms_simignore.markdown import table
 
 METRICS = ("stable_rank", "participation_ratio", "gini_of_norms")
@@ -158,10 +158,7 @@ def run_redundancy(out_dir: str | Path, pretrained: str = "shipped:shapes-llava"
     records = shapes.shapes_records(num_questions, seed=seed)
     report = {"model": pretrained, "questions": {"seed": seed, "count": num_questions}, **measure(model, processor, records)}
     report["definitions"] = DEFINITIONS
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "redundancy.json").write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, out_dir / "redundancy.png")
+    out_dir = write_report(out_dir, "redundancy", report, plot)
     echo(redundancy_table(report))
     echo(f"\nwrote {out_dir / 'redundancy.json'} and {out_dir / 'redundancy.png'}")
     return report
