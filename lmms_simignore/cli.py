@@ -353,7 +353,7 @@ def _probes(args: argparse.Namespace) -> int:
 
     try:
         run_probes(args.out, pretrained=args.pretrained, num_questions=args.num_questions, seed=args.seed, reduction=args.reduction,
-                   data=args.data, echo=lambda line: print(line, flush=True))
+                   data=args.data, labels=args.labels, echo=lambda line: print(line, flush=True))
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"probes: {error}")
     return 0
@@ -602,7 +602,9 @@ def main(argv: list[str] | None = None) -> int:
                         "count; one object for the rest), 60%% to fit, 40%% held out (default: %(default)s)")
     probes.add_argument("--seed", type=int, help="shapes generator seed (default: the held-out seed, 10000)")
     probes.add_argument("--reduction", metavar="KEY=VALUE,...", help="also probe with this reduction, e.g. reduction=simignore,keep=16")
-    probes.add_argument("--data", help="not supported: a local split carries no attribute labels (refused with the reason)")
+    probes.add_argument("--data", help="a local split (parquet or save_to_disk folder) in ScienceQA-IMG's columns with label columns, "
+                        "instead of generated scenes; with --labels")
+    probes.add_argument("--labels", metavar="COLUMN,...", help="the label columns of --data to probe (each column's distinct values are its classes)")
     probes.set_defaults(handler=_probes)
 
     bench = commands.add_parser("bench", help="latency, throughput and memory of every reduction against the FLOP ideal "

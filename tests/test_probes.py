@@ -11,7 +11,7 @@ import torch
 from test_fastv import NONE, padded_batch  # noqa: F401  (padded_batch is a fixture)
 
 from lmms_simignore import engine
-from lmms_simignore.evaluation.probes import (GROUPS, attribute_labels, depth_features, fit_probe, group_means,
+from lmms_simignore.evaluation.probes import (GROUPS, attribute_labels, column_labels, depth_features, fit_probe, group_means,
                                               held_out_accuracy, majority_share, probe_sets)
 from lmms_simignore.methods.fastv import fastv_stage
 from lmms_simignore.settings import ReductionSettings
@@ -161,7 +161,8 @@ def test_probes_runs_on_the_testbed_and_reads_the_colour_from_the_image_tokens(t
 
 @pytest.mark.parametrize("arguments, message", [
     ({"num_questions": 19}, "--num-questions must be at least 20"),
-    ({"data": "sqa.parquet"}, "--data sqa.parquet: probes read their labels"),
+    ({"data": "sqa.parquet"}, "--labels names the label columns of --data"),
+    ({"labels": "colour"}, "--labels names the label columns of --data"),
     ({"reduction": "reduction=simignore,keep=0"}, "leaves decoder layer 0 no image token"),
     ({"reduction": "reduction=fastv,fastv_layer=2,fastv_keep=0"}, "leaves decoder layer 2 no image token"),
 ])
@@ -171,3 +172,41 @@ def test_arguments_the_probes_cannot_take_are_refused_naming_them(tmp_path, argu
     with pytest.raises(ValueError, match=message):
         run_probes(tmp_path, echo=lambda line: None, **arguments)
     assert not (tmp_path / "probes.json").exists()
+
+
+def labelled_split(path, count=40):
+    """A local split in ScienceQA-IMG's columns (generated one-object scenes, asking their count) with label columns:
+    the object's colour, and a column of one value."""
+    from datasets import Dataset, Features, Image, Sequence, Value
+
+    records = probe_sets(count, seed=3)["one_object"]
+    rows = [{"image": record["image"], "question": record["question"], "choices": record["choices"], "hint": record["hint"],
+             "answer": record["answer"], "colour": record["objects"][0]["colour"], "source": "shapes"} for record in records]
+    features = Features({"image": Image(), "question": Value("string"), "choices": Sequence(Value("string")), "hint": Value("string"),
+                         "answer": Value("int64"), "colour": Value("string"), "source": Value("string")})
+    Dataset.from_list(rows, features=features).to_parquet(str(path))
+    return rows
+
+
+def test_column_labels_are_each_column_s_distinct_values_and_refuse_what_cannot_be_probed():
+    docs = [{"colour": "red", "n": 2}, {"colour": "blue", "n": 2}, {"colour": "red", "n": 2}]
+    classes, labels = column_labels(docs, ["colour"])
+    assert classes == {"colour": ("blue", "red")} and labels["colour"].tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match="--labels: column 'n' has one value"):
+        column_labels(docs, ["n"])
+    with pytest.raises(ValueError, match="--labels: column 'shape' is missing or empty in doc 0"):
+        column_labels(docs, ["shape"])
+
+
+def test_probes_read_the_label_columns_of_a_local_split(tmp_path):
+    """The split's own prompts; the colour of its scenes' single object is read from the image tokens."""
+    from lmms_simignore.evaluation.probes import run_probes
+
+    rows = labelled_split(tmp_path / "split.parquet")
+    with pytest.raises(ValueError, match="column 'source' has one value"):
+        run_probes(tmp_path / "out", num_questions=40, data=str(tmp_path / "split.parquet"), labels="colour,source", echo=lambda line: None)
+    report = run_probes(tmp_path / "out", num_questions=40, data=str(tmp_path / "split.parquet"), labels="colour", echo=lambda line: None)
+    assert report["classes"] == {"colour": sorted({row["colour"] for row in rows})}
+    assert (report["split"]["train"], report["split"]["held_out"], report["attribute_set"]) == (24, 16, {"colour": "data"})
+    assert max(report["accuracy"]["none"]["colour"]["image"]) >= 0.9 > report["chance"]["colour"]
+    assert json.loads((tmp_path / "out" / "probes.json").read_text())["sets"]["data"]["count"] == 40

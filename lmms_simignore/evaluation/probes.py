@@ -2,7 +2,7 @@
 Redundancy", Hannan et al., arXiv 2602.06914, Figs. 4 and 5), without and with a reduction:
 
     python -m lmms_simignore probes --out DIR [--pretrained shipped:shapes-llava] [--num-questions 300] [--seed S]
-                                    [--reduction reduction=simignore,keep=16]
+                                    [--reduction reduction=simignore,keep=16] [--data SPLIT --labels COLUMN,...]
 
 The labels come from the shapes scene generator: the object count (1-6) of scenes with one to six objects, and the
 colour, shape, size and position (the 3 x 3 region of its centre, `scenes.region`) of the object of scenes with a
@@ -18,6 +18,11 @@ ridge probe per attribute, group and depth is fitted on the first 60% of the pro
 (held out); chance is the majority class's share of the held-out prompts. With `--reduction`, the probes are fitted
 again on the reduced model's states, same prompts and split: where a line drops, the method removed what the probe
 read. Writes probes.json and probes.png, and prints a Markdown table.
+
+With `--data` (a local split in ScienceQA-IMG's columns, as `infoflow --data` reads, plus label columns) and
+`--labels`, the probes read those columns instead: each label's classes are its distinct values, and the prompts are
+the split's own questions (lmms-eval's scienceqa_img prompt), so a label the question names (or its options) can be
+read from the text alone: compare the text group before the first layer with chance.
 """
 
 from __future__ import annotations
@@ -172,6 +177,23 @@ def attribute_labels(records: list[dict], attribute: str) -> torch.Tensor:
     return torch.tensor(labels)
 
 
+def column_labels(docs: list[dict], columns: list[str], argument: str = "--labels") -> tuple[dict[str, tuple], dict[str, torch.Tensor]]:
+    """A local split's label columns -> (column -> its classes: the distinct values as text, sorted; column -> (N,)
+    each doc's class index). Refuses a missing column, or one with fewer than two classes, naming it."""
+    classes, labels = {}, {}
+    for column in columns:
+        missing = [index for index, doc in enumerate(docs) if doc.get(column) is None]
+        if missing:
+            raise ValueError(f"{argument}: column {column!r} is missing or empty in doc {missing[0]} of the split "
+                             f"(its columns: {', '.join(sorted(docs[0]))})")
+        values = [str(doc[column]) for doc in docs]
+        classes[column] = tuple(sorted(set(values)))
+        if len(classes[column]) < 2:
+            raise ValueError(f"{argument}: column {column!r} has one value ({values[0]!r}) in the docs read: nothing to probe")
+        labels[column] = torch.tensor([classes[column].index(value) for value in values])
+    return classes, labels
+
+
 def probe_sets(num_questions: int, seed: int) -> dict[str, list[dict]]:
     """The two sets of shapes records, all asking the count question: "scenes" (1-6 objects, seed `seed`) for the
     count probe and "one_object" (seed `seed + 1`) for the single-object attributes."""
@@ -188,12 +210,13 @@ def check_probe_plan(settings: ReductionSettings, plan) -> None:
 
 
 def prompt_features(model, processor, records: list[dict], settings: ReductionSettings, plan, batch_size: int,
-                    progress=None) -> torch.Tensor:
-    """(N, L + 1, 3, D) `depth_features` of `records` (shapes records, the testbed's prompt) under `plan`."""
+                    progress=None, prompts=None) -> torch.Tensor:
+    """(N, L + 1, 3, D) `depth_features` of `records` under `plan`, batched into processor inputs by `prompts(batch)`
+    (default: shapes records in the testbed's prompt)."""
     from lmms_simignore.evaluation.samples import shapes_prompts
     from lmms_simignore.models.base import options_text
 
-    prompts = shapes_prompts(processor)
+    prompts = prompts or shapes_prompts(processor)
     features = []
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
@@ -206,12 +229,14 @@ def prompt_features(model, processor, records: list[dict], settings: ReductionSe
     return torch.cat(features)
 
 
-def probe_accuracies(features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> dict[str, dict[str, list[float]]]:
-    """features: set name -> (N, L + 1, 3, D); labels: attribute -> (N,) over its set (SCENE_SETS) -> attribute ->
-    group -> held-out accuracy per depth (the first TRAIN_SHARE of the prompts train, the rest are held out)."""
+def probe_accuracies(features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], classes: dict[str, tuple] = ATTRIBUTES,
+                     attribute_set: dict[str, str] = SCENE_SETS) -> dict[str, dict[str, list[float]]]:
+    """features: set name -> (N, L + 1, 3, D); labels: attribute -> (N,) over its set (`attribute_set`), indices into
+    `classes[attribute]` -> attribute -> group -> held-out accuracy per depth (the first TRAIN_SHARE of the prompts
+    train, the rest are held out)."""
     accuracy = {}
-    for attribute, values in ATTRIBUTES.items():
-        states, targets = features[SCENE_SETS[attribute]], labels[attribute]
+    for attribute, values in classes.items():
+        states, targets = features[attribute_set[attribute]], labels[attribute]
         train = int(len(targets) * TRAIN_SHARE)
         accuracy[attribute] = {
             group: [round(held_out_accuracy(states[:train, depth, index], targets[:train], states[train:, depth, index],
@@ -222,55 +247,74 @@ def probe_accuracies(features: dict[str, torch.Tensor], labels: dict[str, torch.
 
 
 def run_probes(out_dir: str | Path, pretrained: str = "shipped:shapes-llava", num_questions: int = 300, seed: int | None = None,
-               reduction: str | None = None, data: str | None = None, batch_size: int = 32, echo=print) -> dict:
+               reduction: str | None = None, data: str | None = None, labels: str | None = None, batch_size: int = 32,
+               echo=print) -> dict:
     """Probe without a reduction and, if `reduction` ("reduction=simignore,keep=16") is given, with it, on two sets
-    of `num_questions` generated shapes prompts (`probe_sets`; default seed: the held-out one); write probes.json
-    and probes.png. Bad arguments are refused before any prompt is run."""
+    of `num_questions` generated shapes prompts (`probe_sets`; default seed: the held-out one), or on the first
+    `num_questions` docs of the local split `data` for its columns `labels` ("colour,shape"); write probes.json and
+    probes.png. Bad arguments are refused before any prompt is run."""
     from lmms_eval.utils import simple_parse_args_string
     from tqdm import tqdm
 
     from lmms_simignore.models.mipha import load_llava
 
-    if data is not None:
-        raise ValueError(f"--data {data}: probes read their labels (object count, colour, shape, size, position) from the "
-                         f"shapes scene generator, which a local split does not carry; drop --data (the generated scenes "
-                         f"run on any --pretrained LLaVA checkpoint)")
+    if (data is None) != (not labels):
+        raise ValueError("--labels names the label columns of --data (a local split); give both or neither")
     if num_questions < MIN_QUESTIONS:
         raise ValueError(f"--num-questions must be at least {MIN_QUESTIONS} (per set: {TRAIN_SHARE:.0%} to fit each probe "
                          f"on, the rest held out), got {num_questions}")
     settings = {"none": ReductionSettings()}
     if reduction:
         settings["reduced"] = ReductionSettings(**simple_parse_args_string(reduction))
+    if data is not None:  # read (and refused) before the model loads
+        from lmms_simignore.bench.scienceqa_pass import local_docs
+
+        docs = local_docs(data, num_questions, argument="--data")
+        if len(docs) < MIN_QUESTIONS:
+            raise ValueError(f"--data {data}: {len(docs)} questions with an image; the probes need at least {MIN_QUESTIONS}")
+        columns = [column.strip() for column in labels.split(",") if column.strip()]
+        classes, label_indices = column_labels(docs, columns)
     model, processor = load_llava(pretrained)
     plans = {name: engine.plan_for(model.config, value) for name, value in settings.items()}
     for name, value in settings.items():
         check_probe_plan(value, plans[name])
-    seed = shapes.HELD_OUT_SEED if seed is None else seed
-    sets = probe_sets(num_questions, seed)
-    labels = {attribute: attribute_labels(sets[SCENE_SETS[attribute]], attribute) for attribute in ATTRIBUTES}
-    with tqdm(total=len(settings) * len(sets) * num_questions, desc="probes: prompt passes", unit="prompt") as progress:
-        features = {name: {set_name: prompt_features(model, processor, records, settings[name], plans[name], batch_size, progress)
-                           for set_name, records in sets.items()} for name in settings}
-    train = int(num_questions * TRAIN_SHARE)
+    if data is None:
+        seed = shapes.HELD_OUT_SEED if seed is None else seed
+        sets, prompts = probe_sets(num_questions, seed), None
+        classes, attribute_set = ATTRIBUTES, SCENE_SETS
+        label_indices = {attribute: attribute_labels(sets[SCENE_SETS[attribute]], attribute) for attribute in ATTRIBUTES}
+        question = "How many objects are there? (options 1-6), for every prompt"
+        sources = {"scenes": {"seed": seed, "count": num_questions, "objects": "1-6"},
+                   "one_object": {"seed": seed + 1, "count": num_questions, "objects": "1"}}
+    else:
+        from lmms_simignore.evaluation.samples import scienceqa_prompts
+
+        sets, prompts, attribute_set = {"data": docs}, scienceqa_prompts(processor), {column: "data" for column in columns}
+        question = "each doc's own question (lmms-eval's scienceqa_img prompt)"
+        sources = {"data": {"path": str(data), "count": len(docs)}}
+    count = len(next(iter(sets.values())))
+    with tqdm(total=len(settings) * sum(len(records) for records in sets.values()), desc="probes: prompt passes", unit="prompt") as progress:
+        features = {name: {set_name: prompt_features(model, processor, records, settings[name], plans[name], batch_size, progress,
+                                                     prompts) for set_name, records in sets.items()} for name in settings}
+    train = int(count * TRAIN_SHARE)
     num_layers = model.config.text_config.num_hidden_layers
     report = {
         "model": pretrained, "reduction": reduction or "none",
-        "question": "How many objects are there? (options 1-6), for every prompt",
-        "sets": {"scenes": {"seed": seed, "count": num_questions, "objects": "1-6"},
-                 "one_object": {"seed": seed + 1, "count": num_questions, "objects": "1"}},
-        "split": {"train": train, "held_out": num_questions - train, "order": "the first prompts of each set train"},
+        "question": question,
+        "sets": sources,
+        "split": {"train": train, "held_out": count - train, "order": "the first prompts of each set train"},
         "depths": num_layers + 1,
         "depth": "k: the residual stream after k decoder layers (0: the embeddings as the reduction left them; k < L: "
                  "layer k's input; L: the last layer's output, before the final norm)",
         "groups": GROUP_WORDS,
         "image_tokens_per_layer": {name: plan.visible_per_layer() for name, plan in plans.items()},
         "probe": "ridge on standardised features, penalty by leave-one-out error on the training split",
-        "chance": {attribute: round(majority_share(labels[attribute][train:], len(values)), 4)
-                   for attribute, values in ATTRIBUTES.items()},
+        "chance": {attribute: round(majority_share(label_indices[attribute][train:], len(values)), 4)
+                   for attribute, values in classes.items()},
         "chance_rule": "the majority class's share of the held-out prompts",
-        "classes": {attribute: list(values) for attribute, values in ATTRIBUTES.items()},
-        "attribute_set": SCENE_SETS,
-        "accuracy": {name: probe_accuracies(by_set, labels) for name, by_set in features.items()},
+        "classes": {attribute: list(values) for attribute, values in classes.items()},
+        "attribute_set": attribute_set,
+        "accuracy": {name: probe_accuracies(by_set, label_indices, classes, attribute_set) for name, by_set in features.items()},
     }
     out_dir = write_report(out_dir, "probes", report, plot)
     echo(probe_table(report))
@@ -284,7 +328,7 @@ def probe_table(report: dict) -> str:
 
     names = list(report["accuracy"])
     rows = []
-    for attribute in ATTRIBUTES:
+    for attribute in report["classes"]:
         for group in GROUPS:
             cells = zip(*(report["accuracy"][name][attribute][group] for name in names))
             rows.append([attribute, group, f"{report['chance'][attribute]:.3f}",
@@ -304,8 +348,11 @@ def plot(report: dict, path: Path) -> None:
 
     styles = {"none": "-", "reduced": "--"}
     depths = range(report["depths"])
-    figure, axes = plt.subplots(1, len(ATTRIBUTES), figsize=(3.2 * len(ATTRIBUTES), 3.4), sharey=True, constrained_layout=True)
-    for axis, attribute in zip(axes, ATTRIBUTES):
+    attributes = list(report["classes"])
+    figure, axes = plt.subplots(1, len(attributes), figsize=(3.2 * max(len(attributes), 2), 3.4), sharey=True,
+                                constrained_layout=True, squeeze=False)
+    axes = axes[0]
+    for axis, attribute in zip(axes, attributes):
         axis.axhline(report["chance"][attribute], color="grey", linewidth=1, label="chance")
         for index, group in enumerate(GROUPS):
             for name, accuracy in report["accuracy"].items():
