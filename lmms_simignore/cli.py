@@ -171,7 +171,7 @@ def _sweep(args: argparse.Namespace) -> int:
         from lmms_simignore.evaluation.leaderboard import write_leaderboard
 
         write_leaderboard(output, echo=lambda line: None)
-        print(f"leaderboard: {Path(output) / 'leaderboard.md'} (.csv, .png)")
+        print(f"leaderboard: {Path(output) / 'leaderboard.md'} (.csv, .png, pareto.png)")
     if failure is not None:
         print(f"error: {failure} (see {Path(output) / 'failed.json'})", file=sys.stderr, flush=True)
         return 1
