@@ -150,10 +150,10 @@ def _sweep(args: argparse.Namespace) -> int:
             from lmms_simignore.evaluation.sweep import local_task_names
 
             config = replace(config, tasks=local_task_names(config.tasks, args.local_tasks))
-            args.include_path = args.local_tasks
     except ValueError as error:
         raise SystemExit(str(error))
-    include_path = Path(args.include_path).resolve() if args.include_path else None
+    tasks_folder = args.local_tasks or args.include_path
+    include_path = Path(tasks_folder).resolve() if tasks_folder else None
     extra = ("--limit", str(args.limit)) if args.limit is not None else ()
     output = args.output or str(Path("outputs") / config.name)
     from lmms_simignore.evaluation.sweep import default_processes

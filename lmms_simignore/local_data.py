@@ -67,18 +67,15 @@ def read_task_config(yaml_path: str | Path) -> dict:
     return load_yaml_config(str(yaml_path), mode="simple")
 
 
-def output_type(yaml_path: str | Path) -> str | None:
-    """The `output_type` of a task YAML, its `include:`s followed."""
-    return read_task_config(yaml_path).get("output_type")
-
-
-def derived_task_yaml(config: dict) -> str:
-    """The YAML text of a task that `include:`s another; a multiple-choice one also names `MULTIPLE_CHOICE_CLASS`
-    (a YAML tag, which JSON cannot hold; the recipe itself must not: lmms-eval indexes a YAML with `class:` as a task)."""
+def derived_task_yaml(config: dict, included: dict | None = None) -> str:
+    """The YAML text of a task that `include:`s another (`included`: that one as `read_task_config` reads it, read here
+    when not given); a multiple-choice one also names `MULTIPLE_CHOICE_CLASS` (a YAML tag, which JSON cannot hold; the
+    recipe itself must not: lmms-eval indexes a YAML with `class:` as a task)."""
     import yaml
 
+    included = read_task_config(config["include"]) if included is None else included
     text = yaml.safe_dump(config, sort_keys=False, width=1000)
-    if output_type(config["include"]) == "multiple_choice":
+    if included.get("output_type") == "multiple_choice":
         text += f"class: !function {MULTIPLE_CHOICE_CLASS}\n"
     return text
 
@@ -112,21 +109,22 @@ def write_builtin_local_task(task_dir: str | Path, task: str, data_path: str | P
     parsing, metrics) reading its test split from `data_path` (a parquet file, or a `save_to_disk` folder of a
     DatasetDict holding that split) instead of the hub."""
     builtin = builtin_task_yaml(task)
-    split = read_task_config(builtin)["test_split"]
+    included = read_task_config(builtin)
+    split = included["test_split"]
     data_path = check_local_data(data_path, split).resolve()
     config = {"include": str(builtin), "task": task_name or f"{task}_local", "dataset_name": None}
     if data_path.is_dir():
         config.update({"dataset_path": str(data_path), "dataset_kwargs": {"load_from_disk": True}})
     else:
         config.update({"dataset_path": "parquet", "dataset_kwargs": {"data_files": {split: str(data_path)}}})
-    if "tag" in read_task_config(builtin):
+    if "tag" in included:
         config["tag"] = []  # the copy joins none of the built-in's tag groups
     if task in PROCESSED_COPIES:
         config["process_docs"] = None
     task_dir = Path(task_dir)
     task_dir.mkdir(parents=True, exist_ok=True)
     yaml_path = task_dir / f"{config['task']}.yaml"
-    yaml_path.write_text(derived_task_yaml(config))
+    yaml_path.write_text(derived_task_yaml(config, included))
     return yaml_path
 
 

@@ -72,16 +72,11 @@ def test_attribution_config_plans_the_paper_budgets_on_a_model_of_llava_1_5_s_ge
     geometry (576 image tokens, FastV at layer 5)."""
     from transformers import AutoConfig
 
-    from lmms_simignore.models.presets import resolve_model_args
-    from lmms_simignore.settings import REDUCTION_ARGUMENTS
+    from lmms_simignore.models.presets import reduction_settings_of
 
     config = load_config(CONFIGS / "attribution.yaml")
     model = AutoConfig.from_pretrained(paper_shaped_testbed["model"])
-    planned_layers = {}
-    for row in config.rows:
-        args = resolve_model_args(row.model_args.get("preset"), {k: v for k, v in row.model_args.items() if k != "preset"})
-        settings = ReductionSettings(**{key: value for key, value in args.items() if key in REDUCTION_ARGUMENTS})
-        planned_layers[row.name] = planned(model, settings).visible_per_layer()
+    planned_layers = {row.name: planned(model, reduction_settings_of(row.model_args)).visible_per_layer() for row in config.rows}
     assert planned_layers == ATTRIBUTION_LAYERS
 
 
@@ -176,17 +171,13 @@ def planned(model_config, settings):
 @pytest.mark.parametrize("config_path", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.stem)
 def test_every_row_of_every_config_is_a_valid_reduction_for_its_model(config_path, tmp_path, geometry):
     """Checked before any run: the settings parse and the budgets fit the model (as the model would refuse them)."""
-    from lmms_simignore.models.presets import resolve_model_args
-    from lmms_simignore.settings import REDUCTION_ARGUMENTS, ReductionSettings
+    from lmms_simignore.models.presets import reduction_settings_of
 
     config = load_config(config_path)
-    fields = set(REDUCTION_ARGUMENTS)
     for row in config.rows:
         args = {**config.model_args, **row.model_args}
-        args = resolve_model_args(args.pop("preset", None), args)
         model = geometry[args["pretrained"]]
-        settings = ReductionSettings(**{key: value for key, value in args.items() if key in fields})
-        plan = planned(model, settings)
+        plan = planned(model, reduction_settings_of(args))
         visible = plan.visible_per_layer()
         assert len(visible) == model.text_config.num_hidden_layers, row.name
         assert all(0 <= count <= plan.image_tokens for count in visible), row.name

@@ -175,15 +175,12 @@ def _groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
 
 
 def reduction_settings(model_args: str):
-    """The `ReductionSettings` a row's model_args (as lmms-eval parses them, a preset resolved) build."""
+    """The `ReductionSettings` a row's model_args (its command-line text, as lmms-eval parses it) build."""
     from lmms_eval.utils import simple_parse_args_string
 
-    from lmms_simignore.models.presets import resolve_model_args
-    from lmms_simignore.settings import REDUCTION_ARGUMENTS, ReductionSettings
+    from lmms_simignore.models.presets import reduction_settings_of
 
-    args = simple_parse_args_string(model_args)
-    args = resolve_model_args(args.pop("preset", None), args)
-    return ReductionSettings(**{name: value for name, value in args.items() if name in REDUCTION_ARGUMENTS})
+    return reduction_settings_of(simple_parse_args_string(model_args))
 
 
 def add_bench_times(rows: list[dict], report: dict, source: str = "bench.json") -> dict[str, str]:

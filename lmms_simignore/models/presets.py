@@ -71,3 +71,13 @@ def resolve_model_args(preset: str | None, model_args: dict) -> dict:
             for name in group:
                 base.pop(name, None)
     return {**base, **model_args}
+
+
+def reduction_settings_of(model_args: dict):
+    """The `ReductionSettings` a run's model_args build: its `preset` resolved, the arguments that are not reduction
+    settings (pretrained, dtype, ...) left out."""
+    from lmms_simignore.settings import REDUCTION_ARGUMENTS, ReductionSettings
+
+    args = dict(model_args)
+    args = resolve_model_args(args.pop("preset", None), args)
+    return ReductionSettings(**{name: value for name, value in args.items() if name in REDUCTION_ARGUMENTS})
