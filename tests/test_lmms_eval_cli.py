@@ -103,3 +103,22 @@ def test_argument_changes_name_each_flag_and_model_arg():
     assert argument_changes(old, new) == [
         "--limit: (none) -> 2", "--log_samples: (set) -> (none)", "model_args b: 2 -> 3", "model_args c: (none) -> 4", "--tasks: t -> u",
     ]
+
+
+def test_the_results_file_is_lmms_eval_s_not_a_task_s_file_of_the_same_name(tmp_path):
+    """MMBench's scorer writes submissions/mmbench_en_dev_static_results.json, before (and whether or not) lmms-eval
+    writes its own results: a run that failed after it must not read as finished."""
+    import json
+    import os
+
+    from lmms_simignore.evaluation.runs import find_results
+
+    (tmp_path / "submissions").mkdir()
+    scorer = tmp_path / "submissions" / "mmbench_en_dev_static_results.json"
+    scorer.write_text(json.dumps({"overall_acc": 0.0, "category_acc": {}}))
+    assert find_results(tmp_path) is None
+    (tmp_path / "model").mkdir()
+    ours = tmp_path / "model" / "20261207_151155_results.json"
+    ours.write_text(json.dumps({"results": {"mmbench_en_dev_static": {}}, "config": {}}))
+    os.utime(scorer, (ours.stat().st_mtime + 10,) * 2)  # newer than lmms-eval's file
+    assert find_results(tmp_path) == ours

@@ -171,11 +171,16 @@ def offline_environment() -> dict[str, str]:
 
 
 def find_results(output_dir: Path) -> Path | None:
-    """The newest `*_results.json` lmms-eval wrote under `output_dir`, if any (not a task's own file of that name under
-    `submissions/`, which MMBench's scorer writes before lmms-eval's results exist)."""
-    found = sorted((path for path in Path(output_dir).rglob("*_results.json") if "submissions" not in path.relative_to(output_dir).parts),
-                   key=lambda path: path.stat().st_mtime)
-    return found[-1] if found else None
+    """The newest `*_results.json` under `output_dir` that is lmms-eval's results file (it holds `results`), if any:
+    tasks write files of that name too (MMBench's scorer writes `submissions/mmbench_en_dev_results.json` before
+    lmms-eval's results exist)."""
+    for path in sorted(Path(output_dir).rglob("*_results.json"), key=lambda path: path.stat().st_mtime, reverse=True):
+        try:
+            if "results" in json.loads(path.read_text()):
+                return path
+        except (ValueError, AttributeError, TypeError):  # not JSON, or not a JSON object
+            continue
+    return None
 
 
 def read_samples(output_dir: Path, task: str) -> list[dict]:
