@@ -132,7 +132,10 @@ def _make_task(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from lmms_simignore.evaluation.sweep import load_config, run_sweep
+    from dataclasses import replace
+
+    from lmms_simignore.evaluation import jobs
+    from lmms_simignore.evaluation.sweep import SweepFailed, default_processes, load_config, local_task_names, run_sweep, sweep_runs
 
     overrides = {}
     for item in args.set:
@@ -140,27 +143,32 @@ def _sweep(args: argparse.Namespace) -> int:
             raise SystemExit(f"--set {item!r}: expected key=value")
         key, value = item.split("=", 1)
         overrides[key] = value
+    job_flags = {"time": args.time, "gpus": args.gpus, "partition": args.partition, "account": args.account, "qos": args.qos,
+                 "cpus_per_task": args.cpus_per_task, "mem_gb": args.mem_gb}
     try:
         config = load_config(args.config, overrides=overrides, tasks=args.tasks, only_rows=args.rows, model=args.model)
         if args.local_tasks:
             if args.include_path:
                 raise ValueError("--local-tasks is the folder of the local copies' YAMLs; do not pass --include_path too")
-            from dataclasses import replace
-
-            from lmms_simignore.evaluation.sweep import local_task_names
-
             config = replace(config, tasks=local_task_names(config.tasks, args.local_tasks))
+        if args.launcher == "local" and not args.status:
+            given = [f"--{key.replace('_', '-')}" for key, value in job_flags.items() if value is not None] + ["--wait"] * args.wait
+            if given:
+                raise ValueError(f"{', '.join(given)}: for the job launchers ({', '.join(jobs.JOB_LAUNCHERS)}); "
+                                 f"add --launcher slurm or --launcher local-jobs")
+        elif args.processes is not None:
+            raise ValueError(f"--processes: with --launcher {args.launcher}, a row's processes are its GPUs: give --gpus N")
+        settings = jobs.JobSettings.from_mapping(config.slurm, source=f"{args.config}: slurm").over(job_flags)
     except ValueError as error:
         raise SystemExit(str(error))
     tasks_folder = args.local_tasks or args.include_path
     include_path = Path(tasks_folder).resolve() if tasks_folder else None
     extra = ("--limit", str(args.limit)) if args.limit is not None else ()
-    output = args.output or str(Path("outputs") / config.name)
-    from lmms_simignore.evaluation.sweep import default_processes
-
+    output = Path(args.output or Path("outputs") / config.name).resolve()
+    if args.status or args.launcher != "local":
+        runs = sweep_runs(config, output, include_path, extra, write=not (args.dry_run or args.status))
+        return _sweep_jobs(args, config, runs, output, settings)
     processes = args.processes if args.processes is not None else default_processes()
-    from lmms_simignore.evaluation.sweep import SweepFailed
-
     failure = None
     try:
         run_sweep(config, output, include_path=include_path, extra_args=extra, dry_run=args.dry_run, processes=processes,
@@ -168,13 +176,50 @@ def _sweep(args: argparse.Namespace) -> int:
     except SweepFailed as error:
         failure = error
     if not args.dry_run and (failure is None or len(failure.failed) < len(config.rows)):
-        from lmms_simignore.evaluation.leaderboard import write_leaderboard
-
-        write_leaderboard(output, echo=lambda line: None)
-        print(f"leaderboard: {Path(output) / 'leaderboard.md'} (.csv, .png, pareto.png)")
+        _write_sweep_leaderboard(output)
     if failure is not None:
-        print(f"error: {failure} (see {Path(output) / 'failed.json'})", file=sys.stderr, flush=True)
+        print(f"error: {failure} (see {output / 'failed.json'})", file=sys.stderr, flush=True)
         return 1
+    return 0
+
+
+def _write_sweep_leaderboard(output: Path) -> None:
+    from lmms_simignore.evaluation.leaderboard import write_leaderboard
+
+    write_leaderboard(output, echo=lambda line: None)
+    print(f"leaderboard: {output / 'leaderboard.md'} (.csv, .png, pareto.png)")
+
+
+def _sweep_jobs(args: argparse.Namespace, config, runs, output: Path, settings) -> int:
+    """`sweep --status`, and the job launchers: submit the rows that are not done, queued or running; with --wait, follow
+    them. Once every row is done, table.md, summary.json and the leaderboard are written."""
+    from lmms_simignore.evaluation import jobs
+    from lmms_simignore.evaluation.sweep import collect_finished_rows
+
+    say = lambda line: print(line, flush=True)  # noqa: E731
+    if args.status:
+        states = jobs.row_states(runs, output, reuse_stale=args.reuse_stale)
+        print(jobs.states_table(states))
+    else:
+        states = jobs.submit_rows(runs, output, args.launcher, settings, config.name, reuse_stale=args.reuse_stale,
+                                  dry_run=args.dry_run, echo=say)
+        if args.dry_run:
+            return 0
+        if args.wait:
+            states = jobs.wait_for_rows(runs, output, reuse_stale=args.reuse_stale, poll_s=args.poll_seconds, echo=say)
+    if all(state.state == "done" for state in states):
+        collect_finished_rows(config, runs, output, echo=say, show_table=not args.status)
+        _write_sweep_leaderboard(output)
+        return 0
+    failed = [state for state in states if state.state == "failed"]
+    if args.wait and failed:
+        print(f"error: {len(failed)} row(s) failed: " + "; ".join(f"{state.name}: {state.detail}" for state in failed)
+              + " (submit the sweep again to re-queue them; `--status` shows each row)", file=sys.stderr, flush=True)
+        return 1
+    if not args.status:
+        again = " ".join(["python -m lmms_simignore sweep", args.config, "--output", str(output), "--status"])
+        print(f"{sum(state.state != 'done' for state in states)} of {len(states)} rows are not in yet; their states: {again} "
+              f"(with the same --tasks/--set/--limit/--rows)")
     return 0
 
 
@@ -465,13 +510,33 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model_arg for every row, over the config's (repeatable)")
     sweep.add_argument("--limit", type=int, help="lmms-eval --limit: only the first N docs per task")
     sweep.add_argument("--rows", metavar="NAME,NAME", help="run only these rows of the config (default: all)")
-    sweep.add_argument("--dry-run", action="store_true", help="print the lmms-eval commands, run nothing")
+    sweep.add_argument("--dry-run", action="store_true", help="print the lmms-eval commands (with --launcher slurm: each job's sbatch "
+                       "script), run nothing")
     sweep.add_argument("--processes", type=int, help="processes per row (accelerate launch when > 1; default: one per visible GPU, else 1)")
     sweep.add_argument("--keep-going", action="store_true",
                        help="run the other rows when one fails (e.g. a method the model's family refuses); exit 1 at the end, "
                        "the failed rows and their first error line in failed.json")
     sweep.add_argument("--reuse-stale", action="store_true",
                        help="read back finished rows produced by another commit / package version as they are (default: run them again)")
+    cluster = sweep.add_argument_group("jobs", "each row one job through submitit: on a Slurm cluster (--launcher slurm) or as a "
+                                       "background process here (--launcher local-jobs); submitting again skips done rows, leaves "
+                                       "queued and running ones alone and re-queues failed or missing ones. The config's `slurm:` "
+                                       "block sets these too (and constraint, setup: shell lines, sbatch: other sbatch options)")
+    cluster.add_argument("--launcher", choices=("local", "local-jobs", "slurm"), default="local",
+                         help="local: the rows one after the other in this process (default); local-jobs / slurm: one job per row")
+    cluster.add_argument("--status", action="store_true", help="print each row's state (done, queued, running, failed with its first "
+                         "error line, not submitted) and submit nothing; writes the leaderboard once every row is done")
+    cluster.add_argument("--wait", action="store_true", help="after submitting, follow the jobs until none is queued or running; "
+                         "exit 1 if a row failed")
+    cluster.add_argument("--poll-seconds", type=float, default=30.0, help="with --wait: seconds between looks (default: %(default)s)")
+    cluster.add_argument("--gpus", type=int, help="GPUs per row, and as many processes (accelerate launch inside the job when > 1; "
+                         "default: 1 on Slurm, this machine's visible GPUs for local jobs)")
+    cluster.add_argument("--time", help="wall-clock limit per row: minutes, or h:mm:ss, or d-hh:mm:ss (default: 240 minutes)")
+    cluster.add_argument("--partition", help="Slurm partition")
+    cluster.add_argument("--account", help="Slurm account")
+    cluster.add_argument("--qos", help="Slurm quality of service")
+    cluster.add_argument("--cpus-per-task", type=int, help="CPUs per row's job")
+    cluster.add_argument("--mem-gb", type=float, help="memory per row's job, in GB")
     sweep.set_defaults(handler=_sweep)
 
     leaderboard = commands.add_parser("leaderboard", help="finished sweep rows in DIR -> leaderboard.md, .csv, .png and pareto.png with provenance")

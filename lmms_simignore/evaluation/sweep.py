@@ -32,7 +32,8 @@ from pathlib import Path
 import yaml
 
 from lmms_simignore.engine.accounting import TokenAccounting, layer_runs
-from lmms_simignore.evaluation.runs import RUN_DIR, EvalRun, LmmsEvalFailed, current_code, read_samples, reuse_state, run_lmms_eval
+from lmms_simignore.evaluation.runs import (RUN_DIR, EvalRun, LmmsEvalFailed, current_code, find_results, read_samples, reuse_state,
+                                            run_lmms_eval)
 from lmms_simignore.markdown import table
 
 
@@ -70,6 +71,7 @@ class SweepConfig:
     rows: tuple[SweepRow, ...]
     overrides: dict  # applied on top of every row (command-line --set)
     shapes_task: dict | None = None  # {name, questions, seed}: generate this shapes split for the rows (offline testbed)
+    slurm: dict | None = None  # what each row's job asks for with a job launcher (`jobs.JobSettings`)
 
 
 def load_config(path: str | Path, overrides: dict | None = None, tasks: str | None = None, only_rows: str | None = None,
@@ -80,13 +82,19 @@ def load_config(path: str | Path, overrides: dict | None = None, tasks: str | No
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or not data["rows"]:
         raise ValueError(f"{path}: a sweep config needs a non-empty `rows:` list")
-    allowed = ("name", "description", "model", "tasks", "batch_size", "model_args", "rows", "shapes_task")
+    allowed = ("name", "description", "model", "tasks", "batch_size", "model_args", "rows", "shapes_task", "slurm")
     unknown = set(data) - set(allowed)
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {', '.join(allowed)}")
     shapes_task = data.get("shapes_task")
     if shapes_task is not None and (not isinstance(shapes_task, dict) or set(shapes_task) - {"name", "questions", "seed"}):
         raise ValueError(f"{path}: shapes_task must be a mapping with keys among name, questions, seed; got {shapes_task!r}")
+    if data.get("slurm") is not None:
+        from lmms_simignore.evaluation.jobs import JobSettings
+
+        if not isinstance(data["slurm"], dict):
+            raise ValueError(f"{path}: slurm must be a mapping (time, gpus, partition, ...), got {data['slurm']!r}")
+        JobSettings.from_mapping(data["slurm"], source=f"{path}: slurm")
     rows, seen = [], set()
     for index, row in enumerate(data["rows"]):
         if not isinstance(row, dict) or "name" not in row:
@@ -121,6 +129,7 @@ def load_config(path: str | Path, overrides: dict | None = None, tasks: str | No
         rows=tuple(rows),
         overrides=dict(overrides or {}),
         shapes_task=dict(shapes_task) if shapes_task is not None else None,
+        slurm=dict(data["slurm"]) if data.get("slurm") is not None else None,
     )
 
 
@@ -256,6 +265,23 @@ def _shapes_task_dir(spec: dict, tasks_dir: Path, write: bool) -> Path:
     return tasks_dir
 
 
+def sweep_runs(config: SweepConfig, output_dir: str | Path, include_path: Path | None = None, extra_args: tuple[str, ...] = (),
+               processes: int = 1, write: bool = True, echo=print) -> list[EvalRun]:
+    """The rows' lmms-eval runs under `output_dir` (the config's shapes split generated there when `write`); says when a
+    row's published figure was measured with another protocol than the tasks run."""
+    output_dir = Path(output_dir).resolve()
+    if config.shapes_task is not None:
+        if include_path is not None:
+            raise ValueError("a config with shapes_task generates its own task folder; do not pass --include_path too")
+        include_path = _shapes_task_dir(config.shapes_task, output_dir / "tasks", write=write)
+    ran = {task_protocol(task) for task in config.tasks.split(",")}
+    for row in config.rows:  # a published figure is compared with a run of its own protocol, or the user is told
+        if row.reported is not None and row.reported["protocol"] in PROTOCOL_TASKS and row.reported["protocol"] not in ran:
+            echo(f"note: row {row.name} is compared with a figure measured with {protocol_label(row.reported)}, "
+                 f"but runs {config.tasks}")
+    return row_runs(config, output_dir, include_path, extra_args, processes=processes)
+
+
 def run_sweep(
     config: SweepConfig,
     output_dir: str | Path,
@@ -274,16 +300,7 @@ def run_sweep(
     lmms-eval run fails stops the sweep (`runs.LmmsEvalFailed`); with `keep_going` the other rows run, the failed ones
     (each with its first error line) go to failed.json, and `SweepFailed` is raised at the end."""
     output_dir = Path(output_dir).resolve()
-    if config.shapes_task is not None:
-        if include_path is not None:
-            raise ValueError("a config with shapes_task generates its own task folder; do not pass --include_path too")
-        include_path = _shapes_task_dir(config.shapes_task, output_dir / "tasks", write=not dry_run)
-    runs = row_runs(config, output_dir, include_path, extra_args, processes=processes)
-    ran = {task_protocol(task) for task in config.tasks.split(",")}
-    for row in config.rows:  # a published figure is compared with a run of its own protocol, or the user is told
-        if row.reported is not None and row.reported["protocol"] in PROTOCOL_TASKS and row.reported["protocol"] not in ran:
-            echo(f"note: row {row.name} is compared with a figure measured with {protocol_label(row.reported)}, "
-                 f"but runs {config.tasks}")
+    runs = sweep_runs(config, output_dir, include_path, extra_args, processes=processes, write=not dry_run, echo=echo)
     if dry_run:
         for run in runs:
             echo(" ".join(run.command()))
@@ -311,6 +328,22 @@ def run_sweep(
             failed[run.name] = failure.first_error or f"exit code {failure.exit_code}"
             continue
         summaries.append(summarize_row(run, results))
+    write_sweep_outputs(config, output_dir, summaries, failed, echo=echo, show_table=show_table)
+    return summaries
+
+
+def collect_finished_rows(config: SweepConfig, runs: list[EvalRun], output_dir: str | Path, echo=print, show_table: bool = True) -> list[dict]:
+    """Summaries of rows that all finished (e.g. as cluster jobs), with table.md and summary.json written as `run_sweep`
+    writes them."""
+    summaries = [summarize_row(run, json.loads(find_results(run.output_dir).read_text())) for run in runs]
+    write_sweep_outputs(config, Path(output_dir).resolve(), summaries, {}, echo=echo, show_table=show_table)
+    return summaries
+
+
+def write_sweep_outputs(config: SweepConfig, output_dir: Path, summaries: list[dict], failed: dict[str, str], echo=print,
+                        show_table: bool = True) -> None:
+    """failed.json (rows that failed, with their first error line; removed when none did), reported.json, table.md and
+    summary.json; raises `SweepFailed` when rows failed."""
     failed_path = output_dir / "failed.json"
     if failed:
         failed_path.write_text(json.dumps(failed, indent=2))
@@ -329,7 +362,6 @@ def run_sweep(
     echo(f"\nrows, logs and per-sample outputs: {output_dir}")
     if failed:
         raise SweepFailed(failed)
-    return summaries
 
 
 class SweepFailed(Exception):
