@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lmms_simignore.evaluation.runs import EvalRun, LmmsEvalFailed, first_error_line, reuse_state, run_lmms_eval
+from lmms_simignore.evaluation.runs import EvalRun, LmmsEvalFailed, current_code, first_error_line, reuse_state, run_lmms_eval
 from lmms_simignore.markdown import table
 
 JOB_LAUNCHERS = ("local-jobs", "slurm")  # `local`, the sweep's own loop over the rows, needs no job
@@ -296,9 +296,10 @@ def row_states(runs: list[EvalRun], output_dir: Path, reuse_stale: bool = False)
     `reuse_stale`), else by its recorded job: `queued`, `running`, `failed` (why), or `not submitted`."""
     records = read_jobs(output_dir)
     live = scheduler_states({name: record for name, record in records.items() if name in {run.name for run in runs}})
+    current = current_code()
     states = []
     for run in runs:
-        finished, changes = reuse_state(run)
+        finished, changes = reuse_state(run, current)
         if finished == "finished" or (finished == "stale" and reuse_stale):
             states.append(RowState(run.name, "done"))
             continue
