@@ -13,6 +13,7 @@ A config is YAML:
         model_args: {reduction: none}
       - name: simignore_mask
         model_args: {reduction: simignore, ignore: 124, apply: mask}
+    slurm: {gpus: 1, time: "4:00:00", partition: gpu}   # optional: each row's job with a job launcher (`jobs`)
 
 Each row writes into its own folder under the output directory, atomically (see `runs.run_lmms_eval`):
 a finished row is read back when the sweep is run again with the same lmms-eval arguments, a half-written
@@ -20,7 +21,8 @@ one is redone, and one whose arguments changed since it ran (an edited row, `--s
 So does a finished row produced by other code (`runs.code_change`: another git commit of this project, or,
 when a commit cannot tell, because the work tree has uncommitted changes or is no git checkout, another
 lmms-simignore version), and the sweep says which row and what differed; `reuse_stale` (`--reuse-stale`) reads
-such rows back as they are, saying so.
+such rows back as they are, saying so. With a job launcher (`jobs`: Slurm, or local processes) each row is one job
+that runs it the same way.
 """
 
 from __future__ import annotations
