@@ -178,10 +178,15 @@ def tests_seconds(log: str) -> float:
     return float(found[-1])
 
 
-def _row_plan_fractions(prompts: ShapePrompts, settings) -> list[float]:
+def bench_family_plan(prompts: ShapePrompts, settings):
+    """The `Plan` of `settings` on the model of `prompts`, as its bench family plans it (its largest image)."""
     from lmms_simignore.bench.speed import bench_family
 
-    return computed_fractions(bench_family(prompts.config).plan(prompts.config, prompts.processor, settings))
+    return bench_family(prompts.config).plan(prompts.config, prompts.processor, settings)
+
+
+def _row_plan_fractions(prompts: ShapePrompts, settings) -> list[float]:
+    return computed_fractions(bench_family_plan(prompts, settings))
 
 
 def bench_estimates(name: str, prompts: ShapePrompts, preset: Preset, reference: dict, base: ShapePrompts) -> list[Estimate]:
