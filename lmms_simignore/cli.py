@@ -385,11 +385,12 @@ def _bench_preset(args: argparse.Namespace, echo) -> int:
     prompts on a CUDA GPU."""
     import torch
 
-    from lmms_simignore.bench.plan import plan_run, plan_text
+    from lmms_simignore.bench.plan import BUDGET_MINUTES, DEFAULT_REFERENCE, plan_run, plan_text
     from lmms_simignore.bench.speed import run_bench
 
     try:
-        plan = plan_run(args.preset, args.plan_from, args.budget_minutes)
+        plan = plan_run(args.preset, args.plan_from or DEFAULT_REFERENCE,
+                        BUDGET_MINUTES if args.budget_minutes is None else args.budget_minutes)
     except ValueError as error:
         raise SystemExit(f"bench: {error}")
     if args.plan:
@@ -672,15 +673,14 @@ def main(argv: list[str] | None = None) -> int:
                        "runs it after tests/test_gpu.py): gpu-numbers benches the LLaVA-1.5-7B, Qwen2.5-VL-7B and "
                        "LLaVA-1.6-7B shapes (batch 4, 1 warm-up, 3 repeats, 8 decode tokens) and the pass on llava7b-shape "
                        "at batch 8 and 32 for all six --pass-rows, its prompts chosen to fit --budget-minutes; it replaces "
-                       "--models, --quick, --batch-size, --warmup, --repeats, --decode-tokens and the --pass-* options, and "
+                       "--models, --quick, --device (cuda), --batch-size, --warmup, --repeats, --decode-tokens and the --pass-* options, and "
                        "skips the wrapper overhead")
     bench.add_argument("--plan", action="store_true", help="with --preset: print its plan (every step and row, estimated "
                        "seconds and their sources, the total, the commands) and exit; needs no GPU and builds no model")
-    bench.add_argument("--plan-from", default=str(Path(__file__).resolve().parents[1] / "benchmarks/results/gpu-2026-11-26/bench.json"),
-                       metavar="BENCH_JSON", help="with --preset: the past run the plan's estimates come from (a bench.json "
+    bench.add_argument("--plan-from", metavar="BENCH_JSON", help="with --preset: the past run the plan's estimates come from (a bench.json "
                        "with a test_gpu.log beside it; default: the committed H100 run of 2026-11-26)")
-    bench.add_argument("--budget-minutes", type=float, default=9.0, help="with --preset: the whole run's budget, the "
-                       "tests included, that the pass's prompts are chosen to fit (default: %(default)s of the 10-minute limit)")
+    bench.add_argument("--budget-minutes", type=float, help="with --preset: the whole run's budget, the tests included, "
+                       "that the pass's prompts are chosen to fit (default: 9, of the 10-minute limit)")
     bench.set_defaults(handler=_bench)
 
     docs = commands.add_parser("docs", help="rewrite the README's methods and model_args tables from the registry (--check: "

@@ -117,3 +117,14 @@ def test_the_script_s_dry_run_prints_the_plan_and_its_total_without_a_gpu(tmp_pa
     assert re.search(r"^timeout-seconds tests=\d+$", completed.stdout, re.MULTILINE)
     assert "pass batch 32:" in completed.stdout and "llava_next7b-shape" in completed.stdout
     assert not (tmp_path / "gpu-run").exists()  # a dry run writes nothing
+
+
+def test_the_cli_refuses_a_budget_too_small_before_any_compute(tmp_path):
+    completed = subprocess.run([sys.executable, "-m", "lmms_simignore", "bench", "--preset", "gpu-numbers", "--plan",
+                                "--budget-minutes", "7", "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+                               cwd=ROOT)
+    assert completed.returncode != 0 and "bench: --budget-minutes: after the tests and the bench models" in completed.stderr
+    assert not (tmp_path / "run").exists()
+    completed = subprocess.run([sys.executable, "-m", "lmms_simignore", "bench", "--plan"], capture_output=True, text=True, timeout=300,
+                               cwd=ROOT)
+    assert completed.returncode != 0 and "--plan: plans a --preset run" in completed.stderr
