@@ -251,6 +251,8 @@ def pass_per_prompt(preset: Preset, reference: dict, prompts: ShapePrompts) -> d
             (size for size, _ in measured if size <= batch_size), default=min(size for size, _ in measured))
         assumed = "" if timed_at == batch_size else f" at batch {timed_at} (assumed no faster per prompt at batch {batch_size})"
         reductions = {row: seconds for (size, row), seconds in measured.items() if size == timed_at and row != "none" and row in rows}
+        if not reductions:
+            raise ValueError(f"--plan-from: its pass timed no reduction at batch {timed_at} to scale the other rows from")
         slowest = max(reductions, key=reductions.get)
         for row in rows:
             if (timed_at, row) in measured:
@@ -307,6 +309,7 @@ def plan_run(preset_name: str, reference_path: str | Path = DEFAULT_REFERENCE, b
     base = shape_prompts(REFERENCE_MODEL, reference["settings"]["batch_size"])
     estimates = [Estimate("tests", "python -m pytest tests/test_gpu.py", tests_seconds(log.read_text()), f"measured ({log.name})"),
                  Estimate("tests", "start-up", START_SECONDS, "assumed (START_SECONDS)"),
+                 Estimate("record", "plan.txt: this plan", START_SECONDS, "assumed (START_SECONDS)"),
                  Estimate("record", "environment.txt and README stub", RECORD_SECONDS, "assumed (RECORD_SECONDS)"),
                  Estimate("bench start-up", "imports, CUDA", START_SECONDS, "assumed (START_SECONDS)")]
     for name in preset.models:
