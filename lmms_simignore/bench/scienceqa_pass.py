@@ -116,17 +116,23 @@ PASS_METHODS = ("none", "simignore", "fastv", "pdrop", "dart", "visionzip")  # w
 DEFAULT_PASS_METHODS = ("none", "simignore", "fastv")
 
 
+def check_pass_methods(methods: tuple[str, ...]) -> None:
+    """Refuses `methods` (the `--pass-rows`) unless they are some of PASS_METHODS, none among them."""
+    unknown = [method for method in methods if method not in PASS_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"--pass-rows: {'unknown ' + ', '.join(map(repr, unknown)) if unknown else 'none given'}; allowed: "
+                         f"{', '.join(PASS_METHODS)}")
+    if "none" not in methods:
+        raise ValueError(f"--pass-rows: {','.join(methods)} lacks none, which the speed-ups are measured against")
+
+
 def pass_rows(image_tokens: int, num_layers: int, methods: tuple[str, ...] = DEFAULT_PASS_METHODS) -> dict[str, dict]:
     """Row name -> `ReductionSettings` arguments of each of `methods` (of PASS_METHODS, in that order): none,
     Simignore dropping half the image tokens before the LLM, FastV keeping half after its layer, PyramidDrop with its
     defaults (λ 0.5 at a quarter, a half and three quarters of the depth: it takes no budget), DART keeping half after
     FastV's layer and VisionZip keeping half in the tower (the budgets and layers of the benchmark's 50% rows; row
     names carry the budget, `simignore_drop_288` on 576 image tokens)."""
-    unknown = [method for method in methods if method not in PASS_METHODS]
-    if unknown or not methods:
-        raise ValueError(f"--pass-rows: unknown {', '.join(map(repr, unknown)) or 'empty list'}; allowed: {', '.join(PASS_METHODS)}")
-    if "none" not in methods:
-        raise ValueError(f"--pass-rows: {','.join(methods)} lacks none, which the speed-ups are measured against")
+    check_pass_methods(methods)
     half, layer = kept_tokens(image_tokens, 0.5), bench_fastv_layer(num_layers)
     rows = {
         "none": ("none", {"reduction": "none"}),

@@ -554,7 +554,7 @@ def run_bench(out_dir: str | Path, models: tuple[str, ...] | None = None, quick:
     pass_prompts = scienceqa_pass.SCIENCEQA_IMG_TEST_QUESTIONS if pass_prompts is None else pass_prompts
     _check_models(models, "--models")
     _check_models([pass_model], "--pass-model", LLAVA_BENCH_MODELS)  # the pass runs llava_simignore
-    scienceqa_pass.pass_rows(576, 32, pass_methods)  # refuses unknown --pass-rows before any compute
+    scienceqa_pass.check_pass_methods(tuple(pass_methods))
     if pass_prompts < 0 or not pass_batch_sizes or any(size < 1 for size in pass_batch_sizes):
         raise ValueError(f"--pass-prompts must be >= 0 and --pass-batch-sizes positive; got {pass_prompts}, {pass_batch_sizes}")
     if pass_data is not None:
