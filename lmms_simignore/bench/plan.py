@@ -192,9 +192,10 @@ def _row_plan_fractions(prompts: ShapePrompts, settings) -> list[float]:
 def bench_estimates(name: str, prompts: ShapePrompts, preset: Preset, reference: dict, base: ShapePrompts) -> list[Estimate]:
     """Seconds of benchmarking `name` (its prompts `prompts`) with `preset`'s settings: building it, then
     warm-up + repeats rounds of every row; from `reference` (a bench.json) as the module docstring says. `base`: the
-    prompts of the model the rows are scaled from (`name` itself where `reference` timed it, else REFERENCE_MODEL)."""
+    prompts of REFERENCE_MODEL, which a model `reference` did not time is extrapolated from. A row's tokens per layer are
+    the fractions its nominal plan (the family's largest image) keeps, of the image tokens the bench feeds."""
     measured = reference["models"].get(name, {}).get("rows", {})
-    base_name = name if measured else REFERENCE_MODEL
+    base_name, base = (name, prompts) if measured else (REFERENCE_MODEL, base)
     base_rows = reference["models"][base_name]["rows"]
     none = base_rows["none"]
     rounds = preset.warmup + preset.repeats
