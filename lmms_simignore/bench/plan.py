@@ -315,6 +315,8 @@ def plan_run(preset_name: str, reference_path: str | Path = DEFAULT_REFERENCE, b
                  Estimate("bench start-up", "imports, CUDA", START_SECONDS, "assumed (START_SECONDS)")]
     for name in preset.models:
         estimates += bench_estimates(name, shape_prompts(name, preset.batch_size), preset, reference, base)
+    if preset.pass_model not in preset.models:  # the bench keeps a model it measured for the pass; else the pass builds it
+        estimates.append(Estimate(f"pass {preset.pass_model}", "build", BUILD_SECONDS, "assumed (BUILD_SECONDS)"))
     pass_prompts_of = base if preset.pass_model == REFERENCE_MODEL else shape_prompts(preset.pass_model, 1)
     per_prompt = pass_per_prompt(preset, reference, pass_prompts_of)
     fixed = pass_estimates(preset, per_prompt, 0)
