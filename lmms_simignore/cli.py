@@ -407,6 +407,13 @@ def _probes(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from lmms_simignore.bench.speed import run_bench
 
+    def echo(line: str) -> None:
+        print(line, flush=True)
+
+    if args.preset:
+        return _bench_preset(args, echo)
+    if args.plan:
+        raise SystemExit("--plan: plans a --preset run; give --preset gpu-numbers")
     try:
         batch_sizes = tuple(int(size) for size in args.pass_batch_sizes.split(","))
     except ValueError:
@@ -414,7 +421,35 @@ def _bench(args: argparse.Namespace) -> int:
     run_bench(args.out, models=tuple(args.models.split(",")) if args.models else None, quick=args.quick, device=args.device,
               batch_size=args.batch_size, warmup=args.warmup, repeats=args.repeats, decode_tokens=args.decode_tokens,
               pass_model=args.pass_model, pass_prompts=args.pass_prompts, pass_batch_sizes=batch_sizes, pass_data=args.pass_data,
-              echo=lambda line: print(line, flush=True))
+              pass_methods=tuple(args.pass_rows.split(",")), echo=echo)
+    return 0
+
+
+def _bench_preset(args: argparse.Namespace, echo) -> int:
+    """`bench --preset NAME`: its plan from --plan-from (printed and done with --plan), or its run with the planned pass
+    prompts on a CUDA GPU."""
+    import torch
+
+    from lmms_simignore.bench.plan import BUDGET_MINUTES, DEFAULT_REFERENCE, plan_run, plan_text
+    from lmms_simignore.bench.speed import run_bench
+
+    try:
+        plan = plan_run(args.preset, args.plan_from or DEFAULT_REFERENCE,
+                        BUDGET_MINUTES if args.budget_minutes is None else args.budget_minutes)
+    except ValueError as error:
+        raise SystemExit(f"bench: {error}")
+    if args.plan:
+        echo(plan_text(plan, args.out))
+        return 0
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--preset {args.preset}: runs 7B shapes on a CUDA GPU, and there is none here (--plan needs none)")
+    preset = plan.preset
+    echo(f"--preset {args.preset}: {' '.join(preset.bench_options())} --pass-prompts {plan.pass_prompts} "
+         f"(planned {plan.total_s:.0f} s with the tests)")
+    run_bench(args.out, models=preset.models, device="cuda", batch_size=preset.batch_size, warmup=preset.warmup,
+              repeats=preset.repeats, decode_tokens=preset.decode_tokens, pass_model=preset.pass_model,
+              pass_prompts=plan.pass_prompts, pass_batch_sizes=preset.pass_batch_sizes, pass_methods=preset.pass_methods,
+              wrapper=False, echo=echo)
     return 0
 
 
@@ -688,6 +723,9 @@ def main(argv: list[str] | None = None) -> int:
                        "llava13b-shape or mipha3b-shape (default: paper-shaped on a CPU, llava7b-shape on a GPU)")
     bench.add_argument("--pass-prompts", type=int, help="prompts in that pass; 0 skips it (default: 2017, the ScienceQA-IMG test split)")
     bench.add_argument("--pass-batch-sizes", default="1,8", help="batch sizes of that pass (default: %(default)s)")
+    bench.add_argument("--pass-rows", default="none,simignore,fastv", metavar="METHOD,...",
+                       help="rows of that pass, none among them: none, simignore (drop, 50%%), fastv (50%%), pdrop (its "
+                       "defaults), dart (50%%), visionzip (50%%) (default: %(default)s)")
     bench.add_argument("--pass-data", help="a local ScienceQA-IMG test split (parquet file or save_to_disk folder) for the pass; "
                        "default: synthetic prompts of assumed realistic lengths")
     bench.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -695,6 +733,19 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--repeats", type=int, default=7)
     bench.add_argument("--decode-tokens", type=int, default=16)
+    bench.add_argument("--preset", choices=["gpu-numbers"],
+                       help="a run planned to fit a GPU's 10 minutes (`lmms_simignore/bench/plan.py`; scripts/gpu-numbers.sh "
+                       "runs it after tests/test_gpu.py): gpu-numbers benches the LLaVA-1.5-7B, Qwen2.5-VL-7B and "
+                       "LLaVA-1.6-7B shapes (batch 4, 1 warm-up, 3 repeats, 8 decode tokens) and the pass on llava7b-shape "
+                       "at batch 8 and 32 for all six --pass-rows, its prompts chosen to fit --budget-minutes; it replaces "
+                       "--models, --quick, --device (cuda), --batch-size, --warmup, --repeats, --decode-tokens and the --pass-* options, and "
+                       "skips the wrapper overhead")
+    bench.add_argument("--plan", action="store_true", help="with --preset: print its plan (every step and row, estimated "
+                       "seconds and their sources, the total, the commands) and exit; needs no GPU and builds no model")
+    bench.add_argument("--plan-from", metavar="BENCH_JSON", help="with --preset: the past run the plan's estimates come from (a bench.json "
+                       "with a test_gpu.log beside it; default: the committed H100 run of 2026-11-26)")
+    bench.add_argument("--budget-minutes", type=float, help="with --preset: the whole run's budget, the tests included, "
+                       "that the pass's prompts are chosen to fit (default: 9, of the 10-minute limit)")
     bench.set_defaults(handler=_bench)
 
     docs = commands.add_parser("docs", help="rewrite the README's methods and model_args tables from the registry (--check: "

@@ -90,6 +90,8 @@ def test_bad_pass_arguments_are_refused_before_any_compute(tmp_path):
     for arguments, message in ((["--pass-batch-sizes", "0,8"], "--pass-batch-sizes positive"),
                                (["--pass-batch-sizes", "one"], "--pass-batch-sizes: comma-separated positive integers"),
                                (["--pass-model", "gpt"], "--pass-model: unknown model 'gpt'"),
+                               (["--pass-rows", "none,fastv,sparsevlm"], "--pass-rows: unknown 'sparsevlm'; allowed: none, simignore"),
+                               (["--pass-rows", "fastv"], "--pass-rows: fastv lacks none"),
                                (["--pass-data", str(tmp_path / "missing.parquet")], "no such file or folder")):
         completed = subprocess.run([sys.executable, "-m", "lmms_simignore", "bench", "--out", str(tmp_path), *arguments],
                                    capture_output=True, text=True, timeout=120)
@@ -264,6 +266,28 @@ def test_the_qwen_tiny_bench_runs_the_qwen_rows_on_each_image_s_own_tokens(tmp_p
                                                            for n in tiny["prompt_tokens"])
     assert 1.0 < rows["fastv_50"]["ideal_prefill_speedup"] < rows["simignore_drop_50"]["ideal_prefill_speedup"] < rows["simignore_drop_25"]["ideal_prefill_speedup"]
     assert f"## qwen-tiny: {tokens} image tokens, 3 layers, batch 2" in (tmp_path / "bench.md").read_text()
+
+
+def test_the_pass_times_pdrop_dart_and_visionzip_on_request(tmp_path):
+    import torch
+
+    from lmms_simignore.bench import scienceqa_pass
+    from lmms_simignore.bench.speed import bench_checkpoint
+    from lmms_simignore.testbed.tiny import build_tokenizer
+
+    assert list(scienceqa_pass.pass_rows(576, 6)) == ["none", "simignore_drop_288", "fastv_288"]  # the default: as before
+    folder = bench_checkpoint("paper-shaped", tmp_path, torch.device("cpu"), torch.float32)
+    docs = scienceqa_pass.synthetic_docs(build_tokenizer(), 4)
+    timed = scienceqa_pass.time_pass(folder, docs, (2,), torch.device("cpu"), "float32", progress=lambda line: None, chunks=2,
+                                     methods=("none", "pdrop", "dart", "visionzip"))
+    rows = {result["row"]: result for result in timed["results"]}
+    assert list(rows) == ["none", "pdrop", "dart_288", "visionzip_288"]
+    assert rows["pdrop"]["model_args"] == {"reduction": "pdrop"} and rows["dart_288"]["model_args"]["dart_layer"] == 2
+    assert all(result["answered"] == 4 and result["pieces"] == 2 for result in rows.values())
+    # image tokens per layer over paper-shaped's 6 layers: none 576; VisionZip 288 from the tower on; DART 576 before
+    # its layer 2, 288 after; PyramidDrop 576, then halved after layers 2, 3 and 5 (a quarter, a half, three quarters)
+    assert [rows[row]["mean_visible_image_tokens"] for row in ("none", "visionzip_288", "dart_288")] == [576, 288, (2 * 576 + 4 * 288) / 6]
+    assert rows["pdrop"]["mean_visible_image_tokens"] == (2 * 576 + 288 + 2 * 144 + 72) / 6
 
 
 def test_the_pass_runs_llava_models_only():

@@ -112,16 +112,37 @@ def local_docs(data: str | Path, num_docs: int, argument: str = "--pass-data") -
     return docs
 
 
-def pass_rows(image_tokens: int, num_layers: int) -> dict[str, dict]:
-    """none, Simignore dropping half the image tokens before the LLM, FastV keeping half after its layer
-    (the budgets and FastV layer of the benchmark's 50% rows)."""
+PASS_METHODS = ("none", "simignore", "fastv", "pdrop", "dart", "visionzip")  # what `pass_rows` can time
+DEFAULT_PASS_METHODS = ("none", "simignore", "fastv")
 
-    half = kept_tokens(image_tokens, 0.5)
-    return {
-        "none": {"reduction": "none"},
-        f"simignore_drop_{half}": {"reduction": "simignore", "keep": half, "apply": "drop"},
-        f"fastv_{half}": {"reduction": "fastv", "fastv_layer": bench_fastv_layer(num_layers), "fastv_keep": half},
+
+def check_pass_methods(methods: tuple[str, ...]) -> None:
+    """Refuses `methods` (the `--pass-rows`) unless they are some of PASS_METHODS, none among them."""
+    unknown = [method for method in methods if method not in PASS_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"--pass-rows: {'unknown ' + ', '.join(map(repr, unknown)) if unknown else 'none given'}; allowed: "
+                         f"{', '.join(PASS_METHODS)}")
+    if "none" not in methods:
+        raise ValueError(f"--pass-rows: {','.join(methods)} lacks none, which the speed-ups are measured against")
+
+
+def pass_rows(image_tokens: int, num_layers: int, methods: tuple[str, ...] = DEFAULT_PASS_METHODS) -> dict[str, dict]:
+    """Row name -> `ReductionSettings` arguments of each of `methods` (of PASS_METHODS, in that order): none,
+    Simignore dropping half the image tokens before the LLM, FastV keeping half after its layer, PyramidDrop with its
+    defaults (λ 0.5 at a quarter, a half and three quarters of the depth: it takes no budget), DART keeping half after
+    FastV's layer and VisionZip keeping half in the tower (the budgets and layers of the benchmark's 50% rows; row
+    names carry the budget, `simignore_drop_288` on 576 image tokens)."""
+    check_pass_methods(methods)
+    half, layer = kept_tokens(image_tokens, 0.5), bench_fastv_layer(num_layers)
+    rows = {
+        "none": ("none", {"reduction": "none"}),
+        "simignore": (f"simignore_drop_{half}", {"reduction": "simignore", "keep": half, "apply": "drop"}),
+        "fastv": (f"fastv_{half}", {"reduction": "fastv", "fastv_layer": layer, "fastv_keep": half}),
+        "pdrop": ("pdrop", {"reduction": "pdrop"}),
+        "dart": (f"dart_{half}", {"reduction": "dart", "dart_layer": layer, "keep": half}),
+        "visionzip": (f"visionzip_{half}", {"reduction": "visionzip", "keep": half}),
     }
+    return dict(rows[method] for method in PASS_METHODS if method in methods)
 
 
 def _requests(docs: list[dict], task: str, split: str):
@@ -154,14 +175,15 @@ def _spread(values: list[float]) -> dict:
 
 
 def time_pass(pretrained: str | Path, docs: list[dict], batch_sizes: tuple[int, ...], device: torch.device, dtype: str,
-              attn_implementation: str | None = None, progress=print, on_result=None, chunks: int = 16) -> dict:
+              attn_implementation: str | None = None, progress=print, on_result=None, chunks: int = 16,
+              methods: tuple[str, ...] = DEFAULT_PASS_METHODS) -> dict:
     """Seconds for one pass over `docs` per (batch size, row), with speed-ups against `none` at the same batch size;
     `on_result(report)` after each batch size (the report so far), so that a long run stopped part-way keeps them.
 
     The rows are interleaved: the prompts are cut into about `chunks` pieces, and each piece is answered by every
     row in turn (the order rotating from piece to piece) before the next piece, so that load from elsewhere on
     the machine falls on all rows alike. A row's seconds are the sum over the pieces; its speed-up is the median
-    of the per-piece ratios none / row, with their min and max. One model is loaded per batch size and the rows
+    of the per-piece ratios none / row, with their min and max (`methods`: the rows, `pass_rows`). One model is loaded per batch size and the rows
     switch its settings; two batches of warm-up per row precede the timing.
     """
     from transformers import AutoConfig
@@ -175,7 +197,7 @@ def time_pass(pretrained: str | Path, docs: list[dict], batch_sizes: tuple[int, 
     requests = _requests(docs, task, split)
     config = AutoConfig.from_pretrained(pretrained)
     image_tokens = engine.image_tokens_per_image(config)
-    rows = pass_rows(image_tokens, config.text_config.num_hidden_layers)
+    rows = pass_rows(image_tokens, config.text_config.num_hidden_layers, methods)
     results = []
     report: dict = {"prompts": len(docs), "image_tokens": image_tokens, "max_new_tokens": 1, "batch_sizes": list(batch_sizes),
                     "results": results}

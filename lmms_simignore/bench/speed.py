@@ -19,7 +19,8 @@ tiled LLaVAs' largest squares whose tiles all reach the LLM (672 x 672 on LLaVA-
 and 48 newline separators; 1152 x 1152 on OneVision: 729 + 81 x 81 = 7290 and 81), budgets as fractions of each image's
 tokens (`bench.rows`: the rows each family plans; separators are never chosen or counted). Timing does not
 depend on weight values. A ScienceQA-IMG-sized pass (`lmms_simignore.bench.scienceqa_pass`) times 2017 prompts through
-the lmms-eval LLaVA model class for none, Simignore (drop) and FastV at two batch sizes.
+the lmms-eval LLaVA model class for none, Simignore (drop) and FastV (by default; PyramidDrop, DART and VisionZip on
+request) at two batch sizes.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class BenchFamily:
 
     load: (folder, device, dtype) -> (model, processor); images: (records, processor) -> the records with their images
     at the size the bench feeds; encode: (processor, records) -> the processed batch; rows: (config, processor) ->
-    [BenchRow];
+    [BenchRow]; plan: (config, processor, settings) -> the `Plan` for the family's largest image (no model needed);
     embed: (model, settings, inputs) -> what the choice starts from (timed into time to first token only); choose:
     (model, tokenizer, settings, inputs, embedded, comparison texts, image seeds) -> (ReducedPrompt, the in-LLM stages
     for `LanguageModelRun`) (timed as the choice).
@@ -98,6 +99,7 @@ class BenchFamily:
     rows: Callable[..., list[BenchRow]]
     embed: Callable
     choose: Callable
+    plan: Callable
 
 
 def _load_llava(folder: Path, device: torch.device, dtype: torch.dtype):
@@ -117,6 +119,10 @@ def _encode_llava(processor, records: list[dict]):
     from lmms_simignore.testbed.llava_recipe import encode  # the shapes prompt format
 
     return encode(processor, records, with_answers=False)
+
+
+def _llava_plan(config, processor, settings: ReductionSettings):
+    return engine.plan_for(config, settings)
 
 
 def _llava_rows(config, processor) -> list[BenchRow]:
@@ -177,13 +183,16 @@ def _photo_sized(records: list[dict], processor) -> list[dict]:
     return [{**record, "image": record["image"].resize(QWEN_IMAGE_SIZE)} for record in records]
 
 
-def _qwen_rows(config, processor) -> list[BenchRow]:
-    """The per-image rows that Qwen-VL plans for the largest image its processor makes (at its max pixels)."""
+def _qwen_plan(config, processor, settings: ReductionSettings):
+    """Qwen-VL's plan for the largest image its processor makes (at its max pixels)."""
     from lmms_simignore.families import qwen_vl
 
-    max_pixels = processor.image_processor.size["longest_edge"]
-    return per_image_bench_rows(config.text_config.num_hidden_layers,
-                                lambda settings: qwen_vl.nominal_plan(config, settings, max_pixels))
+    return qwen_vl.nominal_plan(config, settings, processor.image_processor.size["longest_edge"])
+
+
+def _qwen_rows(config, processor) -> list[BenchRow]:
+    """The per-image rows that Qwen-VL plans for the largest image its processor makes (at its max pixels)."""
+    return per_image_bench_rows(config.text_config.num_hidden_layers, lambda settings: _qwen_plan(config, processor, settings))
 
 
 def _embed_qwen(model, settings: ReductionSettings, inputs):
@@ -200,11 +209,15 @@ def _full_tiles(records: list[dict], processor) -> list[dict]:
     return [{**record, "image": record["image"].resize((side, side))} for record in records]
 
 
-def _tiled_rows(config, processor) -> list[BenchRow]:
-    """The per-image rows that LLaVA-NeXT / OneVision plan for their largest image (`families.llava_next.nominal_plan`)."""
+def _tiled_plan(config, processor, settings: ReductionSettings):
     from lmms_simignore.families import llava_next
 
-    return per_image_bench_rows(config.text_config.num_hidden_layers, lambda settings: llava_next.nominal_plan(config, settings))
+    return llava_next.nominal_plan(config, settings)
+
+
+def _tiled_rows(config, processor) -> list[BenchRow]:
+    """The per-image rows that LLaVA-NeXT / OneVision plan for their largest image (`families.llava_next.nominal_plan`)."""
+    return per_image_bench_rows(config.text_config.num_hidden_layers, lambda settings: _tiled_plan(config, processor, settings))
 
 
 def _embed_tiled(model, settings: ReductionSettings, inputs):
@@ -215,9 +228,11 @@ def _embed_tiled(model, settings: ReductionSettings, inputs):
     return llava_next.embed_prompt(model, inputs, keep_tower=bool(settings.methods_at(VISION)))
 
 
-LLAVA_FAMILY = BenchFamily("llava", _load_llava, _resized, _encode_llava, _llava_rows, _embed_llava, _choose_llava)
-QWEN_VL_FAMILY = BenchFamily("qwen_vl", _load_auto, _photo_sized, _encode_chat, _qwen_rows, _embed_qwen, _choose_each_image)
-TILED_FAMILY = BenchFamily("llava_next", _load_auto, _full_tiles, _encode_chat, _tiled_rows, _embed_tiled, _choose_each_image)
+LLAVA_FAMILY = BenchFamily("llava", _load_llava, _resized, _encode_llava, _llava_rows, _embed_llava, _choose_llava, _llava_plan)
+QWEN_VL_FAMILY = BenchFamily("qwen_vl", _load_auto, _photo_sized, _encode_chat, _qwen_rows, _embed_qwen, _choose_each_image,
+                             _qwen_plan)
+TILED_FAMILY = BenchFamily("llava_next", _load_auto, _full_tiles, _encode_chat, _tiled_rows, _embed_tiled, _choose_each_image,
+                           _tiled_plan)
 
 
 def bench_family(config) -> BenchFamily:
@@ -520,11 +535,15 @@ def _check_models(names, option: str, allowed: tuple[str, ...] = BENCH_MODELS) -
 def run_bench(out_dir: str | Path, models: tuple[str, ...] | None = None, quick: bool = False, device: str | None = None,
               batch_size: int = 4, warmup: int = 2, repeats: int = 7, decode_tokens: int = 16,
               pass_model: str | None = None, pass_prompts: int | None = None,
-              pass_batch_sizes: tuple[int, ...] = (1, 8), pass_data: str | None = None, echo=print) -> dict:
+              pass_batch_sizes: tuple[int, ...] = (1, 8), pass_data: str | None = None,
+              pass_methods: tuple[str, ...] = scienceqa_pass.DEFAULT_PASS_METHODS, wrapper: bool = True, echo=print) -> dict:
     """Benchmark `models` (default: `default_models`; with `quick`, the testbed) and time a ScienceQA-IMG-sized pass of
     `pass_prompts` prompts (default: the 2017 of its test split; 0 skips it) on `pass_model` (a LLaVA-family model;
-    default: paper-shaped on a CPU, llava7b-shape on a GPU); write bench.json and bench.md into `out_dir`. `quick`:
+    default: paper-shaped on a CPU, llava7b-shape on a GPU) for `pass_methods` (`scienceqa_pass.pass_rows`); write
+    bench.json and bench.md into `out_dir`. `wrapper`: also time the wrapper's overhead against `llava_hf` (not with
+    `quick`). A model's random weights are deleted once it is measured, unless the pass needs them. `quick`:
     batch 2, 1 warm-up, 2 repeats, 2 decode tokens and a pass of at most 8 prompts on paper-shaped."""
+    import shutil
     import tempfile
 
     from lmms_simignore.testbed import shapes
@@ -535,6 +554,7 @@ def run_bench(out_dir: str | Path, models: tuple[str, ...] | None = None, quick:
     pass_prompts = scienceqa_pass.SCIENCEQA_IMG_TEST_QUESTIONS if pass_prompts is None else pass_prompts
     _check_models(models, "--models")
     _check_models([pass_model], "--pass-model", LLAVA_BENCH_MODELS)  # the pass runs llava_simignore
+    scienceqa_pass.check_pass_methods(tuple(pass_methods))
     if pass_prompts < 0 or not pass_batch_sizes or any(size < 1 for size in pass_batch_sizes):
         raise ValueError(f"--pass-prompts must be >= 0 and --pass-batch-sizes positive; got {pass_prompts}, {pass_batch_sizes}")
     if pass_data is not None:
@@ -557,18 +577,21 @@ def run_bench(out_dir: str | Path, models: tuple[str, ...] | None = None, quick:
         (out_dir / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
         (out_dir / "bench.md").write_text(markdown(report) + "\n")
 
-    if not quick:
+    if wrapper and not quick:
         echo("wrapper overhead against the built-in llava_hf:")
         report["wrapper_overhead"] = wrapper_overhead(shapes.shapes_records(64, seed=shapes.HELD_OUT_SEED), device, repeats, progress=echo)
     with tempfile.TemporaryDirectory(prefix="lmms-simignore-bench-") as workdir:
         for name in models:
             echo(f"{name}:")
-            model, processor = load_bench_model(bench_checkpoint(name, Path(workdir), device, dtype), device, dtype)
+            folder = bench_checkpoint(name, Path(workdir), device, dtype)
+            model, processor = load_bench_model(folder, device, dtype)
             model_records = bench_family(model.config).images(records, processor)
             report["models"][name] = bench_model(model, processor, model_records, batch_size, warmup, repeats, decode_tokens, progress=echo)
             save()
             del model
             scienceqa_pass.release_memory(device)
+            if folder.is_relative_to(workdir) and not (pass_prompts and name == pass_model):
+                shutil.rmtree(folder)  # a 7B shape is 14-17 GB on disk
         if pass_prompts:
             echo(f"ScienceQA-IMG-sized pass on {pass_model}:")
             folder = bench_checkpoint(pass_model, Path(workdir), device, dtype)
@@ -587,7 +610,7 @@ def run_bench(out_dir: str | Path, models: tuple[str, ...] | None = None, quick:
                 save()
 
             scienceqa_pass.time_pass(folder, docs, tuple(pass_batch_sizes), device, str(dtype).removeprefix("torch."),
-                                     attn_implementation="sdpa", progress=echo, on_result=passed)
+                                     attn_implementation="sdpa", progress=echo, on_result=passed, methods=tuple(pass_methods))
     save()
     echo(markdown(report))
     echo(f"wrote {out_dir / 'bench.json'} and bench.md")
