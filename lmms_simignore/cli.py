@@ -135,7 +135,8 @@ def _sweep(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from lmms_simignore.evaluation import jobs
-    from lmms_simignore.evaluation.sweep import SweepFailed, default_processes, load_config, local_task_names, run_sweep, sweep_runs
+    from lmms_simignore.evaluation.runs import default_processes
+    from lmms_simignore.evaluation.sweep import SweepFailed, load_config, local_task_names, run_sweep, sweep_runs
 
     overrides = {}
     for item in args.set:

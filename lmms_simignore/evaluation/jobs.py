@@ -25,7 +25,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lmms_simignore.evaluation.runs import EvalRun, LmmsEvalFailed, current_code, first_error_line, reuse_state, run_lmms_eval
+from lmms_simignore.evaluation.runs import (EvalRun, LmmsEvalFailed, current_code, default_processes, first_error_line, launcher,
+                                            reuse_state, run_lmms_eval)
 from lmms_simignore.markdown import table
 
 JOB_LAUNCHERS = ("local-jobs", "slurm")  # `local`, the sweep's own loop over the rows, needs no job
@@ -112,8 +113,6 @@ class JobSettings:
             return self.gpus
         if launcher == "slurm":
             return 1
-        from lmms_simignore.evaluation.sweep import default_processes
-
         return default_processes() if _cuda_visible() else 0
 
 
@@ -184,8 +183,6 @@ class RowJob:
 
     def __call__(self) -> str:
         from submitit import JobEnvironment
-
-        from lmms_simignore.evaluation.sweep import launcher
 
         record_path = JobEnvironment().paths.folder / ROW_RECORD
         started = {"row": self.run.name, "host": socket.gethostname(), "started": _now()}
@@ -377,8 +374,6 @@ def submit_rows(runs: list[EvalRun], output_dir: Path, launcher: str, settings: 
 
 def _job_command(run: EvalRun, gpus: int) -> list[str]:
     """The lmms-eval command a row's job runs, with `accelerate launch` for several GPUs (its port is chosen on the node)."""
-    from lmms_simignore.evaluation.sweep import launcher
-
     command = (replace(run, launcher=launcher(gpus)) if gpus > 1 else run).command()
     if "--main_process_port" in command:
         command[command.index("--main_process_port") + 1] = "<a free port on the node>"

@@ -64,6 +64,33 @@ class EvalRun:
         return evaluation_arguments(self.command())
 
 
+def launcher(processes: int) -> tuple[str, ...]:
+    """How lmms-eval is started: directly for one process, else `accelerate launch --multi_gpu` (data parallel;
+    on CPU it shards over gloo) on a free port."""
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, got {processes}")
+    if processes == 1:
+        return ()
+    import socket
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--main_process_port", str(port))
+
+
+def default_processes() -> int:
+    """One process per visible GPU when there are several, else one."""
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except ImportError:
+        return 1
+
+
 def evaluation_arguments(command: list[str]) -> list[str]:
     """The arguments after `-m lmms_eval` in a command line."""
     for index in range(len(command) - 1):

@@ -34,8 +34,8 @@ from pathlib import Path
 import yaml
 
 from lmms_simignore.engine.accounting import TokenAccounting, layer_runs
-from lmms_simignore.evaluation.runs import (RUN_DIR, EvalRun, LmmsEvalFailed, current_code, find_results, read_samples, reuse_state,
-                                            run_lmms_eval)
+from lmms_simignore.evaluation.runs import (RUN_DIR, EvalRun, LmmsEvalFailed, current_code, find_results, launcher, read_samples,
+                                            reuse_state, run_lmms_eval)
 from lmms_simignore.markdown import table
 
 
@@ -155,33 +155,6 @@ def format_model_args(model_args: dict) -> str:
             raise ValueError(f"model_args {key}={text!r}: lmms-eval's --model_args cannot hold ',' or '=' in a value")
         parts.append(f"{key}={text}")
     return ",".join(parts)
-
-
-def launcher(processes: int) -> tuple[str, ...]:
-    """How lmms-eval is started: directly for one process, else `accelerate launch --multi_gpu` (data parallel;
-    on CPU it shards over gloo) on a free port."""
-    if processes < 1:
-        raise ValueError(f"processes must be at least 1, got {processes}")
-    if processes == 1:
-        return ()
-    import socket
-    import sys
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--main_process_port", str(port))
-
-
-def default_processes() -> int:
-    """One process per visible GPU when there are several, else one."""
-    try:
-        import torch
-
-        return max(1, torch.cuda.device_count())
-    except ImportError:
-        return 1
 
 
 def row_runs(config: SweepConfig, output_dir: Path, include_path: Path | None = None, extra_args: tuple[str, ...] = (),
