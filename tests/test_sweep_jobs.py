@@ -233,12 +233,16 @@ def test_job_flags_without_a_job_launcher_and_processes_with_one_are_refused(tmp
         cli.main(["sweep", str(CONFIGS / "table3.yaml"), "--output", str(tmp_path), *flags])
 
 
-def test_rows_run_as_local_jobs_answer_as_rows_run_in_process(tmp_path, capsys):
-    """The real lmms-eval on the shipped testbed: two rows as jobs give the table the local launcher gives."""
-    common = [str(CONFIGS / "testbed.yaml"), "--rows", "none,simignore_16", "--limit", "8"]
-    assert cli.main(["sweep", *common, "--output", str(tmp_path / "jobs"), "--launcher", "local-jobs", "--wait", "--poll-seconds", "1"]) == 0
-    assert cli.main(["sweep", *common, "--output", str(tmp_path / "here")]) == 0
-    as_jobs, here = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("jobs", "here"))
-    assert [row["answers"] for row in as_jobs] == [row["answers"] for row in here]
-    assert [row["visible_per_layer"] for row in as_jobs] == [[64] * 4, [16] * 4]
-    assert (tmp_path / "jobs" / "leaderboard.md").is_file()
+def test_rows_run_as_local_jobs_answer_as_the_main_job_expects(tmp_path):
+    """The real lmms-eval on the shipped testbed: two rows as jobs answer the held-out questions as the main job's
+    expected-results file says (its first 8 questions are the testbed config's: the same generator seed)."""
+    expected = json.loads((Path(__file__).parent / "expected" / "shapes_regression.json").read_text())
+    assert cli.main(["sweep", str(CONFIGS / "testbed.yaml"), "--rows", "none,simignore_16", "--limit", "8", "--output", str(tmp_path),
+                     "--launcher", "local-jobs", "--wait", "--poll-seconds", "1"]) == 0
+    rows = {row["name"]: row for row in json.loads((tmp_path / "summary.json").read_text())}
+    for name in ("none", "simignore_16"):
+        assert rows[name]["model_args"].startswith(sweep.format_model_args({"pretrained": expected["model"], **expected["rows"][name]["model_args"]}))
+        answers = [response[0] for response in rows[name]["answers"]["shapes_heldout"]]
+        assert answers == expected["rows"][name]["answers"][:8], name
+    assert [rows[name]["visible_per_layer"] for name in ("none", "simignore_16")] == [[64] * 4, [16] * 4]
+    assert (tmp_path / "leaderboard.md").is_file()
