@@ -159,7 +159,7 @@ def _sweep(args: argparse.Namespace) -> int:
                                  f"add --launcher slurm or --launcher local-jobs")
         elif args.processes is not None:
             raise ValueError(f"--processes: with --launcher {args.launcher}, a row's processes are its GPUs: give --gpus N")
-        settings = jobs.JobSettings.from_mapping(config.slurm, source=f"{args.config}: slurm").over(job_flags)
+        settings = config.slurm.over(job_flags)
     except ValueError as error:
         raise SystemExit(str(error))
     tasks_folder = args.local_tasks or args.include_path

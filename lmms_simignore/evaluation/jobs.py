@@ -25,8 +25,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lmms_simignore.evaluation.runs import (EvalRun, LmmsEvalFailed, current_code, default_processes, first_error_line, launcher,
-                                            reuse_state, run_lmms_eval)
+from lmms_simignore.evaluation.runs import (EvalRun, LmmsEvalFailed, current_code, first_error_line, launcher, reuse_state,
+                                            run_lmms_eval, visible_gpus)
 from lmms_simignore.markdown import table
 
 JOB_LAUNCHERS = ("local-jobs", "slurm")  # `local`, the sweep's own loop over the rows, needs no job
@@ -113,16 +113,7 @@ class JobSettings:
             return self.gpus
         if launcher == "slurm":
             return 1
-        return default_processes() if _cuda_visible() else 0
-
-
-def _cuda_visible() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
+        return visible_gpus()
 
 
 def sbatch_parameters(settings: JobSettings, job_name: str) -> dict:
@@ -135,7 +126,9 @@ def sbatch_parameters(settings: JobSettings, job_name: str) -> dict:
         if getattr(settings, key) is not None:
             parameters[key] = getattr(settings, key)
     if settings.mem_gb is not None:
-        parameters["mem"] = f"{int(settings.mem_gb)}GB" if settings.mem_gb == int(settings.mem_gb) else f"{int(settings.mem_gb * 1024)}MB"
+        from submitit.slurm.slurm import _convert_mem
+
+        parameters["mem"] = _convert_mem(settings.mem_gb)  # sbatch's spelling, as submitit's own conversion writes it
     if settings.sbatch:
         parameters["additional_parameters"] = dict(settings.sbatch)
     return parameters

@@ -81,14 +81,19 @@ def launcher(processes: int) -> tuple[str, ...]:
             "--main_process_port", str(port))
 
 
-def default_processes() -> int:
-    """One process per visible GPU when there are several, else one."""
+def visible_gpus() -> int:
+    """CUDA devices this process sees (0 without torch's CUDA)."""
     try:
         import torch
 
-        return max(1, torch.cuda.device_count())
+        return torch.cuda.device_count()
     except ImportError:
-        return 1
+        return 0
+
+
+def default_processes() -> int:
+    """One process per visible GPU when there are several, else one."""
+    return max(1, visible_gpus())
 
 
 def evaluation_arguments(command: list[str]) -> list[str]:

@@ -73,7 +73,7 @@ class SweepConfig:
     rows: tuple[SweepRow, ...]
     overrides: dict  # applied on top of every row (command-line --set)
     shapes_task: dict | None = None  # {name, questions, seed}: generate this shapes split for the rows (offline testbed)
-    slurm: dict | None = None  # what each row's job asks for with a job launcher (`jobs.JobSettings`)
+    slurm: object = None  # `jobs.JobSettings`: what each row's job asks for with a job launcher (the `slurm:` block)
 
 
 def load_config(path: str | Path, overrides: dict | None = None, tasks: str | None = None, only_rows: str | None = None,
@@ -91,12 +91,11 @@ def load_config(path: str | Path, overrides: dict | None = None, tasks: str | No
     shapes_task = data.get("shapes_task")
     if shapes_task is not None and (not isinstance(shapes_task, dict) or set(shapes_task) - {"name", "questions", "seed"}):
         raise ValueError(f"{path}: shapes_task must be a mapping with keys among name, questions, seed; got {shapes_task!r}")
-    if data.get("slurm") is not None:
-        from lmms_simignore.evaluation.jobs import JobSettings
+    from lmms_simignore.evaluation.jobs import JobSettings
 
-        if not isinstance(data["slurm"], dict):
-            raise ValueError(f"{path}: slurm must be a mapping (time, gpus, partition, ...), got {data['slurm']!r}")
-        JobSettings.from_mapping(data["slurm"], source=f"{path}: slurm")
+    if not isinstance(data.get("slurm") or {}, dict):
+        raise ValueError(f"{path}: slurm must be a mapping (time, gpus, partition, ...), got {data['slurm']!r}")
+    slurm = JobSettings.from_mapping(data.get("slurm"), source=f"{path}: slurm")
     rows, seen = [], set()
     for index, row in enumerate(data["rows"]):
         if not isinstance(row, dict) or "name" not in row:
@@ -131,7 +130,7 @@ def load_config(path: str | Path, overrides: dict | None = None, tasks: str | No
         rows=tuple(rows),
         overrides=dict(overrides or {}),
         shapes_task=dict(shapes_task) if shapes_task is not None else None,
-        slurm=dict(data["slurm"]) if data.get("slurm") is not None else None,
+        slurm=slurm,
     )
 
 
