@@ -127,6 +127,11 @@ def test_a_killed_row_shows_as_failed_and_a_second_submission_queues_only_it(fak
     assert (output / "leaderboard.md").is_file()
     assert {name: state for name, (state, _) in status(capsys, config, output).items()} == {"a": "done", "b": "done", "c": "done"}
 
+    provenance = output / "a" / "provenance.json"  # row a as if produced at another commit: its ended job is no failure
+    provenance.write_text(json.dumps({**json.loads(provenance.read_text()), "git_commit": "0" * 40}))
+    state, detail = status(capsys, config, output)["a"]
+    assert state == "not submitted" and detail.startswith("finished at commit 0000000, now "), detail
+
 
 def test_a_failed_row_shows_its_first_error_line_and_wait_exits_1(fake_rows, capsys):
     config, scripts, output = fake_rows

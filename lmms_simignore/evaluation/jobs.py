@@ -265,25 +265,30 @@ def scheduler_states(records: dict[str, dict]) -> dict[str, str]:
     return states
 
 
-def _job_failure(record: dict, scheduler_state: str) -> str:
-    """Why a job that ended left its row unfinished: its row's first error line, else its stderr's, else how it ended."""
-    folder = Path(record["folder"])
-    row = folder / ROW_RECORD
-    written = json.loads(row.read_text()) if row.is_file() else {}
+def _job_record(record: dict) -> dict:
+    """What a job wrote about its row (`row.json`: host, started, state, error), {} before it started."""
+    path = Path(record["folder"]) / ROW_RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _job_failure(record: dict, written: dict, scheduler_state: str) -> str:
+    """Why a job that ended left its row unfinished: its row's first error line (`written`: its `row.json`), else its
+    stderr's, else how it ended."""
     if written.get("state") == "failed":
         return f"{written['error']} (log: {written['log']})"
-    stderr = folder / f"{record['job_id']}_0_log.err"
+    stderr = Path(record["folder"]) / f"{record['job_id']}_0_log.err"
     error = first_error_line(stderr.read_text(errors="replace")) if stderr.is_file() else None
     if error:
         return f"{error} (job stderr: {stderr})"
     if record["launcher"] == "slurm":
-        return f"the job ended ({scheduler_state.split()[0].lower()}) before its row finished"
+        return f"the job ended ({scheduler_state.lower()}) before its row finished"
     return "the job's process is gone before its row finished (killed?)"
 
 
 def row_states(runs: list[EvalRun], output_dir: Path, reuse_stale: bool = False) -> list[RowState]:
     """Each row's state: `done` (its folder holds a finished run of these arguments; by other code only with
-    `reuse_stale`), else by its recorded job: `queued`, `running`, `failed` (why), or `not submitted`."""
+    `reuse_stale`), `queued` or `running` (its recorded job), `failed` (its job ended without finishing it: why), or
+    `not submitted` (no job; or its folder holds a run of other arguments or by other code, saying so)."""
     records = read_jobs(output_dir)
     live = scheduler_states({name: record for name, record in records.items() if name in {run.name for run in runs}})
     current = current_code()
@@ -294,34 +299,28 @@ def row_states(runs: list[EvalRun], output_dir: Path, reuse_stale: bool = False)
             states.append(RowState(run.name, "done"))
             continue
         record = records.get(run.name)
-        if record is None:
-            partial = run.output_dir.with_name(run.output_dir.name + ".partial")
-            detail = {"stale": f"finished {changes[0] if changes else ''} (--reuse-stale keeps it)",
-                      "changed": f"finished with other arguments ({'; '.join(changes)})"}.get(finished, "")
-            if not detail and partial.exists():
-                detail = f"a run that did not finish is in {partial.name}"
-            states.append(RowState(run.name, "not submitted", "", detail))
-            continue
-        job = f"{record['launcher']} {record['job_id']}"
-        scheduler = live.get(record["job_id"], "UNKNOWN")
-        other = "" if recorded_run(record).lmms_eval_arguments() == run.lmms_eval_arguments() else "; submitted with other arguments"
-        word = scheduler.split()[0]  # sacct writes e.g. "CANCELLED by 1000"
-        if word in SLURM_QUEUED:
+        scheduler = live.get(record["job_id"], "UNKNOWN").split()[0] if record else None  # sacct writes "CANCELLED by 1000"
+        job = f"{record['launcher']} {record['job_id']}" if record else ""
+        other = "" if record is None or recorded_run(record).lmms_eval_arguments() == run.lmms_eval_arguments() else \
+            "; submitted with other arguments"
+        if scheduler in SLURM_QUEUED:
             states.append(RowState(run.name, "queued", job, f"since {record['submitted']}{other}"))
-        elif word in SLURM_RUNNING:
-            started = _started(record)
-            states.append(RowState(run.name, "running", job, f"{started}{other}".lstrip("; ")))
-        elif word == "UNKNOWN":
+        elif scheduler in SLURM_RUNNING:
+            written = _job_record(record)
+            started = f"on {written['host']} since {written['started']}" if "started" in written else "starting"
+            states.append(RowState(run.name, "running", job, started + other))
+        elif scheduler == "UNKNOWN":
             states.append(RowState(run.name, "queued", job, "the scheduler does not know the job yet (or sacct is not available)"))
+        elif finished in ("stale", "changed"):  # its folder holds a finished run, not of these arguments or this code
+            detail = (f"finished {changes[0]} (--reuse-stale keeps it)" if finished == "stale"
+                      else f"finished with other arguments ({'; '.join(changes)})")
+            states.append(RowState(run.name, "not submitted", "", detail))
+        elif record is not None:
+            states.append(RowState(run.name, "failed", job, _job_failure(record, _job_record(record), scheduler) + other))
         else:
-            states.append(RowState(run.name, "failed", job, _job_failure(record, scheduler) + other))
+            partial = run.output_dir.with_name(run.output_dir.name + ".partial")
+            states.append(RowState(run.name, "not submitted", "", f"a run that did not finish is in {partial.name}" if partial.exists() else ""))
     return states
-
-
-def _started(record: dict) -> str:
-    row = Path(record["folder"]) / ROW_RECORD
-    written = json.loads(row.read_text()) if row.is_file() else {}
-    return f"on {written['host']} since {written['started']}" if "started" in written else "starting"
 
 
 def states_table(states: list[RowState]) -> str:
