@@ -198,16 +198,17 @@ def _sweep_jobs(args: argparse.Namespace, config, runs, output: Path, settings) 
     from lmms_simignore.evaluation.sweep import collect_finished_rows
 
     say = lambda line: print(line, flush=True)  # noqa: E731
-    if args.status:
-        states = jobs.row_states(runs, output, reuse_stale=args.reuse_stale)
-        print(jobs.states_table(states))
-    else:
-        states = jobs.submit_rows(runs, output, args.launcher, settings, config.name, reuse_stale=args.reuse_stale,
-                                  dry_run=args.dry_run, echo=say)
+    if not args.status:
+        jobs.submit_rows(runs, output, args.launcher, settings, config.name, reuse_stale=args.reuse_stale, dry_run=args.dry_run,
+                         echo=say)
         if args.dry_run:
             return 0
-        if args.wait:
-            states = jobs.wait_for_rows(runs, output, reuse_stale=args.reuse_stale, poll_s=args.poll_seconds, echo=say)
+    if args.wait and not args.status:
+        states = jobs.wait_for_rows(runs, output, reuse_stale=args.reuse_stale, poll_s=args.poll_seconds, echo=say)
+    else:
+        states = jobs.row_states(runs, output, reuse_stale=args.reuse_stale)
+        if args.status:
+            print(jobs.states_table(states))
     if all(state.state == "done" for state in states):
         collect_finished_rows(config, runs, output, echo=say, show_table=not args.status)
         _write_sweep_leaderboard(output)

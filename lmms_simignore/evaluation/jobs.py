@@ -204,22 +204,9 @@ def _write_json(path: Path, value) -> None:
 
 
 def read_jobs(output_dir: Path) -> dict[str, dict]:
-    """The sweep's job records: {row: {launcher, job_id, folder, submitted, run}}."""
+    """The sweep's job records: {row: {launcher, job_id, folder, submitted, arguments (its lmms-eval arguments)}}."""
     path = Path(output_dir) / JOBS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _run_record(run: EvalRun) -> dict:
-    return {"name": run.name, "model": run.model, "model_args": run.model_args, "tasks": run.tasks,
-            "output_dir": str(run.output_dir), "include_path": str(run.include_path) if run.include_path else None,
-            "batch_size": run.batch_size, "extra_args": list(run.extra_args)}
-
-
-def recorded_run(record: dict) -> EvalRun:
-    """The row's run as it was submitted (the arguments its job runs with)."""
-    run = dict(record["run"])
-    return EvalRun(**{**run, "output_dir": Path(run["output_dir"]), "extra_args": tuple(run["extra_args"]),
-                      "include_path": Path(run["include_path"]) if run["include_path"] else None})
 
 
 @dataclass(frozen=True)
@@ -301,8 +288,7 @@ def row_states(runs: list[EvalRun], output_dir: Path, reuse_stale: bool = False)
         record = records.get(run.name)
         scheduler = live.get(record["job_id"], "UNKNOWN").split()[0] if record else None  # sacct writes "CANCELLED by 1000"
         job = f"{record['launcher']} {record['job_id']}" if record else ""
-        other = "" if record is None or recorded_run(record).lmms_eval_arguments() == run.lmms_eval_arguments() else \
-            "; submitted with other arguments"
+        other = "" if record is None or record["arguments"] == run.lmms_eval_arguments() else "; submitted with other arguments"
         if scheduler in SLURM_QUEUED:
             states.append(RowState(run.name, "queued", job, f"since {record['submitted']}{other}"))
         elif scheduler in SLURM_RUNNING:
@@ -331,10 +317,9 @@ def states_table(states: list[RowState]) -> str:
 
 
 def submit_rows(runs: list[EvalRun], output_dir: Path, launcher: str, settings: JobSettings, sweep_name: str,
-                reuse_stale: bool = False, dry_run: bool = False, echo=print) -> list[RowState]:
+                reuse_stale: bool = False, dry_run: bool = False, echo=print) -> None:
     """Submit one job per row that is not done, queued or running (failed, killed and new rows: again); record the
-    jobs in jobs.json; return the rows' states after it. `dry_run`: print what would be submitted (Slurm: each job's
-    sbatch script), submit nothing."""
+    jobs in jobs.json. `dry_run`: print what would be submitted (Slurm: each job's sbatch script), submit nothing."""
     if launcher not in JOB_LAUNCHERS:
         raise ValueError(f"--launcher: {launcher!r} runs no jobs; the job launchers are {', '.join(JOB_LAUNCHERS)}")
     output_dir = Path(output_dir)
@@ -358,10 +343,9 @@ def submit_rows(runs: list[EvalRun], output_dir: Path, launcher: str, settings: 
         executor = make_executor(launcher, output_dir, settings, name)
         job = executor.submit(RowJob(run, processes=max(1, gpus), reuse_stale=reuse_stale))
         records[run.name] = {"launcher": launcher, "job_id": str(job.job_id), "folder": str(job.paths.folder),
-                             "submitted": _now(), "run": _run_record(run)}
+                             "submitted": _now(), "arguments": run.lmms_eval_arguments()}
         _write_json(output_dir / JOBS_FILE, records)
         echo(f"{prefix}: submitted as {launcher} job {job.job_id}{again} (logs: {job.paths.folder})")
-    return [] if dry_run else row_states(runs, output_dir, reuse_stale)
 
 
 def _job_command(run: EvalRun, gpus: int) -> list[str]:
