@@ -152,12 +152,8 @@ def shape_prompts(name: str, batch_size: int) -> ShapePrompts:
 
 
 def computed_fractions(plan) -> list[float]:
-    """Per decoder layer, the fraction of an image's tokens that layer computes on under `plan` (a `settings.Plan`):
-    what enters the LLM (masked tokens included), then each in-LLM stage's keep from its layer on."""
-    computed = [plan.entering_llm] * plan.num_layers
-    for stage in plan.layers:
-        computed[stage.layer:] = [stage.keep] * (plan.num_layers - stage.layer)
-    return [count / plan.image_tokens for count in computed]
+    """Per decoder layer, the fraction of an image's tokens that layer computes on under `plan` (a `settings.Plan`)."""
+    return [count / plan.image_tokens for count in plan.computed_per_layer()]
 
 
 def batch_prefill_flops(shape: DecoderShape, prompt_tokens: list[int], image_tokens: list[int], fractions: list[float]) -> float:
